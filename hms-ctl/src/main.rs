@@ -1,1 +1,220 @@
-fn main() {}
+//! `hms-ctl`: the operator's CLI. Parses arguments, sends one request to the agent's admin
+//! socket and prints the answer as a table or JSON. Holds no state and no mesh logic: every
+//! rule (spec validation included) is enforced by the agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceInfo};
+use hms_ctl::client;
+
+#[derive(Parser)]
+#[command(
+    name = "hms-ctl",
+    version,
+    about = "Operate the HMS service mesh on this host"
+)]
+struct Cli {
+    /// Agent admin socket [default: $HMS_SOCKET, else /run/hms/agent.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register a service from a spec file (YAML); callers reach it as NAME.svc.
+    Deploy { file: PathBuf },
+    /// Remove a service.
+    Undeploy { name: String },
+    /// List deployed services.
+    List,
+    /// Show one service: VIP, port, policy, limit, routes, instances.
+    Describe { name: String },
+    /// Show the agent: node, listeners, redirect, registry.
+    Status,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hms-ctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = client::socket_path(cli.socket.as_deref());
+    let request = match &cli.command {
+        Command::Deploy { file } => Request::Deploy {
+            file: file.display().to_string(),
+            yaml: std::fs::read_to_string(file)
+                .with_context(|| format!("reading spec file {}", file.display()))?,
+        },
+        Command::Undeploy { name } => Request::Undeploy { name: name.clone() },
+        Command::List => Request::List,
+        Command::Describe { name } => Request::Describe { name: name.clone() },
+        Command::Status => Request::Status,
+    };
+    let data = client::call(&socket, &request).await?;
+    if cli.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    match cli.command {
+        Command::Deploy { .. } => {
+            let r: DeployResult = serde_json::from_value(data)?;
+            let verb = if r.replaced { "updated" } else { "deployed" };
+            println!(
+                "{verb} {name}: callers reach it as http://{name}.svc/ (VIP {vip}, port 80 or {port})",
+                name = r.service.spec.name,
+                vip = r.service.vip,
+                port = r.service.spec.port
+            );
+        }
+        Command::Undeploy { name } => println!("undeployed {name}"),
+        Command::List => {
+            let services: Vec<ServiceInfo> = serde_json::from_value(data)?;
+            print_list(&services);
+        }
+        Command::Describe { .. } => print_service(&serde_json::from_value(data)?),
+        Command::Status => print_status(&serde_json::from_value(data)?),
+    }
+    Ok(())
+}
+
+fn print_list(services: &[ServiceInfo]) {
+    if services.is_empty() {
+        println!("no services deployed; add one with `hms-ctl deploy FILE`");
+        return;
+    }
+    let rows: Vec<[String; 6]> = services
+        .iter()
+        .map(|s| {
+            [
+                s.spec.name.clone(),
+                format!("{}.svc", s.spec.name),
+                s.vip.to_string(),
+                s.spec.port.to_string(),
+                s.instances.len().to_string(),
+                s.spec.policy.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NAME", "DNS", "VIP", "PORT", "INSTANCES", "POLICY"],
+        &rows,
+    );
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths: [usize; N] = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_service(s: &ServiceInfo) {
+    println!("name:      {}", s.spec.name);
+    println!("dns:       {}.svc -> {}", s.spec.name, s.vip);
+    println!(
+        "port:      {} (callers may use :80 or :{})",
+        s.spec.port, s.spec.port
+    );
+    println!("policy:    {}", s.spec.policy);
+    match &s.spec.limit {
+        Some(l) => println!("limit:     {l}"),
+        None => println!("limit:     none"),
+    }
+    if let Some(c) = &s.spec.cgroup {
+        println!("cgroup:    {c}");
+    }
+    if let Some(h) = &s.spec.health {
+        println!("health:    {h}");
+    }
+    if s.spec.routes.is_empty() {
+        println!("routes:    none (defaults apply)");
+    } else {
+        println!("routes:");
+        for r in &s.spec.routes {
+            let timeout = r
+                .timeout
+                .map(|t| format!("{}ms", t.as_millis()))
+                .unwrap_or_else(|| "default".into());
+            let retries = r
+                .retries
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "default".into());
+            println!("  {}  timeout={timeout} retries={retries}", r.path);
+        }
+    }
+    println!("instances:");
+    for i in &s.instances {
+        println!("  {}  on {}", i.addr, i.node);
+    }
+}
+
+fn print_status(s: &AgentStatus) {
+    println!("node:        {}", s.node);
+    println!(
+        "agent:       v{} pid {} up {}s",
+        s.version, s.pid, s.uptime_seconds
+    );
+    println!("registry:    {}", s.registry);
+    println!("services:    {}", s.services);
+    println!("outbound:    {}", s.listeners.outbound);
+    println!("dns:         {}", s.listeners.dns);
+    println!("admin:       {}", s.listeners.admin_socket);
+    println!(
+        "redirect:    cgroup {} (VIPs {}), pinned at {}{}",
+        s.redirect.cgroup,
+        s.redirect.vip_cidr,
+        s.redirect.pin_dir,
+        if s.redirect.adopted {
+            ", adopted from an earlier run"
+        } else {
+            ""
+        }
+    );
+    println!("programs:    {}", s.redirect.programs.join(", "));
+    let d = &s.dns;
+    println!(
+        "dns answers: {} vip, {} nodata, {} nxdomain, {} forwarded, {} formerr, {} servfail",
+        d.vip, d.nodata, d.nxdomain, d.forwarded, d.formerr, d.servfail
+    );
+    let p = &s.proxy;
+    println!(
+        "connections: {} accepted, {} proxied, {} refused, {} active",
+        p.accepted, p.proxied, p.refused, p.active
+    );
+}

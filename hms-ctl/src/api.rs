@@ -1,0 +1,112 @@
+//! The admin API spoken over the agent's Unix socket: one JSON request per line, one JSON
+//! response per line. Owns the wire types only; never does I/O.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::ServiceSpec;
+
+/// Default admin socket path; `--socket` and `HMS_SOCKET` override it.
+pub const DEFAULT_SOCKET: &str = "/run/hms/agent.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Validate and register a spec. `file` is only used to name the source in errors.
+    Deploy {
+        file: String,
+        yaml: String,
+    },
+    Undeploy {
+        name: String,
+    },
+    List,
+    Describe {
+        name: String,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Ok { data: serde_json::Value },
+    Error { message: String },
+}
+
+/// One instance of a service: where it listens and on which host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Instance {
+    pub node: String,
+    pub addr: SocketAddrV4,
+}
+
+/// A deployed service as the registry holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceInfo {
+    pub spec: ServiceSpec,
+    /// The virtual IP that `<name>.svc` resolves to.
+    pub vip: Ipv4Addr,
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeployResult {
+    pub service: ServiceInfo,
+    /// True when the spec replaced an earlier one of the same name.
+    pub replaced: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub node: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub registry: String,
+    pub state_dir: String,
+    pub services: usize,
+    pub listeners: Listeners,
+    pub redirect: RedirectInfo,
+    pub dns: DnsCounters,
+    pub proxy: ProxyCounters,
+}
+
+/// DNS answers given since the agent started, by kind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsCounters {
+    pub vip: u64,
+    pub nodata: u64,
+    pub nxdomain: u64,
+    pub formerr: u64,
+    pub forwarded: u64,
+    pub servfail: u64,
+    pub dropped: u64,
+}
+
+/// Outbound connections since the agent started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProxyCounters {
+    pub accepted: u64,
+    pub proxied: u64,
+    pub refused: u64,
+    pub active: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Listeners {
+    pub outbound: String,
+    pub dns: String,
+    pub admin_socket: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RedirectInfo {
+    pub cgroup: String,
+    pub pin_dir: String,
+    pub vip_cidr: String,
+    /// True when this agent took over programs pinned by an earlier run.
+    pub adopted: bool,
+    pub programs: Vec<String>,
+}

@@ -1,0 +1,585 @@
+//! The service spec: what `hms-ctl deploy FILE` takes, and its validation. Owns parsing and
+//! every rule a spec must satisfy; the agent calls [`parse`] on what it receives, so a rule
+//! lives in exactly one place. Never touches the registry: a rejected spec changes nothing.
+//!
+//! ```yaml
+//! name: eligibility-svc      # DNS label; callers use eligibility-svc.svc
+//! port: 7000                 # where instances listen; callers may use :80 or :7000
+//! policy: allow_from_any     # or deny_all, or {allow_from: [payments-svc]}
+//! limit: 50rps               # optional (also 3000rpm)
+//! routes:                    # optional per-route settings
+//!   - path: /check
+//!     timeout: 2s
+//!     retries: 1
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A validated service spec.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub limit: Option<RateLimit>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// cgroup v2 directory (relative to the v2 root, or absolute) or systemd unit its
+    /// instances run in; callers running there are this service.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Optional active health check: an HTTP path (`/healthz`) or `tcp`.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Informational (the seed's specs carry one); HMS does not run containers.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    AllowFromAny,
+    DenyAll,
+    AllowFrom(Vec<String>),
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::AllowFromAny => f.write_str("allow_from_any"),
+            Policy::DenyAll => f.write_str("deny_all"),
+            Policy::AllowFrom(names) => write!(f, "allow_from: [{}]", names.join(", ")),
+        }
+    }
+}
+
+/// Requests allowed per period, e.g. `50rps` or `3000rpm`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per_seconds: u32,
+}
+
+impl RateLimit {
+    pub fn parse(text: &str) -> Result<RateLimit, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let (num, per_seconds) = if let Some(n) = t.strip_suffix("rps") {
+            (n, 1)
+        } else if let Some(n) = t.strip_suffix("rpm") {
+            (n, 60)
+        } else {
+            return Err(format!(
+                "`{text}` is not a rate; write it like `50rps` or `3000rpm`"
+            ));
+        };
+        match num.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Ok(RateLimit {
+                requests: n,
+                per_seconds,
+            }),
+            _ => Err(format!(
+                "`{text}` is not a rate; the number must be a whole number above 0, like `50rps`"
+            )),
+        }
+    }
+
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.requests) / f64::from(self.per_seconds)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.per_seconds {
+            1 => write!(f, "{}rps", self.requests),
+            _ => write!(f, "{}rpm", self.requests),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Path prefix this route applies to.
+    pub path: String,
+    #[serde(default, with = "opt_millis")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+/// Why a spec was rejected: the field, the line (when known) and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "field `{field}`: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// What the YAML may contain, before validation. Unknown keys are errors.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Option<serde_yaml::Value>,
+    port: Option<serde_yaml::Value>,
+    policy: Option<serde_yaml::Value>,
+    limit: Option<serde_yaml::Value>,
+    routes: Option<Vec<RawRoute>>,
+    cgroup: Option<String>,
+    health: Option<String>,
+    image: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: Option<String>,
+    timeout: Option<serde_yaml::Value>,
+    retries: Option<serde_yaml::Value>,
+}
+
+/// Parses and validates a spec. `file` names the source in error messages.
+pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
+    let err = |field: Option<&str>, line: Option<usize>, message: String| SpecError {
+        file: file.to_string(),
+        line,
+        field: field.map(str::to_string),
+        message,
+    };
+    let raw: RawSpec = serde_yaml::from_str(yaml).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let mut message = e.to_string();
+        // serde_yaml appends " at line X column Y"; we already print the line.
+        if let Some(idx) = message.find(" at line ") {
+            message.truncate(idx);
+        }
+        if message.contains("unknown field") {
+            message.push_str(" (remove it or fix its spelling)");
+        }
+        err(None, line, message)
+    })?;
+    let line_of = |key: &str| key_line(yaml, key, 0);
+
+    let name = match raw.name {
+        Some(serde_yaml::Value::String(s)) => s,
+        Some(other) => {
+            return Err(err(
+                Some("name"),
+                line_of("name"),
+                format!("must be a text DNS label, got {}", describe(&other)),
+            ));
+        }
+        None => {
+            return Err(err(
+                Some("name"),
+                None,
+                "is missing; every spec needs `name: <dns-label>`".into(),
+            ));
+        }
+    };
+    validate_dns_label(&name)
+        .map_err(|m| err(Some("name"), line_of("name"), format!("`{name}` {m}")))?;
+
+    let port = match raw.port {
+        Some(serde_yaml::Value::Number(n)) => match n.as_i64() {
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            _ => {
+                return Err(err(
+                    Some("port"),
+                    line_of("port"),
+                    format!("{n} is not a TCP port; use a number from 1 to 65535"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(err(
+                Some("port"),
+                line_of("port"),
+                format!("must be a number from 1 to 65535, got {}", describe(&other)),
+            ));
+        }
+        None => {
+            return Err(err(
+                Some("port"),
+                None,
+                "is missing; say where the instances listen, e.g. `port: 7000`".into(),
+            ));
+        }
+    };
+
+    let policy = match raw.policy {
+        None => Policy::AllowFromAny,
+        Some(v) => parse_policy(&v).map_err(|m| err(Some("policy"), line_of("policy"), m))?,
+    };
+
+    let limit = match raw.limit {
+        None => None,
+        Some(serde_yaml::Value::String(s)) => {
+            Some(RateLimit::parse(&s).map_err(|m| err(Some("limit"), line_of("limit"), m))?)
+        }
+        Some(other) => {
+            return Err(err(
+                Some("limit"),
+                line_of("limit"),
+                format!(
+                    "must look like `50rps` or `3000rpm`, got {}",
+                    describe(&other)
+                ),
+            ));
+        }
+    };
+
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.unwrap_or_default().into_iter().enumerate() {
+        let line = nth_key_line(yaml, "path", i).or_else(|| line_of("routes"));
+        let field = |f: &str| format!("routes[{i}].{f}");
+        let path = r.path.ok_or_else(|| {
+            err(
+                Some(&field("path")),
+                line_of("routes"),
+                "is missing; each route needs `path: /prefix`".into(),
+            )
+        })?;
+        if !path.starts_with('/') {
+            return Err(err(
+                Some(&field("path")),
+                line,
+                format!("`{path}` must start with `/`"),
+            ));
+        }
+        let timeout = match r.timeout {
+            None => None,
+            Some(serde_yaml::Value::String(s)) => {
+                Some(parse_duration(&s).map_err(|m| err(Some(&field("timeout")), line, m))?)
+            }
+            Some(other) => {
+                return Err(err(
+                    Some(&field("timeout")),
+                    line,
+                    format!(
+                        "must be a duration like `2s` or `500ms`, got {}",
+                        describe(&other)
+                    ),
+                ));
+            }
+        };
+        let retries = match r.retries {
+            None => None,
+            Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
+                Some(v) if v <= 10 => Some(v as u32),
+                _ => {
+                    return Err(err(
+                        Some(&field("retries")),
+                        line,
+                        format!("{n} is out of range; use 0 to 10"),
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(err(
+                    Some(&field("retries")),
+                    line,
+                    format!("must be a number from 0 to 10, got {}", describe(&other)),
+                ));
+            }
+        };
+        routes.push(RouteSpec {
+            path,
+            timeout,
+            retries,
+        });
+    }
+
+    if let Some(h) = &raw.health
+        && h != "tcp"
+        && !h.starts_with('/')
+    {
+        return Err(err(
+            Some("health"),
+            line_of("health"),
+            format!("`{h}` must be an HTTP path like `/healthz` or the word `tcp`"),
+        ));
+    }
+
+    Ok(ServiceSpec {
+        name,
+        port,
+        policy,
+        limit,
+        routes,
+        cgroup: raw.cgroup,
+        health: raw.health,
+        image: raw.image,
+    })
+}
+
+fn parse_policy(v: &serde_yaml::Value) -> Result<Policy, String> {
+    const HINT: &str = "use `allow_from_any`, `deny_all`, or `{allow_from: [service, ...]}`";
+    match v {
+        serde_yaml::Value::String(s) => match s.as_str() {
+            "allow_from_any" => Ok(Policy::AllowFromAny),
+            "deny_all" => Ok(Policy::DenyAll),
+            other => Err(format!("`{other}` is not a policy; {HINT}")),
+        },
+        serde_yaml::Value::Mapping(m) => {
+            if m.len() != 1 {
+                return Err(format!("has {} keys; {HINT}", m.len()));
+            }
+            let list = m
+                .get("allow_from")
+                .ok_or_else(|| format!("only `allow_from` may appear here; {HINT}"))?;
+            let seq = list
+                .as_sequence()
+                .ok_or_else(|| format!("`allow_from` must be a list of service names; {HINT}"))?;
+            let mut names = Vec::new();
+            for item in seq {
+                let name = item.as_str().ok_or_else(|| {
+                    format!(
+                        "`allow_from` entries must be service names, got {}",
+                        describe(item)
+                    )
+                })?;
+                validate_dns_label(name).map_err(|m| format!("allow_from entry `{name}` {m}"))?;
+                names.push(name.to_string());
+            }
+            Ok(Policy::AllowFrom(names))
+        }
+        other => Err(format!("got {}; {HINT}", describe(other))),
+    }
+}
+
+/// RFC 1123 label: 1-63 of `a-z0-9-`, not starting or ending with `-`. Upper case is rejected
+/// rather than folded so the name in the spec is the name callers use.
+pub fn validate_dns_label(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters long".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(
+            "may only contain lower-case letters, digits and `-` (it becomes `<name>.svc`)".into(),
+        );
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err("must not start or end with `-`".into());
+    }
+    Ok(())
+}
+
+/// `2s`, `500ms`, `1m`, `1.5s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("`{text}` is not a duration; write it like `2s`, `500ms` or `1m`");
+    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        return Err(bad());
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v <= 0.0 || v * unit_ms > 3_600_000.0 {
+        return Err(format!("`{text}` must be above 0 and at most 1h"));
+    }
+    Ok(Duration::from_millis((v * unit_ms).round() as u64))
+}
+
+fn describe(v: &serde_yaml::Value) -> String {
+    match v {
+        serde_yaml::Value::Null => "nothing".into(),
+        serde_yaml::Value::Bool(b) => format!("`{b}`"),
+        serde_yaml::Value::Number(n) => format!("the number {n}"),
+        serde_yaml::Value::String(s) => format!("`{s}`"),
+        serde_yaml::Value::Sequence(_) => "a list".into(),
+        serde_yaml::Value::Mapping(_) => "a mapping".into(),
+        serde_yaml::Value::Tagged(_) => "a tagged value".into(),
+    }
+}
+
+/// 1-based line of the first `key:` at the given indentation.
+fn key_line(yaml: &str, key: &str, indent: usize) -> Option<usize> {
+    yaml.lines()
+        .position(|l| {
+            l.len() > indent
+                && l[..indent].trim().is_empty()
+                && l[indent..].starts_with(key)
+                && l[indent + key.len()..].trim_start().starts_with(':')
+        })
+        .map(|i| i + 1)
+}
+
+/// 1-based line of the n-th `key:` anywhere (list items included), for per-route errors.
+fn nth_key_line(yaml: &str, key: &str, n: usize) -> Option<usize> {
+    yaml.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(key) && t[key.len()..].trim_start().starts_with(':')
+        })
+        .nth(n)
+        .map(|(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reject(yaml: &str) -> SpecError {
+        parse(yaml, "svc.yaml").expect_err("spec should be rejected")
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let spec = parse(
+            "name: eligibility-svc\nport: 7000\npolicy: allow_from_any\nlimit: 50rps\nroutes:\n  - path: /check\n    timeout: 2s\n    retries: 1\n",
+            "svc.yaml",
+        )
+        .unwrap();
+        assert_eq!(spec.name, "eligibility-svc");
+        assert_eq!(spec.port, 7000);
+        assert_eq!(spec.policy, Policy::AllowFromAny);
+        assert_eq!(
+            spec.limit,
+            Some(RateLimit {
+                requests: 50,
+                per_seconds: 1
+            })
+        );
+        assert_eq!(spec.routes[0].timeout, Some(Duration::from_secs(2)));
+        assert_eq!(spec.routes[0].retries, Some(1));
+    }
+
+    #[test]
+    fn the_seed_six_line_spec_with_image_parses() {
+        let spec = parse(
+            "name: eligibility-svc\nport: 7000\nimage: hms/eligibility:latest\npolicy: allow_from_any   # mesh ACL\n",
+            "svc.yaml",
+        )
+        .unwrap();
+        assert_eq!(spec.image.as_deref(), Some("hms/eligibility:latest"));
+    }
+
+    #[test]
+    fn allow_from_list_parses() {
+        let spec = parse(
+            "name: eligibility-svc\nport: 7000\npolicy:\n  allow_from: [payments-svc, identity-svc]\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.policy,
+            Policy::AllowFrom(vec!["payments-svc".into(), "identity-svc".into()])
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = reject("name: a\nport: 7000\nprot: 8\n");
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("unknown field `prot`"), "{e}");
+    }
+
+    #[test]
+    fn bad_name_names_field_and_line() {
+        let e = reject("port: 7000\nname: Payments_Svc\n");
+        assert_eq!(e.field.as_deref(), Some("name"));
+        assert_eq!(e.line, Some(2));
+        assert!(e.to_string().starts_with("svc.yaml:2: field `name`"), "{e}");
+    }
+
+    #[test]
+    fn bad_ports_are_rejected() {
+        for p in ["0", "70000", "-1", "http"] {
+            let e = reject(&format!("name: a\nport: {p}\n"));
+            assert_eq!(e.field.as_deref(), Some("port"), "{p}: {e}");
+            assert_eq!(e.line, Some(2));
+        }
+        assert_eq!(reject("name: a\n").field.as_deref(), Some("port"));
+    }
+
+    #[test]
+    fn bad_policy_limit_and_route_values_are_rejected() {
+        assert_eq!(
+            reject("name: a\nport: 1\npolicy: allow_some\n")
+                .field
+                .as_deref(),
+            Some("policy")
+        );
+        assert_eq!(
+            reject("name: a\nport: 1\nlimit: fast\n").field.as_deref(),
+            Some("limit")
+        );
+        let e =
+            reject("name: a\nport: 1\nroutes:\n  - path: /a\n  - path: /b\n    timeout: soon\n");
+        assert_eq!(e.field.as_deref(), Some("routes[1].timeout"));
+        assert_eq!(e.line, Some(5));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for y in [
+            "",
+            ":::",
+            "- a\n- b\n",
+            "name: [\n",
+            "\u{0}\u{1}",
+            "name: a\nport: 1\nroutes: 5\n",
+        ] {
+            let _ = parse(y, "f");
+        }
+    }
+
+    #[test]
+    fn durations_and_rates() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(RateLimit::parse("3000rpm").unwrap().per_second(), 50.0);
+        assert!(RateLimit::parse("0rps").is_err());
+    }
+}
