@@ -1,0 +1,347 @@
+//! The agent's side of the kernel redirect: attach the `hms-ebpf` programs to a cgroup, keep
+//! them pinned across agent restarts, and answer "where did this caller really want to go?".
+//!
+//! Owns the pinned links and maps under one pin dir and the config record the programs read.
+//! Must never attach the same hook twice from one pin dir, never touch another agent's pin
+//! dir or cgroup (several agents run side by side), and never detach anything on drop:
+//! redirection outlives the agent process by design; only [`cleanup`] removes it.
+//!
+//! - `loader`: load, attach or adopt, eBPF logs.
+//! - `pin`: the pin dir layout, raw link queries, `cleanup`.
+//! - `sockdiag`: socket cookie of a UDP client from its 4-tuple.
+
+mod loader;
+mod pin;
+mod sockdiag;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, MapData, MapError};
+use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names};
+use serde::{Deserialize, Serialize};
+
+pub use pin::{CleanupReport, cleanup};
+
+/// What to redirect and where to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectOptions {
+    /// cgroup v2 directory whose processes (and descendants) are redirected.
+    pub cgroup: PathBuf,
+    /// Directory on bpffs for this agent's links and maps, e.g. `/sys/fs/bpf/hms`.
+    pub pin_dir: PathBuf,
+    /// VIP range: TCP connects into it go to `outbound`.
+    pub vip_net: Ipv4Addr,
+    pub vip_prefix_len: u8,
+    pub outbound: SocketAddrV4,
+    /// Where port-53 traffic goes.
+    pub dns: SocketAddrV4,
+    /// `SO_MARK` of the agent's own sockets, which are never redirected. 0 disables.
+    pub skip_mark: u32,
+}
+
+/// The attached redirect. Dropping it leaves the programs attached and pinned.
+pub struct Redirector {
+    status: RedirectStatus,
+    orig_by_cookie: Mutex<HashMap<MapData, u64, OrigDst>>,
+    orig_by_flow: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+    _log_drain: Option<loader::LogDrain>,
+}
+
+/// For `hms-ctl status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedirectStatus {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    /// True when every hook was adopted from a previous agent's pins (nothing newly attached).
+    pub adopted: bool,
+    /// `net/prefix`, e.g. `127.77.0.0/16`.
+    pub vip_range: String,
+    pub outbound: SocketAddrV4,
+    pub dns: SocketAddrV4,
+    pub skip_mark: u32,
+    /// Whether kernel-side `aya-log` records are forwarded to the agent's log (best effort).
+    pub ebpf_logs: bool,
+    /// Names of the attached programs, e.g. `hms_connect4`.
+    pub programs: Vec<String>,
+    /// One entry per hook, with kernel ids and pin paths.
+    pub hooks: Vec<AttachedProgram>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    /// Function name in `hms-ebpf` (also what `bpftool` shows).
+    pub name: String,
+    /// cgroup hook, in bpftool's words (`cgroup_inet4_connect`, `sock_ops`, ...).
+    pub attach: String,
+    pub program_id: u32,
+    pub link_id: u32,
+    pub link_pin: PathBuf,
+    /// Attached by a previous agent and taken over by this one.
+    pub adopted: bool,
+}
+
+impl Redirector {
+    /// Load the programs, attach them to `cgroup` as bpf_links (which coexist with any other
+    /// programs on the same hooks, i.e. allow-multi), pin maps and links under `pin_dir`,
+    /// write the config. If `pin_dir` already holds our pinned
+    /// links (previous agent, crash, restart), adopt them: reuse the pinned maps, update the
+    /// config, do not attach a second time.
+    pub fn start(opts: &RedirectOptions) -> anyhow::Result<Redirector> {
+        let config = redirect_config(opts)?;
+        let cgroup = loader::check_cgroup_dir(&opts.cgroup)?;
+        let cgroup_id = crate::cgroup::cgroup_id(&opts.cgroup)?;
+        loader::prepare_pin_dir(&opts.pin_dir)?;
+        // Links without their maps would leave adopted programs writing to maps we cannot
+        // see; that state is only reachable by hand, so ask for a cleanup rather than guess.
+        let any_link = pin::HOOKS
+            .iter()
+            .any(|h| opts.pin_dir.join(h.link_file).exists());
+        let missing_map = pin::MAPS.iter().find(|m| !opts.pin_dir.join(m).exists());
+        if let (true, Some(map)) = (any_link, missing_map) {
+            bail!(
+                "pin dir {} has pinned links but no map {map}; run `hms-node-agent cleanup` \
+                 (it detaches the old programs) and start again",
+                opts.pin_dir.display()
+            );
+        }
+        loader::check_pinned_maps(&opts.pin_dir)?;
+        let mut ebpf = loader::load_object(&opts.pin_dir)?;
+
+        // Config first: a hook attached a moment later already sees the right addresses.
+        {
+            let map = ebpf
+                .map_mut(map_names::CONFIG)
+                .context("map HMS_CONFIG missing from the eBPF object")?;
+            let mut array: Array<&mut MapData, RedirectConfig> = Array::try_from(map)?;
+            array
+                .set(0, config, 0)
+                .context("writing the redirect config to HMS_CONFIG")?;
+        }
+
+        let mut hooks = Vec::with_capacity(pin::HOOKS.len());
+        for hook in pin::HOOKS {
+            hooks.push(loader::attach_or_adopt(
+                &mut ebpf,
+                hook,
+                &cgroup,
+                &opts.cgroup,
+                cgroup_id,
+                &opts.pin_dir,
+            )?);
+        }
+        let adopted = hooks.iter().all(|h| h.adopted);
+        let any_fresh = hooks.iter().any(|h| !h.adopted);
+        let adopted_programs: Vec<u32> = hooks
+            .iter()
+            .filter(|h| h.adopted)
+            .map(|h| h.program_id)
+            .collect();
+        let log_drain = loader::LogDrain::start(any_fresh.then_some(&mut ebpf), &adopted_programs);
+
+        let orig_by_cookie = HashMap::try_from(
+            ebpf.take_map(map_names::ORIG_BY_COOKIE)
+                .context("map HMS_ORIG_BY_COOKIE missing from the eBPF object")?,
+        )?;
+        let orig_by_flow = HashMap::try_from(
+            ebpf.take_map(map_names::ORIG_BY_FLOW)
+                .context("map HMS_ORIG_BY_FLOW missing from the eBPF object")?,
+        )?;
+
+        let status = RedirectStatus {
+            cgroup: opts.cgroup.clone(),
+            pin_dir: opts.pin_dir.clone(),
+            adopted,
+            vip_range: format!("{}/{}", opts.vip_net, opts.vip_prefix_len),
+            outbound: opts.outbound,
+            dns: opts.dns,
+            skip_mark: opts.skip_mark,
+            ebpf_logs: log_drain.is_some(),
+            programs: hooks.iter().map(|h| h.hook.program.to_string()).collect(),
+            hooks: hooks
+                .iter()
+                .map(|h| AttachedProgram {
+                    name: h.hook.program.to_string(),
+                    attach: h.hook.attach.to_string(),
+                    program_id: h.program_id,
+                    link_id: h.link_id,
+                    link_pin: h.link_pin.clone(),
+                    adopted: h.adopted,
+                })
+                .collect(),
+        };
+        tracing::info!(
+            cgroup = %opts.cgroup.display(),
+            pin_dir = %opts.pin_dir.display(),
+            adopted,
+            "eBPF redirect attached"
+        );
+        Ok(Redirector {
+            status,
+            orig_by_cookie: Mutex::new(orig_by_cookie),
+            orig_by_flow: Mutex::new(orig_by_flow),
+            _log_drain: log_drain,
+        })
+    }
+
+    /// Original destination of an accepted TCP connection; client = accepted socket's
+    /// peer_addr, listener = its local_addr. Removes the entry.
+    pub fn take_tcp_orig_dst(
+        &self,
+        client: SocketAddrV4,
+        listener: SocketAddrV4,
+    ) -> Option<OrigDst> {
+        let key = FlowKey {
+            client_ip: u32::from(*client.ip()),
+            listener_ip: u32::from(*listener.ip()),
+            client_port: client.port(),
+            listener_port: listener.port(),
+            _pad: 0,
+        };
+        {
+            let mut flows = self.orig_by_flow.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(orig) = lookup(&flows, &key, "HMS_ORIG_BY_FLOW") {
+                if let Err(e) = flows.remove(&key) {
+                    tracing::debug!(error = %e, "removing a taken flow record");
+                }
+                return Some(orig);
+            }
+        }
+        // sock_ops runs before the proxy can accept() on loopback, so this is only reached if
+        // the flow map was full or the client is in another netns; the record may still be
+        // under the client's cookie.
+        let cookie = self.cookie_of(sockdiag::Transport::Tcp, client, listener)?;
+        let mut cookies = self
+            .orig_by_cookie
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let orig = lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE")?;
+        if let Err(e) = cookies.remove(&cookie) {
+            tracing::debug!(error = %e, "removing a taken cookie record");
+        }
+        Some(orig)
+    }
+
+    /// Original destination (resolver the caller asked) of a UDP DNS query received on the
+    /// responder at `responder` from `client`. The record stays: recvmsg4 needs it to restore
+    /// the reply's source, and the LRU map ages it out.
+    pub fn udp_orig_dst(&self, client: SocketAddrV4, responder: SocketAddrV4) -> Option<OrigDst> {
+        let cookie = self.cookie_of(sockdiag::Transport::Udp, client, responder)?;
+        let cookies = self
+            .orig_by_cookie
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE")
+    }
+
+    /// For `hms-ctl status`: attached program names, cgroup, pin dir, whether adopted.
+    pub fn describe(&self) -> RedirectStatus {
+        self.status.clone()
+    }
+
+    /// The client socket is local (the hooks only see local processes), so the kernel can
+    /// tell us its cookie from the 4-tuple.
+    fn cookie_of(
+        &self,
+        transport: sockdiag::Transport,
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+    ) -> Option<u64> {
+        match sockdiag::socket_cookie(transport, client, server) {
+            Ok(cookie) => cookie,
+            Err(e) => {
+                tracing::warn!(error = %e, %client, %server, ?transport, "sock_diag lookup failed");
+                None
+            }
+        }
+    }
+}
+
+fn lookup<K: aya::Pod>(
+    map: &HashMap<MapData, K, OrigDst>,
+    key: &K,
+    map_name: &str,
+) -> Option<OrigDst> {
+    match map.get(key, 0) {
+        Ok(orig) => Some(orig),
+        Err(MapError::KeyNotFound) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, map = map_name, "map lookup failed");
+            None
+        }
+    }
+}
+
+/// Validates the options and turns them into what the kernel programs read.
+fn redirect_config(opts: &RedirectOptions) -> anyhow::Result<RedirectConfig> {
+    // /0 would send every TCP connect in the cgroup to the proxy, including the proxy's own
+    // dials to real endpoints when it shares the cgroup.
+    if !(1..=32).contains(&opts.vip_prefix_len) {
+        bail!(
+            "VIP prefix length {} is out of range; use 1..=32 (default range 127.77.0.0/16)",
+            opts.vip_prefix_len
+        );
+    }
+    let mask = u32::MAX << (32 - u32::from(opts.vip_prefix_len));
+    let net = u32::from(opts.vip_net) & mask;
+    if u32::from(*opts.outbound.ip()) & mask == net {
+        bail!(
+            "outbound listener {} is inside the VIP range {}/{}: redirected connections would \
+             loop; pick an address outside it",
+            opts.outbound,
+            opts.vip_net,
+            opts.vip_prefix_len
+        );
+    }
+    Ok(RedirectConfig {
+        vip_net: net,
+        vip_mask: mask,
+        outbound_ip: u32::from(*opts.outbound.ip()),
+        dns_ip: u32::from(*opts.dns.ip()),
+        outbound_port: opts.outbound.port(),
+        dns_port: opts.dns.port(),
+        skip_mark: opts.skip_mark,
+        enabled: 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> RedirectOptions {
+        RedirectOptions {
+            cgroup: PathBuf::from("/sys/fs/cgroup"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/hms"),
+            vip_net: Ipv4Addr::new(127, 77, 3, 4),
+            vip_prefix_len: 16,
+            outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
+            skip_mark: 0x4853,
+        }
+    }
+
+    #[test]
+    fn config_is_host_order_and_normalises_the_vip_net() {
+        let cfg = redirect_config(&opts()).expect("valid");
+        assert_eq!(cfg.vip_net, u32::from(Ipv4Addr::new(127, 77, 0, 0)));
+        assert_eq!(cfg.vip_mask, 0xffff_0000);
+        assert_eq!(cfg.outbound_ip, 0x7f00_0001);
+        assert_eq!(cfg.outbound_port, 15001);
+        assert_eq!(cfg.enabled, 1);
+    }
+
+    #[test]
+    fn refuses_a_zero_prefix_and_an_outbound_inside_the_vips() {
+        let mut o = opts();
+        o.vip_prefix_len = 0;
+        assert!(format!("{:#}", redirect_config(&o).unwrap_err()).contains("1..=32"));
+        let mut o = opts();
+        o.outbound = SocketAddrV4::new(Ipv4Addr::new(127, 77, 0, 1), 15001);
+        assert!(format!("{:#}", redirect_config(&o).unwrap_err()).contains("loop"));
+    }
+}

@@ -1,0 +1,341 @@
+//! The pin directory: which file holds which link or map, reading a pinned link back, and
+//! tearing everything down (`hms-node-agent cleanup`).
+//!
+//! Owns the file layout under the pin dir and the few raw `bpf(2)` calls aya 0.14 does not
+//! expose (reading a cgroup link's target, forcing a link detach). Must never touch a file it
+//! did not name itself: anything unknown in the pin dir is reported and left in place.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use hms_ebpf::{map_names, program_names};
+use serde::{Deserialize, Serialize};
+
+/// One kernel program and where its link is pinned.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hook {
+    pub program: &'static str,
+    /// The cgroup hook, as `bpftool cgroup show` names it.
+    pub attach: &'static str,
+    /// `bpf_attach_type` the link must have; a pinned link of another type is not ours.
+    pub attach_type: u32,
+    pub link_file: &'static str,
+}
+
+// Values of `enum bpf_attach_type` (include/uapi/linux/bpf.h); stable kernel ABI.
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+
+/// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
+/// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
+/// redirected without its follow-up in place.
+pub(crate) const HOOKS: [Hook; 4] = [
+    Hook {
+        program: program_names::SOCK_OPS,
+        attach: "sock_ops",
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        link_file: "link_sock_ops",
+    },
+    Hook {
+        program: program_names::RECVMSG4,
+        attach: "cgroup_udp4_recvmsg",
+        attach_type: BPF_CGROUP_UDP4_RECVMSG,
+        link_file: "link_recvmsg4",
+    },
+    Hook {
+        program: program_names::SENDMSG4,
+        attach: "cgroup_udp4_sendmsg",
+        attach_type: BPF_CGROUP_UDP4_SENDMSG,
+        link_file: "link_sendmsg4",
+    },
+    Hook {
+        program: program_names::CONNECT4,
+        attach: "cgroup_inet4_connect",
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        link_file: "link_connect4",
+    },
+];
+
+pub(crate) const MAPS: [&str; 3] = [
+    map_names::CONFIG,
+    map_names::ORIG_BY_COOKIE,
+    map_names::ORIG_BY_FLOW,
+];
+
+/// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CgroupLinkInfo {
+    pub link_id: u32,
+    pub program_id: u32,
+    pub link_type: u32,
+    /// 0 once the cgroup is gone (the kernel auto-detaches the link then).
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+pub(crate) const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// Reads a pinned link back. `Ok(None)` if nothing is pinned there.
+pub(crate) fn read_pinned_link(path: &Path) -> anyhow::Result<Option<CgroupLinkInfo>> {
+    let fd = match sys::obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening pinned link {}", path.display()));
+        }
+    };
+    let info = sys::link_info(&fd).with_context(|| {
+        format!(
+            "{} is pinned but is not a BPF link; run `hms-node-agent cleanup` for this pin dir",
+            path.display()
+        )
+    })?;
+    Ok(Some(info))
+}
+
+/// What `cleanup` did, for the CLI to print.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupReport {
+    pub pin_dir: PathBuf,
+    /// Link files found, detached and unpinned.
+    pub detached_links: Vec<String>,
+    pub unpinned_maps: Vec<String>,
+    pub removed_dir: bool,
+    /// Files in the pin dir that are not ours; left in place (so the dir stays too).
+    pub left_behind: Vec<String>,
+}
+
+impl std::fmt::Display for CleanupReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = self.pin_dir.display();
+        let did_something =
+            !self.detached_links.is_empty() || !self.unpinned_maps.is_empty() || self.removed_dir;
+        if did_something {
+            write!(
+                f,
+                "{dir}: detached {} link(s), unpinned {} map(s)",
+                self.detached_links.len(),
+                self.unpinned_maps.len()
+            )?;
+            if self.removed_dir {
+                write!(f, ", removed the directory")?;
+            }
+        } else {
+            write!(f, "{dir}: nothing of HMS's to clean up")?;
+        }
+        if !self.left_behind.is_empty() {
+            write!(
+                f,
+                "; left files HMS did not create in place: {} (remove them by hand if stale)",
+                self.left_behind.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Detaches every pinned HMS link under `pin_dir`, unpins the maps and removes the directory.
+/// Idempotent: a missing directory is a successful no-op.
+///
+/// Links are force-detached (`BPF_LINK_DETACH`) before unpinning, because a still-running
+/// agent holding a link fd would otherwise keep the hooks attached after its pin is gone.
+pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
+    let mut report = CleanupReport {
+        pin_dir: pin_dir.to_path_buf(),
+        ..CleanupReport::default()
+    };
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading pin dir {} (not root?)", pin_dir.display()));
+        }
+    };
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading pin dir {}", pin_dir.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+
+    for name in names {
+        let path = pin_dir.join(&name);
+        if HOOKS.iter().any(|h| h.link_file == name) {
+            detach_pinned_link(&path)?;
+            remove_pin(&path)?;
+            report.detached_links.push(name);
+        } else if MAPS.contains(&name.as_str()) {
+            remove_pin(&path)?;
+            report.unpinned_maps.push(name);
+        } else {
+            report.left_behind.push(name);
+        }
+    }
+
+    if report.left_behind.is_empty() {
+        match std::fs::remove_dir(pin_dir) {
+            Ok(()) => report.removed_dir = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing pin dir {}", pin_dir.display()));
+            }
+        }
+    } else {
+        tracing::warn!(
+            pin_dir = %pin_dir.display(),
+            files = ?report.left_behind,
+            "pin dir holds files HMS did not create; left them and the dir in place"
+        );
+    }
+    Ok(report)
+}
+
+fn detach_pinned_link(path: &Path) -> anyhow::Result<()> {
+    let fd = match sys::obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "opening pinned link {} (not root? needs CAP_BPF)",
+                    path.display()
+                )
+            });
+        }
+    };
+    match sys::link_detach(&fd) {
+        Ok(()) => Ok(()),
+        // Already detached (its cgroup was removed) or not a link at all: unpinning is all
+        // that is left to do.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLINK | libc::EINVAL)) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("detaching pinned link {}", path.display())),
+    }
+}
+
+fn remove_pin(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("unpinning {}", path.display())),
+    }
+}
+
+/// Raw `bpf(2)` commands. The attr layouts are the leading fields of `union bpf_attr`; the
+/// kernel zero-extends shorter attrs, so only the fields we use are declared.
+mod sys {
+    use super::*;
+
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for `cmd`, valid for the
+        // duration of the call, and its size is passed alongside.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T as *mut libc::c_void,
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        #[repr(C)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+            path_fd: i32,
+            _pad: u32,
+        }
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut attr = ObjGet {
+            pathname: c_path.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            path_fd: 0,
+            _pad: 0,
+        };
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+        // SAFETY: BPF_OBJ_GET returned a fresh fd that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    }
+
+    pub(super) fn link_info(fd: &OwnedFd) -> io::Result<CgroupLinkInfo> {
+        /// `struct bpf_link_info` up to the cgroup member of its union (which starts 8-byte
+        /// aligned at offset 16), padded generously; the kernel fills at most its own size.
+        #[repr(C, align(8))]
+        struct LinkInfoRaw {
+            type_: u32,
+            id: u32,
+            prog_id: u32,
+            _pad: u32,
+            cgroup_id: u64,
+            attach_type: u32,
+            _rest: [u8; 108],
+        }
+        #[repr(C)]
+        struct GetInfo {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut raw = LinkInfoRaw {
+            type_: 0,
+            id: 0,
+            prog_id: 0,
+            _pad: 0,
+            cgroup_id: 0,
+            attach_type: 0,
+            _rest: [0; 108],
+        };
+        let mut attr = GetInfo {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<LinkInfoRaw>() as u32,
+            info: &mut raw as *mut LinkInfoRaw as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        Ok(CgroupLinkInfo {
+            link_id: raw.id,
+            program_id: raw.prog_id,
+            link_type: raw.type_,
+            cgroup_id: if raw.type_ == BPF_LINK_TYPE_CGROUP {
+                raw.cgroup_id
+            } else {
+                0
+            },
+            attach_type: raw.attach_type,
+        })
+    }
+
+    pub(super) fn link_detach(fd: &OwnedFd) -> io::Result<()> {
+        #[repr(C)]
+        struct LinkDetach {
+            link_fd: u32,
+        }
+        let mut attr = LinkDetach {
+            link_fd: fd.as_raw_fd() as u32,
+        };
+        bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+    }
+}

@@ -1,0 +1,478 @@
+//! The eBPF redirect against the real kernel: each test attaches the HMS programs to its own
+//! child cgroup with its own pin dir and loopback ports, so the tests run in parallel and
+//! never affect processes outside their cgroup.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use hms_ebpf::{IPPROTO_TCP, IPPROTO_UDP, OrigDst};
+use hms_node_agent::redirect::{self, RedirectOptions, Redirector};
+use vm_tests::cgroup::{PinDir, TestCgroup};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 5);
+const VIP_PORT: u16 = 80;
+const SKIP_MARK: u32 = 0x4853;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Root is needed to load eBPF and create cgroups; anything else missing is a setup bug.
+fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root (loads eBPF programs and creates cgroups)");
+        return false;
+    }
+    true
+}
+
+fn require_tool(name: &str) {
+    if which(name).is_none() {
+        panic!("`{name}` is not installed: run `cargo xtask setup`");
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
+    }
+}
+
+fn comm(orig: &OrigDst) -> String {
+    let end = orig
+        .comm
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(orig.comm.len());
+    String::from_utf8_lossy(&orig.comm[..end]).into_owned()
+}
+
+fn options(
+    cg: &TestCgroup,
+    pin: &PinDir,
+    outbound: SocketAddrV4,
+    dns: SocketAddrV4,
+) -> RedirectOptions {
+    RedirectOptions {
+        cgroup: cg.path().to_path_buf(),
+        pin_dir: pin.path().to_path_buf(),
+        vip_net: Ipv4Addr::new(127, 77, 0, 0),
+        vip_prefix_len: 16,
+        outbound,
+        dns,
+        skip_mark: SKIP_MARK,
+    }
+}
+
+fn unused_udp_addr() -> SocketAddrV4 {
+    let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind udp");
+    v4(s.local_addr().expect("local_addr"))
+}
+
+fn accept_within(listener: &TcpListener, wait: Duration) -> Option<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = Instant::now() + wait;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).expect("blocking");
+                return Some((stream, peer));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Opens a TCP connection to VIP:80 from a bash inside `cg`; returns bash's pid and output.
+fn bash_connects_to_vip(cg: &TestCgroup) -> (u32, Output) {
+    let child = cg
+        .command("bash")
+        .args([
+            "-c",
+            &format!("exec 3<>/dev/tcp/{VIP}/{VIP_PORT} && echo connected"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bash");
+    let pid = child.id();
+    (pid, child.wait_with_output().expect("wait bash"))
+}
+
+/// The core user story, reused by the restart test: a connect to a VIP from inside the cgroup
+/// reaches `listener`, and the proxy can learn where it was meant to go and who asked.
+fn assert_vip_connect_is_redirected(cg: &TestCgroup, r: &Redirector, listener: &TcpListener) {
+    let (pid, output) = bash_connects_to_vip(cg);
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("connected"),
+        "connect to {VIP}:{VIP_PORT} from inside the cgroup failed:\n{}",
+        describe(&output)
+    );
+    let (stream, peer) =
+        accept_within(listener, WAIT).expect("the outbound listener got no connection");
+    let listener_addr = v4(stream.local_addr().expect("local_addr"));
+    let orig = r
+        .take_tcp_orig_dst(v4(peer), listener_addr)
+        .expect("no original destination recorded for the accepted connection");
+    assert_eq!(Ipv4Addr::from(orig.ip), VIP);
+    assert_eq!(orig.port, VIP_PORT);
+    assert_eq!(orig.protocol, IPPROTO_TCP);
+    assert_eq!(orig.pid, pid, "caller pid");
+    assert_eq!(comm(&orig), "bash");
+    assert_eq!(orig.cgroup_id, cg.id().expect("cgroup id"));
+    assert_eq!(
+        r.take_tcp_orig_dst(v4(peer), listener_addr),
+        None,
+        "taking the original destination removes it"
+    );
+}
+
+/// `bpftool cgroup show` as (program name, attach type) pairs.
+fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
+    let output = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cg.path())
+        .output()
+        .expect("run bpftool");
+    assert!(
+        output.status.success(),
+        "bpftool cgroup show: {}",
+        describe(&output)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    let json: serde_json::Value = serde_json::from_str(&text).expect("bpftool JSON");
+    json.as_array()
+        .map(|progs| {
+            progs
+                .iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or_default().to_string(),
+                        p["attach_type"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const HMS_PROGRAMS: [&str; 4] = [
+    "hms_connect4",
+    "hms_sendmsg4",
+    "hms_recvmsg4",
+    "hms_sock_ops",
+];
+
+#[test]
+fn a_tcp_connect_to_a_vip_from_inside_the_cgroup_lands_on_the_outbound_listener_and_the_original_destination_is_recorded()
+ {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("tcp-vip").expect("test cgroup");
+    let pin = PinDir::new("tcp-vip");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let r = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+    let status = r.describe();
+    assert!(!status.adopted, "a fresh pin dir has nothing to adopt");
+    assert!(
+        status.ebpf_logs,
+        "kernel log forwarding did not start: {status:?}"
+    );
+    assert_vip_connect_is_redirected(&cg, &r, &listener);
+}
+
+#[test]
+fn the_same_connect_from_outside_the_cgroup_is_not_redirected() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("outside").expect("test cgroup");
+    let pin = PinDir::new("outside");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let _r = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+
+    let err = TcpStream::connect_timeout(&SocketAddrV4::new(VIP, VIP_PORT).into(), WAIT)
+        .expect_err("a VIP is loopback space with no listener: connecting must fail");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(accept_within(&listener, Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn a_socket_carrying_the_agents_skip_mark_is_never_redirected() {
+    if !privileged() {
+        return;
+    }
+    require_tool("python3");
+    let cg = TestCgroup::new("mark").expect("test cgroup");
+    let pin = PinDir::new("mark");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let _r = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {SKIP_MARK})\n\
+         try:\n    s.connect(('{VIP}', {VIP_PORT}))\n    print('connected')\n\
+         except ConnectionRefusedError:\n    print('refused')\n"
+    );
+    let output = cg
+        .command("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "refused",
+        "{}",
+        describe(&output)
+    );
+    assert!(accept_within(&listener, Duration::from_millis(200)).is_none());
+}
+
+/// A minimal answer: the query's id and question, one A record pointing into the VIP range.
+fn dns_answer(query: &[u8], answer: Ipv4Addr) -> Vec<u8> {
+    const HEADER: usize = 12;
+    let mut end = HEADER;
+    while end < query.len() && query[end] != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let question_end = end + 1 + 4; // root label, QTYPE, QCLASS
+    assert!(question_end <= query.len(), "malformed query from dig");
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&query[0..2]); // id
+    reply.extend_from_slice(&[0x81, 0x80]); // response, recursion desired + available, NOERROR
+    reply.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]); // 1 question, 1 answer
+    reply.extend_from_slice(&query[HEADER..question_end]);
+    reply.extend_from_slice(&[0xc0, 0x0c]); // name: pointer to the question
+    reply.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+    reply.extend_from_slice(&60u32.to_be_bytes());
+    reply.extend_from_slice(&4u16.to_be_bytes());
+    reply.extend_from_slice(&answer.octets());
+    reply
+}
+
+#[test]
+fn udp_port_53_queries_are_redirected_and_the_replys_source_is_restored() {
+    if !privileged() {
+        return;
+    }
+    require_tool("dig");
+    let cg = TestCgroup::new("dns").expect("test cgroup");
+    let pin = PinDir::new("dns");
+    let responder = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind responder");
+    let responder_addr = v4(responder.local_addr().expect("addr"));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let r =
+        Redirector::start(&options(&cg, &pin, outbound, responder_addr)).expect("start redirector");
+
+    // The resolver dig is told to ask; nothing listens there, so only the redirect answers.
+    let resolver = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53);
+    let dig = cg
+        .command("dig")
+        .args([
+            &format!("@{}", resolver.ip()),
+            "-p",
+            "53",
+            "example.test",
+            "A",
+            "+short",
+            "+tries=1",
+            "+time=5",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dig");
+    let dig_pid = dig.id();
+
+    responder.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut query = [0u8; 512];
+    let (len, client) = responder
+        .recv_from(&mut query)
+        .expect("the responder got no query: port 53 was not redirected");
+    let client = v4(client);
+    let orig = r
+        .udp_orig_dst(client, responder_addr)
+        .expect("no original destination for the DNS query");
+    assert_eq!(SocketAddrV4::new(orig.ip.into(), orig.port), resolver);
+    assert_eq!(orig.protocol, IPPROTO_UDP);
+    assert_eq!(orig.pid, dig_pid, "caller pid");
+    assert_eq!(orig.cgroup_id, cg.id().expect("cgroup id"));
+    assert!(!comm(&orig).is_empty(), "caller comm recorded");
+    assert_eq!(
+        r.udp_orig_dst(client, responder_addr),
+        Some(orig),
+        "asking does not consume the record: recvmsg4 still needs it for the reply"
+    );
+
+    let answer = Ipv4Addr::new(127, 77, 0, 9);
+    responder
+        .send_to(&dns_answer(&query[..len], answer), client)
+        .expect("send reply");
+    let output = dig.wait_with_output().expect("wait dig");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        answer.to_string(),
+        "dig did not accept the reply (recvmsg4 must restore its source to {resolver}):\n{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn a_restarted_redirector_adopts_the_pinned_programs_instead_of_attaching_twice() {
+    if !privileged() {
+        return;
+    }
+    require_tool("bpftool");
+    let cg = TestCgroup::new("restart").expect("test cgroup");
+    let pin = PinDir::new("restart");
+    let first_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let first = Redirector::start(&options(
+        &cg,
+        &pin,
+        v4(first_listener.local_addr().expect("addr")),
+        unused_udp_addr(),
+    ))
+    .expect("first start");
+    let first_ids: Vec<u32> = first
+        .describe()
+        .hooks
+        .iter()
+        .map(|h| h.program_id)
+        .collect();
+    drop(first); // the agent goes away without cleanup, as in a crash or an upgrade
+
+    // The restarted agent listens on a new port: adopting must still update the config.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let second = Redirector::start(&options(
+        &cg,
+        &pin,
+        v4(listener.local_addr().expect("addr")),
+        unused_udp_addr(),
+    ))
+    .expect("second start");
+    let status = second.describe();
+    assert!(status.adopted, "{status:?}");
+    assert!(
+        status.ebpf_logs,
+        "adopted programs' logs are found by program id: {status:?}"
+    );
+    let second_ids: Vec<u32> = status.hooks.iter().map(|h| h.program_id).collect();
+    assert_eq!(
+        first_ids, second_ids,
+        "the same kernel programs keep running"
+    );
+
+    let attached = attached_programs(&cg);
+    for name in HMS_PROGRAMS {
+        let count = attached.iter().filter(|(n, _)| n == name).count();
+        assert_eq!(count, 1, "{name} attached {count} times: {attached:?}");
+    }
+    assert_vip_connect_is_redirected(&cg, &second, &listener);
+}
+
+#[test]
+fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
+    if !privileged() {
+        return;
+    }
+    require_tool("bpftool");
+    let cg = TestCgroup::new("cleanup").expect("test cgroup");
+    let pin = PinDir::new("cleanup");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    // Kept alive on purpose: cleanup must detach even while an agent still holds the links.
+    let _running = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+    assert_eq!(attached_programs(&cg).len(), HMS_PROGRAMS.len());
+
+    let report = redirect::cleanup(pin.path()).expect("cleanup");
+    assert_eq!(
+        report.detached_links.len(),
+        HMS_PROGRAMS.len(),
+        "{report:?}"
+    );
+    assert_eq!(report.unpinned_maps.len(), 3, "{report:?}");
+    assert!(report.removed_dir, "{report:?}");
+    assert!(!pin.path().exists(), "pin dir still exists");
+
+    assert_eq!(attached_programs(&cg), Vec::<(String, String)>::new());
+    let tree = Command::new("bpftool")
+        .args(["cgroup", "tree"])
+        .output()
+        .expect("bpftool");
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    let cg_name = cg.path().display().to_string();
+    assert!(
+        !tree.contains(&cg_name),
+        "{cg_name} still in `bpftool cgroup tree`:\n{tree}"
+    );
+
+    let (_, output) = bash_connects_to_vip(&cg);
+    assert!(
+        !output.status.success(),
+        "still redirected after cleanup:\n{}",
+        describe(&output)
+    );
+
+    let again = redirect::cleanup(pin.path()).expect("second cleanup is a no-op");
+    assert!(
+        again.detached_links.is_empty() && !again.removed_dir,
+        "{again:?}"
+    );
+}
+
+#[test]
+fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
+    let root = hms_node_agent::cgroup::v2_root().expect("cgroup v2 root");
+    let pin = PinDir::new("missing");
+    let missing = root.join(format!("hms-test-missing-{}", std::process::id()));
+    let opts = RedirectOptions {
+        cgroup: missing,
+        pin_dir: pin.path().to_path_buf(),
+        vip_net: Ipv4Addr::new(127, 77, 0, 0),
+        vip_prefix_len: 16,
+        outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+        dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
+        skip_mark: SKIP_MARK,
+    };
+    let err = Redirector::start(&opts).err().expect("start must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("does not exist"), "{msg}");
+    assert!(!pin.path().exists());
+}
