@@ -40,12 +40,13 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -92,7 +93,10 @@ mod tests {
     #[test]
     fn finds_pure_v2_mount_with_optional_fields() {
         let mi = "29 22 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(v2_root_from_mountinfo(mi), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            v2_root_from_mountinfo(mi),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]

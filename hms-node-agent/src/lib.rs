@@ -1,1 +1,26 @@
+//! The HMS node agent as a library: the binary in `main.rs` is a thin CLI over these modules,
+//! and `vm-tests` drives them directly. One module per concern:
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `config` | flags, config file, defaults |
+//! | `cgroup` | finding the cgroup v2 hierarchy |
+//! | `redirect` | loading, attaching, pinning and reading the eBPF programs |
+//! | `registry` | services, VIPs, instances (the `Store` trait and its backends) |
+//! | `dns` | the `*.svc` responder and the upstream forwarder |
+//! | `proxy` | the outbound listener and the connection splice |
+//! | `admin` | the Unix-socket API hms-ctl talks to |
+//! | `drain` | graceful shutdown of listeners and in-flight work |
+//! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
+//! | `agent` | starting and stopping all of the above |
+
+pub mod admin;
+pub mod agent;
 pub mod cgroup;
+pub mod config;
+pub mod dns;
+pub mod drain;
+pub mod original_dst;
+pub mod proxy;
+pub mod redirect;
+pub mod registry;

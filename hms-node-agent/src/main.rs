@@ -1,1 +1,72 @@
-fn main() {}
+//! `hms-node-agent`: the per-host daemon (`run`) and the tool that removes every trace of it
+//! from the kernel (`cleanup`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use hms_node_agent::config::{AgentConfig, LogFormat, RunArgs};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "hms-node-agent",
+    version,
+    about = "HMS per-host agent: transparent service mesh for plain Linux hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: eBPF redirect, DNS responder, node proxy, registry, admin API.
+    Run(Box<RunArgs>),
+    /// Detach every HMS program pinned under the pin directory and remove the pins.
+    Cleanup {
+        /// bpffs directory the agent pinned into.
+        #[arg(long, default_value = "/sys/fs/bpf/hms")]
+        pin_dir: PathBuf,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => match AgentConfig::resolve(*args) {
+            Ok(config) => {
+                init_logs(config.log_format);
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(hms_node_agent::agent::run(config)))
+            }
+            Err(e) => Err(e),
+        },
+        Command::Cleanup { pin_dir } => {
+            init_logs(LogFormat::Text);
+            hms_node_agent::redirect::cleanup(&pin_dir).map(|report| {
+                println!("{report}");
+            })
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hms-node-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The admin API on a Unix socket (mode 0600: only root may steer the mesh). One JSON request
+//! per line, one JSON answer per line (`hms_ctl::api`). Owns request handling for operators;
+//! runs beside the data path and never blocks it: registry writes happen here, readers only
+//! swap in the new snapshot.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use hms_ctl::api::{AgentStatus, Listeners, RedirectInfo, Request, Response};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::AgentConfig;
+use crate::dns::DnsResponder;
+use crate::drain::Drain;
+use crate::proxy::Outbound;
+use crate::registry::Store;
+
+/// A request line longer than this is refused (a spec is a few hundred bytes).
+const MAX_REQUEST: usize = 1 << 20;
+
+pub struct Admin {
+    pub store: Arc<dyn Store>,
+    pub config: AgentConfig,
+    pub redirect: RedirectInfo,
+    pub started: Instant,
+    pub dns: Arc<DnsResponder>,
+    pub outbound: Arc<Outbound>,
+}
+
+/// Creates the socket, refusing to steal it from a live agent.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("creating directory {} for the admin socket", dir.display())
+        })?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another agent is already serving {}; stop it first or give this one its own --admin-socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale admin socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private (0600)", path.display()))?;
+    Ok(listener)
+}
+
+impl Admin {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        drain: Drain,
+    ) -> anyhow::Result<()> {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => return Ok(()),
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.connection(stream).await {
+                    tracing::debug!("admin connection ended: {e:#}");
+                }
+            });
+        }
+    }
+
+    async fn connection(&self, stream: UnixStream) -> anyhow::Result<()> {
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            if !read_line_limited(&mut reader, &mut raw, MAX_REQUEST).await? {
+                return Ok(());
+            }
+            let line = String::from_utf8_lossy(&raw);
+            let response = if raw.len() > MAX_REQUEST {
+                Response::Error {
+                    message: format!("request larger than {MAX_REQUEST} bytes"),
+                }
+            } else {
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => self.handle(req).await,
+                    Err(e) => Response::Error {
+                        message: format!(
+                            "not a request this agent understands ({e}); are hms-ctl and the agent the same version?"
+                        ),
+                    },
+                }
+            };
+            let mut out = serde_json::to_vec(&response)?;
+            out.push(b'\n');
+            write.write_all(&out).await?;
+            if raw.len() > MAX_REQUEST {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Deploy { file, yaml } => self.deploy(&file, &yaml).await,
+            Request::Undeploy { name } => {
+                let store = self.store.clone();
+                let n = name.clone();
+                match tokio::task::spawn_blocking(move || store.undeploy(&n)).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(service = %name, "undeployed");
+                        ok(&serde_json::json!({ "undeployed": name }))
+                    }
+                    Ok(Ok(false)) => Err(anyhow::anyhow!(
+                        "no service named `{name}` is deployed (see `hms-ctl list`)"
+                    )),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Request::List => {
+                let snap = self.store.snapshot();
+                ok(&snap.services().collect::<Vec<_>>())
+            }
+            Request::Describe { name } => {
+                let snap = self.store.snapshot();
+                match snap.service(&name) {
+                    Some(s) => ok(s),
+                    None => Err(anyhow::anyhow!(
+                        "no service named `{name}` is deployed (see `hms-ctl list`)"
+                    )),
+                }
+            }
+            Request::Status => ok(&self.status()),
+        };
+        match result {
+            Ok(data) => Response::Ok { data },
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        }
+    }
+
+    async fn deploy(&self, file: &str, yaml: &str) -> anyhow::Result<serde_json::Value> {
+        let spec = hms_ctl::spec::parse(yaml, file)?;
+        let store = self.store.clone();
+        let node = self.config.node_name.clone();
+        let result = tokio::task::spawn_blocking(move || store.deploy(spec, &node)).await??;
+        tracing::info!(
+            service = %result.service.spec.name, vip = %result.service.vip,
+            port = result.service.spec.port, replaced = result.replaced, "deployed"
+        );
+        ok(&result)
+    }
+
+    fn status(&self) -> AgentStatus {
+        let c = &self.config;
+        AgentStatus {
+            node: c.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            registry: self.store.describe(),
+            state_dir: c.state_dir.display().to_string(),
+            services: self.store.snapshot().len(),
+            listeners: Listeners {
+                outbound: c.outbound.to_string(),
+                dns: c.dns.to_string(),
+                admin_socket: c.admin_socket.display().to_string(),
+            },
+            redirect: self.redirect.clone(),
+            dns: self.dns.stats.counters(),
+            proxy: self.outbound.stats.counters(),
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line into `buf`, stopping after `max + 1` bytes so a client
+/// cannot make the agent buffer without bound. False at end of stream.
+async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<bool> {
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(!buf.is_empty());
+        }
+        let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = (max + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        reader.consume(take);
+        if done || buf.len() > max {
+            return Ok(true);
+        }
+    }
+}
+
+fn ok<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<serde_json::Value> {
+    serde_json::to_value(v).context("encoding the answer")
+}

@@ -1,0 +1,422 @@
+//! The agent's settings: command-line flags, optionally a YAML file with the same names
+//! (`--config`), and the defaults from DESIGN.md. Flags win over the file. Owns parsing and
+//! validation of settings; never opens sockets or files other than the config file.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::{Deserialize, Deserializer};
+
+/// `SO_MARK` on the agent's own upstream DNS sockets; the port-53 hooks skip marked sockets.
+/// "HS" in ASCII.
+pub const DEFAULT_DNS_MARK: u32 = 0x4853;
+
+/// Flags of `hms-node-agent run`. Every field is optional so that a `--config` file can fill
+/// it; [`AgentConfig::resolve`] applies the defaults.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunArgs {
+    /// YAML file with any of these settings (same names, e.g. `node-name: host-a`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This host's name in the registry [default: the hostname].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// cgroup v2 directory whose processes are redirected [default: the cgroup v2 root].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Where the embedded registry and certificates are kept [default: /var/lib/hms].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket for hms-ctl, created mode 0600 [default: /run/hms/agent.sock].
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// bpffs directory for pinned programs and maps [default: /sys/fs/bpf/hms].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Range service VIPs are allocated from; keep it in loopback space [default: 127.77.0.0/16].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_from_str")]
+    pub vip_cidr: Option<Ipv4Cidr>,
+    /// Outbound capture listener [default: 127.0.0.1:15001].
+    #[arg(long)]
+    pub outbound: Option<SocketAddrV4>,
+    /// DNS responder, UDP and TCP [default: 127.0.0.1:15053].
+    #[arg(long)]
+    pub dns: Option<SocketAddrV4>,
+    /// Inbound mTLS listener for other hosts' agents (cross-host transport, not built yet)
+    /// [default: 0.0.0.0:15008].
+    #[arg(long)]
+    pub inbound: Option<SocketAddr>,
+    /// Prometheus metrics listener [default: 127.0.0.1:15090].
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Registry backend: `embedded` [default], or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_from_str")]
+    pub registry: Option<RegistryUrl>,
+    /// SO_MARK of the agent's own DNS upstream sockets [default: 0x4853].
+    #[arg(long, value_parser = parse_u32_auto)]
+    pub dns_mark: Option<u32>,
+    /// Log format: `text` [default] or `json`.
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_from_str")]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_u32_auto(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("`{s}` is not a number: {e}"))
+}
+
+fn de_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+impl RunArgs {
+    /// Fields set here replace those of `base`.
+    fn over(self, base: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config.or(base.config),
+            node_name: self.node_name.or(base.node_name),
+            cgroup: self.cgroup.or(base.cgroup),
+            state_dir: self.state_dir.or(base.state_dir),
+            admin_socket: self.admin_socket.or(base.admin_socket),
+            pin_dir: self.pin_dir.or(base.pin_dir),
+            vip_cidr: self.vip_cidr.or(base.vip_cidr),
+            outbound: self.outbound.or(base.outbound),
+            dns: self.dns.or(base.dns),
+            inbound: self.inbound.or(base.inbound),
+            metrics: self.metrics.or(base.metrics),
+            registry: self.registry.or(base.registry),
+            dns_mark: self.dns_mark.or(base.dns_mark),
+            log_format: self.log_format.or(base.log_format),
+        }
+    }
+}
+
+/// The settings in force.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub cgroup: PathBuf,
+    pub state_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub vip_cidr: Ipv4Cidr,
+    pub outbound: SocketAddrV4,
+    pub dns: SocketAddrV4,
+    pub inbound: SocketAddr,
+    pub metrics: SocketAddr,
+    pub registry: RegistryUrl,
+    pub dns_mark: u32,
+    pub log_format: LogFormat,
+}
+
+impl AgentConfig {
+    pub fn resolve(args: RunArgs) -> anyhow::Result<AgentConfig> {
+        let args = match &args.config {
+            Some(path) => args.clone().over(load_file(path)?),
+            None => args,
+        };
+        let cgroup = match args.cgroup {
+            Some(c) => c,
+            None => crate::cgroup::v2_root()?,
+        };
+        let config = AgentConfig {
+            node_name: match args.node_name {
+                Some(n) => n,
+                None => hostname(),
+            },
+            cgroup,
+            state_dir: args.state_dir.unwrap_or_else(|| "/var/lib/hms".into()),
+            admin_socket: args
+                .admin_socket
+                .unwrap_or_else(|| hms_ctl::api::DEFAULT_SOCKET.into()),
+            pin_dir: args.pin_dir.unwrap_or_else(|| "/sys/fs/bpf/hms".into()),
+            vip_cidr: args
+                .vip_cidr
+                .unwrap_or(Ipv4Cidr::new(Ipv4Addr::new(127, 77, 0, 0), 16)),
+            outbound: args
+                .outbound
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001)),
+            dns: args
+                .dns
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053)),
+            inbound: args
+                .inbound
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 15008))),
+            metrics: args
+                .metrics
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15090))),
+            registry: args.registry.unwrap_or(RegistryUrl::Embedded),
+            dns_mark: args.dns_mark.unwrap_or(DEFAULT_DNS_MARK),
+            log_format: args.log_format.unwrap_or_default(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        hms_ctl::spec::validate_dns_label(&self.node_name)
+            .map_err(|m| anyhow::anyhow!("--node-name `{}` {m}", self.node_name))?;
+        if !self.cgroup.is_dir() {
+            bail!(
+                "--cgroup {} is not a directory; create it (mkdir under the cgroup v2 root) or omit the flag to use the root",
+                self.cgroup.display()
+            );
+        }
+        if self.vip_cidr.contains(*self.outbound.ip()) || self.vip_cidr.contains(*self.dns.ip()) {
+            bail!(
+                "--vip-cidr {} overlaps the outbound or DNS listener address; pick another range",
+                self.vip_cidr
+            );
+        }
+        if self.vip_cidr.prefix_len > 30 {
+            bail!(
+                "--vip-cidr {} is too small; use a /30 or larger",
+                self.vip_cidr
+            );
+        }
+        if self.dns.port() == hms_ebpf::DNS_PORT {
+            bail!("--dns must not use port 53: that port is what the agent captures");
+        }
+        Ok(())
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<RunArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a valid agent config (keys are the `run` flags without dashes, e.g. `node-name:`)",
+            path.display()
+        )
+    })
+}
+
+fn hostname() -> String {
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "node".into());
+    // The node name becomes a DNS label and a SPIFFE path segment.
+    let label: String = raw
+        .split('.')
+        .next()
+        .unwrap_or("node")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "node".into()
+    } else {
+        label.chars().take(63).collect()
+    }
+}
+
+/// An IPv4 network, `a.b.c.d/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn new(addr: Ipv4Addr, prefix_len: u8) -> Ipv4Cidr {
+        let mask = Self::mask_of(prefix_len);
+        Ipv4Cidr {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix_len,
+        }
+    }
+
+    fn mask_of(prefix_len: u8) -> u32 {
+        if prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix_len))
+        }
+    }
+
+    pub fn mask(&self) -> u32 {
+        Self::mask_of(self.prefix_len)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network)
+    }
+
+    /// Number of addresses in the range.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix_len))
+    }
+
+    /// The `i`-th address of the range.
+    pub fn nth(&self, i: u64) -> Option<Ipv4Addr> {
+        (i < self.size()).then(|| Ipv4Addr::from(u32::from(self.network) + i as u32))
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not an IPv4 range; write it like 127.77.0.0/16");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        if len > 32 {
+            return Err(bad());
+        }
+        Ok(Ipv4Cidr::new(ip, len))
+    }
+}
+
+/// Which registry backend holds the mesh's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryUrl {
+    Embedded,
+    Etcd(Vec<String>),
+}
+
+impl fmt::Display for RegistryUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryUrl::Embedded => f.write_str("embedded"),
+            RegistryUrl::Etcd(eps) => write!(f, "etcd://{}", eps.join(",")),
+        }
+    }
+}
+
+impl FromStr for RegistryUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "embedded" {
+            return Ok(RegistryUrl::Embedded);
+        }
+        if let Some(rest) = s.strip_prefix("etcd://") {
+            let eps: Vec<String> = rest
+                .split(',')
+                .filter(|e| !e.is_empty())
+                .map(str::to_string)
+                .collect();
+            if eps.is_empty() {
+                return Err("etcd:// needs at least one HOST:PORT".into());
+            }
+            return Ok(RegistryUrl::Etcd(eps));
+        }
+        Err(format!(
+            "`{s}` is not a registry; use `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{s}` is not a log format; use `text` or `json`")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_contains() {
+        let c: Ipv4Cidr = "127.77.3.9/16".parse().unwrap();
+        assert_eq!(c.to_string(), "127.77.0.0/16");
+        assert!(c.contains(Ipv4Addr::new(127, 77, 200, 1)));
+        assert!(!c.contains(Ipv4Addr::new(127, 78, 0, 1)));
+        assert_eq!(c.size(), 65536);
+        assert!("127.0.0.1".parse::<Ipv4Cidr>().is_err());
+        assert!("1.2.3.4/33".parse::<Ipv4Cidr>().is_err());
+    }
+
+    #[test]
+    fn config_file_fills_what_flags_leave_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "node-name: host-a\ncgroup: {}\noutbound: 127.0.0.1:25001\nvip-cidr: 127.99.0.0/24\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(file),
+            outbound: Some("127.0.0.1:35001".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = AgentConfig::resolve(args).unwrap();
+        assert_eq!(c.node_name, "host-a");
+        assert_eq!(c.outbound.port(), 35001, "flag wins over file");
+        assert_eq!(c.vip_cidr.to_string(), "127.99.0.0/24");
+        assert_eq!(c.dns.port(), 15053);
+    }
+
+    #[test]
+    fn unknown_config_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.yaml");
+        std::fs::write(&file, "nodename: x\n").unwrap();
+        let err = AgentConfig::resolve(RunArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("nodename"), "{err:#}");
+    }
+
+    #[test]
+    fn registry_urls() {
+        assert_eq!(
+            "embedded".parse::<RegistryUrl>().unwrap(),
+            RegistryUrl::Embedded
+        );
+        assert_eq!(
+            "etcd://10.0.0.1:2379,10.0.0.2:2379"
+                .parse::<RegistryUrl>()
+                .unwrap(),
+            RegistryUrl::Etcd(vec!["10.0.0.1:2379".into(), "10.0.0.2:2379".into()])
+        );
+        assert!("consul://x".parse::<RegistryUrl>().is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! Deciding what to do with one DNS message: answer `*.svc` from the registry, forward
+//! everything else verbatim, or reject what cannot be parsed. Pure: no sockets, so every rule
+//! is unit-tested.
+
+use std::net::Ipv4Addr;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+
+use crate::registry::Snapshot;
+
+/// TTL of `*.svc` answers. Short, so a redeploy is seen quickly; VIPs are stable anyway.
+pub const SVC_TTL: u32 = 5;
+
+/// The zone we answer for.
+const ZONE: &str = "svc";
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Send these bytes back to the caller.
+    Reply(Vec<u8>),
+    /// Not ours: pass the query unchanged to the resolver the caller asked.
+    Forward,
+    /// Nothing sensible to reply to (too short to carry an id, or not a query).
+    Drop,
+}
+
+/// How the decision went, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Vip,
+    NoData,
+    NxDomain,
+    FormErr,
+    Forwarded,
+    Dropped,
+}
+
+pub fn decide(query: &[u8], snapshot: &Snapshot) -> (Decision, Outcome) {
+    let msg = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => return formerr(query),
+    };
+    if msg.message_type() != MessageType::Query {
+        return (Decision::Drop, Outcome::Dropped);
+    }
+    let [q] = msg.queries() else {
+        // Zero or several questions: no resolver we forward to would accept it either.
+        return formerr(query);
+    };
+    let name = q.name().to_lowercase();
+    let labels: Vec<&[u8]> = name.iter().collect();
+    if msg.op_code() != OpCode::Query || labels.last() != Some(&ZONE.as_bytes()) {
+        return (Decision::Forward, Outcome::Forwarded);
+    }
+    let service = match labels.as_slice() {
+        [svc, _zone] => std::str::from_utf8(svc)
+            .ok()
+            .and_then(|s| snapshot.service(s)),
+        _ => None,
+    };
+    let mut reply = Message::new();
+    reply
+        .set_id(msg.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_authoritative(true)
+        .set_recursion_desired(msg.recursion_desired())
+        .set_recursion_available(true)
+        .add_query(q.clone());
+    let outcome = match service {
+        None => {
+            reply.set_response_code(ResponseCode::NXDomain);
+            Outcome::NxDomain
+        }
+        Some(svc) if q.query_type() == RecordType::A => {
+            reply.add_answer(Record::from_rdata(
+                q.name().clone(),
+                SVC_TTL,
+                RData::A(A(svc.vip)),
+            ));
+            Outcome::Vip
+        }
+        // AAAA and every other type for a known name: the name exists, with no such data.
+        Some(_) => Outcome::NoData,
+    };
+    match reply.to_vec() {
+        Ok(bytes) => (Decision::Reply(bytes), outcome),
+        Err(_) => formerr(query),
+    }
+}
+
+fn formerr(query: &[u8]) -> (Decision, Outcome) {
+    if query.len() < 2 {
+        return (Decision::Drop, Outcome::Dropped);
+    }
+    // Never answer something that claims to be a response: two responders could loop.
+    if query.len() >= 3 && query[2] & 0x80 != 0 {
+        return (Decision::Drop, Outcome::Dropped);
+    }
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    match Message::error_msg(id, OpCode::Query, ResponseCode::FormErr).to_vec() {
+        Ok(bytes) => (Decision::Reply(bytes), Outcome::FormErr),
+        Err(_) => (Decision::Drop, Outcome::Dropped),
+    }
+}
+
+/// The VIP in an A answer, for tests and tools.
+pub fn first_a(reply: &[u8]) -> Option<Ipv4Addr> {
+    let msg = Message::from_vec(reply).ok()?;
+    msg.answers().iter().find_map(|r| match r.data() {
+        RData::A(a) => Some(a.0),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use hms_ctl::api::ServiceInfo;
+
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let spec = hms_ctl::spec::parse("name: payments-svc\nport: 7000\n", "t").unwrap();
+        Snapshot::new([ServiceInfo {
+            spec,
+            vip: Ipv4Addr::new(127, 77, 1, 2),
+            instances: vec![],
+        }])
+    }
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(4242)
+            .set_recursion_desired(true)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn reply(d: Decision) -> Message {
+        match d {
+            Decision::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_known_service_answers_its_vip() {
+        let (d, o) = decide(&query("payments-svc.svc.", RecordType::A), &snapshot());
+        assert_eq!(o, Outcome::Vip);
+        let m = reply(d);
+        assert_eq!(m.id(), 4242);
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        assert_eq!(m.answers()[0].ttl(), SVC_TTL);
+        assert!(
+            matches!(m.answers()[0].data(), RData::A(a) if a.0 == Ipv4Addr::new(127, 77, 1, 2))
+        );
+    }
+
+    #[test]
+    fn names_are_case_insensitive() {
+        let (_, o) = decide(&query("Payments-SVC.svc.", RecordType::A), &snapshot());
+        assert_eq!(o, Outcome::Vip);
+    }
+
+    #[test]
+    fn aaaa_of_a_known_service_is_nodata() {
+        let (d, o) = decide(&query("payments-svc.svc.", RecordType::AAAA), &snapshot());
+        assert_eq!(o, Outcome::NoData);
+        let m = reply(d);
+        assert_eq!(m.response_code(), ResponseCode::NoError);
+        assert!(m.answers().is_empty());
+    }
+
+    #[test]
+    fn unknown_svc_names_are_nxdomain() {
+        for name in ["nope.svc.", "a.b.svc.", "svc."] {
+            let (d, o) = decide(&query(name, RecordType::A), &snapshot());
+            assert_eq!(o, Outcome::NxDomain, "{name}");
+            assert_eq!(reply(d).response_code(), ResponseCode::NXDomain);
+        }
+    }
+
+    #[test]
+    fn other_names_are_forwarded() {
+        let (d, _) = decide(&query("example.com.", RecordType::A), &snapshot());
+        assert_eq!(d, Decision::Forward);
+        let (d, _) = decide(&query("svc.example.com.", RecordType::A), &snapshot());
+        assert_eq!(d, Decision::Forward);
+    }
+
+    #[test]
+    fn garbage_gets_formerr_or_is_dropped() {
+        let (d, o) = decide(&[0x12, 0x34, 0x01, 0x00, 0xff], &snapshot());
+        assert_eq!(o, Outcome::FormErr);
+        let m = reply(d);
+        assert_eq!(m.id(), 0x1234);
+        assert_eq!(m.response_code(), ResponseCode::FormErr);
+        assert_eq!(decide(&[7], &snapshot()).0, Decision::Drop);
+        assert_eq!(decide(&[], &snapshot()).0, Decision::Drop);
+        // Random bytes never panic.
+        let mut seed = 0x9e37_79b9u32;
+        for len in 0..300 {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    seed as u8
+                })
+                .collect();
+            let _ = decide(&buf, &snapshot());
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The DNS responder on `--dns` (UDP and TCP). Redirected port-53 traffic lands here:
+//! `*.svc` is answered from the registry, everything else is forwarded verbatim to the
+//! resolver the caller asked. Nothing a caller sends may stop it: every message is handled in
+//! its own task and every failure is logged and answered (SERVFAIL/FORMERR) or dropped.
+
+pub mod answer;
+pub mod upstream;
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::drain::Drain;
+use crate::original_dst::{self, OriginalDestinations};
+use crate::registry::Store;
+use answer::{Decision, Outcome};
+use upstream::Upstream;
+
+/// Counts of answers by kind, for `status` and metrics.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    pub vip: AtomicU64,
+    pub nodata: AtomicU64,
+    pub nxdomain: AtomicU64,
+    pub formerr: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub servfail: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl DnsStats {
+    pub fn counters(&self) -> hms_ctl::api::DnsCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        hms_ctl::api::DnsCounters {
+            vip: g(&self.vip),
+            nodata: g(&self.nodata),
+            nxdomain: g(&self.nxdomain),
+            formerr: g(&self.formerr),
+            forwarded: g(&self.forwarded),
+            servfail: g(&self.servfail),
+            dropped: g(&self.dropped),
+        }
+    }
+
+    fn count(&self, o: Outcome) {
+        let c = match o {
+            Outcome::Vip => &self.vip,
+            Outcome::NoData => &self.nodata,
+            Outcome::NxDomain => &self.nxdomain,
+            Outcome::FormErr => &self.formerr,
+            Outcome::Forwarded => &self.forwarded,
+            Outcome::Dropped => &self.dropped,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct DnsResponder {
+    pub store: Arc<dyn Store>,
+    pub origins: Arc<dyn OriginalDestinations>,
+    pub upstream: Upstream,
+    pub stats: DnsStats,
+}
+
+impl DnsResponder {
+    /// Serves UDP until drained.
+    pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket, drain: Drain) -> anyhow::Result<()> {
+        let sock = Arc::new(sock);
+        let local = match sock.local_addr().context("DNS UDP socket address")? {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(a) => anyhow::bail!("DNS listener {a} must be IPv4"),
+        };
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (n, peer) = tokio::select! {
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // ICMP errors from earlier sends surface here; they concern one peer.
+                        tracing::debug!("DNS UDP receive error: {e}");
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => return Ok(()),
+            };
+            let query = buf[..n].to_vec();
+            let this = self.clone();
+            let sock = sock.clone();
+            let guard = drain.guard();
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Some(reply) = this.handle_udp(&query, peer, local).await
+                    && let Err(e) = sock.send_to(&reply, peer).await
+                {
+                    tracing::debug!(%peer, "sending DNS reply failed: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle_udp(
+        &self,
+        query: &[u8],
+        peer: SocketAddr,
+        local: SocketAddrV4,
+    ) -> Option<Vec<u8>> {
+        let (decision, outcome) = answer::decide(query, &self.store.snapshot());
+        self.stats.count(outcome);
+        match decision {
+            Decision::Reply(r) => Some(r),
+            Decision::Drop => None,
+            Decision::Forward => {
+                let upstream = match peer {
+                    SocketAddr::V4(p) => self
+                        .origins
+                        .udp(p, local)
+                        .map(|o| original_dst::addr(&o).into()),
+                    SocketAddr::V6(_) => None,
+                };
+                let max_udp = Message::from_vec(query)
+                    .map(|m| usize::from(m.max_payload()))
+                    .unwrap_or(512);
+                match self.resolve_upstream(upstream, local) {
+                    Some(server) => match self.upstream.forward_udp(server, query, max_udp).await {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::warn!(%peer, %server, "DNS forward failed: {e:#}");
+                            self.servfail(query)
+                        }
+                    },
+                    None => self.servfail(query),
+                }
+            }
+        }
+    }
+
+    /// The caller's resolver, else the system's, never ourselves.
+    fn resolve_upstream(
+        &self,
+        asked: Option<SocketAddr>,
+        local: SocketAddrV4,
+    ) -> Option<SocketAddr> {
+        let server = asked.or_else(|| {
+            let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            upstream::system_resolver(&conf)
+        });
+        match server {
+            Some(s) if s != SocketAddr::V4(local) => Some(s),
+            _ => {
+                tracing::warn!("no upstream resolver known for a forwarded query");
+                None
+            }
+        }
+    }
+
+    fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {
+        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+        let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+        let mut m = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
+        if let Ok(q) = Message::from_vec(query) {
+            m.add_queries(q.queries().iter().cloned());
+            m.set_recursion_desired(q.recursion_desired());
+        }
+        m.to_vec().ok()
+    }
+
+    /// Serves TCP (length-prefixed messages, several per connection) until drained.
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        listener: TcpListener,
+        drain: Drain,
+    ) -> anyhow::Result<()> {
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!("DNS TCP accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => return Ok(()),
+            };
+            let this = self.clone();
+            let guard = drain.guard();
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Err(e) = this.handle_tcp(stream, peer).await {
+                    tracing::debug!(%peer, "DNS TCP connection ended: {e:#}");
+                }
+            });
+        }
+    }
+
+    async fn handle_tcp(&self, mut stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        let local = stream.local_addr()?;
+        let upstream = match (peer, local) {
+            (SocketAddr::V4(p), SocketAddr::V4(l)) => self
+                .origins
+                .tcp(p, l)
+                .map(|o| SocketAddr::from(original_dst::addr(&o))),
+            _ => None,
+        };
+        let local_v4 = match local {
+            SocketAddr::V4(l) => l,
+            SocketAddr::V6(_) => anyhow::bail!("IPv6 DNS listener"),
+        };
+        // An idle or slow client must not hold a task forever.
+        let idle = std::time::Duration::from_secs(10);
+        loop {
+            let mut len = [0u8; 2];
+            match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Ok(()),
+            }
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            tokio::time::timeout(idle, stream.read_exact(&mut query))
+                .await
+                .context("client too slow sending its query")??;
+            let (decision, outcome) = answer::decide(&query, &self.store.snapshot());
+            self.stats.count(outcome);
+            let reply = match decision {
+                Decision::Reply(r) => Some(r),
+                Decision::Drop => None,
+                Decision::Forward => match self.resolve_upstream(upstream, local_v4) {
+                    Some(server) => match self.upstream.forward_tcp(server, &query).await {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::warn!(%peer, %server, "DNS forward over TCP failed: {e:#}");
+                            self.servfail(&query)
+                        }
+                    },
+                    None => self.servfail(&query),
+                },
+            };
+            let Some(reply) = reply else { return Ok(()) };
+            let len = u16::try_from(reply.len()).context("reply larger than 64 KiB")?;
+            let mut framed = Vec::with_capacity(reply.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&reply);
+            stream.write_all(&framed).await?;
+        }
+    }
+}
