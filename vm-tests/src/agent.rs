@@ -1,0 +1,210 @@
+//! A real `hms-node-agent` process for a test: its own cgroup, ports, pin dir, state dir and
+//! admin socket, so several run side by side. Dropping it stops the agent and runs
+//! `hms-node-agent cleanup`, so nothing stays attached or pinned even when a test fails.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::{bins, ports};
+
+pub struct TestAgent {
+    child: Option<Child>,
+    pub cgroup: PathBuf,
+    pub socket: PathBuf,
+    pub outbound: SocketAddrV4,
+    pub dns: SocketAddrV4,
+    pub pin_dir: PathBuf,
+    pub vip_cidr: String,
+    pub node_name: String,
+    /// Holds state dir, socket and log; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent attached to `cgroup` and waits until it answers `status`.
+    pub fn start(cgroup: &Path) -> anyhow::Result<TestAgent> {
+        let n = ports::unique();
+        let dir = tempfile::Builder::new()
+            .prefix("hms-test-agent-")
+            .tempdir()
+            .context("temp dir")?;
+        let mut agent = TestAgent {
+            child: None,
+            cgroup: cgroup.to_path_buf(),
+            socket: dir.path().join("agent.sock"),
+            outbound: ports::free_addr(),
+            dns: ports::free_addr(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/hms-test-{}-{n}", std::process::id())),
+            vip_cidr: "127.77.0.0/16".into(),
+            node_name: format!("test-node-{n}"),
+            dir,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// The agent's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("agent log")?;
+        let child = Command::new(bins::path("hms-node-agent"))
+            .args(["run", "--cgroup"])
+            .arg(&self.cgroup)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["--outbound", &self.outbound.to_string()])
+            .args(["--dns", &self.dns.to_string()])
+            .args(["--vip-cidr", &self.vip_cidr])
+            .args(["--node-name", &self.node_name])
+            .env("RUST_LOG", "info,hms_node_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting hms-node-agent")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("hms-node-agent exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists() && self.ctl(&["status"]).status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "hms-node-agent did not become ready in 20 s:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `hms-ctl --socket <ours> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bins::path("hms-ctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running hms-ctl")
+    }
+
+    /// `hms-ctl -o json ARGS`, parsed; fails with stderr when the command fails.
+    pub fn ctl_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut full = vec!["-o", "json"];
+        full.extend_from_slice(args);
+        let out = self.ctl(&full);
+        if !out.status.success() {
+            bail!(
+                "hms-ctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("hms-ctl output is not JSON")
+    }
+
+    /// Writes `yaml` to a file and deploys it; returns the service's VIP.
+    pub fn deploy_yaml(&self, yaml: &str) -> anyhow::Result<Ipv4Addr> {
+        let file = self
+            .dir
+            .path()
+            .join(format!("spec-{}.yaml", ports::unique()));
+        std::fs::write(&file, yaml)?;
+        let v = self.ctl_json(&["deploy", file.to_str().context("utf-8 path")?])?;
+        v["service"]["vip"]
+            .as_str()
+            .context("deploy answer has no VIP")?
+            .parse()
+            .context("VIP")
+    }
+
+    /// Deploys `name` listening on `port` with default settings.
+    pub fn deploy(&self, name: &str, port: u16) -> anyhow::Result<Ipv4Addr> {
+        self.deploy_yaml(&format!(
+            "name: {name}\nport: {port}\npolicy: allow_from_any\n"
+        ))
+    }
+
+    /// Stops the agent with SIGTERM (graceful); pinned programs stay.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("agent ignored SIGTERM for 15 s:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and starts the agent again with the same settings and state.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// Runs `hms-node-agent cleanup` for this agent's pin dir.
+    pub fn cleanup(&self) -> Output {
+        Command::new(bins::path("hms-node-agent"))
+            .args(["cleanup", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .expect("running hms-node-agent cleanup")
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = self.cleanup();
+        if !out.status.success() {
+            eprintln!(
+                "cleanup of {} failed: {}",
+                self.pin_dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
