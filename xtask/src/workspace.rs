@@ -1,0 +1,37 @@
+//! Where things are: the workspace root, the cargo target directory and the cargo binary to
+//! call. Owns path discovery only; never builds or runs anything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask's manifest directory has a parent")
+        .to_path_buf()
+}
+
+/// The cargo target directory, honouring `CARGO_TARGET_DIR` like cargo itself does.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                root().join(dir)
+            }
+        }
+        None => root().join("target"),
+    }
+}
+
+/// A `cargo` command run from the workspace root. Uses the cargo that launched xtask (`CARGO`)
+/// so a pinned toolchain stays pinned in nested builds.
+pub fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root());
+    cmd
+}
