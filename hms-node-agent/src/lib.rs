@@ -11,6 +11,7 @@
 //! | `proxy` | the outbound listener and the connection splice |
 //! | `admin` | the Unix-socket API hms-ctl talks to |
 //! | `drain` | graceful shutdown of listeners and in-flight work |
+//! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
 //! | `agent` | starting and stopping all of the above |
 
@@ -24,3 +25,4 @@ pub mod original_dst;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;
+pub mod resilience;
