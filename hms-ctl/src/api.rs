@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::ServiceSpec;
+use crate::spec::{RateLimit, RouteSpec, ServiceSpec};
 
 /// Default admin socket path; `--socket` and `HMS_SOCKET` override it.
 pub const DEFAULT_SOCKET: &str = "/run/hms/agent.sock";
@@ -26,6 +26,22 @@ pub enum Request {
         name: String,
     },
     Status,
+    /// Add or replace the settings of one path prefix of a service.
+    RouteSet {
+        service: String,
+        route: RouteSpec,
+    },
+    RouteClear {
+        service: String,
+        path: String,
+    },
+    LimitSet {
+        service: String,
+        limit: RateLimit,
+    },
+    LimitClear {
+        service: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +65,28 @@ pub struct ServiceInfo {
     /// The virtual IP that `<name>.svc` resolves to.
     pub vip: Ipv4Addr,
     pub instances: Vec<Instance>,
+}
+
+/// `describe`: the service plus what the proxy knows about each instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceDetail {
+    #[serde(flatten)]
+    pub service: ServiceInfo,
+    /// Empty until the proxy has sent the service HTTP traffic.
+    #[serde(default)]
+    pub health: Vec<InstanceHealth>,
+}
+
+/// Circuit-breaker view of one instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceHealth {
+    pub addr: SocketAddrV4,
+    /// `closed` (healthy), `open` (ejected) or `half_open` (one probe in flight).
+    pub state: String,
+    pub consecutive_failures: u32,
+    /// Time left in the current ejection.
+    pub ejected_for_ms: Option<u64>,
+    pub ejections_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -7,8 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceInfo};
+use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo};
 use hms_ctl::client;
+use hms_ctl::spec::{RateLimit, RouteSpec};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +47,50 @@ enum Command {
     Describe { name: String },
     /// Show the agent: node, listeners, redirect, registry.
     Status,
+    /// Per-route timeouts and retries of a service, by path prefix.
+    #[command(subcommand)]
+    Route(RouteCommand),
+    /// Rate limit of a service on this host.
+    #[command(subcommand)]
+    Limit(LimitCommand),
+}
+
+#[derive(Subcommand)]
+enum RouteCommand {
+    /// Add or replace the settings for requests whose path starts with PATH_PREFIX.
+    Set {
+        name: String,
+        path_prefix: String,
+        /// Overall time a request may take, retries included (e.g. 2s, 500ms).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Retries after a failure (0 to 10; default 1).
+        #[arg(long)]
+        retries: Option<u32>,
+    },
+    /// Remove the settings of one path prefix.
+    Clear { name: String, path_prefix: String },
+}
+
+#[derive(Subcommand)]
+enum LimitCommand {
+    /// Limit the service to RATE (e.g. 50rps, 3000rpm) for all callers on this host.
+    Set {
+        name: String,
+        rate: String,
+        /// Requests that may pass at once [default: one second's worth].
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Excess requests that wait for a slot instead of getting 429 [default: 0].
+        #[arg(long)]
+        queue: Option<u32>,
+    },
+    /// Remove the service's rate limit.
+    Clear { name: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    hms_ctl::spec::parse_duration(s)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -71,6 +117,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List => Request::List,
         Command::Describe { name } => Request::Describe { name: name.clone() },
         Command::Status => Request::Status,
+        Command::Route(RouteCommand::Set {
+            name,
+            path_prefix,
+            timeout,
+            retries,
+        }) => Request::RouteSet {
+            service: name.clone(),
+            route: RouteSpec {
+                path: path_prefix.clone(),
+                timeout: *timeout,
+                retries: *retries,
+            },
+        },
+        Command::Route(RouteCommand::Clear { name, path_prefix }) => Request::RouteClear {
+            service: name.clone(),
+            path: path_prefix.clone(),
+        },
+        Command::Limit(LimitCommand::Set {
+            name,
+            rate,
+            burst,
+            queue,
+        }) => {
+            let mut limit = RateLimit::parse(rate).map_err(|m| anyhow::anyhow!("{m}"))?;
+            limit.burst = *burst;
+            limit.queue = *queue;
+            Request::LimitSet {
+                service: name.clone(),
+                limit,
+            }
+        }
+        Command::Limit(LimitCommand::Clear { name }) => Request::LimitClear {
+            service: name.clone(),
+        },
     };
     let data = client::call(&socket, &request).await?;
     if cli.output == Output::Json {
@@ -93,8 +173,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let services: Vec<ServiceInfo> = serde_json::from_value(data)?;
             print_list(&services);
         }
-        Command::Describe { .. } => print_service(&serde_json::from_value(data)?),
+        Command::Describe { .. } => {
+            let d: ServiceDetail = serde_json::from_value(data)?;
+            print_service(&d.service);
+            if !d.health.is_empty() {
+                println!("instance health:");
+                for h in &d.health {
+                    let ejected = h
+                        .ejected_for_ms
+                        .map(|ms| format!(", ejected for {ms} ms more"))
+                        .unwrap_or_default();
+                    println!(
+                        "  {}  {} ({} consecutive failures, {} ejections{ejected})",
+                        h.addr, h.state, h.consecutive_failures, h.ejections_total
+                    );
+                }
+            }
+        }
         Command::Status => print_status(&serde_json::from_value(data)?),
+        Command::Route(_) | Command::Limit(_) => {
+            let s: ServiceInfo = serde_json::from_value(data)?;
+            println!("updated {}; takes effect on the next request", s.spec.name);
+            print_service(&s);
+        }
     }
     Ok(())
 }

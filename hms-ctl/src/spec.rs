@@ -5,6 +5,7 @@
 //! ```yaml
 //! name: eligibility-svc      # DNS label; callers use eligibility-svc.svc
 //! port: 7000                 # where instances listen; callers may use :80 or :7000
+//! replicas: [7001, 7002]     # optional: more instances on this host
 //! policy: allow_from_any     # or deny_all, or {allow_from: [payments-svc]}
 //! limit: 50rps               # optional (also 3000rpm)
 //! routes:                    # optional per-route settings
@@ -23,6 +24,9 @@ use serde::{Deserialize, Serialize};
 pub struct ServiceSpec {
     pub name: String,
     pub port: u16,
+    /// Ports of further instances on this host (replicas); `port` is always an instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<u16>,
     #[serde(default)]
     pub policy: Policy,
     #[serde(default)]
@@ -60,11 +64,17 @@ impl fmt::Display for Policy {
     }
 }
 
-/// Requests allowed per period, e.g. `50rps` or `3000rpm`.
+/// Requests allowed per period, e.g. `50rps` or `3000rpm`, with how many may arrive at once
+/// (`burst`, default one second's worth) and how many excess requests wait for a slot
+/// (`queue`, default 0: excess is answered 429 at once).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RateLimit {
     pub requests: u32,
     pub per_seconds: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub queue: Option<u32>,
 }
 
 impl RateLimit {
@@ -83,6 +93,8 @@ impl RateLimit {
             Ok(n) if n > 0 => Ok(RateLimit {
                 requests: n,
                 per_seconds,
+                burst: None,
+                queue: None,
             }),
             _ => Err(format!(
                 "`{text}` is not a rate; the number must be a whole number above 0, like `50rps`"
@@ -93,14 +105,27 @@ impl RateLimit {
     pub fn per_second(&self) -> f64 {
         f64::from(self.requests) / f64::from(self.per_seconds)
     }
+
+    /// Requests that may pass at once: `burst`, else one second's worth (at least 1).
+    pub fn burst_or_default(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.per_second().ceil().max(1.0) as u32)
+    }
 }
 
 impl fmt::Display for RateLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.per_seconds {
-            1 => write!(f, "{}rps", self.requests),
-            _ => write!(f, "{}rpm", self.requests),
+            1 => write!(f, "{}rps", self.requests)?,
+            _ => write!(f, "{}rpm", self.requests)?,
         }
+        if let Some(b) = self.burst {
+            write!(f, " burst {b}")?;
+        }
+        if let Some(q) = self.queue {
+            write!(f, " queue {q}")?;
+        }
+        Ok(())
     }
 }
 
@@ -162,6 +187,7 @@ impl std::error::Error for SpecError {}
 struct RawSpec {
     name: Option<serde_yaml::Value>,
     port: Option<serde_yaml::Value>,
+    replicas: Option<Vec<serde_yaml::Value>>,
     policy: Option<serde_yaml::Value>,
     limit: Option<serde_yaml::Value>,
     routes: Option<Vec<RawRoute>>,
@@ -246,6 +272,27 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
             ));
         }
     };
+
+    let mut replicas = Vec::new();
+    for v in raw.replicas.unwrap_or_default() {
+        match v.as_i64() {
+            Some(p) if (1..=65535).contains(&p) && p as u16 != port => {
+                if !replicas.contains(&(p as u16)) {
+                    replicas.push(p as u16);
+                }
+            }
+            _ => {
+                return Err(err(
+                    Some("replicas"),
+                    line_of("replicas"),
+                    format!(
+                        "{} is not a further instance port; list TCP ports (1-65535) other than `port`",
+                        describe(&v)
+                    ),
+                ));
+            }
+        }
+    }
 
     let policy = match raw.policy {
         None => Policy::AllowFromAny,
@@ -344,6 +391,7 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     Ok(ServiceSpec {
         name,
         port,
+        replicas,
         policy,
         limit,
         routes,
@@ -386,6 +434,25 @@ fn parse_policy(v: &serde_yaml::Value) -> Result<Policy, String> {
         }
         other => Err(format!("got {}; {HINT}", describe(other))),
     }
+}
+
+/// The rules a route must satisfy, for routes set with `hms-ctl route set` (spec files go
+/// through [`parse`], which applies the same limits).
+pub fn validate_route(route: &RouteSpec) -> Result<(), String> {
+    if !route.path.starts_with('/') {
+        return Err(format!("path `{}` must start with `/`", route.path));
+    }
+    if let Some(r) = route.retries
+        && r > 10
+    {
+        return Err(format!("retries {r} is out of range; use 0 to 10"));
+    }
+    if let Some(t) = route.timeout
+        && (t.is_zero() || t > Duration::from_secs(3600))
+    {
+        return Err("timeout must be above 0 and at most 1h".into());
+    }
+    Ok(())
 }
 
 /// RFC 1123 label: 1-63 of `a-z0-9-`, not starting or ending with `-`. Upper case is rejected
@@ -486,7 +553,9 @@ mod tests {
             spec.limit,
             Some(RateLimit {
                 requests: 50,
-                per_seconds: 1
+                per_seconds: 1,
+                burst: None,
+                queue: None
             })
         );
         assert_eq!(spec.routes[0].timeout, Some(Duration::from_secs(2)));
@@ -501,6 +570,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.image.as_deref(), Some("hms/eligibility:latest"));
+    }
+
+    #[test]
+    fn replicas_are_further_instance_ports() {
+        let spec = parse("name: a\nport: 7000\nreplicas: [7001, 7002]\n", "f").unwrap();
+        assert_eq!(spec.replicas, vec![7001, 7002]);
+        assert_eq!(
+            reject("name: a\nport: 7000\nreplicas: [7000]\n")
+                .field
+                .as_deref(),
+            Some("replicas")
+        );
     }
 
     #[test]

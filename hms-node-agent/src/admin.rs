@@ -141,13 +141,58 @@ impl Admin {
             Request::Describe { name } => {
                 let snap = self.store.snapshot();
                 match snap.service(&name) {
-                    Some(s) => ok(s),
+                    Some(s) => ok(&hms_ctl::api::ServiceDetail {
+                        service: s.clone(),
+                        health: self.outbound.http.states.health(&name),
+                    }),
                     None => Err(anyhow::anyhow!(
                         "no service named `{name}` is deployed (see `hms-ctl list`)"
                     )),
                 }
             }
             Request::Status => ok(&self.status()),
+            Request::RouteSet { service, route } => match hms_ctl::spec::validate_route(&route) {
+                Err(m) => Err(anyhow::anyhow!("{m}")),
+                Ok(()) => {
+                    self.edit(&service, move |spec| {
+                        match spec.routes.iter_mut().find(|r| r.path == route.path) {
+                            Some(r) => *r = route.clone(),
+                            None => spec.routes.push(route.clone()),
+                        }
+                        Ok(())
+                    })
+                    .await
+                }
+            },
+            Request::RouteClear { service, path } => {
+                self.edit(&service, move |spec| {
+                    let before = spec.routes.len();
+                    spec.routes.retain(|r| r.path != path);
+                    if spec.routes.len() == before {
+                        anyhow::bail!(
+                            "{} has no route for `{path}` (see `hms-ctl describe {}`)",
+                            spec.name,
+                            spec.name
+                        );
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Request::LimitSet { service, limit } => {
+                self.edit(&service, move |spec| {
+                    spec.limit = Some(limit);
+                    Ok(())
+                })
+                .await
+            }
+            Request::LimitClear { service } => {
+                self.edit(&service, |spec| {
+                    spec.limit = None;
+                    Ok(())
+                })
+                .await
+            }
         };
         match result {
             Ok(data) => Response::Ok { data },
@@ -155,6 +200,21 @@ impl Admin {
                 message: format!("{e:#}"),
             },
         }
+    }
+
+    /// Applies `edit` to a deployed spec through the registry (persisted, then visible to
+    /// the data path on its next request).
+    async fn edit(
+        &self,
+        service: &str,
+        mut edit: impl FnMut(&mut hms_ctl::spec::ServiceSpec) -> anyhow::Result<()> + Send + 'static,
+    ) -> anyhow::Result<serde_json::Value> {
+        let store = self.store.clone();
+        let name = service.to_string();
+        let info =
+            tokio::task::spawn_blocking(move || store.update_spec(&name, &mut edit)).await??;
+        tracing::info!(service = %info.spec.name, routes = info.spec.routes.len(), limit = ?info.spec.limit.map(|l| l.to_string()), "service settings changed");
+        ok(&info)
     }
 
     async fn deploy(&self, file: &str, yaml: &str) -> anyhow::Result<serde_json::Value> {

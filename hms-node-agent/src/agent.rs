@@ -79,7 +79,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
 
     let (trigger, drain) = drain::channel();
-    let outbound = Arc::new(Outbound::new(store.clone(), redirector.clone()));
+    let cgroup_root = crate::cgroup::v2_root()?;
+    let outbound = Arc::new(Outbound::new(
+        store.clone(),
+        redirector.clone(),
+        cgroup_root,
+    ));
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
         origins: redirector.clone(),

@@ -322,14 +322,37 @@ fn an_unknown_service_name_fails_fast() {
 }
 
 #[test]
-fn a_dead_backend_or_an_unused_vip_closes_the_connection_at_once() {
+fn a_dead_backend_is_answered_at_once_and_an_unused_vip_is_closed() {
     let cg = TestCgroup::new("dead").unwrap();
     let agent = TestAgent::start(cg.path()).unwrap();
     let dead_port = ports::free_port();
     let vip = agent.deploy("dead-svc", dead_port).unwrap();
+    // HTTP: the mesh answers for the dead instance, distinguishably from the service.
     let t = Instant::now();
-    let o = curl_in(&cg, "http://dead-svc.svc/");
-    assert!(!o.status.success(), "{}", text(&o));
+    let o = cg
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "-D", "-", "http://dead-svc.svc/"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+    assert!(out.starts_with("http/1.1 502"), "{}", text(&o));
+    assert!(out.contains("x-hms-error: connect-failed"), "{out}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Raw TCP: the connection is reset at once.
+    let t = Instant::now();
+    let o = cg
+        .command("bash")
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/dead-svc.svc/80 && echo hello >&3 && cat <&3",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.stdout.is_empty(), "{}", text(&o));
     assert!(
         t.elapsed() < Duration::from_secs(4),
         "took {:?}",

@@ -1,7 +1,9 @@
 //! The node proxy. `outbound` accepts what the kernel redirected to `--outbound` and carries
-//! it to an instance of the service the caller named. Today that is an L4 splice; the HTTP
-//! layer (retries, timeouts, breakers, limits) plugs in between accept and dial.
+//! it to an instance of the service the caller named: `detect` tells HTTP from the rest,
+//! `http` handles HTTP/1.1, HTTP/2 and gRPC per request, `splice` carries everything else.
 
+pub mod detect;
+pub mod http;
 pub mod outbound;
 pub mod splice;
 

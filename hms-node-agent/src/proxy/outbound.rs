@@ -1,10 +1,12 @@
 //! The outbound listener. For each accepted connection: find where the caller wanted to go
-//! (the eBPF record), map the VIP to a service, pick an instance and splice. A connection we
-//! cannot place (no record, unknown VIP, wrong port, no instance, dead instance) is closed at
-//! once with the reason logged: never a hang. This module never dials a VIP, only real
-//! instance addresses, which is what keeps the redirect loop-free.
+//! (the eBPF record) and who the caller is (its cgroup), map the VIP to a service, then detect
+//! the protocol: HTTP goes through the HTTP layer (`http`), anything else is spliced to an
+//! instance after the access policy allowed it. A connection we cannot place (no record,
+//! unknown VIP, wrong port) is closed at once with the reason logged: never a hang. This module
+//! never dials a VIP, only real instance addresses, which keeps the redirect loop-free.
 
 use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,15 +14,21 @@ use std::time::Duration;
 use hms_ctl::api::ServiceInfo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::drain::Drain;
-use crate::original_dst::{self, OriginalDestinations};
-use crate::registry::Store;
-
+use super::detect::{self, Protocol};
+use super::http::upstream::Version;
+use super::http::{Downstream, HttpProxy};
 use super::splice::splice;
+use crate::drain::Drain;
+use crate::original_dst::{self, OrigDst, OriginalDestinations};
+use crate::registry::Store;
+use crate::resilience::policy::{self, Caller};
 
 /// The port callers may always use (`http://name.svc/`), besides the service's own port.
 pub const DEFAULT_SERVICE_PORT: u16 = 80;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for a client's first bytes before treating the connection as opaque
+/// (server-speaks-first protocols send nothing).
+const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct ProxyStats {
@@ -45,8 +53,9 @@ impl ProxyStats {
 pub struct Outbound {
     pub store: Arc<dyn Store>,
     pub origins: Arc<dyn OriginalDestinations>,
+    pub http: Arc<HttpProxy>,
     pub stats: ProxyStats,
-    /// Round-robin position; the HTTP layer replaces this with peak-EWMA balancing.
+    /// Round-robin position for opaque TCP (HTTP is balanced per request in `http`).
     next: AtomicUsize,
 }
 
@@ -65,6 +74,12 @@ pub enum Refusal {
         port: u16,
         asked: u16,
     },
+    #[error("{caller} may not call {service} (policy: {policy})")]
+    Denied {
+        caller: Caller,
+        service: String,
+        policy: String,
+    },
     #[error("{0} has no instances")]
     NoInstance(String),
     #[error("connecting to {service} instance {addr} failed: {error}")]
@@ -75,9 +90,22 @@ pub enum Refusal {
     },
 }
 
+/// A connection matched to a service and a caller.
+struct Placement {
+    service: ServiceInfo,
+    caller: Caller,
+    process: String,
+}
+
 impl Outbound {
-    pub fn new(store: Arc<dyn Store>, origins: Arc<dyn OriginalDestinations>) -> Outbound {
+    /// `cgroup_root` is the cgroup v2 mount, where specs' `cgroup:` paths are resolved.
+    pub fn new(
+        store: Arc<dyn Store>,
+        origins: Arc<dyn OriginalDestinations>,
+        cgroup_root: PathBuf,
+    ) -> Outbound {
         Outbound {
+            http: Arc::new(HttpProxy::new(store.clone(), cgroup_root)),
             store,
             origins,
             stats: ProxyStats::default(),
@@ -112,39 +140,75 @@ impl Outbound {
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
-        let placed = self.place(&client, peer).await;
-        match placed {
-            Ok((service, instance, upstream, caller)) => {
-                self.stats.proxied.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, %service, %instance, %caller, "proxying");
-                match splice(client, upstream).await {
-                    Ok(t) => tracing::debug!(
-                        %peer, %service, sent = t.client_to_upstream, received = t.upstream_to_client,
-                        "connection closed"
-                    ),
-                    Err(e) => tracing::debug!(%peer, %service, "connection ended with error: {e}"),
-                }
-            }
-            Err(refusal) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, "closing connection: {refusal}");
-                // Dropping `client` closes it; a reset tells the caller at once.
-                let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        let placement = match self.place(&client, peer) {
+            Ok(p) => p,
+            Err(refusal) => return self.refuse(client, peer, refusal),
+        };
+        self.stats.proxied.fetch_add(1, Ordering::Relaxed);
+        let protocol = detect::detect(&client, DETECT_TIMEOUT).await;
+        let name = placement.service.spec.name.clone();
+        tracing::debug!(%peer, service = %name, caller = %placement.caller, process = %placement.process, ?protocol, "accepted");
+        let version = match protocol {
+            Protocol::Http1 => Version::Http1,
+            Protocol::Http2 => Version::Http2,
+            Protocol::Opaque => return self.splice_opaque(client, peer, placement).await,
+        };
+        self.http
+            .clone()
+            .serve_connection(
+                client,
+                version,
+                Downstream {
+                    service: name,
+                    caller: placement.caller,
+                    caller_process: placement.process,
+                    peer,
+                },
+            )
+            .await;
+    }
+
+    fn refuse(&self, client: TcpStream, peer: SocketAddr, refusal: Refusal) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "closing connection: {refusal}");
+        // A reset tells the caller at once instead of a silent close.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    }
+
+    async fn splice_opaque(&self, client: TcpStream, peer: SocketAddr, p: Placement) {
+        let service = &p.service;
+        if !policy::allows(&service.spec.policy, &p.caller) {
+            return self.refuse(
+                client,
+                peer,
+                Refusal::Denied {
+                    caller: p.caller,
+                    service: service.spec.name.clone(),
+                    policy: service.spec.policy.to_string(),
+                },
+            );
+        }
+        let (addr, upstream) = match self.dial(service).await {
+            Ok(v) => v,
+            Err(refusal) => return self.refuse(client, peer, refusal),
+        };
+        match splice(client, upstream).await {
+            Ok(t) => tracing::debug!(
+                %peer, service = %service.spec.name, %addr, sent = t.client_to_upstream,
+                received = t.upstream_to_client, "connection closed"
+            ),
+            Err(e) => {
+                tracing::debug!(%peer, service = %service.spec.name, "connection ended with error: {e}")
             }
         }
     }
 
-    async fn place(
-        &self,
-        client: &TcpStream,
-        peer: SocketAddr,
-    ) -> Result<(String, SocketAddrV4, TcpStream, String), Refusal> {
+    fn place(&self, client: &TcpStream, peer: SocketAddr) -> Result<Placement, Refusal> {
         let (SocketAddr::V4(peer), Ok(SocketAddr::V4(local))) = (peer, client.local_addr()) else {
             return Err(Refusal::NoRecord);
         };
         let orig = self.origins.tcp(peer, local).ok_or(Refusal::NoRecord)?;
         let wanted = original_dst::addr(&orig);
-        let caller = format!("{}[{}]", original_dst::comm(&orig), orig.pid);
         let snapshot = self.store.snapshot();
         let service = snapshot
             .by_vip(*wanted.ip())
@@ -156,8 +220,29 @@ impl Outbound {
                 asked: wanted.port(),
             });
         }
-        let (addr, upstream) = self.dial(service).await?;
-        Ok((service.spec.name.clone(), addr, upstream, caller))
+        Ok(Placement {
+            caller: self.caller(&orig, &snapshot),
+            process: format!("{}[{}]", original_dst::comm(&orig), orig.pid),
+            service: service.clone(),
+        })
+    }
+
+    /// The service whose cgroup the caller runs in (or an ancestor's), else the host.
+    fn caller(&self, orig: &OrigDst, snapshot: &Arc<crate::registry::Snapshot>) -> Caller {
+        let index = self.http.states.callers(snapshot);
+        if index.is_empty() {
+            return Caller::Host;
+        }
+        match index.caller_by_cgroup_id(orig.cgroup_id) {
+            Caller::Host => {
+                // A child cgroup of a service's cgroup: walk up from the process's cgroup.
+                match crate::cgroup::cgroup_of_pid(self.http.states.cgroup_root(), orig.pid) {
+                    Ok(dir) => index.caller_in_dir(&dir),
+                    Err(_) => Caller::Host,
+                }
+            }
+            found => found,
+        }
     }
 
     /// Tries each instance once, starting at the round-robin position.

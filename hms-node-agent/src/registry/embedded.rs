@@ -134,10 +134,13 @@ impl Store for EmbeddedStore {
             }
         };
         let info = ServiceInfo {
-            instances: vec![Instance {
-                node: node.to_string(),
-                addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, spec.port),
-            }],
+            instances: std::iter::once(spec.port)
+                .chain(spec.replicas.iter().copied())
+                .map(|port| Instance {
+                    node: node.to_string(),
+                    addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                })
+                .collect(),
             spec,
             vip,
         };
@@ -153,6 +156,27 @@ impl Store for EmbeddedStore {
             service: info,
             replaced,
         })
+    }
+
+    fn update_spec(
+        &self,
+        name: &str,
+        edit: &mut dyn FnMut(&mut ServiceSpec) -> anyhow::Result<()>,
+    ) -> anyhow::Result<ServiceInfo> {
+        let mut state = self.lock_state();
+        let mut next = Persisted {
+            version: FORMAT_VERSION,
+            services: state.services.clone(),
+        };
+        let svc = next.services.get_mut(name).with_context(|| {
+            format!("no service named `{name}` is deployed (see `hms-ctl list`)")
+        })?;
+        edit(&mut svc.spec)?;
+        let info = svc.clone();
+        self.persist(&next)?;
+        *state = next;
+        self.publish(&state);
+        Ok(info)
     }
 
     fn undeploy(&self, name: &str) -> anyhow::Result<bool> {
@@ -252,6 +276,31 @@ mod tests {
                 .unwrap()
                 .snapshot()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn spec_updates_persist_and_unknown_services_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path(), range()).unwrap();
+        s.deploy(spec("a", 1000), "n").unwrap();
+        s.update_spec("a", &mut |sp| {
+            sp.limit = Some(hms_ctl::spec::RateLimit::parse("50rps").unwrap());
+            Ok(())
+        })
+        .unwrap();
+        assert!(s.update_spec("b", &mut |_| Ok(())).is_err());
+        let reopened = EmbeddedStore::open(dir.path(), range()).unwrap();
+        assert_eq!(
+            reopened
+                .snapshot()
+                .service("a")
+                .unwrap()
+                .spec
+                .limit
+                .unwrap()
+                .requests,
+            50
         );
     }
 

@@ -20,6 +20,14 @@ pub trait Store: Send + Sync {
     /// Registers `spec` with an instance on `node`, replacing an earlier spec of that name.
     /// The VIP of an existing name never changes.
     fn deploy(&self, spec: ServiceSpec, node: &str) -> anyhow::Result<DeployResult>;
+    /// Changes the stored spec of an existing service in place (routes, limits); the change
+    /// is persisted before it becomes visible. Errors if the service does not exist or `edit`
+    /// refuses.
+    fn update_spec(
+        &self,
+        name: &str,
+        edit: &mut dyn FnMut(&mut ServiceSpec) -> anyhow::Result<()>,
+    ) -> anyhow::Result<ServiceInfo>;
     /// Removes a service; false if it did not exist.
     fn undeploy(&self, name: &str) -> anyhow::Result<bool>;
     /// The current state, cheap to take on every connection or query.

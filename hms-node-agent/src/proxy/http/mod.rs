@@ -1,0 +1,553 @@
+//! The HTTP layer of the outbound proxy: one hyper server per detected HTTP/1.1 or HTTP/2
+//! connection, every request taken through the mesh's decisions in this order:
+//!
+//! 1. trace id: `x-hms-trace-id` added when absent, kept when present;
+//! 2. access policy: the caller (the service whose cgroup it runs in, else the host) must be
+//!    allowed by the callee's policy, else 403;
+//! 3. rate limit: the service's limiter allows, queues (bounded wait) or answers 429;
+//! 4. route: the longest matching path prefix gives the timeout and retry count (default:
+//!    no timeout, one retry);
+//! 5. per attempt: pick an instance (power of two choices over peak-EWMA latency, skipping
+//!    instances whose circuit is open), take a pooled connection, send;
+//! 6. a failed attempt (connect failure, reset, 502/503/504, gRPC UNAVAILABLE) counts against
+//!    the instance's breaker and is retried when the method and body allow it and the retry
+//!    budget has room, after a jittered exponential backoff;
+//! 7. the whole exchange up to the response headers is bounded by the route timeout (504).
+//!
+//! Errors the mesh produces carry `x-hms-error` (see `errors`). This module never dials a VIP.
+
+pub mod body;
+pub mod errors;
+pub mod state;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use hms_ctl::api::ServiceInfo;
+use hms_ctl::spec::{RouteSpec, ServiceSpec};
+
+use crate::registry::Store;
+use crate::resilience::policy::{self, Caller};
+use crate::resilience::rate_limit::Decision;
+use crate::resilience::retry::{self, AttemptOutcome, RetryBackoff, RetryRequest, RetryVerdict};
+use crate::resilience::trace;
+use body::{ProxyBody, tee};
+use errors::MeshError;
+use state::ServiceStates;
+use upstream::{UpstreamPool, Version};
+
+/// Retries a route gets when it does not say.
+pub const DEFAULT_RETRIES: u32 = 1;
+/// A client must send its request headers within this time (slow-loris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Who is calling and whom, fixed for the whole downstream connection.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    pub service: String,
+    pub caller: Caller,
+    /// `comm[pid]` of the calling process, for logs.
+    pub caller_process: String,
+    pub peer: std::net::SocketAddr,
+}
+
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub denied: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub mesh_errors: AtomicU64,
+}
+
+pub struct HttpProxy {
+    pub store: Arc<dyn Store>,
+    pub pool: Arc<UpstreamPool>,
+    pub states: ServiceStates,
+    pub stats: HttpStats,
+    backoff: RetryBackoff,
+}
+
+impl HttpProxy {
+    pub fn new(store: Arc<dyn Store>, cgroup_root: std::path::PathBuf) -> HttpProxy {
+        HttpProxy {
+            store,
+            pool: Arc::new(UpstreamPool::default()),
+            states: ServiceStates::new(cgroup_root),
+            stats: HttpStats::default(),
+            backoff: RetryBackoff::default(),
+        }
+    }
+
+    /// Serves one downstream connection until the client closes it.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        version: Version,
+        downstream: Downstream,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        let ds = Arc::new(downstream);
+        let this = self.clone();
+        let ds2 = ds.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let ds = ds2.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, &ds).await) }
+        });
+        let result = match version {
+            Version::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+            }
+            Version::Http2 => {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, service)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            // Malformed requests, oversized headers and slow clients end here after hyper
+            // answered them (400/431) or closed the connection.
+            tracing::debug!(peer = %ds.peer, service = %ds.service, "downstream connection ended: {e}");
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, ds: &Downstream) -> Response<ProxyBody> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let grpc = retry::is_grpc(req.headers());
+        let trace_id = trace::ensure_trace_id(req.headers_mut());
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let snapshot = self.store.snapshot();
+        let result = match snapshot.service(&ds.service) {
+            None => Err(MeshError::NoEndpoint),
+            Some(svc) => {
+                self.decide_and_forward(req, svc, ds, grpc, trace_id.as_str())
+                    .await
+            }
+        };
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.stats.mesh_errors.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    MeshError::Denied => self.stats.denied.fetch_add(1, Ordering::Relaxed),
+                    MeshError::RateLimited { .. } => {
+                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed)
+                    }
+                    MeshError::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                tracing::warn!(
+                    trace_id = %trace_id, service = %ds.service, caller = %ds.caller,
+                    process = %ds.caller_process, %method, %path,
+                    "mesh answered {}: {}", e.status().as_u16(), e.reason()
+                );
+                e.response(&ds.service, grpc)
+            }
+        };
+        resp.headers_mut()
+            .insert(trace::TRACE_ID_HEADER, trace_id.as_header_value().clone());
+        tracing::debug!(
+            trace_id = %trace_id, service = %ds.service, caller = %ds.caller, %method, %path,
+            status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp
+    }
+
+    async fn decide_and_forward(
+        &self,
+        req: Request<Incoming>,
+        svc: &ServiceInfo,
+        ds: &Downstream,
+        grpc: bool,
+        trace_id: &str,
+    ) -> Result<Response<ProxyBody>, MeshError> {
+        if !policy::allows(&svc.spec.policy, &ds.caller) {
+            return Err(MeshError::Denied);
+        }
+        let state = self.states.get(svc);
+        if let Some(limiter) = &state.limiter {
+            match limiter.check(Instant::now()) {
+                Decision::Allow => {}
+                Decision::Wait(d) => {
+                    tracing::debug!(trace_id, service = %svc.spec.name, wait_ms = d.as_millis() as u64, "rate limit: queued");
+                    tokio::time::sleep(d).await;
+                }
+                Decision::Reject { retry_after } => {
+                    return Err(MeshError::RateLimited { retry_after });
+                }
+            }
+        }
+        let route = route_for(&svc.spec, req.uri().path());
+        let retries = route.and_then(|r| r.retries).unwrap_or(DEFAULT_RETRIES);
+        let timeout = route.and_then(|r| r.timeout);
+        let work = self.forward(req, svc, &state, retries, grpc, trace_id);
+        match timeout {
+            None => work.await,
+            Some(t) => tokio::time::timeout(t, work)
+                .await
+                .unwrap_or(Err(MeshError::Timeout)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        svc: &ServiceInfo,
+        state: &state::ServiceState,
+        retries: u32,
+        grpc: bool,
+        trace_id: &str,
+    ) -> Result<Response<ProxyBody>, MeshError> {
+        let version = match req.version() {
+            hyper::Version::HTTP_2 => Version::Http2,
+            _ => Version::Http1,
+        };
+        if version == Version::Http1 && is_upgrade(req.headers()) {
+            return self.forward_upgrade(req, svc, state).await;
+        }
+        let (parts, incoming) = req.into_parts();
+        let (tee_body, replay) = tee(incoming);
+        let mut first_body = Some(tee_body.boxed());
+        let endpoints = &state.endpoints;
+        state.budget.deposit(Instant::now());
+        let mut attempt: u32 = 0;
+        let mut last_error = MeshError::NoEndpoint;
+        loop {
+            let now = Instant::now();
+            if endpoints.addrs.is_empty() {
+                return Err(MeshError::NoEndpoint);
+            }
+            let Some(idx) = endpoints
+                .balancer
+                .pick(|i| endpoints.breakers[i].is_eligible(now))
+            else {
+                return Err(MeshError::CircuitOpen);
+            };
+            let Some(permit) = endpoints.breakers[idx].try_acquire(now) else {
+                // Another request took the single probe of this instance just now.
+                return Err(MeshError::CircuitOpen);
+            };
+            let addr = endpoints.addrs[idx];
+            let in_flight = endpoints.balancer.start(idx, now);
+            // Connect before giving the body away: a failed connect sent nothing, so the
+            // untouched body is still there for the next instance.
+            let outcome = match self.pool.checkout(addr, version, true).await {
+                Err(e) => {
+                    tracing::debug!(trace_id, service = %svc.spec.name, "{e}");
+                    permit.failure(Instant::now());
+                    last_error = MeshError::ConnectFailed;
+                    AttemptOutcome::ConnectFailed
+                }
+                Ok(conn) => {
+                    let body = match first_body.take() {
+                        Some(b) => b,
+                        None => match replay.body() {
+                            Some(b) => b,
+                            None => return Err(last_error),
+                        },
+                    };
+                    let upstream_req = upstream_request(&parts, body, addr, version);
+                    match conn.send(&self.pool, upstream_req).await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            let grpc_status = retry::grpc_status(resp.headers());
+                            let failed = matches!(status, 502..=504)
+                                || grpc_status == Some(retry::GRPC_STATUS_UNAVAILABLE);
+                            let done = Instant::now();
+                            if failed {
+                                permit.failure(done);
+                            } else {
+                                permit.success(done);
+                            }
+                            in_flight.finish(done);
+                            let outcome = AttemptOutcome::Response {
+                                status,
+                                grpc_status,
+                            };
+                            if !failed
+                                || !self.may_retry(
+                                    &parts.method,
+                                    grpc,
+                                    &replay,
+                                    outcome,
+                                    attempt,
+                                    retries,
+                                    state,
+                                )
+                            {
+                                return Ok(downstream_response(resp));
+                            }
+                            outcome
+                        }
+                        Err(e) => {
+                            tracing::debug!(trace_id, service = %svc.spec.name, %addr, "upstream failed: {e}");
+                            permit.failure(Instant::now());
+                            last_error = MeshError::UpstreamFailed;
+                            AttemptOutcome::ConnectionReset
+                        }
+                    }
+                }
+            };
+            if matches!(
+                outcome,
+                AttemptOutcome::ConnectFailed | AttemptOutcome::ConnectionReset
+            ) && !self.may_retry(
+                &parts.method,
+                grpc,
+                &replay,
+                outcome,
+                attempt,
+                retries,
+                state,
+            ) {
+                return Err(last_error);
+            }
+            attempt += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            let delay = self.backoff.delay(attempt, &mut rand::rng());
+            tracing::info!(
+                trace_id, service = %svc.spec.name, %addr, attempt, ?outcome,
+                backoff_ms = delay.as_millis() as u64, "retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn may_retry(
+        &self,
+        method: &hyper::Method,
+        grpc: bool,
+        replay: &body::Replay,
+        outcome: AttemptOutcome,
+        attempt: u32,
+        retries: u32,
+        state: &state::ServiceState,
+    ) -> bool {
+        if attempt >= retries {
+            return false;
+        }
+        let request = RetryRequest {
+            method,
+            is_grpc: grpc,
+            body_replayable: outcome == AttemptOutcome::ConnectFailed || replay.is_replayable(),
+        };
+        match retry::retry_verdict(&request, outcome) {
+            RetryVerdict::Retry => state.budget.try_withdraw(Instant::now()),
+            RetryVerdict::DontRetry(_) => false,
+        }
+    }
+
+    /// WebSocket and other `Upgrade` requests: one attempt on a connection of their own,
+    /// then the two upgraded streams are spliced.
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        svc: &ServiceInfo,
+        state: &state::ServiceState,
+    ) -> Result<Response<ProxyBody>, MeshError> {
+        let endpoints = &state.endpoints;
+        let now = Instant::now();
+        let idx = endpoints
+            .balancer
+            .pick(|i| endpoints.breakers[i].is_eligible(now))
+            .ok_or(if endpoints.addrs.is_empty() {
+                MeshError::NoEndpoint
+            } else {
+                MeshError::CircuitOpen
+            })?;
+        let addr = endpoints.addrs[idx];
+        let conn = self
+            .pool
+            .checkout(addr, Version::Http1, false)
+            .await
+            .map_err(|_| MeshError::ConnectFailed)?;
+        let downstream_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, incoming) = req.into_parts();
+        let upstream_req = upstream_request(
+            &parts,
+            incoming.map_err(Into::into).boxed(),
+            addr,
+            Version::Http1,
+        );
+        let mut resp = conn
+            .send(&self.pool, upstream_req)
+            .await
+            .map_err(|_| MeshError::UpstreamFailed)?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let service = svc.spec.name.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
+                    Ok((down, up)) => {
+                        let mut down = TokioIo::new(down);
+                        let mut up = TokioIo::new(up);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                            tracing::debug!(%service, "upgraded connection ended: {e}");
+                        }
+                    }
+                    Err(e) => tracing::debug!(%service, "upgrade failed: {e}"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(parts, body::empty()));
+        }
+        Ok(downstream_response(resp))
+    }
+}
+
+/// The route whose path prefix is the longest match.
+pub fn route_for<'a>(spec: &'a ServiceSpec, path: &str) -> Option<&'a RouteSpec> {
+    spec.routes
+        .iter()
+        .filter(|r| path.starts_with(&r.path))
+        .max_by_key(|r| r.path.len())
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
+        })
+}
+
+/// Headers that describe one hop's connection and must not be forwarded (RFC 9110 7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    // `te` may only say "trailers" past the first hop (gRPC relies on it).
+    if let Some(te) = headers.get(header::TE)
+        && te.to_str().map(|s| s.trim() != "trailers").unwrap_or(true)
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn upstream_request(
+    parts: &hyper::http::request::Parts,
+    body: ProxyBody,
+    addr: SocketAddrV4,
+    version: Version,
+) -> Request<ProxyBody> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = match version {
+        // HTTP/1.1 to an origin server: origin-form request target.
+        Version::Http1 => path.parse::<Uri>(),
+        // HTTP/2 needs scheme and authority pseudo-headers; keep the name the caller used.
+        Version::Http2 => {
+            let authority = parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| addr.to_string());
+            format!("http://{authority}{path}").parse::<Uri>()
+        }
+    }
+    .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = match version {
+        Version::Http1 => hyper::Version::HTTP_11,
+        Version::Http2 => hyper::Version::HTTP_2,
+    };
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers, is_upgrade(&parts.headers));
+    if version == Version::Http1
+        && !headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    *req.headers_mut() = headers;
+    req
+}
+
+fn downstream_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_matching_prefix_wins() {
+        let spec = hms_ctl::spec::parse(
+            "name: a\nport: 1\nroutes:\n  - path: /\n    retries: 0\n  - path: /check\n    timeout: 2s\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(route_for(&spec, "/check/x").unwrap().path, "/check");
+        assert_eq!(route_for(&spec, "/pay").unwrap().path, "/");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-hms-trace-id", HeaderValue::from_static("abc"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-secret") && !h.contains_key("connection"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-hms-trace-id"], "abc");
+    }
+}
