@@ -72,6 +72,9 @@ pub struct ServiceInfo {
 pub struct ServiceDetail {
     #[serde(flatten)]
     pub service: ServiceInfo,
+    /// The cgroup directory its instances run in (`cgroup:` resolved, or the default
+    /// `<agent cgroup>/<name>`); `hms-ctl run` starts commands there.
+    pub cgroup_dir: String,
     /// Empty until the proxy has sent the service HTTP traffic.
     #[serde(default)]
     pub health: Vec<InstanceHealth>,
@@ -87,6 +90,9 @@ pub struct InstanceHealth {
     /// Time left in the current ejection.
     pub ejected_for_ms: Option<u64>,
     pub ejections_total: u64,
+    /// `passing` or `failing` for services with `health:`; None before the first check.
+    #[serde(default)]
+    pub health_check: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -109,6 +115,18 @@ pub struct AgentStatus {
     pub redirect: RedirectInfo,
     pub dns: DnsCounters,
     pub proxy: ProxyCounters,
+    pub http: HttpCounters,
+}
+
+/// HTTP requests through the proxy since the agent started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HttpCounters {
+    pub requests: u64,
+    pub retries: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+    pub timeouts: u64,
+    pub mesh_errors: u64,
 }
 
 /// DNS answers given since the agent started, by kind.

@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo};
 use hms_ctl::client;
+
+mod run;
 use hms_ctl::spec::{RateLimit, RouteSpec};
 use std::time::Duration;
 
@@ -47,6 +49,13 @@ enum Command {
     Describe { name: String },
     /// Show the agent: node, listeners, redirect, registry.
     Status,
+    /// Run a command as service NAME: inside its cgroup, so its calls carry its identity.
+    Run {
+        name: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
@@ -64,6 +73,9 @@ enum RouteCommand {
         /// Overall time a request may take, retries included (e.g. 2s, 500ms).
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
+        /// Time one attempt may take before it is abandoned and, if allowed, retried.
+        #[arg(long, value_parser = parse_duration)]
+        per_try_timeout: Option<Duration>,
         /// Retries after a failure (0 to 10; default 1).
         #[arg(long)]
         retries: Option<u32>,
@@ -116,17 +128,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Undeploy { name } => Request::Undeploy { name: name.clone() },
         Command::List => Request::List,
         Command::Describe { name } => Request::Describe { name: name.clone() },
+        Command::Run { name, command } => {
+            let data = client::call(&socket, &Request::Describe { name: name.clone() }).await?;
+            let detail: ServiceDetail = serde_json::from_value(data)?;
+            let code = run::run_in_cgroup(std::path::Path::new(&detail.cgroup_dir), command)?;
+            std::process::exit(code);
+        }
         Command::Status => Request::Status,
         Command::Route(RouteCommand::Set {
             name,
             path_prefix,
             timeout,
+            per_try_timeout,
             retries,
         }) => Request::RouteSet {
             service: name.clone(),
             route: RouteSpec {
                 path: path_prefix.clone(),
                 timeout: *timeout,
+                per_try_timeout: *per_try_timeout,
                 retries: *retries,
             },
         },
@@ -176,6 +196,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Describe { .. } => {
             let d: ServiceDetail = serde_json::from_value(data)?;
             print_service(&d.service);
+            println!(
+                "runs in:   {} (start instances there with `hms-ctl run {} -- CMD`)",
+                d.cgroup_dir, d.service.spec.name
+            );
             if !d.health.is_empty() {
                 println!("instance health:");
                 for h in &d.health {
@@ -183,14 +207,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .ejected_for_ms
                         .map(|ms| format!(", ejected for {ms} ms more"))
                         .unwrap_or_default();
+                    let check = h
+                        .health_check
+                        .as_deref()
+                        .map(|c| format!(", health check {c}"))
+                        .unwrap_or_default();
                     println!(
-                        "  {}  {} ({} consecutive failures, {} ejections{ejected})",
+                        "  {}  circuit {} ({} consecutive failures, {} ejections{ejected}{check})",
                         h.addr, h.state, h.consecutive_failures, h.ejections_total
                     );
                 }
             }
         }
         Command::Status => print_status(&serde_json::from_value(data)?),
+        Command::Run { .. } => unreachable!("run exits above"),
         Command::Route(_) | Command::Limit(_) => {
             let s: ServiceInfo = serde_json::from_value(data)?;
             println!("updated {}; takes effect on the next request", s.spec.name);
@@ -276,7 +306,11 @@ fn print_service(s: &ServiceInfo) {
                 .retries
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "default".into());
-            println!("  {}  timeout={timeout} retries={retries}", r.path);
+            let per_try = r
+                .per_try_timeout
+                .map(|t| format!(" per_try_timeout={}ms", t.as_millis()))
+                .unwrap_or_default();
+            println!("  {}  timeout={timeout}{per_try} retries={retries}", r.path);
         }
     }
     println!("instances:");
@@ -317,5 +351,10 @@ fn print_status(s: &AgentStatus) {
     println!(
         "connections: {} accepted, {} proxied, {} refused, {} active",
         p.accepted, p.proxied, p.refused, p.active
+    );
+    let h = &s.http;
+    println!(
+        "http:        {} requests, {} retries, {} denied, {} rate limited, {} timed out, {} mesh errors",
+        h.requests, h.retries, h.denied, h.rate_limited, h.timeouts, h.mesh_errors
     );
 }

@@ -10,7 +10,8 @@
 //! limit: 50rps               # optional (also 3000rpm)
 //! routes:                    # optional per-route settings
 //!   - path: /check
-//!     timeout: 2s
+//!     timeout: 2s            # overall, retries included
+//!     per_try_timeout: 1s    # optional: one attempt
 //!     retries: 1
 //! ```
 
@@ -133,8 +134,12 @@ impl fmt::Display for RateLimit {
 pub struct RouteSpec {
     /// Path prefix this route applies to.
     pub path: String,
+    /// Overall time, retries included, until the response headers arrive.
     #[serde(default, with = "opt_millis")]
     pub timeout: Option<Duration>,
+    /// Time one attempt may take before it is abandoned (and retried if allowed).
+    #[serde(default, with = "opt_millis", skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
     #[serde(default)]
     pub retries: Option<u32>,
 }
@@ -201,6 +206,7 @@ struct RawSpec {
 struct RawRoute {
     path: Option<String>,
     timeout: Option<serde_yaml::Value>,
+    per_try_timeout: Option<serde_yaml::Value>,
     retries: Option<serde_yaml::Value>,
 }
 
@@ -334,22 +340,22 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
                 format!("`{path}` must start with `/`"),
             ));
         }
-        let timeout = match r.timeout {
-            None => None,
-            Some(serde_yaml::Value::String(s)) => {
-                Some(parse_duration(&s).map_err(|m| err(Some(&field("timeout")), line, m))?)
-            }
-            Some(other) => {
-                return Err(err(
-                    Some(&field("timeout")),
-                    line,
-                    format!(
-                        "must be a duration like `2s` or `500ms`, got {}",
-                        describe(&other)
-                    ),
-                ));
-            }
+        let duration_field = |name: &str, v: Option<serde_yaml::Value>| match v {
+            None => Ok(None),
+            Some(serde_yaml::Value::String(s)) => parse_duration(&s)
+                .map(Some)
+                .map_err(|m| err(Some(&field(name)), line, m)),
+            Some(other) => Err(err(
+                Some(&field(name)),
+                line,
+                format!(
+                    "must be a duration like `2s` or `500ms`, got {}",
+                    describe(&other)
+                ),
+            )),
         };
+        let timeout = duration_field("timeout", r.timeout)?;
+        let per_try_timeout = duration_field("per_try_timeout", r.per_try_timeout)?;
         let retries = match r.retries {
             None => None,
             Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
@@ -373,6 +379,7 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         routes.push(RouteSpec {
             path,
             timeout,
+            per_try_timeout,
             retries,
         });
     }
@@ -447,10 +454,10 @@ pub fn validate_route(route: &RouteSpec) -> Result<(), String> {
     {
         return Err(format!("retries {r} is out of range; use 0 to 10"));
     }
-    if let Some(t) = route.timeout
-        && (t.is_zero() || t > Duration::from_secs(3600))
-    {
-        return Err("timeout must be above 0 and at most 1h".into());
+    for t in [route.timeout, route.per_try_timeout].into_iter().flatten() {
+        if t.is_zero() || t > Duration::from_secs(3600) {
+            return Err("timeouts must be above 0 and at most 1h".into());
+        }
     }
     Ok(())
 }

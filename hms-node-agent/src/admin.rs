@@ -143,6 +143,14 @@ impl Admin {
                 match snap.service(&name) {
                     Some(s) => ok(&hms_ctl::api::ServiceDetail {
                         service: s.clone(),
+                        cgroup_dir: self
+                            .outbound
+                            .http
+                            .states
+                            .cgroups()
+                            .dir_of(&s.spec)
+                            .display()
+                            .to_string(),
                         health: self.outbound.http.states.health(&name),
                     }),
                     None => Err(anyhow::anyhow!(
@@ -247,6 +255,7 @@ impl Admin {
             redirect: self.redirect.clone(),
             dns: self.dns.stats.counters(),
             proxy: self.outbound.stats.counters(),
+            http: self.outbound.http.stats.counters(),
         }
     }
 }

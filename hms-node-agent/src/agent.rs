@@ -79,12 +79,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
 
     let (trigger, drain) = drain::channel();
-    let cgroup_root = crate::cgroup::v2_root()?;
-    let outbound = Arc::new(Outbound::new(
-        store.clone(),
-        redirector.clone(),
-        cgroup_root,
-    ));
+    let cgroups = crate::cgroup::ServiceCgroups {
+        root: crate::cgroup::v2_root()?,
+        hooked: config.cgroup.clone(),
+    };
+    let outbound = Arc::new(Outbound::new(store.clone(), redirector.clone(), cgroups));
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
         origins: redirector.clone(),
@@ -107,6 +106,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tasks.spawn(dns.clone().serve_udp(dns_udp, drain.clone()));
     tasks.spawn(dns.clone().serve_tcp(dns_tcp, drain.clone()));
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
+    let checks = crate::proxy::http::health::run(outbound.http.clone(), drain.clone());
+    tasks.spawn(async move {
+        checks.await;
+        Ok(())
+    });
 
     tracing::info!(
         node = %config.node_name,

@@ -54,6 +54,27 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Where each service's processes run: the spec's `cgroup:` (relative to the v2 root, an
+/// absolute path, or a systemd unit), or by default `<hooked cgroup>/<name>`, so that a
+/// service started with `hms-ctl run` is both known as itself and redirected when it calls
+/// others.
+#[derive(Debug, Clone)]
+pub struct ServiceCgroups {
+    /// The cgroup v2 mount.
+    pub root: PathBuf,
+    /// The cgroup the agent's hooks are attached to (`--cgroup`).
+    pub hooked: PathBuf,
+}
+
+impl ServiceCgroups {
+    pub fn dir_of(&self, spec: &hms_ctl::spec::ServiceSpec) -> PathBuf {
+        match &spec.cgroup {
+            Some(c) => crate::resilience::policy::service_cgroup_dir(&self.root, c),
+            None => self.hooked.join(&spec.name),
+        }
+    }
+}
+
 /// The cgroup v2 directory a process runs in (`/proc/PID/cgroup`, the `0::` line), as a path
 /// under `root`.
 pub fn cgroup_of_pid(root: &Path, pid: u32) -> anyhow::Result<PathBuf> {

@@ -116,6 +116,8 @@ impl Drop for TestCgroup {
             self.kill_all();
             if self.pids().is_empty() {
                 // An exiting task can keep the cgroup busy for a moment after leaving procs.
+                // Child cgroups (services' own, made by tests or `hms-ctl run`) go first.
+                remove_children(&self.path);
                 match std::fs::remove_dir(&self.path) {
                     Ok(()) => return,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return,
@@ -134,6 +136,19 @@ impl Drop for TestCgroup {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes every cgroup below `dir`, deepest first (cgroupfs only removes empty leaves).
+fn remove_children(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_children(&e.path());
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

@@ -6,7 +6,6 @@
 //! never dials a VIP, only real instance addresses, which keeps the redirect loop-free.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,6 +17,7 @@ use super::detect::{self, Protocol};
 use super::http::upstream::Version;
 use super::http::{Downstream, HttpProxy};
 use super::splice::splice;
+use crate::cgroup::ServiceCgroups;
 use crate::drain::Drain;
 use crate::original_dst::{self, OrigDst, OriginalDestinations};
 use crate::registry::Store;
@@ -98,14 +98,13 @@ struct Placement {
 }
 
 impl Outbound {
-    /// `cgroup_root` is the cgroup v2 mount, where specs' `cgroup:` paths are resolved.
     pub fn new(
         store: Arc<dyn Store>,
         origins: Arc<dyn OriginalDestinations>,
-        cgroup_root: PathBuf,
+        cgroups: ServiceCgroups,
     ) -> Outbound {
         Outbound {
-            http: Arc::new(HttpProxy::new(store.clone(), cgroup_root)),
+            http: Arc::new(HttpProxy::new(store.clone(), cgroups)),
             store,
             origins,
             stats: ProxyStats::default(),
@@ -236,7 +235,7 @@ impl Outbound {
         match index.caller_by_cgroup_id(orig.cgroup_id) {
             Caller::Host => {
                 // A child cgroup of a service's cgroup: walk up from the process's cgroup.
-                match crate::cgroup::cgroup_of_pid(self.http.states.cgroup_root(), orig.pid) {
+                match crate::cgroup::cgroup_of_pid(&self.http.states.cgroups().root, orig.pid) {
                     Ok(dir) => index.caller_in_dir(&dir),
                     Err(_) => Caller::Host,
                 }

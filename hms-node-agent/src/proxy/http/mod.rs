@@ -18,6 +18,7 @@
 
 pub mod body;
 pub mod errors;
+pub mod health;
 pub mod state;
 pub mod upstream;
 
@@ -74,6 +75,20 @@ pub struct HttpStats {
     pub mesh_errors: AtomicU64,
 }
 
+impl HttpStats {
+    pub fn counters(&self) -> hms_ctl::api::HttpCounters {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        hms_ctl::api::HttpCounters {
+            requests: g(&self.requests),
+            retries: g(&self.retries),
+            denied: g(&self.denied),
+            rate_limited: g(&self.rate_limited),
+            timeouts: g(&self.timeouts),
+            mesh_errors: g(&self.mesh_errors),
+        }
+    }
+}
+
 pub struct HttpProxy {
     pub store: Arc<dyn Store>,
     pub pool: Arc<UpstreamPool>,
@@ -83,11 +98,11 @@ pub struct HttpProxy {
 }
 
 impl HttpProxy {
-    pub fn new(store: Arc<dyn Store>, cgroup_root: std::path::PathBuf) -> HttpProxy {
+    pub fn new(store: Arc<dyn Store>, cgroups: crate::cgroup::ServiceCgroups) -> HttpProxy {
         HttpProxy {
             store,
             pool: Arc::new(UpstreamPool::default()),
-            states: ServiceStates::new(cgroup_root),
+            states: ServiceStates::new(cgroups),
             stats: HttpStats::default(),
             backoff: RetryBackoff::default(),
         }
@@ -203,10 +218,9 @@ impl HttpProxy {
                 }
             }
         }
-        let route = route_for(&svc.spec, req.uri().path());
-        let retries = route.and_then(|r| r.retries).unwrap_or(DEFAULT_RETRIES);
-        let timeout = route.and_then(|r| r.timeout);
-        let work = self.forward(req, svc, &state, retries, grpc, trace_id);
+        let route = RouteSettings::for_path(&svc.spec, req.uri().path());
+        let timeout = route.timeout;
+        let work = self.forward(req, svc, &state, route, grpc, trace_id);
         match timeout {
             None => work.await,
             Some(t) => tokio::time::timeout(t, work)
@@ -220,10 +234,13 @@ impl HttpProxy {
         req: Request<Incoming>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
-        retries: u32,
+        route: RouteSettings,
         grpc: bool,
         trace_id: &str,
     ) -> Result<Response<ProxyBody>, MeshError> {
+        let RouteSettings {
+            retries, per_try, ..
+        } = route;
         let version = match req.version() {
             hyper::Version::HTTP_2 => Version::Http2,
             _ => Version::Http1,
@@ -243,10 +260,7 @@ impl HttpProxy {
             if endpoints.addrs.is_empty() {
                 return Err(MeshError::NoEndpoint);
             }
-            let Some(idx) = endpoints
-                .balancer
-                .pick(|i| endpoints.breakers[i].is_eligible(now))
-            else {
+            let Some(idx) = endpoints.balancer.pick(|i| endpoints.eligible(i, now)) else {
                 return Err(MeshError::CircuitOpen);
             };
             let Some(permit) = endpoints.breakers[idx].try_acquire(now) else {
@@ -273,7 +287,16 @@ impl HttpProxy {
                         },
                     };
                     let upstream_req = upstream_request(&parts, body, addr, version);
-                    match conn.send(&self.pool, upstream_req).await {
+                    let sent = conn.send(&self.pool, upstream_req);
+                    // Err(None): the per-try timeout expired; Err(Some(e)): the exchange broke.
+                    let answered = match per_try {
+                        None => sent.await.map_err(Some),
+                        Some(t) => match tokio::time::timeout(t, sent).await {
+                            Ok(r) => r.map_err(Some),
+                            Err(_) => Err(None),
+                        },
+                    };
+                    match answered {
                         Ok(resp) => {
                             let status = resp.status().as_u16();
                             let grpc_status = retry::grpc_status(resp.headers());
@@ -306,9 +329,17 @@ impl HttpProxy {
                             outcome
                         }
                         Err(e) => {
-                            tracing::debug!(trace_id, service = %svc.spec.name, %addr, "upstream failed: {e}");
                             permit.failure(Instant::now());
-                            last_error = MeshError::UpstreamFailed;
+                            last_error = match e {
+                                None => {
+                                    tracing::debug!(trace_id, service = %svc.spec.name, %addr, "per-try timeout");
+                                    MeshError::Timeout
+                                }
+                                Some(e) => {
+                                    tracing::debug!(trace_id, service = %svc.spec.name, %addr, "upstream failed: {e}");
+                                    MeshError::UpstreamFailed
+                                }
+                            };
                             AttemptOutcome::ConnectionReset
                         }
                     }
@@ -376,7 +407,7 @@ impl HttpProxy {
         let now = Instant::now();
         let idx = endpoints
             .balancer
-            .pick(|i| endpoints.breakers[i].is_eligible(now))
+            .pick(|i| endpoints.eligible(i, now))
             .ok_or(if endpoints.addrs.is_empty() {
                 MeshError::NoEndpoint
             } else {
@@ -419,6 +450,25 @@ impl HttpProxy {
             return Ok(Response::from_parts(parts, body::empty()));
         }
         Ok(downstream_response(resp))
+    }
+}
+
+/// What the matching route says, with defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSettings {
+    pub retries: u32,
+    pub timeout: Option<Duration>,
+    pub per_try: Option<Duration>,
+}
+
+impl RouteSettings {
+    pub fn for_path(spec: &ServiceSpec, path: &str) -> RouteSettings {
+        let route = route_for(spec, path);
+        RouteSettings {
+            retries: route.and_then(|r| r.retries).unwrap_or(DEFAULT_RETRIES),
+            timeout: route.and_then(|r| r.timeout),
+            per_try: route.and_then(|r| r.per_try_timeout),
+        }
     }
 }
 

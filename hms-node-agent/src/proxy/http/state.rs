@@ -5,12 +5,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hms_ctl::api::ServiceInfo;
-use hms_ctl::spec::RateLimit;
+use hms_ctl::spec::{RateLimit, ServiceSpec};
+
+use crate::cgroup::ServiceCgroups;
 
 use crate::registry::Snapshot;
 use crate::resilience::balance::Balancer;
@@ -26,6 +28,48 @@ pub struct Endpoints {
     pub addrs: Vec<SocketAddrV4>,
     pub balancer: Balancer,
     pub breakers: Vec<CircuitBreaker>,
+    /// Active health check results (all passing when the spec has no `health:`).
+    pub checks: Vec<HealthMark>,
+}
+
+impl Endpoints {
+    /// May endpoint `i` get a request now: its circuit is not open and its health check
+    /// (if any) passes.
+    pub fn eligible(&self, i: usize, now: Instant) -> bool {
+        self.checks[i].passing() && self.breakers[i].is_eligible(now)
+    }
+}
+
+/// Consecutive active-check failures that take an instance out of rotation; one success
+/// brings it back.
+pub const CHECK_FAILURES_TO_FAIL: u32 = 2;
+
+#[derive(Debug, Default)]
+pub struct HealthMark {
+    failures: AtomicU32,
+    checked: AtomicBool,
+}
+
+impl HealthMark {
+    pub fn passing(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) < CHECK_FAILURES_TO_FAIL
+    }
+
+    pub fn record(&self, ok: bool) {
+        self.checked.store(true, Ordering::Relaxed);
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `passing`/`failing`, or None before the first check.
+    pub fn describe(&self) -> Option<&'static str> {
+        self.checked
+            .load(Ordering::Relaxed)
+            .then(|| if self.passing() { "passing" } else { "failing" })
+    }
 }
 
 pub struct ServiceState {
@@ -41,22 +85,22 @@ struct Entry {
 }
 
 pub struct ServiceStates {
-    cgroup_root: PathBuf,
+    cgroups: ServiceCgroups,
     services: Mutex<HashMap<String, Entry>>,
     callers: Mutex<Option<(Arc<Snapshot>, Arc<CallerIndex>)>>,
 }
 
 impl ServiceStates {
-    pub fn new(cgroup_root: PathBuf) -> ServiceStates {
+    pub fn new(cgroups: ServiceCgroups) -> ServiceStates {
         ServiceStates {
-            cgroup_root,
+            cgroups,
             services: Mutex::new(HashMap::new()),
             callers: Mutex::new(None),
         }
     }
 
-    pub fn cgroup_root(&self) -> &std::path::Path {
-        &self.cgroup_root
+    pub fn cgroups(&self) -> &ServiceCgroups {
+        &self.cgroups
     }
 
     /// The state for `svc`, rebuilt where its instances or limit changed.
@@ -97,7 +141,8 @@ impl ServiceStates {
                     .addrs
                     .iter()
                     .zip(&e.endpoints.breakers)
-                    .map(|(addr, b)| {
+                    .zip(&e.endpoints.checks)
+                    .map(|((addr, b), check)| {
                         let s = b.snapshot(now);
                         InstanceHealth {
                             addr: *addr,
@@ -105,6 +150,7 @@ impl ServiceStates {
                             consecutive_failures: s.consecutive_failures,
                             ejected_for_ms: s.ejected_for_ms,
                             ejections_total: s.ejections_total,
+                            health_check: check.describe().map(str::to_string),
                         }
                     })
                     .collect()
@@ -120,8 +166,21 @@ impl ServiceStates {
         {
             return index.clone();
         }
-        let (index, problems) =
-            CallerIndex::from_specs(snapshot.services().map(|s| &s.spec), &self.cgroup_root);
+        // Resolve every service's directory (defaults included); a default directory that
+        // nobody created yet simply has no callers.
+        let specs: Vec<ServiceSpec> = snapshot
+            .services()
+            .filter_map(|s| {
+                let dir = self.cgroups.dir_of(&s.spec);
+                if s.spec.cgroup.is_none() && !dir.is_dir() {
+                    return None;
+                }
+                let mut spec = s.spec.clone();
+                spec.cgroup = Some(dir.display().to_string());
+                Some(spec)
+            })
+            .collect();
+        let (index, problems) = CallerIndex::from_specs(specs.iter(), &self.cgroups.root);
         for p in problems {
             tracing::warn!(service = %p.service, dir = %p.dir.display(), "cgroup not usable for caller identity: {}", p.reason);
         }
@@ -138,6 +197,7 @@ fn new_endpoints(addrs: Vec<SocketAddrV4>) -> Endpoints {
             .iter()
             .map(|_| CircuitBreaker::new(BreakerConfig::default()))
             .collect(),
+        checks: addrs.iter().map(|_| HealthMark::default()).collect(),
         addrs,
     }
 }
