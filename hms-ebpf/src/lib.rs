@@ -13,6 +13,13 @@ pub mod map_names {
     pub const CONFIG: &str = "HMS_CONFIG";
     pub const ORIG_BY_COOKIE: &str = "HMS_ORIG_BY_COOKIE";
     pub const ORIG_BY_FLOW: &str = "HMS_ORIG_BY_FLOW";
+    /// `BPF_MAP_TYPE_RINGBUF` of [`FlowEvent`](super::FlowEvent) records, read by the agent.
+    pub const FLOW_EVENTS: &str = "HMS_FLOW_EVENTS";
+    /// `LRU_HASH` socket cookie -> [`FlowState`](super::FlowState): the tracked connections.
+    pub const FLOWS: &str = "HMS_FLOWS";
+    /// `PERCPU_ARRAY<u64>`, one entry: flow records that could not be reserved in
+    /// `HMS_FLOW_EVENTS` (reader too slow or absent). Sum over CPUs.
+    pub const RINGBUF_DROPS: &str = "HMS_RINGBUF_DROPS";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -57,6 +64,8 @@ pub struct OrigDst {
     pub cgroup_id: u64,
     /// Caller's `comm`, NUL-padded.
     pub comm: [u8; 16],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC, ns since boot) when connect4/sendmsg4 ran.
+    pub connect_ns: u64,
 }
 
 /// A TCP connection as the client sees it: its own address and the (rewritten) peer, which is
@@ -72,6 +81,95 @@ pub struct FlowKey {
     pub _pad: u32,
 }
 
+/// Size of `HMS_FLOW_EVENTS` in bytes (a power-of-two multiple of the page size, as the kernel
+/// requires). A record takes `size_of::<FlowEvent>()` + 8 header bytes = 128 bytes, so about
+/// 2,000 records wait here for a slow reader before new ones are dropped (and counted).
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// [`FlowEvent::kind`]: the client side of a redirected TCP connection was established.
+pub const FLOW_OPEN: u8 = 1;
+/// [`FlowEvent::kind`]: a tracked connection reached `TCP_CLOSE`.
+pub const FLOW_CLOSE: u8 = 2;
+
+/// [`FlowEvent::flags`]: the connection was redirected to the DNS responder (DNS over TCP to
+/// port 53), not to the outbound proxy.
+pub const FLOW_FLAG_DNS: u8 = 1;
+
+/// Linux TCP states (`BPF_TCP_*` in include/uapi/linux/bpf.h, the same numbers as
+/// `TCP_*` in include/net/tcp_states.h), as [`FlowEvent::state_before_close`] reports them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// What sock_ops keeps (in `HMS_FLOWS`, by the client socket's cookie) about a tracked
+/// connection between its open and close records: everything the close record repeats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub orig: OrigDst,
+    pub flow: FlowKey,
+    /// `bpf_ktime_get_ns()` at `BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB`.
+    pub established_ns: u64,
+    /// `FLOW_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// One record in `HMS_FLOW_EVENTS`: a redirected TCP connection, seen from the client's (the
+/// app's) socket, opened or closed. Only the client side is tracked: the proxy's sockets are
+/// outside the hooked cgroup, or carry no original-destination record.
+///
+/// Timestamps are `bpf_ktime_get_ns()`: CLOCK_MONOTONIC in ns since boot (not wall time).
+/// Connect latency = `established_ns - orig.connect_ns`; duration = `closed_ns -
+/// established_ns`.
+///
+/// The counters are the kernel's own (`struct tcp_sock`, what `ss -ti` shows), read when the
+/// record is made:
+/// - `bytes_acked`: sequence space the peer acknowledged: the payload the client sent, plus 1
+///   for its SYN, plus 1 for its FIN once that was acknowledged.
+/// - `bytes_received`: sequence space received in order: the payload the client received, plus
+///   1 for the peer's FIN if it reached this socket (after the client closed first, the FIN is
+///   handled by the time-wait socket and not counted here).
+/// - `srtt_us`: smoothed RTT in **microseconds** (the kernel keeps it scaled by 8; sock_ops
+///   already shifted it).
+/// - `total_retrans`: segments retransmitted over the connection's life (SYN included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `FLOW_OPEN` or `FLOW_CLOSE`.
+    pub kind: u8,
+    /// `FLOW_FLAG_*`.
+    pub flags: u8,
+    /// For `FLOW_CLOSE`: the TCP state the socket left for `TCP_CLOSE` ([`tcp_state`]), which
+    /// tells who closed first (`FIN_WAIT2`/`FIN_WAIT1`: the client; `LAST_ACK`: the peer;
+    /// `ESTABLISHED`/`CLOSE_WAIT`: a reset). 0 for `FLOW_OPEN`.
+    pub state_before_close: u8,
+    pub _pad: [u8; 5],
+    /// The client socket's cookie (`bpf_get_socket_cookie`): pairs an open with its close.
+    pub cookie: u64,
+    pub established_ns: u64,
+    /// 0 for `FLOW_OPEN`.
+    pub closed_ns: u64,
+    /// Client address and the listener it was redirected to (host order).
+    pub flow: FlowKey,
+    /// Where the client wanted to go, who it is, and when it called connect (`connect_ns`).
+    pub orig: OrigDst,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+}
+
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
 pub const DNS_PORT: u16 = 53;
@@ -82,4 +180,16 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
+
+// The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
+// size be refused by the agent, which asks for a cleanup).
+const _: () = {
+    assert!(size_of::<OrigDst>() == 48);
+    assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<FlowState>() == 80);
+    assert!(size_of::<FlowEvent>() == 120);
+    assert!(align_of::<FlowEvent>() == 8);
+};

@@ -2,11 +2,14 @@
 //! node agent, and remember where it really wanted to go.
 //!
 //! Owns: the redirect decisions (VIP -> outbound listener, port 53 -> DNS responder), the
-//! original-destination records (by socket cookie, promoted to a 4-tuple in sock_ops) and the
-//! restoration of a DNS reply's source address.
+//! original-destination records (by socket cookie, promoted to a 4-tuple in sock_ops), the
+//! restoration of a DNS reply's source address, and the flow records (open/close of every
+//! redirected TCP connection, client side) sent to the agent through a ring buffer.
 //! Must never: drop or refuse a socket operation (every hook returns "allow"; a missing config
 //! or a full map means "leave the socket alone"), or redirect a socket carrying the agent's
-//! skip mark (that is how the agent's own upstream DNS avoids looping back into itself).
+//! skip mark (that is how the agent's own upstream DNS avoids looping back into itself), or
+//! wait for the agent: a flow record that does not fit in the ring buffer is dropped and
+//! counted in `HMS_RINGBUF_DROPS`, never retried.
 //!
 //! Byte order: every value written to a map is host order, converted only through
 //! `hms_ebpf::byte_order`.
@@ -19,18 +22,22 @@ fn main() {}
 mod programs {
     use aya_ebpf::{
         EbpfContext as _,
-        bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bindings::{
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_TCP_CLOSE,
+        },
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid,
-            generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+            generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
         },
         macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{Array, LruHashMap},
+        maps::{Array, LruHashMap, PerCpuArray, RingBuf},
         programs::{SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        DNS_PORT, FlowKey, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, byte_order,
+        DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent, FlowKey,
+        FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, byte_order,
     };
 
     /// cgroup sock_addr programs: 1 lets the syscall proceed (0 would fail it with EPERM).
@@ -51,6 +58,21 @@ mod programs {
 
     #[map(name = "HMS_ORIG_BY_FLOW")]
     static HMS_ORIG_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// Open/close records for the agent. Lossy by design: see `emit`.
+    #[map(name = "HMS_FLOW_EVENTS")]
+    static HMS_FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
+
+    /// Redirected TCP connections between their open and close records, by client cookie. LRU:
+    /// a connection whose close we never see (state callbacks could not be enabled, the program
+    /// was replaced) ages out; with more than this many connections open at once the oldest
+    /// lose their close record.
+    #[map(name = "HMS_FLOWS")]
+    static HMS_FLOWS: LruHashMap<u64, FlowState> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// Records that did not fit in `HMS_FLOW_EVENTS`, per CPU (index 0).
+    #[map(name = "HMS_RINGBUF_DROPS")]
+    static HMS_RINGBUF_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
     /// A socket address as the hook sees it, in host order.
     #[derive(Clone, Copy)]
@@ -136,6 +158,8 @@ mod programs {
             // SAFETY: no arguments; allowed in cgroup sock_addr programs.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            // SAFETY: no arguments; available to every program type.
+            connect_ns: unsafe { bpf_ktime_get_ns() },
         }
     }
 
@@ -237,11 +261,51 @@ mod programs {
 
     #[sock_ops]
     pub fn hms_sock_ops(ctx: SockOpsContext) -> u32 {
-        // One arm per callback; flow-record callbacks (state changes, RTT) slot in here.
-        if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-            promote_to_flow(&ctx);
+        match ctx.op() {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+            // args[0] = old state, args[1] = new state. Sockets we enabled state callbacks for
+            // (in on_established) get here, and any socket another program enabled them for;
+            // on_close ignores those (no HMS_FLOWS entry).
+            BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
+            _ => {}
         }
         SOCK_OPS_OK
+    }
+
+    #[inline(always)]
+    fn sock_ops_cookie(ctx: &SockOpsContext) -> u64 {
+        // SAFETY: bpf_get_socket_cookie is allowed for sock_ops programs with their ctx.
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+    }
+
+    /// The client side of a redirected connection is established: make its record findable by
+    /// the proxy, start tracking it for the close record, and say it opened.
+    #[inline(always)]
+    fn on_established(ctx: &SockOpsContext) {
+        let cookie = sock_ops_cookie(ctx);
+        // SAFETY: copied out immediately (see restore_reply_source).
+        let Some(orig) = (unsafe { HMS_ORIG_BY_COOKIE.get(cookie) }) else {
+            return;
+        };
+        let orig = *orig;
+        let flow = promote_to_flow(ctx, cookie, &orig);
+        let state = FlowState {
+            orig,
+            flow,
+            // SAFETY: no arguments; available to every program type.
+            established_ns: unsafe { bpf_ktime_get_ns() },
+            flags: flow_flags(&flow),
+            _pad: [0; 7],
+        };
+        if HMS_FLOWS.insert(cookie, state, 0).is_ok() {
+            // Keep whatever another program asked for on this socket; add state changes.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            if ctx.set_cb_flags(flags as i32).is_err() {
+                // No state callbacks, so no close record: do not keep a record nobody removes.
+                let _ = HMS_FLOWS.remove(cookie);
+            }
+        }
+        emit(ctx, FLOW_OPEN, 0, cookie, &state, 0);
     }
 
     /// The proxy only knows the accepted socket's 4-tuple, not the client's cookie, so once the
@@ -249,14 +313,7 @@ mod programs {
     /// this runs before the server can accept(): the client handles the SYN-ACK before it sends
     /// the ACK that completes the handshake.
     #[inline(always)]
-    fn promote_to_flow(ctx: &SockOpsContext) {
-        // SAFETY: bpf_get_socket_cookie is allowed for sock_ops programs with their ctx.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // SAFETY: copied out immediately (see restore_reply_source).
-        let Some(orig) = (unsafe { HMS_ORIG_BY_COOKIE.get(cookie) }) else {
-            return;
-        };
-        let orig = *orig;
+    fn promote_to_flow(ctx: &SockOpsContext, cookie: u64, orig: &OrigDst) -> FlowKey {
         let key = FlowKey {
             client_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
             listener_ip: byte_order::ip_from_kernel(ctx.remote_ip4()),
@@ -264,8 +321,94 @@ mod programs {
             listener_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
             _pad: 0,
         };
-        if HMS_ORIG_BY_FLOW.insert(key, orig, 0).is_ok() && orig.protocol == IPPROTO_TCP {
+        if HMS_ORIG_BY_FLOW.insert(key, *orig, 0).is_ok() && orig.protocol == IPPROTO_TCP {
             let _ = HMS_ORIG_BY_COOKIE.remove(cookie);
+        }
+        key
+    }
+
+    /// DNS over TCP lands on the DNS responder, everything else on the outbound listener.
+    #[inline(always)]
+    fn flow_flags(flow: &FlowKey) -> u8 {
+        match config() {
+            Some(cfg) if flow.listener_ip == cfg.dns_ip && flow.listener_port == cfg.dns_port => {
+                FLOW_FLAG_DNS
+            }
+            _ => 0,
+        }
+    }
+
+    /// A tracked connection reached TCP_CLOSE (after FIN/ACK, a reset or a timeout): send its
+    /// final counters and forget it. Runs before the kernel unhashes the socket, and the
+    /// tcp_sock counters are still those of the whole connection.
+    #[inline(always)]
+    fn on_close(ctx: &SockOpsContext) {
+        let cookie = sock_ops_cookie(ctx);
+        // SAFETY: copied out immediately.
+        let Some(state) = (unsafe { HMS_FLOWS.get(cookie) }) else {
+            return;
+        };
+        let state = *state;
+        let _ = HMS_FLOWS.remove(cookie);
+        // SAFETY: no arguments; available to every program type.
+        let now = unsafe { bpf_ktime_get_ns() };
+        emit(ctx, FLOW_CLOSE, ctx.arg(0) as u8, cookie, &state, now);
+    }
+
+    /// Writes one record straight into the ring buffer. If it is full (the agent is slow or not
+    /// running), the record is dropped and counted; the connection is never held up.
+    #[inline(always)]
+    fn emit(
+        ctx: &SockOpsContext,
+        kind: u8,
+        state_before_close: u8,
+        cookie: u64,
+        state: &FlowState,
+        closed_ns: u64,
+    ) {
+        let Some(mut entry) = HMS_FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+            count_drop();
+            return;
+        };
+        // SAFETY: `ops` is the valid context of this invocation. The tcp_sock fields read 0
+        // when the socket is not a full socket (the verifier rewrites the loads to check), and
+        // each is read with its own width, as the verifier demands for ctx fields.
+        let (bytes_acked, bytes_received, srtt_scaled, total_retrans) = unsafe {
+            let ops = ctx.ops;
+            (
+                core::ptr::read_volatile(&(*ops).bytes_acked),
+                core::ptr::read_volatile(&(*ops).bytes_received),
+                core::ptr::read_volatile(&(*ops).srtt_us),
+                core::ptr::read_volatile(&(*ops).total_retrans),
+            )
+        };
+        entry.write(FlowEvent {
+            kind,
+            flags: state.flags,
+            state_before_close,
+            _pad: [0; 5],
+            cookie,
+            established_ns: state.established_ns,
+            closed_ns,
+            flow: state.flow,
+            orig: state.orig,
+            bytes_acked,
+            bytes_received,
+            // tcp_sock.srtt_us is the smoothed RTT << 3.
+            srtt_us: srtt_scaled >> 3,
+            total_retrans,
+        });
+        entry.submit(0);
+    }
+
+    #[inline(always)]
+    fn count_drop() {
+        if let Some(slot) = HMS_RINGBUF_DROPS.get_ptr_mut(0) {
+            // SAFETY: the map value is a live, 8-byte aligned u64 of this CPU's slot. Not an
+            // atomic add (the BPF target has no Rust atomics): a softirq interrupting a
+            // sock_ops run on the same CPU could lose an increment, which a counter of
+            // already-lost records can afford.
+            unsafe { *slot += 1 };
         }
     }
 }

@@ -9,8 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::io::{Read as _, Write as _};
+
 use hms_ebpf::{IPPROTO_TCP, IPPROTO_UDP, OrigDst};
-use hms_node_agent::redirect::{self, RedirectOptions, Redirector};
+use hms_node_agent::redirect::{
+    self, EndedBy, FlowKind, FlowReader, FlowRecord, RedirectOptions, Redirector,
+};
 use vm_tests::cgroup::{PinDir, TestCgroup};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 5);
@@ -403,7 +407,16 @@ fn a_restarted_redirector_adopts_the_pinned_programs_instead_of_attaching_twice(
         let count = attached.iter().filter(|(n, _)| n == name).count();
         assert_eq!(count, 1, "{name} attached {count} times: {attached:?}");
     }
+    let mut reader = second.flow_reader().expect("flow reader");
     assert_vip_connect_is_redirected(&cg, &second, &listener);
+    // The adopted sock_ops program writes to the pinned ring buffer the new agent reads.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let open = next_flow(&rt, &mut reader);
+    assert_eq!(open.kind, FlowKind::Open, "{open:?}");
+    assert_eq!(open.original_dst, SocketAddrV4::new(VIP, VIP_PORT));
 }
 
 #[test]
@@ -427,7 +440,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 3, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 6, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 
@@ -475,4 +488,292 @@ fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
     let msg = format!("{err:#}");
     assert!(msg.contains("does not exist"), "{msg}");
     assert!(!pin.path().exists());
+}
+
+/// The next flow record, through the async reader the agent uses.
+fn next_flow(rt: &tokio::runtime::Runtime, reader: &mut FlowReader) -> FlowRecord {
+    rt.block_on(async { tokio::time::timeout(WAIT, reader.next()).await })
+        .expect("no flow record within the wait")
+        .expect("the flow reader stopped")
+}
+
+#[test]
+fn a_redirected_connection_emits_an_open_and_a_close_record_with_the_caller_the_original_destination_and_byte_counts()
+ {
+    if !privileged() {
+        return;
+    }
+    require_tool("python3");
+    const SENT: usize = 1000;
+    const ANSWER: usize = 300;
+    let cg = TestCgroup::new("flows").expect("test cgroup");
+    let pin = PinDir::new("flows");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let r = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+    let mut reader = r.flow_reader().expect("flow reader");
+    assert!(
+        r.flow_reader().is_err(),
+        "a ring buffer has one consumer: the reader is handed out once"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = std::time::SystemTime::now();
+
+    // The peer (standing in for the proxy) reads the whole request, answers and closes first,
+    // as an HTTP/1.0 server would; the client reads to EOF, then closes.
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{VIP}', {VIP_PORT}))\n\
+         s.sendall(b'q' * {SENT})\n\
+         got = 0\n\
+         while True:\n    b = s.recv(65536)\n    if not b: break\n    got += len(b)\n\
+         s.close()\n\
+         print(got)\n"
+    );
+    let client = cg
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let client_pid = client.id();
+    let (mut stream, peer) =
+        accept_within(&listener, WAIT).expect("the outbound listener got no connection");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut request = vec![0u8; SENT];
+    stream.read_exact(&mut request).expect("read the request");
+    stream.write_all(&[b'a'; ANSWER]).expect("answer");
+    drop(stream);
+    let output = client.wait_with_output().expect("wait python3");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        ANSWER.to_string(),
+        "{}",
+        describe(&output)
+    );
+
+    let open = next_flow(&rt, &mut reader);
+    assert_eq!(open.kind, FlowKind::Open, "{open:?}");
+    assert_eq!(
+        open.original_dst,
+        SocketAddrV4::new(VIP, VIP_PORT),
+        "{open:?}"
+    );
+    assert_eq!(open.client, v4(peer), "the client's own address");
+    assert_eq!(open.listener, outbound);
+    assert_eq!(open.pid, client_pid, "caller pid");
+    assert_eq!(open.comm, "python3");
+    assert_eq!(open.cgroup_id, cg.id().expect("cgroup id"));
+    assert!(!open.dns);
+    assert!(open.connect_latency < WAIT, "{open:?}");
+    let since_start = open
+        .connected_at
+        .duration_since(started - Duration::from_secs(1))
+        .expect("connected after the test started");
+    assert!(since_start < Duration::from_secs(60), "{open:?}");
+    assert_eq!(open.bytes_acked, 1, "only the SYN is acknowledged at open");
+    assert_eq!(open.bytes_received, 0);
+
+    let close = next_flow(&rt, &mut reader);
+    let FlowKind::Close {
+        duration, ended_by, ..
+    } = close.kind
+    else {
+        panic!("expected a close record, got {close:?}");
+    };
+    assert_eq!(close.cookie, open.cookie, "the close pairs with the open");
+    assert_eq!(
+        (close.client, close.original_dst, close.pid, &close.comm),
+        (open.client, open.original_dst, open.pid, &open.comm)
+    );
+    assert_eq!(ended_by, EndedBy::Peer, "{close:?}");
+    assert!(duration > Duration::ZERO && duration < WAIT, "{close:?}");
+    // Sequence space, as the kernel counts it: the client's SYN and FIN are acknowledged on
+    // top of its payload, and the peer's FIN arrived before the client closed.
+    assert_eq!(close.bytes_acked, SENT as u64 + 2, "{close:?}");
+    assert_eq!(close.bytes_received, ANSWER as u64 + 1, "{close:?}");
+    assert!(close.srtt < WAIT, "{close:?}");
+    assert_eq!(close.total_retrans, 0, "loopback does not lose segments");
+
+    assert_eq!(
+        reader.try_next(),
+        None,
+        "one open and one close, nothing else"
+    );
+    assert_eq!(reader.malformed(), 0);
+    assert_eq!(r.ringbuf_drops(), 0, "nothing dropped in normal operation");
+}
+
+#[test]
+fn when_the_client_closes_first_the_close_record_says_so_and_counts_no_peer_fin() {
+    if !privileged() {
+        return;
+    }
+    require_tool("python3");
+    const SENT: usize = 5000;
+    const ANSWER: usize = 70;
+    let cg = TestCgroup::new("flows-client-close").expect("test cgroup");
+    let pin = PinDir::new("flows-client-close");
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let outbound = v4(listener.local_addr().expect("addr"));
+    let r = Redirector::start(&options(&cg, &pin, outbound, unused_udp_addr()))
+        .expect("start redirector");
+    let mut reader = r.flow_reader().expect("flow reader");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // An HTTP/1.1-style client: it knows the answer's length, reads exactly that and closes.
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{VIP}', {VIP_PORT}))\n\
+         s.sendall(b'q' * {SENT})\n\
+         got = 0\n\
+         while got < {ANSWER}:\n    got += len(s.recv({ANSWER} - got))\n\
+         s.close()\n\
+         print(got)\n"
+    );
+    let client = cg
+        .command("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let (mut stream, _) =
+        accept_within(&listener, WAIT).expect("the outbound listener got no connection");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut request = vec![0u8; SENT];
+    stream.read_exact(&mut request).expect("read the request");
+    stream.write_all(&[b'a'; ANSWER]).expect("answer");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("wait for the client's FIN");
+    assert!(rest.is_empty());
+    let output = client.wait_with_output().expect("wait python3");
+    assert!(output.status.success(), "{}", describe(&output));
+
+    let open = next_flow(&rt, &mut reader);
+    assert_eq!(open.kind, FlowKind::Open, "{open:?}");
+    let close = next_flow(&rt, &mut reader);
+    assert!(
+        matches!(
+            close.kind,
+            FlowKind::Close {
+                ended_by: EndedBy::Client,
+                ..
+            }
+        ),
+        "{close:?}"
+    );
+    // The client's SYN and FIN are acknowledged on top of its payload; once its FIN was
+    // acknowledged the closed app socket was handed to a time-wait socket, so the peer's FIN
+    // (sent when `stream` drops, after this) is not counted.
+    assert_eq!(close.bytes_acked, SENT as u64 + 2, "{close:?}");
+    assert_eq!(close.bytes_received, ANSWER as u64, "{close:?}");
+    drop(stream);
+    assert_eq!(r.ringbuf_drops(), 0);
+}
+
+/// A map pinned by an agent built with other ABI types must be refused with the cleanup hint,
+/// not reused (the programs would read and write garbage, the ring buffer reader would map
+/// the wrong size).
+#[test]
+fn a_pinned_flow_map_of_another_size_is_refused_with_the_cleanup_hint() {
+    if !privileged() {
+        return;
+    }
+    require_tool("bpftool");
+    let cases = [
+        ("HMS_FLOW_EVENTS", "ringbuf", "0", "0", "131072"),
+        ("HMS_FLOWS", "lru_hash", "8", "72", "1024"),
+        ("HMS_RINGBUF_DROPS", "percpu_array", "4", "4", "1"),
+        ("HMS_ORIG_BY_COOKIE", "lru_hash", "8", "40", "1024"),
+    ];
+    for (name, map_type, key, value, entries) in cases {
+        let cg = TestCgroup::new("old-abi").expect("test cgroup");
+        let pin = PinDir::new("old-abi");
+        std::fs::create_dir(pin.path()).expect("create pin dir");
+        let output = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pin.path().join(name))
+            .args([
+                "type", map_type, "key", key, "value", value, "entries", entries, "name", name,
+            ])
+            .output()
+            .expect("run bpftool");
+        assert!(
+            output.status.success(),
+            "bpftool map create: {}",
+            describe(&output)
+        );
+        let err = Redirector::start(&options(
+            &cg,
+            &pin,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
+            unused_udp_addr(),
+        ))
+        .err()
+        .unwrap_or_else(|| panic!("a pinned {name} of another layout was accepted"));
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(name) && msg.contains("hms-node-agent cleanup"),
+            "{msg}"
+        );
+        assert!(attached_programs(&cg).is_empty(), "nothing attached");
+    }
+}
+
+#[test]
+fn dns_over_tcp_to_port_53_is_tracked_and_marked_as_dns() {
+    if !privileged() {
+        return;
+    }
+    require_tool("python3");
+    let cg = TestCgroup::new("flows-dns").expect("test cgroup");
+    let pin = PinDir::new("flows-dns");
+    let outbound = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind outbound");
+    let responder = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind DNS responder");
+    let responder_addr = v4(responder.local_addr().expect("addr"));
+    let r = Redirector::start(&options(
+        &cg,
+        &pin,
+        v4(outbound.local_addr().expect("addr")),
+        responder_addr,
+    ))
+    .expect("start redirector");
+    let mut reader = r.flow_reader().expect("flow reader");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let resolver = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53);
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{}', {}))\n\
+         s.close()\n",
+        resolver.ip(),
+        resolver.port()
+    );
+    let output = cg
+        .command("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(output.status.success(), "{}", describe(&output));
+    let (_stream, _) = accept_within(&responder, WAIT).expect("the responder got no connection");
+
+    let open = next_flow(&rt, &mut reader);
+    assert_eq!(open.kind, FlowKind::Open, "{open:?}");
+    assert!(open.dns, "{open:?}");
+    assert_eq!(open.original_dst, resolver);
+    assert_eq!(open.listener, responder_addr);
 }

@@ -21,11 +21,11 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{MapInfo, MapType},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
-use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names};
+use hms_ebpf::{FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, map_names};
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
 
@@ -103,40 +103,99 @@ fn statfs_type(file: &File) -> io::Result<libc::c_long> {
     Ok(st.f_type as libc::c_long)
 }
 
-/// Maps pinned by an agent built with different ABI types would be reused by aya as they are
-/// and the programs would read garbage; refuse instead.
-pub(crate) fn check_pinned_maps(pin_dir: &Path) -> anyhow::Result<()> {
-    let expected = [
-        (
+/// What a pinned map must look like to be reused by this agent.
+struct ExpectedMap {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    /// Checked only where the size is part of the contract: aya sizes its mmap of a ring
+    /// buffer from the object, not from the pinned map.
+    max_entries: Option<u32>,
+}
+
+fn expected_maps() -> [ExpectedMap; 6] {
+    let map = |name, map_type, key_size, value_size| ExpectedMap {
+        name,
+        map_type,
+        key_size,
+        value_size,
+        max_entries: None,
+    };
+    [
+        map(
             map_names::CONFIG,
+            MapType::Array,
             size_of::<u32>(),
             size_of::<RedirectConfig>(),
         ),
-        (
+        map(
             map_names::ORIG_BY_COOKIE,
+            MapType::LruHash,
             size_of::<u64>(),
             size_of::<OrigDst>(),
         ),
-        (
+        map(
             map_names::ORIG_BY_FLOW,
+            MapType::LruHash,
             size_of::<FlowKey>(),
             size_of::<OrigDst>(),
         ),
-    ];
-    for (name, key_size, value_size) in expected {
-        let path = pin_dir.join(name);
+        map(
+            map_names::FLOWS,
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<FlowState>(),
+        ),
+        map(
+            map_names::RINGBUF_DROPS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+        ),
+        ExpectedMap {
+            max_entries: Some(FLOW_EVENTS_BYTES),
+            ..map(map_names::FLOW_EVENTS, MapType::RingBuf, 0, 0)
+        },
+    ]
+}
+
+/// Maps pinned by an agent built with different ABI types would be reused by aya as they are
+/// and the programs would read garbage; refuse instead.
+pub(crate) fn check_pinned_maps(pin_dir: &Path) -> anyhow::Result<()> {
+    for expected in expected_maps() {
+        let path = pin_dir.join(expected.name);
         if !path.exists() {
             continue;
         }
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let (key_size, value_size) = (expected.key_size, expected.value_size);
+        let cleanup = "(left by another HMS version?); run `hms-node-agent cleanup` to remove it";
+        let map_type = info.map_type().ok();
+        if map_type != Some(expected.map_type) {
+            bail!(
+                "pinned map {} is a {map_type:?} map but this agent expects {:?} {cleanup}",
+                path.display(),
+                expected.map_type,
+            );
+        }
         if info.key_size() as usize != key_size || info.value_size() as usize != value_size {
             bail!(
-                "pinned map {} has key/value size {}/{} but this agent expects {key_size}/{value_size} \
-                 (left by another HMS version?); run `hms-node-agent cleanup` to remove it",
+                "pinned map {} has key/value size {}/{} but this agent expects \
+                 {key_size}/{value_size} {cleanup}",
                 path.display(),
                 info.key_size(),
                 info.value_size()
+            );
+        }
+        if let Some(max_entries) = expected.max_entries
+            && info.max_entries() != max_entries
+        {
+            bail!(
+                "pinned map {} has size {} but this agent expects {max_entries} {cleanup}",
+                path.display(),
+                info.max_entries(),
             );
         }
     }

@@ -9,7 +9,10 @@
 //! - `loader`: load, attach or adopt, eBPF logs.
 //! - `pin`: the pin dir layout, raw link queries, `cleanup`.
 //! - `sockdiag`: socket cookie of a UDP client from its 4-tuple.
+//! - `flows`: the flow records (open/close of each redirected TCP connection) from the
+//!   kernel's ring buffer.
 
+pub mod flows;
 mod loader;
 mod pin;
 mod sockdiag;
@@ -21,10 +24,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names};
 use serde::{Deserialize, Serialize};
 
+pub use flows::{EndedBy, FlowKind, FlowReader, FlowRecord};
 pub use pin::{CleanupReport, cleanup};
 
 /// What to redirect and where to.
@@ -49,6 +53,9 @@ pub struct Redirector {
     status: RedirectStatus,
     orig_by_cookie: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_by_flow: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+    /// Taken by the first `flow_reader()`: a ring buffer has one consumer.
+    flow_events: Mutex<Option<RingBuf<MapData>>>,
+    ringbuf_drops: Mutex<PerCpuArray<MapData, u64>>,
     _log_drain: Option<loader::LogDrain>,
 }
 
@@ -151,6 +158,14 @@ impl Redirector {
             ebpf.take_map(map_names::ORIG_BY_FLOW)
                 .context("map HMS_ORIG_BY_FLOW missing from the eBPF object")?,
         )?;
+        let flow_events = RingBuf::try_from(
+            ebpf.take_map(map_names::FLOW_EVENTS)
+                .context("map HMS_FLOW_EVENTS missing from the eBPF object")?,
+        )?;
+        let ringbuf_drops = PerCpuArray::try_from(
+            ebpf.take_map(map_names::RINGBUF_DROPS)
+                .context("map HMS_RINGBUF_DROPS missing from the eBPF object")?,
+        )?;
 
         let status = RedirectStatus {
             cgroup: opts.cgroup.clone(),
@@ -184,6 +199,8 @@ impl Redirector {
             status,
             orig_by_cookie: Mutex::new(orig_by_cookie),
             orig_by_flow: Mutex::new(orig_by_flow),
+            flow_events: Mutex::new(Some(flow_events)),
+            ringbuf_drops: Mutex::new(ringbuf_drops),
             _log_drain: log_drain,
         })
     }
@@ -236,6 +253,35 @@ impl Redirector {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE")
+    }
+
+    /// The reader of the kernel's flow records (one open and one close record per redirected
+    /// TCP connection). Only one exists per `Redirector`: a second call fails.
+    pub fn flow_reader(&self) -> anyhow::Result<FlowReader> {
+        let ring = self
+            .flow_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .context(
+                "the flow record reader was already taken; a ring buffer has one consumer, so \
+                 share the records from that reader",
+            )?;
+        Ok(FlowReader::new(ring))
+    }
+
+    /// Flow records the kernel dropped because the ring buffer was full (summed over CPUs,
+    /// since the maps were created; survives agent restarts). Should stay 0; if it grows the
+    /// reader is too slow. A failed read is logged and counts as 0.
+    pub fn ringbuf_drops(&self) -> u64 {
+        let drops = self.ringbuf_drops.lock().unwrap_or_else(|p| p.into_inner());
+        match drops.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().copied().fold(0u64, u64::wrapping_add),
+            Err(e) => {
+                tracing::warn!(error = %e, map = map_names::RINGBUF_DROPS, "map read failed");
+                0
+            }
+        }
     }
 
     /// For `hms-ctl status`: attached program names, cgroup, pin dir, whether adopted.

@@ -66,10 +66,13 @@ pub(crate) const HOOKS: [Hook; 4] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 3] = [
+pub(crate) const MAPS: [&str; 6] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
+    map_names::FLOWS,
+    map_names::FLOW_EVENTS,
+    map_names::RINGBUF_DROPS,
 ];
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
