@@ -42,6 +42,123 @@ pub enum Request {
     LimitClear {
         service: String,
     },
+    /// Traffic to and from a service: the `last` recorded events, then (with `follow`) live
+    /// ones. Answered by a stream of [`TapMessage`] lines instead of one [`Response`].
+    Tap {
+        filter: TapFilter,
+        last: Option<usize>,
+        follow: bool,
+    },
+}
+
+/// Which events a tap wants.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TapFilter {
+    /// Events where this service is the caller or the callee.
+    pub service: String,
+    /// Only calls from `service` to this one.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Only calls from this one to `service`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// `2xx`, `4xx`, `5xx` or an exact code like `503`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+impl TapFilter {
+    pub fn matches(&self, e: &TapEvent) -> bool {
+        let involved = e.callee == self.service || e.caller == self.service;
+        let to_ok = self
+            .to
+            .as_ref()
+            .is_none_or(|to| e.caller == self.service && &e.callee == to);
+        let from_ok = self
+            .from
+            .as_ref()
+            .is_none_or(|from| e.callee == self.service && &e.caller == from);
+        let status_ok = match (&self.status, e.status) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(class), Some(code)) => match class.as_bytes() {
+                [d, b'x', b'x'] => u16::from(d - b'0') == code / 100,
+                _ => class.parse::<u16>() == Ok(code),
+            },
+        };
+        involved && to_ok && from_ok && status_ok
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TapKind {
+    /// One HTTP request and its response.
+    Http,
+    /// One TCP connection (raw TCP, or the connection that carried HTTP requests).
+    Tcp,
+}
+
+/// One line of a tap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TapEvent {
+    /// When it ended, milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    pub kind: TapKind,
+    /// The calling service, or `host` for a process in no service's cgroup.
+    pub caller: String,
+    /// The calling process, `comm[pid]`.
+    pub caller_process: String,
+    pub callee: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// HTTP: request start to the end of the response. TCP: connection lifetime.
+    pub latency_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    #[serde(default)]
+    pub retries: u32,
+    /// The instance that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The mesh's own decision, when it answered (`timeout`, `denied`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_error: Option<String>,
+    /// Request headers (sensitive ones redacted); shown only when asked for by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
+    /// TCP: smoothed round-trip time from the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u32>,
+    /// TCP: connect() to established.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<f64>,
+}
+
+/// One line of a tap stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum TapMessage {
+    Event(Box<TapEvent>),
+    /// This subscriber was too slow and missed `count` events (traffic never waits for it).
+    Lost {
+        count: u64,
+    },
+    /// No more events (after `last` without `follow`).
+    End,
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +233,11 @@ pub struct AgentStatus {
     pub dns: DnsCounters,
     pub proxy: ProxyCounters,
     pub http: HttpCounters,
+    /// Kernel flow records the ring buffer had no room for (TCP taps and flow metrics miss
+    /// them).
+    pub ringbuf_records_lost: u64,
+    /// Tap events live subscribers missed because they read too slowly.
+    pub tap_events_lost: u64,
 }
 
 /// HTTP requests through the proxy since the agent started.

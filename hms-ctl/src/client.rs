@@ -51,3 +51,44 @@ pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json
         Response::Error { message } => bail!("{message}"),
     }
 }
+
+/// Sends a streaming request (a tap) and hands each answer line to `on_message` until the
+/// agent ends the stream or `on_message` returns false.
+pub async fn stream(
+    socket: &Path,
+    request: &Request,
+    mut on_message: impl FnMut(crate::api::TapMessage) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the HMS agent at {} ({e}). Is it running? Start it with \
+             `sudo hms-node-agent run`, or point hms-ctl at it with --socket PATH or HMS_SOCKET.",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(request).context("encoding the request")?;
+    line.push(b'\n');
+    write
+        .write_all(&line)
+        .await
+        .context("sending the request to the agent")?;
+    let mut reader = BufReader::new(read);
+    let mut answer = String::new();
+    loop {
+        answer.clear();
+        if reader
+            .read_line(&mut answer)
+            .await
+            .context("reading from the agent")?
+            == 0
+        {
+            bail!("the agent closed the tap (did it stop?)");
+        }
+        let message: crate::api::TapMessage =
+            serde_json::from_str(&answer).context("decoding the agent's tap line")?;
+        if !on_message(message)? {
+            return Ok(());
+        }
+    }
+}

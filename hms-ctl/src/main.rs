@@ -7,10 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo};
+use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo, TapFilter};
 use hms_ctl::client;
 
 mod run;
+mod tap;
 use hms_ctl::spec::{RateLimit, RouteSpec};
 use std::time::Duration;
 
@@ -34,6 +35,8 @@ struct Cli {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
     Table,
+    /// Like table, with more columns (tap: process, upstream, mesh decision, RTT).
+    Wide,
     Json,
 }
 
@@ -49,6 +52,29 @@ enum Command {
     Describe { name: String },
     /// Show the agent: node, listeners, redirect, registry.
     Status,
+    /// Live traffic to and from a service: caller, callee, method, path, status, latency.
+    Tap {
+        name: String,
+        /// Show the last N recorded events [default: 10 unless --follow].
+        #[arg(long)]
+        last: Option<usize>,
+        /// Keep streaming new events until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only calls from NAME to this service.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only calls from this service to NAME.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only responses of this class (2xx, 4xx, 5xx) or code (503).
+        #[arg(long)]
+        status: Option<String>,
+        /// Show this request header (repeatable); authorization, cookie, set-cookie and
+        /// proxy-authorization are always redacted.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+    },
     /// Run a command as service NAME: inside its cgroup, so its calls carry its identity.
     Run {
         name: String,
@@ -128,6 +154,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Undeploy { name } => Request::Undeploy { name: name.clone() },
         Command::List => Request::List,
         Command::Describe { name } => Request::Describe { name: name.clone() },
+        Command::Tap {
+            name,
+            last,
+            follow,
+            to,
+            from,
+            status,
+            headers,
+        } => {
+            let request = Request::Tap {
+                filter: TapFilter {
+                    service: name.clone(),
+                    to: to.clone(),
+                    from: from.clone(),
+                    status: status.clone(),
+                },
+                last: Some(last.unwrap_or(if *follow { 0 } else { 10 })),
+                follow: *follow,
+            };
+            let headers: Vec<String> = headers.iter().map(|h| h.to_ascii_lowercase()).collect();
+            let printer = tap::Printer::new(name, cli.output, headers);
+            printer.header();
+            return client::stream(&socket, &request, |m| printer.message(m)).await;
+        }
         Command::Run { name, command } => {
             let data = client::call(&socket, &Request::Describe { name: name.clone() }).await?;
             let detail: ServiceDetail = serde_json::from_value(data)?;
@@ -220,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status => print_status(&serde_json::from_value(data)?),
-        Command::Run { .. } => unreachable!("run exits above"),
+        Command::Run { .. } | Command::Tap { .. } => unreachable!("handled above"),
         Command::Route(_) | Command::Limit(_) => {
             let s: ServiceInfo = serde_json::from_value(data)?;
             println!("updated {}; takes effect on the next request", s.spec.name);
@@ -356,5 +406,9 @@ fn print_status(s: &AgentStatus) {
     println!(
         "http:        {} requests, {} retries, {} denied, {} rate limited, {} timed out, {} mesh errors",
         h.requests, h.retries, h.denied, h.rate_limited, h.timeouts, h.mesh_errors
+    );
+    println!(
+        "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",
+        s.ringbuf_records_lost, s.tap_events_lost
     );
 }

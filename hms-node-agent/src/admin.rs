@@ -30,6 +30,8 @@ pub struct Admin {
     pub started: Instant,
     pub dns: Arc<DnsResponder>,
     pub outbound: Arc<Outbound>,
+    pub tap: Arc<crate::tap::TapHub>,
+    pub redirector: Arc<crate::redirect::Redirector>,
 }
 
 /// Creates the socket, refusing to steal it from a live agent.
@@ -93,6 +95,17 @@ impl Admin {
                 return Ok(());
             }
             let line = String::from_utf8_lossy(&raw);
+            if raw.len() <= MAX_REQUEST
+                && let Ok(Request::Tap {
+                    filter,
+                    last,
+                    follow,
+                }) = serde_json::from_slice::<Request>(&raw)
+            {
+                // A tap owns the rest of the connection: a stream of lines until the client
+                // goes away (or, without `follow`, until the recorded events are sent).
+                return self.tap(write, filter, last, follow).await;
+            }
             let response = if raw.len() > MAX_REQUEST {
                 Response::Error {
                     message: format!("request larger than {MAX_REQUEST} bytes"),
@@ -159,6 +172,9 @@ impl Admin {
                 }
             }
             Request::Status => ok(&self.status()),
+            Request::Tap { .. } => Err(anyhow::anyhow!(
+                "a tap is a stream; send it first on its own connection"
+            )),
             Request::RouteSet { service, route } => match hms_ctl::spec::validate_route(&route) {
                 Err(m) => Err(anyhow::anyhow!("{m}")),
                 Ok(()) => {
@@ -210,6 +226,56 @@ impl Admin {
         }
     }
 
+    async fn tap(
+        &self,
+        mut write: tokio::net::unix::OwnedWriteHalf,
+        filter: hms_ctl::api::TapFilter,
+        last: Option<usize>,
+        follow: bool,
+    ) -> anyhow::Result<()> {
+        use hms_ctl::api::TapMessage;
+        async fn send(
+            write: &mut tokio::net::unix::OwnedWriteHalf,
+            m: &TapMessage,
+        ) -> anyhow::Result<()> {
+            let mut line = serde_json::to_vec(m)?;
+            line.push(b'\n');
+            write.write_all(&line).await?;
+            Ok(())
+        }
+        if self.store.snapshot().service(&filter.service).is_none() {
+            let message = format!(
+                "no service named `{}` is deployed (see `hms-ctl list`)",
+                filter.service
+            );
+            return send(&mut write, &TapMessage::Error { message }).await;
+        }
+        // Subscribe before reading the ring so nothing falls between the two.
+        let mut sub = follow.then(|| self.tap.subscribe(filter.clone()));
+        for e in self.tap.recent(&filter, last.unwrap_or(0)) {
+            send(&mut write, &TapMessage::Event(Box::new((*e).clone()))).await?;
+        }
+        let Some(sub) = sub.as_mut() else {
+            return send(&mut write, &TapMessage::End).await;
+        };
+        let mut reported = 0;
+        while let Some(e) = sub.events.recv().await {
+            let lost = sub.lost.load(std::sync::atomic::Ordering::Relaxed);
+            if lost > reported {
+                send(
+                    &mut write,
+                    &TapMessage::Lost {
+                        count: lost - reported,
+                    },
+                )
+                .await?;
+                reported = lost;
+            }
+            send(&mut write, &TapMessage::Event(Box::new((*e).clone()))).await?;
+        }
+        Ok(())
+    }
+
     /// Applies `edit` to a deployed spec through the registry (persisted, then visible to
     /// the data path on its next request).
     async fn edit(
@@ -256,6 +322,11 @@ impl Admin {
             dns: self.dns.stats.counters(),
             proxy: self.outbound.stats.counters(),
             http: self.outbound.http.stats.counters(),
+            ringbuf_records_lost: self.redirector.ringbuf_drops(),
+            tap_events_lost: self
+                .tap
+                .lost_total
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

@@ -17,9 +17,11 @@ use crate::config::{AgentConfig, RegistryUrl};
 use crate::dns::DnsResponder;
 use crate::dns::upstream::Upstream;
 use crate::drain;
+use crate::metrics::Metrics;
 use crate::proxy::Outbound;
 use crate::redirect::{RedirectOptions, Redirector};
 use crate::registry::{EmbeddedStore, Store};
+use crate::tap::TapHub;
 
 /// How long in-flight connections get to finish after a stop signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -83,7 +85,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         root: crate::cgroup::v2_root()?,
         hooked: config.cgroup.clone(),
     };
-    let outbound = Arc::new(Outbound::new(store.clone(), redirector.clone(), cgroups));
+    let tap = Arc::new(TapHub::default());
+    let metrics = Arc::new(Metrics::new());
+    let outbound = Arc::new(Outbound::new(
+        store.clone(),
+        redirector.clone(),
+        cgroups,
+        tap.clone(),
+        metrics.clone(),
+    ));
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
         origins: redirector.clone(),
@@ -99,13 +109,36 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         started: Instant::now(),
         dns: dns.clone(),
         outbound: outbound.clone(),
+        tap: tap.clone(),
+        redirector: redirector.clone(),
     });
+    metrics.register_collector(Box::new(crate::metrics_state::collector(
+        outbound.clone(),
+        dns.clone(),
+        tap.clone(),
+        redirector.clone(),
+    )));
+    let flows = redirector
+        .flow_reader()
+        .context("reading the kernel's flow records")?;
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbound.clone().serve(outbound_listener, drain.clone()));
     tasks.spawn(dns.clone().serve_udp(dns_udp, drain.clone()));
     tasks.spawn(dns.clone().serve_tcp(dns_tcp, drain.clone()));
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
+    tasks.spawn(crate::metrics::serve(
+        metrics.clone(),
+        config.metrics,
+        drain.clone(),
+    ));
+    // The flow feed ends only if the ring buffer fails; that must not stop the agent.
+    tokio::spawn(crate::flow_feed::run(
+        flows,
+        outbound.clone(),
+        tap.clone(),
+        metrics.clone(),
+    ));
     let checks = crate::proxy::http::health::run(outbound.http.clone(), drain.clone());
     tasks.spawn(async move {
         checks.await;

@@ -9,6 +9,8 @@
 //! | `registry` | services, VIPs, instances (the `Store` trait and its backends) |
 //! | `dns` | the `*.svc` responder and the upstream forwarder |
 //! | `proxy` | the outbound listener and the connection splice |
+//! | `tap` | the tap hub: recent events per service and lossy live subscribers |
+//! | `metrics` | Prometheus metrics on `--metrics` |
 //! | `admin` | the Unix-socket API hms-ctl talks to |
 //! | `drain` | graceful shutdown of listeners and in-flight work |
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
@@ -21,8 +23,12 @@ pub mod cgroup;
 pub mod config;
 pub mod dns;
 pub mod drain;
+pub mod flow_feed;
+pub mod metrics;
+pub mod metrics_state;
 pub mod original_dst;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;
 pub mod resilience;
+pub mod tap;

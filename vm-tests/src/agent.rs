@@ -18,6 +18,7 @@ pub struct TestAgent {
     pub socket: PathBuf,
     pub outbound: SocketAddrV4,
     pub dns: SocketAddrV4,
+    pub metrics: SocketAddrV4,
     pub pin_dir: PathBuf,
     pub vip_cidr: String,
     pub node_name: String,
@@ -39,6 +40,7 @@ impl TestAgent {
             socket: dir.path().join("agent.sock"),
             outbound: ports::free_addr(),
             dns: ports::free_addr(),
+            metrics: ports::free_addr(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/hms-test-{}-{n}", std::process::id())),
             vip_cidr: "127.77.0.0/16".into(),
             node_name: format!("test-node-{n}"),
@@ -78,6 +80,7 @@ impl TestAgent {
             .arg(&self.pin_dir)
             .args(["--outbound", &self.outbound.to_string()])
             .args(["--dns", &self.dns.to_string()])
+            .args(["--metrics", &self.metrics.to_string()])
             .args(["--vip-cidr", &self.vip_cidr])
             .args(["--node-name", &self.node_name])
             .env("RUST_LOG", "info,hms_node_agent=debug")

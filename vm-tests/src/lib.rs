@@ -5,5 +5,7 @@ pub mod agent;
 pub mod backend;
 pub mod bins;
 pub mod cgroup;
+pub mod client;
+pub mod grpc;
 pub mod ports;
 pub mod resolver;

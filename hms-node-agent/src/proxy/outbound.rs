@@ -19,7 +19,7 @@ use super::http::{Downstream, HttpProxy};
 use super::splice::splice;
 use crate::cgroup::ServiceCgroups;
 use crate::drain::Drain;
-use crate::original_dst::{self, OrigDst, OriginalDestinations};
+use crate::original_dst::{self, OriginalDestinations};
 use crate::registry::Store;
 use crate::resilience::policy::{self, Caller};
 
@@ -102,9 +102,11 @@ impl Outbound {
         store: Arc<dyn Store>,
         origins: Arc<dyn OriginalDestinations>,
         cgroups: ServiceCgroups,
+        tap: Arc<crate::tap::TapHub>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Outbound {
         Outbound {
-            http: Arc::new(HttpProxy::new(store.clone(), cgroups)),
+            http: Arc::new(HttpProxy::new(store.clone(), cgroups, tap, metrics)),
             store,
             origins,
             stats: ProxyStats::default(),
@@ -147,6 +149,13 @@ impl Outbound {
         let protocol = detect::detect(&client, DETECT_TIMEOUT).await;
         let name = placement.service.spec.name.clone();
         tracing::debug!(%peer, service = %name, caller = %placement.caller, process = %placement.process, ?protocol, "accepted");
+        if protocol != Protocol::Opaque
+            && let SocketAddr::V4(client) = peer
+        {
+            // Its requests are tapped one by one; the kernel's close record of this
+            // connection then only feeds metrics, not a second tap line.
+            self.http.tap.mark_http_flow(client);
+        }
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
@@ -220,22 +229,27 @@ impl Outbound {
             });
         }
         Ok(Placement {
-            caller: self.caller(&orig, &snapshot),
+            caller: self.caller_of(orig.cgroup_id, orig.pid, &snapshot),
             process: format!("{}[{}]", original_dst::comm(&orig), orig.pid),
             service: service.clone(),
         })
     }
 
     /// The service whose cgroup the caller runs in (or an ancestor's), else the host.
-    fn caller(&self, orig: &OrigDst, snapshot: &Arc<crate::registry::Snapshot>) -> Caller {
+    pub fn caller_of(
+        &self,
+        cgroup_id: u64,
+        pid: u32,
+        snapshot: &Arc<crate::registry::Snapshot>,
+    ) -> Caller {
         let index = self.http.states.callers(snapshot);
         if index.is_empty() {
             return Caller::Host;
         }
-        match index.caller_by_cgroup_id(orig.cgroup_id) {
+        match index.caller_by_cgroup_id(cgroup_id) {
             Caller::Host => {
                 // A child cgroup of a service's cgroup: walk up from the process's cgroup.
-                match crate::cgroup::cgroup_of_pid(&self.http.states.cgroups().root, orig.pid) {
+                match crate::cgroup::cgroup_of_pid(&self.http.states.cgroups().root, pid) {
                     Ok(dir) => index.caller_in_dir(&dir),
                     Err(_) => Caller::Host,
                 }

@@ -31,6 +31,8 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 
 #[derive(Default)]
 struct Capture {
+    /// Every body byte that passed, kept or not (for taps).
+    total: u64,
     data: BytesMut,
     trailers: Option<hyper::HeaderMap>,
     ended: bool,
@@ -57,6 +59,11 @@ impl Replay {
             }
             .boxed(),
         )
+    }
+
+    /// Body bytes read from the caller so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.capture.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 
     /// True once the body ended within the limit (so it could be sent again).
@@ -130,6 +137,7 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    c.total += data.len() as u64;
                     if c.data.len() + data.len() > REPLAY_LIMIT {
                         c.overflowed = true;
                         c.data = BytesMut::new();
@@ -162,6 +170,67 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Wraps a response body on its way to the caller: counts its bytes and calls `on_end` once,
+/// when the body ends or is dropped (the caller went away), so taps and metrics see the whole
+/// exchange without holding anything up.
+pub struct ObservedBody {
+    inner: ProxyBody,
+    bytes: u64,
+    on_end: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl ObservedBody {
+    pub fn new(inner: ProxyBody, on_end: impl FnOnce(u64) + Send + Sync + 'static) -> ObservedBody {
+        ObservedBody {
+            inner,
+            bytes: 0,
+            on_end: Some(Box::new(on_end)),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

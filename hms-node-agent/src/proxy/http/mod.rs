@@ -43,10 +43,18 @@ use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
 use crate::resilience::retry::{self, AttemptOutcome, RetryBackoff, RetryRequest, RetryVerdict};
 use crate::resilience::trace;
-use body::{ProxyBody, tee};
+use body::{ObservedBody, ProxyBody, tee};
+use hms_ctl::api::{TapEvent, TapKind};
+
+use crate::metrics::{DestinationLabels, EdgeLabels, Metrics};
+use crate::tap::TapHub;
 use errors::MeshError;
 use state::ServiceStates;
 use upstream::{UpstreamPool, Version};
+
+/// Extra time the outer route-timeout guard allows beyond the deadline each attempt already
+/// honours, so the attempt (not the guard) reports the timeout and charges the instance.
+const OUTER_TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 
 /// Retries a route gets when it does not say.
 pub const DEFAULT_RETRIES: u32 = 1;
@@ -91,6 +99,8 @@ impl HttpStats {
 
 pub struct HttpProxy {
     pub store: Arc<dyn Store>,
+    pub tap: Arc<TapHub>,
+    pub metrics: Arc<Metrics>,
     pub pool: Arc<UpstreamPool>,
     pub states: ServiceStates,
     pub stats: HttpStats,
@@ -98,9 +108,16 @@ pub struct HttpProxy {
 }
 
 impl HttpProxy {
-    pub fn new(store: Arc<dyn Store>, cgroups: crate::cgroup::ServiceCgroups) -> HttpProxy {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cgroups: crate::cgroup::ServiceCgroups,
+        tap: Arc<TapHub>,
+        metrics: Arc<Metrics>,
+    ) -> HttpProxy {
         HttpProxy {
             store,
+            tap,
+            metrics,
             pool: Arc::new(UpstreamPool::default()),
             states: ServiceStates::new(cgroups),
             stats: HttpStats::default(),
@@ -131,6 +148,10 @@ impl HttpProxy {
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
                     .max_buf_size(MAX_HEADER_BYTES)
+                    // max_buf_size alone is no head limit: one read may fill more than it
+                    // and a head that parses complete is accepted (a 100 KiB header went
+                    // through); this checks the parsed head's length.
+                    .max_header_size(MAX_HEADER_BYTES)
                     .serve_connection(io, service)
                     .with_upgrades()
                     .await
@@ -156,42 +177,110 @@ impl HttpProxy {
         let trace_id = trace::ensure_trace_id(req.headers_mut());
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+        let headers = tap_headers(req.headers());
+        let mut exchange = Exchange {
+            grpc,
+            trace_id: trace_id.as_str().to_string(),
+            ..Default::default()
+        };
         let snapshot = self.store.snapshot();
         let result = match snapshot.service(&ds.service) {
             None => Err(MeshError::NoEndpoint),
-            Some(svc) => {
-                self.decide_and_forward(req, svc, ds, grpc, trace_id.as_str())
-                    .await
-            }
+            Some(svc) => self.decide_and_forward(req, svc, ds, &mut exchange).await,
         };
-        let mut resp = match result {
-            Ok(resp) => resp,
+        let caller = ds.caller.to_string();
+        let destination = EdgeLabels {
+            source: caller.clone(),
+            destination: ds.service.clone(),
+        };
+        let (mut resp, mesh_error) = match result {
+            Ok(resp) => (resp, None),
             Err(e) => {
                 self.stats.mesh_errors.fetch_add(1, Ordering::Relaxed);
+                let dest = DestinationLabels {
+                    destination: ds.service.clone(),
+                };
                 match e {
-                    MeshError::Denied => self.stats.denied.fetch_add(1, Ordering::Relaxed),
-                    MeshError::RateLimited { .. } => {
-                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed)
+                    MeshError::Denied => {
+                        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.denied.get_or_create(&destination).inc();
                     }
-                    MeshError::Timeout => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
-                    _ => 0,
+                    MeshError::RateLimited { .. } => {
+                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.rate_limited.get_or_create(&dest).inc();
+                    }
+                    MeshError::Timeout => {
+                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.timeouts.get_or_create(&dest).inc();
+                    }
+                    _ => {}
                 };
                 tracing::warn!(
                     trace_id = %trace_id, service = %ds.service, caller = %ds.caller,
                     process = %ds.caller_process, %method, %path,
                     "mesh answered {}: {}", e.status().as_u16(), e.reason()
                 );
-                e.response(&ds.service, grpc)
+                (e.response(&ds.service, grpc), Some(e.reason().to_string()))
             }
         };
+        if exchange.retries > 0 {
+            self.metrics
+                .retries
+                .get_or_create(&DestinationLabels {
+                    destination: ds.service.clone(),
+                })
+                .inc_by(u64::from(exchange.retries));
+        }
         resp.headers_mut()
             .insert(trace::TRACE_ID_HEADER, trace_id.as_header_value().clone());
+        let status = resp.status().as_u16();
         tracing::debug!(
             trace_id = %trace_id, service = %ds.service, caller = %ds.caller, %method, %path,
-            status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64,
+            status, retries = exchange.retries, elapsed_ms = started.elapsed().as_millis() as u64,
             "request"
         );
-        resp
+        // The event is completed and published when the response body has been sent.
+        let mut event = TapEvent {
+            time_unix_ms: 0,
+            kind: TapKind::Http,
+            caller,
+            caller_process: ds.caller_process.clone(),
+            callee: ds.service.clone(),
+            method: Some(method.to_string()),
+            authority,
+            path: Some(path),
+            status: Some(status),
+            latency_ms: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            retries: exchange.retries,
+            upstream: exchange.upstream.map(|a| a.to_string()),
+            trace_id: Some(trace_id.as_str().to_string()),
+            mesh_error,
+            headers,
+            rtt_us: None,
+            retransmits: None,
+            connect_ms: None,
+        };
+        let tap = self.tap.clone();
+        let metrics = self.metrics.clone();
+        let replay = exchange.replay.take();
+        let (parts, body) = resp.into_parts();
+        let body = ObservedBody::new(body, move |response_bytes| {
+            event.time_unix_ms = unix_ms();
+            event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            event.response_bytes = response_bytes;
+            event.request_bytes = replay.map_or(0, |r| r.bytes_seen());
+            metrics.record_request(&event.caller, &event.callee, status, started);
+            tap.publish(event);
+        });
+        Response::from_parts(parts, body.boxed())
     }
 
     async fn decide_and_forward(
@@ -199,9 +288,10 @@ impl HttpProxy {
         req: Request<Incoming>,
         svc: &ServiceInfo,
         ds: &Downstream,
-        grpc: bool,
-        trace_id: &str,
+        exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, MeshError> {
+        let trace_id = exchange.trace_id.clone();
+        let trace_id = trace_id.as_str();
         if !policy::allows(&svc.spec.policy, &ds.caller) {
             return Err(MeshError::Denied);
         }
@@ -219,11 +309,13 @@ impl HttpProxy {
             }
         }
         let route = RouteSettings::for_path(&svc.spec, req.uri().path());
-        let timeout = route.timeout;
-        let work = self.forward(req, svc, &state, route, grpc, trace_id);
-        match timeout {
+        let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
+        let work = self.forward(req, svc, &state, route, deadline, exchange);
+        match deadline {
             None => work.await,
-            Some(t) => tokio::time::timeout(t, work)
+            // `forward` stops each attempt at the deadline itself (so the instance is charged
+            // for it); this outer bound only catches time spent outside an attempt.
+            Some(d) => tokio::time::timeout_at(d + OUTER_TIMEOUT_SLACK, work)
                 .await
                 .unwrap_or(Err(MeshError::Timeout)),
         }
@@ -235,12 +327,15 @@ impl HttpProxy {
         svc: &ServiceInfo,
         state: &state::ServiceState,
         route: RouteSettings,
-        grpc: bool,
-        trace_id: &str,
+        deadline: Option<tokio::time::Instant>,
+        exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, MeshError> {
         let RouteSettings {
             retries, per_try, ..
         } = route;
+        let grpc = exchange.grpc;
+        let trace_id = exchange.trace_id.clone();
+        let trace_id = trace_id.as_str();
         let version = match req.version() {
             hyper::Version::HTTP_2 => Version::Http2,
             _ => Version::Http1,
@@ -250,6 +345,7 @@ impl HttpProxy {
         }
         let (parts, incoming) = req.into_parts();
         let (tee_body, replay) = tee(incoming);
+        exchange.replay = Some(replay.clone());
         let mut first_body = Some(tee_body.boxed());
         let endpoints = &state.endpoints;
         state.budget.deposit(Instant::now());
@@ -268,6 +364,7 @@ impl HttpProxy {
                 return Err(MeshError::CircuitOpen);
             };
             let addr = endpoints.addrs[idx];
+            exchange.upstream = Some(addr);
             let in_flight = endpoints.balancer.start(idx, now);
             // Connect before giving the body away: a failed connect sent nothing, so the
             // untouched body is still there for the next instance.
@@ -288,10 +385,16 @@ impl HttpProxy {
                     };
                     let upstream_req = upstream_request(&parts, body, addr, version);
                     let sent = conn.send(&self.pool, upstream_req);
-                    // Err(None): the per-try timeout expired; Err(Some(e)): the exchange broke.
-                    let answered = match per_try {
+                    // The attempt ends at the per-try timeout or the route deadline, whichever
+                    // comes first. Err(None): it timed out; Err(Some(e)): the exchange broke.
+                    let attempt_deadline =
+                        [per_try.map(|t| tokio::time::Instant::now() + t), deadline]
+                            .into_iter()
+                            .flatten()
+                            .min();
+                    let answered = match attempt_deadline {
                         None => sent.await.map_err(Some),
-                        Some(t) => match tokio::time::timeout(t, sent).await {
+                        Some(d) => match tokio::time::timeout_at(d, sent).await {
                             Ok(r) => r.map_err(Some),
                             Err(_) => Err(None),
                         },
@@ -304,11 +407,14 @@ impl HttpProxy {
                                 || grpc_status == Some(retry::GRPC_STATUS_UNAVAILABLE);
                             let done = Instant::now();
                             if failed {
+                                // No latency sample: a fast failure must not make the
+                                // instance look fast (the breaker deals with failures).
                                 permit.failure(done);
+                                drop(in_flight);
                             } else {
                                 permit.success(done);
+                                in_flight.finish(done);
                             }
-                            in_flight.finish(done);
                             let outcome = AttemptOutcome::Response {
                                 status,
                                 grpc_status,
@@ -329,10 +435,17 @@ impl HttpProxy {
                             outcome
                         }
                         Err(e) => {
-                            permit.failure(Instant::now());
+                            let now = Instant::now();
+                            permit.failure(now);
                             last_error = match e {
                                 None => {
-                                    tracing::debug!(trace_id, service = %svc.spec.name, %addr, "per-try timeout");
+                                    // A slow instance is slow: record how long it kept us
+                                    // waiting so the balancer stops preferring it.
+                                    in_flight.finish(now);
+                                    tracing::debug!(trace_id, service = %svc.spec.name, %addr, "attempt timed out");
+                                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                                        return Err(MeshError::Timeout);
+                                    }
                                     MeshError::Timeout
                                 }
                                 Some(e) => {
@@ -360,6 +473,7 @@ impl HttpProxy {
                 return Err(last_error);
             }
             attempt += 1;
+            exchange.retries = attempt;
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             let delay = self.backoff.delay(attempt, &mut rand::rng());
             tracing::info!(
@@ -451,6 +565,39 @@ impl HttpProxy {
         }
         Ok(downstream_response(resp))
     }
+}
+
+/// What happened while forwarding one request, for taps and metrics.
+#[derive(Default)]
+pub struct Exchange {
+    pub grpc: bool,
+    pub trace_id: String,
+    pub retries: u32,
+    pub upstream: Option<SocketAddrV4>,
+    replay: Option<body::Replay>,
+}
+
+/// Request headers as a tap keeps them: bounded in number and size, sensitive values
+/// redacted at capture so they never reach memory a tap reader can see.
+fn tap_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    const MAX_HEADERS: usize = 32;
+    headers
+        .iter()
+        .take(MAX_HEADERS)
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                crate::tap::tap_header_value(k.as_str(), v.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What the matching route says, with defaults filled in.

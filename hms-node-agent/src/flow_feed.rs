@@ -1,0 +1,110 @@
+//! Joins the kernel's flow records (ring buffer) with what the agent knows: the callee from
+//! the original destination's VIP, the caller from the cgroup id. Every closed connection
+//! feeds the flow metrics; connections that carried raw TCP become a tap line of their own
+//! (bytes, RTT, duration), while HTTP connections are already tapped request by request.
+
+use std::sync::Arc;
+
+use hms_ctl::api::{TapEvent, TapKind};
+
+use crate::metrics::{ByteLabels, EdgeLabels, Metrics};
+use crate::proxy::Outbound;
+use crate::redirect::{EndedBy, FlowKind, FlowReader, FlowRecord};
+use crate::tap::TapHub;
+
+pub async fn run(
+    mut reader: FlowReader,
+    outbound: Arc<Outbound>,
+    tap: Arc<TapHub>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(record) = reader.next().await {
+        if record.dns {
+            continue;
+        }
+        if let FlowKind::Close {
+            duration, ended_by, ..
+        } = record.kind
+        {
+            publish_close(&record, duration, ended_by, &outbound, &tap, &metrics);
+        }
+    }
+    tracing::warn!(
+        "the flow record reader stopped; TCP taps and flow metrics are no longer updated"
+    );
+}
+
+/// Payload bytes from the kernel's sequence counters: SYN and FIN each take one.
+fn payload(record: &FlowRecord, ended_by: EndedBy) -> (u64, u64) {
+    let sent = record.bytes_acked.saturating_sub(2);
+    let received = match ended_by {
+        EndedBy::Peer => record.bytes_received.saturating_sub(1),
+        EndedBy::Client | EndedBy::Abort => record.bytes_received,
+    };
+    (sent, received)
+}
+
+fn publish_close(
+    record: &FlowRecord,
+    duration: std::time::Duration,
+    ended_by: EndedBy,
+    outbound: &Outbound,
+    tap: &TapHub,
+    metrics: &Metrics,
+) {
+    let snapshot = outbound.store.snapshot();
+    let callee = match snapshot.by_vip(*record.original_dst.ip()) {
+        Some(s) => s.spec.name.clone(),
+        // A VIP nobody owns: the proxy refused it and logged why.
+        None => return,
+    };
+    let caller = outbound
+        .caller_of(record.cgroup_id, record.pid, &snapshot)
+        .to_string();
+    let (sent, received) = payload(record, ended_by);
+    metrics
+        .flows
+        .get_or_create(&EdgeLabels {
+            source: caller.clone(),
+            destination: callee.clone(),
+        })
+        .inc();
+    for (direction, bytes) in [("sent", sent), ("received", received)] {
+        metrics
+            .flow_bytes
+            .get_or_create(&ByteLabels {
+                destination: callee.clone(),
+                direction: direction.into(),
+            })
+            .inc_by(bytes);
+    }
+    if tap.take_http_flow(record.client) {
+        return;
+    }
+    let ended = record.connected_at + record.connect_latency + duration;
+    tap.publish(TapEvent {
+        time_unix_ms: ended
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        kind: TapKind::Tcp,
+        caller,
+        caller_process: format!("{}[{}]", record.comm, record.pid),
+        callee,
+        method: None,
+        authority: None,
+        path: None,
+        status: None,
+        latency_ms: duration.as_secs_f64() * 1000.0,
+        request_bytes: sent,
+        response_bytes: received,
+        retries: 0,
+        upstream: None,
+        trace_id: None,
+        mesh_error: None,
+        headers: Vec::new(),
+        rtt_us: Some(record.srtt.as_micros() as u32),
+        retransmits: Some(record.total_retrans),
+        connect_ms: Some(record.connect_latency.as_secs_f64() * 1000.0),
+    });
+}

@@ -1,0 +1,161 @@
+//! The metrics read at scrape time from state the agent keeps anyway: circuit state per
+//! instance, DNS answers, connections, tap deliveries. Wiring only; the values' meaning is
+//! defined where they are kept.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::dns::DnsResponder;
+use crate::metrics::{ReadingSpec, SeriesSpec, StateCollector};
+use crate::proxy::Outbound;
+use crate::tap::TapHub;
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn collector(
+    outbound: Arc<Outbound>,
+    dns: Arc<DnsResponder>,
+    tap: Arc<TapHub>,
+    redirector: Arc<crate::redirect::Redirector>,
+) -> StateCollector {
+    let mut readings: Vec<ReadingSpec> = Vec::new();
+    readings.push(ReadingSpec {
+        name: "ringbuf_records_lost".into(),
+        help: "Kernel flow records dropped because the ring buffer was full".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || redirector.ringbuf_drops()),
+    });
+    let o = outbound.clone();
+    readings.push(ReadingSpec {
+        name: "active_connections".into(),
+        help: "Redirected connections the proxy is carrying now".into(),
+        counter: false,
+        labels: vec![],
+        read: Box::new(move || o.stats.active.load(Ordering::Relaxed)),
+    });
+    let o = outbound.clone();
+    readings.push(ReadingSpec {
+        name: "connections_refused".into(),
+        help: "Redirected connections closed without being proxied (no record, unknown VIP, wrong port, denied, dead instance)".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || o.stats.refused.load(Ordering::Relaxed)),
+    });
+    for (answer, pick) in [
+        ("vip", 0usize),
+        ("nodata", 1),
+        ("nxdomain", 2),
+        ("forwarded", 3),
+        ("formerr", 4),
+        ("servfail", 5),
+        ("dropped", 6),
+    ] {
+        let d = dns.clone();
+        readings.push(ReadingSpec {
+            name: "dns_queries".into(),
+            help: "DNS queries answered by the agent, by kind of answer".into(),
+            counter: true,
+            labels: labels(&[("answer", answer)]),
+            read: Box::new(move || {
+                let c = d.stats.counters();
+                [
+                    c.vip,
+                    c.nodata,
+                    c.nxdomain,
+                    c.forwarded,
+                    c.formerr,
+                    c.servfail,
+                    c.dropped,
+                ][pick]
+            }),
+        });
+    }
+    let t = tap.clone();
+    readings.push(ReadingSpec {
+        name: "tap_events_lost".into(),
+        help: "Tap events live subscribers missed because they read too slowly".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || t.lost_total.load(Ordering::Relaxed)),
+    });
+    let t = tap.clone();
+    readings.push(ReadingSpec {
+        name: "tap_events".into(),
+        help: "Events published to the tap hub".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || t.published_total.load(Ordering::Relaxed)),
+    });
+    let o = outbound.clone();
+    let circuit_state: Box<crate::metrics::SeriesFn> = Box::new(move || {
+        let snapshot = o.store.snapshot();
+        snapshot
+            .services()
+            .flat_map(|s| {
+                o.http
+                    .states
+                    .health(&s.spec.name)
+                    .into_iter()
+                    .map(move |h| {
+                        let v = match h.state.as_str() {
+                            "closed" => 0,
+                            "half_open" => 2,
+                            _ => 1,
+                        };
+                        (
+                            labels(&[
+                                ("destination", &s.spec.name),
+                                ("instance", &h.addr.to_string()),
+                            ]),
+                            v,
+                        )
+                    })
+            })
+            .collect()
+    });
+    let o = outbound;
+    let ejections: Box<crate::metrics::SeriesFn> = Box::new(move || {
+        let snapshot = o.store.snapshot();
+        snapshot
+            .services()
+            .flat_map(|s| {
+                o.http
+                    .states
+                    .health(&s.spec.name)
+                    .into_iter()
+                    .map(move |h| {
+                        (
+                            labels(&[
+                                ("destination", &s.spec.name),
+                                ("instance", &h.addr.to_string()),
+                            ]),
+                            h.ejections_total as i64,
+                        )
+                    })
+            })
+            .collect()
+    });
+    StateCollector {
+        readings,
+        series: vec![
+            SeriesSpec {
+                name: "circuit_state".into(),
+                help: "Circuit of each instance: 0 closed (healthy), 1 open (ejected), 2 half-open (probing)".into(),
+                counter: false,
+                read: circuit_state,
+            },
+            SeriesSpec {
+                name: "circuit_ejections".into(),
+                help: "Times each instance was ejected by its circuit breaker".into(),
+                counter: true,
+                read: ejections,
+            },
+        ],
+    }
+}
