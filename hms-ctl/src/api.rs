@@ -249,6 +249,9 @@ pub struct HttpCounters {
     pub rate_limited: u64,
     pub timeouts: u64,
     pub mesh_errors: u64,
+    /// Malformed or oversized request heads, and clients too slow to send one.
+    #[serde(default)]
+    pub bad_requests: u64,
 }
 
 /// DNS answers given since the agent started, by kind.

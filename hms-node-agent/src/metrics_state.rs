@@ -76,6 +76,14 @@ pub fn collector(
             }),
         });
     }
+    let o = outbound.clone();
+    readings.push(ReadingSpec {
+        name: "bad_requests".into(),
+        help: "Downstream HTTP connections ended by a malformed or oversized request head, or a client too slow to send one".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || o.http.stats.bad_requests.load(Ordering::Relaxed)),
+    });
     let t = tap.clone();
     readings.push(ReadingSpec {
         name: "tap_events_lost".into(),

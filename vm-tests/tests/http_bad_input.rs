@@ -57,6 +57,11 @@ fn a_malformed_request_gets_400_and_the_agent_keeps_serving() {
     }
     assert_eq!(backend.seen_count(), 0, "nothing malformed was forwarded");
     still_serving(&cg, &agent, "parse-svc", "/after");
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert_eq!(
+        status["http"]["bad_requests"], 3,
+        "each one counted: {status}"
+    );
 }
 
 #[test]

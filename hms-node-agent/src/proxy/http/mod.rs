@@ -81,6 +81,9 @@ pub struct HttpStats {
     pub rate_limited: AtomicU64,
     pub timeouts: AtomicU64,
     pub mesh_errors: AtomicU64,
+    /// Downstream connections ended by a malformed or oversized request head, or a client
+    /// too slow to send one.
+    pub bad_requests: AtomicU64,
 }
 
 impl HttpStats {
@@ -93,6 +96,7 @@ impl HttpStats {
             rate_limited: g(&self.rate_limited),
             timeouts: g(&self.timeouts),
             mesh_errors: g(&self.mesh_errors),
+            bad_requests: g(&self.bad_requests),
         }
     }
 }
@@ -166,7 +170,12 @@ impl HttpProxy {
         if let Err(e) = result {
             // Malformed requests, oversized headers and slow clients end here after hyper
             // answered them (400/431) or closed the connection.
-            tracing::debug!(peer = %ds.peer, service = %ds.service, "downstream connection ended: {e}");
+            if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %ds.peer, service = %ds.service, caller = %ds.caller, process = %ds.caller_process, "bad request from caller: {e}");
+            } else {
+                tracing::debug!(peer = %ds.peer, service = %ds.service, "downstream connection ended: {e}");
+            }
         }
     }
 
