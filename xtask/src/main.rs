@@ -1,5 +1,5 @@
 //! `cargo xtask`: the project's developer commands. Owns argument parsing and dispatch only;
-//! each command lives in its own module (`setup`, `test`, `demo`).
+//! each command lives in its own module (`setup`, `test`, `demo`, `vmtest`).
 
 mod cgroup;
 mod demo;
@@ -7,6 +7,12 @@ mod interrupt;
 mod proc;
 mod setup;
 mod test;
+mod vm_cpio;
+mod vm_init;
+mod vm_kernel;
+mod vm_qemu;
+mod vm_rootfs;
+mod vmtest;
 mod workspace;
 
 use std::process::ExitCode;
@@ -25,9 +31,20 @@ enum Command {
     /// Install what building and running HMS needs (apt packages, nightly rust-src,
     /// bpf-linker); skips whatever is already present.
     Setup,
-    /// Run setup, build every binary, run every test (the vm-tests need root), print a summary.
+    /// Run setup, build every binary, run every test (the vm-tests need root), then the
+    /// vm-tests again in a VM on Debian's 6.1 kernel; print one summary.
     Test {
+        /// Skip the VM run (the vm-tests still run on this host's kernel).
+        #[arg(long)]
+        no_vm: bool,
         /// Passed to the test binaries, e.g. a name filter: `cargo xtask test -- dns`.
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// Run the vm-tests inside a QEMU VM (no network) on Debian's 6.1 kernel, downloaded
+    /// once into target/vm/; the console is streamed and kept in target/vm/console.log.
+    VmTest {
+        /// Passed to the test binaries in the VM, e.g. a name filter: `cargo xtask vm-test -- dns`.
         #[arg(last = true)]
         test_args: Vec<String>,
     },
@@ -44,7 +61,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::run(),
-        Command::Test { test_args } => test::run(&test_args),
+        Command::Test { no_vm, test_args } => test::run(&test_args, !no_vm),
+        Command::VmTest { test_args } => vmtest::run(&test_args),
         Command::Demo { once } => demo::run(once),
     };
     match result {

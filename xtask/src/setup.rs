@@ -13,7 +13,9 @@ use crate::proc;
 use crate::workspace;
 
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker; bpftool, dig, curl and
-/// ip for the demo, the tests and debugging.
+/// ip for the demo, the tests and debugging; qemu, the static busybox (the VM's /init and
+/// coreutils), binutils (`strip`) and python3 (a raw-bytes test client) for `vm-test`;
+/// prometheus for `promtool check metrics` in the metrics test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +26,11 @@ const APT_PACKAGES: &[&str] = &[
     "dnsutils",
     "curl",
     "iproute2",
+    "qemu-system-x86",
+    "busybox-static",
+    "binutils",
+    "python3",
+    "prometheus",
 ];
 
 /// The eBPF programs build with nightly's `-Z build-std`, which needs rust-src.

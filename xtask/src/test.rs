@@ -1,34 +1,36 @@
-//! `cargo xtask test`: setup, build every host binary, run every test, and close with one
-//! summary line `summary: N passed, M failed, K skipped`. Owns the order of steps and the
-//! reading of cargo test's `test result:` lines; never decides what a test checks.
+//! `cargo xtask test`: setup, build every host binary, run every test on this host, then the
+//! vm-tests again inside a VM on Debian's 6.1 kernel (`vmtest`; `--no-vm` skips that), and
+//! close with one summary line `summary: N passed, M failed, K skipped` counting both. Owns
+//! the order of steps and the reading of cargo test's `test result:` lines; never decides
+//! what a test checks.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{proc, setup, workspace};
+use crate::{proc, setup, vmtest, workspace};
 
 /// Two cores on our machines: two test threads keep the vm-tests (real kernel, real
 /// sockets) from starving each other while still overlapping waits.
 const TEST_THREADS: &str = "--test-threads=2";
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    passed: u64,
-    failed: u64,
-    ignored: u64,
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts) {
+    pub fn add(&mut self, other: Counts) {
         self.passed += other.passed;
         self.failed += other.failed;
         self.ignored += other.ignored;
     }
 }
 
-pub fn run(test_args: &[String]) -> anyhow::Result<()> {
+pub fn run(test_args: &[String], vm: bool) -> anyhow::Result<()> {
     setup::run()?;
 
     let mut total = Counts::default();
@@ -60,6 +62,19 @@ pub fn run(test_args: &[String]) -> anyhow::Result<()> {
                 "`{line}` failed without a failing test (see above)"
             ));
         }
+    }
+    if vm {
+        // The VM run last: it reuses the binaries built above, and a host failure is
+        // reported before the few minutes the VM takes.
+        match vmtest::run_counted(test_args) {
+            Ok(run) => {
+                total.add(run.counts);
+                broken_steps.extend(run.broken.into_iter().map(|b| format!("vm-test: {b}")));
+            }
+            Err(err) => broken_steps.push(format!("vm-test could not run: {err:#}")),
+        }
+    } else {
+        println!("xtask test: --no-vm: skipping the vm-tests on Debian's 6.1 kernel");
     }
     finish(total, &broken_steps)
 }
@@ -103,7 +118,7 @@ fn run_counting(mut cmd: Command) -> anyhow::Result<(Counts, bool)> {
 }
 
 /// `test result: FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; ...`
-fn parse_result_line(line: &str) -> Option<Counts> {
+pub fn parse_result_line(line: &str) -> Option<Counts> {
     let rest = line.trim().strip_prefix("test result:")?;
     let words: Vec<&str> = rest
         .split(|c: char| c.is_whitespace() || c == ';')
