@@ -1,7 +1,7 @@
 //! The admin API spoken over the agent's Unix socket: one JSON request per line, one JSON
 //! response per line. Owns the wire types only; never does I/O.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +42,12 @@ pub enum Request {
     LimitClear {
         service: String,
     },
+    /// From a successor agent (`--takeover`): answered with the listeners' fds.
+    Handover,
+    /// From the successor once it serves: stop accepting, drain and exit.
+    HandoverDone,
+    /// Start a successor of this agent (same flags plus `--takeover`) and hand over to it.
+    Upgrade,
     /// Traffic to and from a service: the `last` recorded events, then (with `follow`) live
     /// ones. Answered by a stream of [`TapMessage`] lines instead of one [`Response`].
     Tap {
@@ -184,6 +190,36 @@ pub struct ServiceInfo {
     pub instances: Vec<Instance>,
 }
 
+/// A host in the mesh as the registry holds it. With the etcd registry the record lives under
+/// the host's lease: it exists exactly while the host's agent is alive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Where other hosts reach this host's inbound mTLS listener (cross-host tunnels).
+    pub inbound: SocketAddr,
+    /// When the record was last written (registration, re-registration after a lost
+    /// lease), milliseconds since the Unix epoch.
+    pub last_seen_unix_ms: u64,
+    /// When this host's workload certificate expires, milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expiry_unix_ms: Option<u64>,
+}
+
+/// How the registry backend is doing, for `hms-ctl status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistryHealth {
+    /// `embedded` or `etcd`.
+    pub backend: String,
+    /// False while the agent cannot reach the registry and serves its last known state.
+    pub connected: bool,
+    /// The most recent failure talking to the registry, kept after recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The registry revision the served state reflects (etcd's revision; the embedded
+    /// store counts its own changes).
+    pub revision: u64,
+}
+
 /// `describe`: the service plus what the proxy knows about each instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServiceDetail {
@@ -229,6 +265,9 @@ pub struct AgentStatus {
     pub state_dir: String,
     pub services: usize,
     pub listeners: Listeners,
+    /// Where the listeners came from: `bound`, `systemd` or `hand-over`.
+    #[serde(default)]
+    pub listeners_from: String,
     pub redirect: RedirectInfo,
     pub dns: DnsCounters,
     pub proxy: ProxyCounters,

@@ -82,12 +82,27 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// The agent process itself.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
     /// Rate limit of a service on this host.
     #[command(subcommand)]
     Limit(LimitCommand),
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Replace the running agent with the binary now on disk, without closing a listener:
+    /// the successor takes the listening sockets and the pinned eBPF state over, the old
+    /// agent drains its in-flight requests and exits. (Sending SIGUSR2 does the same.)
+    Upgrade {
+        /// Return at once instead of waiting until the successor answers.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +192,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let printer = tap::Printer::new(name, cli.output, headers);
             printer.header();
             return client::stream(&socket, &request, |m| printer.message(m)).await;
+        }
+        Command::Agent(AgentCommand::Upgrade { no_wait }) => {
+            let before: AgentStatus =
+                serde_json::from_value(client::call(&socket, &Request::Status).await?)?;
+            let data = client::call(&socket, &Request::Upgrade).await?;
+            let successor = data["successor_pid"].as_u64().unwrap_or(0);
+            if *no_wait {
+                println!("upgrade started: successor pid {successor}");
+                return Ok(());
+            }
+            // Done when the socket answers from the successor.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(v) = client::call(&socket, &Request::Status).await
+                    && let Ok(now) = serde_json::from_value::<AgentStatus>(v)
+                    && now.pid != before.pid
+                {
+                    println!(
+                        "upgraded: agent pid {} -> {} (listeners handed over; the old agent drains and exits)",
+                        before.pid, now.pid
+                    );
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "the successor (pid {successor}) did not take over within 30 s; the old agent (pid {}) keeps serving. See the agent's log.",
+                        before.pid
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         Command::Run { name, command } => {
             let data = client::call(&socket, &Request::Describe { name: name.clone() }).await?;
@@ -270,7 +316,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status => print_status(&serde_json::from_value(data)?),
-        Command::Run { .. } | Command::Tap { .. } => unreachable!("handled above"),
+        Command::Run { .. } | Command::Tap { .. } | Command::Agent(_) => {
+            unreachable!("handled above")
+        }
         Command::Route(_) | Command::Limit(_) => {
             let s: ServiceInfo = serde_json::from_value(data)?;
             println!("updated {}; takes effect on the next request", s.spec.name);
@@ -377,7 +425,10 @@ fn print_status(s: &AgentStatus) {
     );
     println!("registry:    {}", s.registry);
     println!("services:    {}", s.services);
-    println!("outbound:    {}", s.listeners.outbound);
+    println!(
+        "outbound:    {} (listeners: {})",
+        s.listeners.outbound, s.listeners_from
+    );
     println!("dns:         {}", s.listeners.dns);
     println!("admin:       {}", s.listeners.admin_socket);
     println!(

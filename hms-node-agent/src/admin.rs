@@ -32,6 +32,55 @@ pub struct Admin {
     pub outbound: Arc<Outbound>,
     pub tap: Arc<crate::tap::TapHub>,
     pub redirector: Arc<crate::redirect::Redirector>,
+    /// Duplicates of the data-path listeners, for a successor (`handover`).
+    pub handover_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// How to start a successor (`hms-ctl agent upgrade`).
+    pub relaunch: crate::handover::Relaunch,
+    /// Notified when a successor confirmed the hand-over: stop accepting and drain.
+    pub handed_over: Arc<tokio::sync::Notify>,
+    /// The admin socket path belongs to the successor from then on.
+    pub socket_handed_over: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the listeners came from: `bound`, `systemd` or `hand-over`.
+    pub listeners_origin: &'static str,
+}
+
+/// The admin socket file as this agent bound it; removed on drop only if it is still ours
+/// (after a hand-over the path belongs to the successor).
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    /// Set once a successor owns the path (inode numbers can be reused, so the file itself
+    /// cannot tell).
+    pub handed_over: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if !self.handed_over.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds the admin socket. Refuses to steal it from a live agent unless `replace` (a
+/// hand-over, where the old agent is expected to be there).
+pub async fn bind_socket(path: &Path, replace: bool) -> anyhow::Result<(UnixListener, SocketFile)> {
+    let listener = if replace {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path)
+            .with_context(|| format!("binding admin socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private (0600)", path.display()))?;
+        l
+    } else {
+        bind(path).await?
+    };
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            handed_over: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        },
+    ))
 }
 
 /// Creates the socket, refusing to steal it from a live agent.
@@ -95,6 +144,21 @@ impl Admin {
                 return Ok(());
             }
             let line = String::from_utf8_lossy(&raw);
+            if raw.len() <= MAX_REQUEST
+                && let Ok(Request::Handover) = serde_json::from_slice::<Request>(&raw)
+            {
+                use std::os::fd::AsRawFd;
+                // The fds go in the same message as the answer line (SCM_RIGHTS).
+                let fd = write.as_ref().as_raw_fd();
+                let fds: Vec<(String, std::os::fd::OwnedFd)> = self
+                    .handover_fds
+                    .iter()
+                    .map(|(n, f)| f.try_clone().map(|f| (n.clone(), f)))
+                    .collect::<Result<_, _>>()?;
+                crate::handover::send_listeners(fd, &fds)?;
+                tracing::info!("handed the listeners to a successor; waiting for it to confirm");
+                continue;
+            }
             if raw.len() <= MAX_REQUEST
                 && let Ok(Request::Tap {
                     filter,
@@ -175,6 +239,23 @@ impl Admin {
             Request::Tap { .. } => Err(anyhow::anyhow!(
                 "a tap is a stream; send it first on its own connection"
             )),
+            Request::Handover => Err(anyhow::anyhow!(
+                "a hand-over is answered with fds; send it first on its own connection"
+            )),
+            Request::HandoverDone => {
+                tracing::info!("successor confirmed the hand-over: draining and exiting");
+                self.socket_handed_over
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                self.handed_over.notify_one();
+                ok(&serde_json::json!({ "draining": true }))
+            }
+            Request::Upgrade => match self.relaunch.spawn() {
+                Ok(pid) => {
+                    tracing::info!(successor = pid, "upgrade: started a successor");
+                    ok(&serde_json::json!({ "successor_pid": pid }))
+                }
+                Err(e) => Err(e),
+            },
             Request::RouteSet { service, route } => match hms_ctl::spec::validate_route(&route) {
                 Err(m) => Err(anyhow::anyhow!("{m}")),
                 Ok(()) => {
@@ -319,6 +400,7 @@ impl Admin {
                 admin_socket: c.admin_socket.display().to_string(),
             },
             redirect: self.redirect.clone(),
+            listeners_from: self.listeners_origin.to_string(),
             dns: self.dns.stats.counters(),
             proxy: self.outbound.stats.counters(),
             http: self.outbound.http.stats.counters(),

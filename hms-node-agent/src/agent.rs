@@ -1,15 +1,15 @@
-//! Starting and stopping the agent: open the registry, bind every listener, attach (or adopt)
-//! the eBPF redirect, serve until SIGINT/SIGTERM, then drain. Listeners are bound before the
-//! kernel programs are attached so that a busy port fails the start before any traffic is
-//! redirected to it. Pinned programs are left in place on exit: redirection survives a
+//! Starting and stopping the agent: open the registry, get the listeners (from a predecessor,
+//! systemd or bind), attach (or adopt) the eBPF redirect, serve until SIGINT/SIGTERM or a
+//! hand-over, then drain. Listeners come before the kernel programs so that a busy port
+//! fails the start before any traffic is redirected to it. Pinned programs are left in place on exit: redirection survives a
 //! restart, and `hms-node-agent cleanup` is what removes it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hms_ctl::api::RedirectInfo;
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::{self, Admin};
@@ -17,6 +17,8 @@ use crate::config::{AgentConfig, RegistryUrl};
 use crate::dns::DnsResponder;
 use crate::dns::upstream::Upstream;
 use crate::drain;
+use crate::handover::{self, Relaunch};
+use crate::listeners::DataListeners;
 use crate::metrics::Metrics;
 use crate::proxy::Outbound;
 use crate::redirect::{RedirectOptions, Redirector};
@@ -26,7 +28,12 @@ use crate::tap::TapHub;
 /// How long in-flight connections get to finish after a stop signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM/SIGINT or a hand-over to a successor. `systemd_fds` are the
+/// sockets systemd passed (empty without socket activation).
+pub async fn run(
+    config: AgentConfig,
+    systemd_fds: HashMap<String, std::os::fd::OwnedFd>,
+) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "hms-node-agent must run as root (it loads eBPF programs and attaches them to a cgroup); try `sudo hms-node-agent run`"
@@ -39,21 +46,27 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
     };
 
-    let outbound_listener = TcpListener::bind(config.outbound).await.with_context(|| {
-        format!(
-            "binding the outbound listener {} (--outbound)",
-            config.outbound
-        )
-    })?;
-    let dns_udp = UdpSocket::bind(config.dns)
-        .await
-        .with_context(|| format!("binding the DNS responder {}/udp (--dns)", config.dns))?;
-    let dns_tcp = TcpListener::bind(config.dns)
-        .await
-        .with_context(|| format!("binding the DNS responder {}/tcp (--dns)", config.dns))?;
-    let admin_listener = admin::bind(&config.admin_socket).await?;
-    // From here on, any exit removes the socket so hms-ctl reports "not running", not a hang.
-    let _socket_file = RemoveOnDrop(config.admin_socket.clone());
+    // Listeners first: from a predecessor (upgrade), from systemd, or bound here. A busy
+    // port fails the start before any traffic is redirected to it.
+    let relaunch = Relaunch::from_current_process()?;
+    let (successor, given, origin) = if config.takeover {
+        let admin_socket = config.admin_socket.clone();
+        let (successor, fds) =
+            tokio::task::spawn_blocking(move || handover::request_listeners(&admin_socket))
+                .await??;
+        (Some(successor), fds, "hand-over")
+    } else if !systemd_fds.is_empty() {
+        (None, systemd_fds, "systemd")
+    } else {
+        (None, HashMap::new(), "bound")
+    };
+    let listeners = DataListeners::acquire(&config, given, origin)?;
+    let handover_fds = listeners.duplicates()?;
+    let listeners = listeners.into_tokio()?;
+    // From here on, any exit removes the socket (if still ours) so hms-ctl reports "not
+    // running", not a hang.
+    let (admin_listener, socket_file) =
+        admin::bind_socket(&config.admin_socket, config.takeover).await?;
 
     let redirector = Arc::new(
         Redirector::start(&RedirectOptions {
@@ -81,6 +94,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
 
     let (trigger, drain) = drain::channel();
+    let handed_over = Arc::new(tokio::sync::Notify::new());
     let cgroups = crate::cgroup::ServiceCgroups {
         root: crate::cgroup::v2_root()?,
         hooked: config.cgroup.clone(),
@@ -111,6 +125,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         outbound: outbound.clone(),
         tap: tap.clone(),
         redirector: redirector.clone(),
+        handover_fds,
+        relaunch: relaunch.clone(),
+        handed_over: handed_over.clone(),
+        socket_handed_over: socket_file.handed_over.clone(),
+        listeners_origin: origin,
     });
     metrics.register_collector(Box::new(crate::metrics_state::collector(
         outbound.clone(),
@@ -118,26 +137,35 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tap.clone(),
         redirector.clone(),
     )));
-    let flows = redirector
-        .flow_reader()
-        .context("reading the kernel's flow records")?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(outbound.clone().serve(outbound_listener, drain.clone()));
-    tasks.spawn(dns.clone().serve_udp(dns_udp, drain.clone()));
-    tasks.spawn(dns.clone().serve_tcp(dns_tcp, drain.clone()));
+    tasks.spawn(outbound.clone().serve(listeners.outbound, drain.clone()));
+    tasks.spawn(dns.clone().serve_udp(listeners.dns_udp, drain.clone()));
+    tasks.spawn(dns.clone().serve_tcp(listeners.dns_tcp, drain.clone()));
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
     tasks.spawn(crate::metrics::serve(
         metrics.clone(),
-        config.metrics,
+        listeners.metrics,
         drain.clone(),
     ));
-    // The flow feed ends only if the ring buffer fails; that must not stop the agent.
+    if let Some(successor) = successor {
+        // We serve on the shared listeners now; let the old agent drain and go.
+        tokio::task::spawn_blocking(move || successor.confirm()).await??;
+        tracing::info!("took over from the previous agent");
+        // The ring buffer has one consumer: give the old agent a moment to stop reading.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let flows = redirector
+        .flow_reader()
+        .context("reading the kernel's flow records")?;
+    // The flow feed ends only if the ring buffer fails (or on drain); that must not stop
+    // the agent.
     tokio::spawn(crate::flow_feed::run(
         flows,
         outbound.clone(),
         tap.clone(),
         metrics.clone(),
+        drain.clone(),
     ));
     let checks = crate::proxy::http::health::run(outbound.http.clone(), drain.clone());
     tasks.spawn(async move {
@@ -153,15 +181,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         admin = %config.admin_socket.display(),
         services = store.snapshot().len(),
         adopted = described.adopted,
+        listeners = origin,
         "agent ready"
     );
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let failed = tokio::select! {
-        _ = term.recv() => None,
-        _ = int.recv() => None,
-        r = tasks.join_next() => r,
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    let failed = loop {
+        tokio::select! {
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            _ = handed_over.notified() => break None,
+            _ = usr2.recv() => match relaunch.spawn() {
+                // The successor takes over through the admin socket; we go on until it
+                // confirms.
+                Ok(pid) => tracing::info!(successor = pid, "SIGUSR2: started a successor"),
+                Err(e) => tracing::error!("SIGUSR2: could not start a successor: {e:#}"),
+            },
+            r = tasks.join_next() => break r,
+        }
     };
     if let Some(r) = failed {
         // A serving loop only returns on drain; anything else is a bug worth stopping for.
@@ -183,12 +222,4 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "agent stopped; redirect programs stay pinned (run `hms-node-agent cleanup` to remove them)"
     );
     Ok(())
-}
-
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

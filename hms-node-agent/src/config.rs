@@ -24,6 +24,11 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Take the listeners over from the agent running on --admin-socket (an upgrade; see
+    /// `hms-ctl agent upgrade`), then make it drain and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub takeover: bool,
     /// This host's name in the registry [default: the hostname].
     #[arg(long)]
     pub node_name: Option<String>,
@@ -93,6 +98,7 @@ impl RunArgs {
     fn over(self, base: RunArgs) -> RunArgs {
         RunArgs {
             config: self.config.or(base.config),
+            takeover: self.takeover || base.takeover,
             node_name: self.node_name.or(base.node_name),
             cgroup: self.cgroup.or(base.cgroup),
             state_dir: self.state_dir.or(base.state_dir),
@@ -113,6 +119,7 @@ impl RunArgs {
 /// The settings in force.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    pub takeover: bool,
     pub node_name: String,
     pub cgroup: PathBuf,
     pub state_dir: PathBuf,
@@ -139,6 +146,7 @@ impl AgentConfig {
             None => crate::cgroup::v2_root()?,
         };
         let config = AgentConfig {
+            takeover: args.takeover,
             node_name: match args.node_name {
                 Some(n) => n,
                 None => hostname(),

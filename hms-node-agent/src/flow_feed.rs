@@ -17,8 +17,17 @@ pub async fn run(
     outbound: Arc<Outbound>,
     tap: Arc<TapHub>,
     metrics: Arc<Metrics>,
+    drain: crate::drain::Drain,
 ) {
-    while let Some(record) = reader.next().await {
+    loop {
+        let record = tokio::select! {
+            r = reader.next() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            // A successor reads the ring buffer from now on (it has one consumer).
+            _ = drain.signaled() => return,
+        };
         if record.dns {
             continue;
         }

@@ -12,7 +12,10 @@
 //! | `tap` | the tap hub: recent events per service and lossy live subscribers |
 //! | `metrics` | Prometheus metrics on `--metrics` |
 //! | `admin` | the Unix-socket API hms-ctl talks to |
+//! | `listeners` | where listeners come from: hand-over, systemd socket activation, or bind |
+//! | `handover` | upgrading without closing a listener: fd passing between agents |
 //! | `drain` | graceful shutdown of listeners and in-flight work |
+//! | `identity` | the mesh CA, join tokens, node certificates (SPIFFE IDs), mTLS configs for :15008 |
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
 //! | `agent` | starting and stopping all of the above |
@@ -24,6 +27,9 @@ pub mod config;
 pub mod dns;
 pub mod drain;
 pub mod flow_feed;
+pub mod handover;
+pub mod identity;
+pub mod listeners;
 pub mod metrics;
 pub mod metrics_state;
 pub mod original_dst;

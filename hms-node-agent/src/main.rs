@@ -47,11 +47,14 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => match AgentConfig::resolve(*args) {
             Ok(config) => {
                 init_logs(config.log_format);
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(hms_node_agent::agent::run(config)))
+                // Read (and unset) systemd's LISTEN_* before any thread exists.
+                hms_node_agent::listeners::from_systemd().and_then(|passed| {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| rt.block_on(hms_node_agent::agent::run(config, passed)))
+                })
             }
             Err(e) => Err(e),
         },

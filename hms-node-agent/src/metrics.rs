@@ -4,11 +4,9 @@
 //! connections) are read at scrape time by [`StateCollector`] instead of being copied on
 //! every event. Never blocks the data path: a scrape only takes short locks.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Context;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -237,15 +235,12 @@ impl Collector for StateCollector {
     }
 }
 
-/// Serves `GET /metrics` until drained.
+/// Serves `GET /metrics` on `listener` until drained.
 pub async fn serve(
     metrics: Arc<Metrics>,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     drain: crate::drain::Drain,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics listener {addr} (--metrics)"))?;
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {

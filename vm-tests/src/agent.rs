@@ -22,6 +22,10 @@ pub struct TestAgent {
     pub pin_dir: PathBuf,
     pub vip_cidr: String,
     pub node_name: String,
+    /// Network namespace the agent runs in (a `TestNet` host), if any.
+    pub netns: Option<String>,
+    /// Further `run` flags (registry, inbound, identity...).
+    pub extra_args: Vec<String>,
     /// Holds state dir, socket and log; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -29,6 +33,15 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent attached to `cgroup` and waits until it answers `status`.
     pub fn start(cgroup: &Path) -> anyhow::Result<TestAgent> {
+        Self::start_with(cgroup, None, Vec::new())
+    }
+
+    /// Like [`TestAgent::start`], inside network namespace `netns` and with more flags.
+    pub fn start_with(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
             .prefix("hms-test-agent-")
@@ -43,7 +56,13 @@ impl TestAgent {
             metrics: ports::free_addr(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/hms-test-{}-{n}", std::process::id())),
             vip_cidr: "127.77.0.0/16".into(),
-            node_name: format!("test-node-{n}"),
+            node_name: extra_args
+                .iter()
+                .position(|a| a == "--node-name")
+                .and_then(|i| extra_args.get(i + 1).cloned())
+                .unwrap_or_else(|| format!("test-node-{n}")),
+            netns: netns.map(str::to_string),
+            extra_args,
             dir,
         };
         agent.spawn()?;
@@ -69,7 +88,16 @@ impl TestAgent {
             .append(true)
             .open(self.log_path())
             .context("agent log")?;
-        let child = Command::new(bins::path("hms-node-agent"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(bins::path("hms-node-agent"));
+                c
+            }
+            None => Command::new(bins::path("hms-node-agent")),
+        };
+        let child = cmd
             .args(["run", "--cgroup"])
             .arg(&self.cgroup)
             .arg("--state-dir")
@@ -82,7 +110,12 @@ impl TestAgent {
             .args(["--dns", &self.dns.to_string()])
             .args(["--metrics", &self.metrics.to_string()])
             .args(["--vip-cidr", &self.vip_cidr])
-            .args(["--node-name", &self.node_name])
+            .args(if self.extra_args.iter().any(|a| a == "--node-name") {
+                vec![]
+            } else {
+                vec!["--node-name".to_string(), self.node_name.clone()]
+            })
+            .args(&self.extra_args)
             .env("RUST_LOG", "info,hms_node_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -158,6 +191,32 @@ impl TestAgent {
         ))
     }
 
+    /// The pid of the agent serving the admin socket now.
+    pub fn pid(&self) -> Option<u32> {
+        self.ctl_json(&["status"])
+            .ok()
+            .and_then(|s| s["pid"].as_u64())
+            .map(|p| p as u32)
+    }
+
+    /// Kills the serving agent with SIGKILL (a crash): nothing is cleaned up.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().context("no agent answers")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again with the same settings and state (after a crash or stop).
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn()
+    }
+
     /// Stops the agent with SIGTERM (graceful); pinned programs stay.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -197,6 +256,13 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        // After an upgrade the serving agent is a successor, not our child.
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

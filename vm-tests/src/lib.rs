@@ -6,6 +6,20 @@ pub mod backend;
 pub mod bins;
 pub mod cgroup;
 pub mod client;
+pub mod etcd;
 pub mod grpc;
+pub mod netns;
 pub mod ports;
 pub mod resolver;
+
+/// True inside `cargo xtask vm-test`'s VM, where software emulation makes everything several
+/// times slower.
+pub fn in_vm() -> bool {
+    std::env::var_os("HMS_IN_VM").is_some()
+}
+
+/// A wall-clock bound for a test: as given on a real machine, three times as long in the
+/// emulated VM. Behaviour is asserted either way; only the clock is forgiving.
+pub fn slack(d: std::time::Duration) -> std::time::Duration {
+    if in_vm() { d * 3 } else { d }
+}

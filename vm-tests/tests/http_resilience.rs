@@ -131,7 +131,7 @@ fn a_2s_route_timeout_fires_between_2_and_3_seconds() {
     assert_eq!(r.status, 504, "{r}\n{}", tail(&agent.log(), 30));
     assert_eq!(r.header("x-hms-error"), Some("timeout"), "{r}");
     assert!(
-        r.elapsed >= Duration::from_secs(2) && r.elapsed < Duration::from_secs(3),
+        r.elapsed >= Duration::from_secs(2) && r.elapsed < vm_tests::slack(Duration::from_secs(3)),
         "answered after {:?}",
         r.elapsed
     );
@@ -212,8 +212,10 @@ fn after_5_failures_the_bad_instance_stops_receiving_traffic_and_gets_one_probe_
 
     // Until the bad instance has failed 5 times (normally the first batch of 40).
     let mut codes = Vec::new();
-    for _ in 0..10 {
-        codes.extend(burst_of_gets(&cg, "shaky-svc", 40));
+    // Small bursts, so the count is checked soon after the 5th failure even on a slow
+    // machine (the first ejection lasts only 0.5-1 s).
+    for _ in 0..100 {
+        codes.extend(burst_of_gets(&cg, "shaky-svc", 4));
         if bad.seen_count() >= 5 {
             break;
         }

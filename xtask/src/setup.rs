@@ -15,7 +15,8 @@ use crate::workspace;
 /// Debian packages: LLVM 22 and its link dependencies for bpf-linker; bpftool, dig, curl and
 /// ip for the demo, the tests and debugging; qemu, the static busybox (the VM's /init and
 /// coreutils), binutils (`strip`) and python3 (a raw-bytes test client) for `vm-test`;
-/// prometheus for `promtool check metrics` in the metrics test.
+/// prometheus for `promtool check metrics` in the metrics test; systemd for
+/// `systemd-analyze verify` of the units `hms-node-agent install` writes.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +32,12 @@ const APT_PACKAGES: &[&str] = &[
     "binutils",
     "python3",
     "prometheus",
+    "systemd",
+    // The etcd registry: a real etcd in the multi-host tests, and protoc for etcd-client's
+    // build script.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// The eBPF programs build with nightly's `-Z build-std`, which needs rust-src.

@@ -31,6 +31,9 @@ const TOOLS: &[&str] = &[
     "/usr/sbin/bpftool",
     "/usr/bin/python3",
     "/usr/bin/promtool",
+    "/usr/bin/etcd",
+    "/usr/bin/etcdctl",
+    "/usr/sbin/ip",
 ];
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.
 const BUSYBOX: &str = "/usr/bin/busybox";

@@ -2,21 +2,23 @@
 //! state directory. Every change is written atomically (temp file, fsync, rename, fsync of the
 //! directory) before it becomes visible, so a crash never leaves a half-written registry and
 //! an acknowledged deploy survives a restart. A file it cannot read stops the agent rather
-//! than being overwritten.
+//! than being overwritten. Node records are kept in memory only (this host is the only one).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use hms_ctl::api::{DeployResult, Instance, ServiceInfo};
+use hms_ctl::api::{DeployResult, Instance, NodeInfo, RegistryHealth, ServiceInfo};
 use hms_ctl::spec::ServiceSpec;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::{Snapshot, Store, vip};
+use super::{Blobs, Snapshot, Store, local_addrs, validate_blob_key, vip};
 use crate::config::Ipv4Cidr;
 
 const FILE_NAME: &str = "registry.json";
@@ -26,6 +28,9 @@ const FORMAT_VERSION: u32 = 1;
 struct Persisted {
     version: u32,
     services: BTreeMap<String, ServiceInfo>,
+    /// Added after version 1 shipped; absent in older files.
+    #[serde(default)]
+    blobs: BTreeMap<String, Vec<u8>>,
 }
 
 pub struct EmbeddedStore {
@@ -33,7 +38,10 @@ pub struct EmbeddedStore {
     vip_range: Ipv4Cidr,
     /// Serialises writers; readers use `snapshot` and never take this lock.
     state: Mutex<Persisted>,
-    snapshot: RwLock<Arc<Snapshot>>,
+    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    /// Counts published changes, for `health().revision`.
+    revision: AtomicU64,
+    snapshot: watch::Sender<Arc<Snapshot>>,
 }
 
 impl EmbeddedStore {
@@ -61,7 +69,7 @@ impl EmbeddedStore {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Persisted {
                 version: FORMAT_VERSION,
-                services: BTreeMap::new(),
+                ..Persisted::default()
             },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
@@ -70,8 +78,10 @@ impl EmbeddedStore {
         let store = EmbeddedStore {
             path,
             vip_range,
-            snapshot: RwLock::new(Arc::new(Snapshot::new(state.services.values().cloned()))),
+            snapshot: watch::Sender::new(Arc::new(build_snapshot(&state, &BTreeMap::new(), 0))),
             state: Mutex::new(state),
+            nodes: Mutex::new(BTreeMap::new()),
+            revision: AtomicU64::new(0),
         };
         if moved {
             let state = store.lock_state();
@@ -91,10 +101,48 @@ impl EmbeddedStore {
         write_atomic(&self.path, &bytes)
     }
 
+    /// Called with the state lock held, so snapshots are published in change order.
     fn publish(&self, state: &Persisted) {
-        let snap = Arc::new(Snapshot::new(state.services.values().cloned()));
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snap;
+        let revision = self.revision.fetch_add(1, Ordering::Relaxed) + 1;
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        self.snapshot
+            .send_replace(Arc::new(build_snapshot(state, &nodes, revision)));
     }
+
+    /// Applies `change` to a copy of the state, persists the copy, then swaps it in and
+    /// publishes it: a failed write changes nothing.
+    fn commit<T>(
+        &self,
+        change: impl FnOnce(&mut Persisted) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut state = self.lock_state();
+        let mut next = Persisted {
+            version: FORMAT_VERSION,
+            services: state.services.clone(),
+            blobs: state.blobs.clone(),
+        };
+        let out = change(&mut next)?;
+        self.persist(&next)?;
+        *state = next;
+        self.publish(&state);
+        Ok(out)
+    }
+}
+
+fn build_snapshot(
+    state: &Persisted,
+    nodes: &BTreeMap<String, NodeInfo>,
+    revision: u64,
+) -> Snapshot {
+    let blobs: Blobs = state
+        .blobs
+        .iter()
+        .map(|(k, v)| (k.clone(), Arc::from(v.as_slice())))
+        .collect();
+    Snapshot::new(state.services.values().cloned())
+        .with_nodes(nodes.values().cloned())
+        .with_blobs(Arc::new(blobs))
+        .at_revision(revision)
 }
 
 fn reassign_out_of_range(state: &mut Persisted, range: Ipv4Cidr) -> anyhow::Result<bool> {
@@ -118,43 +166,37 @@ fn reassign_out_of_range(state: &mut Persisted, range: Ipv4Cidr) -> anyhow::Resu
 
 impl Store for EmbeddedStore {
     fn deploy(&self, spec: ServiceSpec, node: &str) -> anyhow::Result<DeployResult> {
-        let mut state = self.lock_state();
-        let previous = state.services.get(&spec.name);
-        let replaced = previous.is_some();
-        let vip = match previous {
-            Some(p) => p.vip,
-            None => {
-                let taken: HashSet<Ipv4Addr> = state.services.values().map(|s| s.vip).collect();
-                vip::allocate(self.vip_range, &spec.name, &taken).with_context(|| {
-                    format!(
-                        "no free VIP left in {}; undeploy something or widen --vip-cidr",
-                        self.vip_range
-                    )
-                })?
-            }
-        };
-        let info = ServiceInfo {
-            instances: std::iter::once(spec.port)
-                .chain(spec.replicas.iter().copied())
-                .map(|port| Instance {
-                    node: node.to_string(),
-                    addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
-                })
-                .collect(),
-            spec,
-            vip,
-        };
-        let mut next = Persisted {
-            version: FORMAT_VERSION,
-            services: state.services.clone(),
-        };
-        next.services.insert(info.spec.name.clone(), info.clone());
-        self.persist(&next)?;
-        *state = next;
-        self.publish(&state);
-        Ok(DeployResult {
-            service: info,
-            replaced,
+        let range = self.vip_range;
+        self.commit(move |next| {
+            let previous = next.services.get(&spec.name);
+            let replaced = previous.is_some();
+            let vip = match previous {
+                Some(p) => p.vip,
+                None => {
+                    let taken: HashSet<Ipv4Addr> = next.services.values().map(|s| s.vip).collect();
+                    vip::allocate(range, &spec.name, &taken).with_context(|| {
+                        format!(
+                            "no free VIP left in {range}; undeploy something or widen --vip-cidr"
+                        )
+                    })?
+                }
+            };
+            let info = ServiceInfo {
+                instances: local_addrs(&spec)
+                    .into_iter()
+                    .map(|addr| Instance {
+                        node: node.to_string(),
+                        addr,
+                    })
+                    .collect(),
+                spec,
+                vip,
+            };
+            next.services.insert(info.spec.name.clone(), info.clone());
+            Ok(DeployResult {
+                service: info,
+                replaced,
+            })
         })
     }
 
@@ -163,43 +205,71 @@ impl Store for EmbeddedStore {
         name: &str,
         edit: &mut dyn FnMut(&mut ServiceSpec) -> anyhow::Result<()>,
     ) -> anyhow::Result<ServiceInfo> {
-        let mut state = self.lock_state();
-        let mut next = Persisted {
-            version: FORMAT_VERSION,
-            services: state.services.clone(),
-        };
-        let svc = next.services.get_mut(name).with_context(|| {
-            format!("no service named `{name}` is deployed (see `hms-ctl list`)")
-        })?;
-        edit(&mut svc.spec)?;
-        let info = svc.clone();
-        self.persist(&next)?;
-        *state = next;
-        self.publish(&state);
-        Ok(info)
+        self.commit(|next| {
+            let svc = next.services.get_mut(name).with_context(|| {
+                format!("no service named `{name}` is deployed (see `hms-ctl list`)")
+            })?;
+            edit(&mut svc.spec)?;
+            if svc.spec.name != name {
+                bail!("a spec edit may not rename the service `{name}`");
+            }
+            Ok(svc.clone())
+        })
     }
 
     fn undeploy(&self, name: &str) -> anyhow::Result<bool> {
-        let mut state = self.lock_state();
-        if !state.services.contains_key(name) {
+        if !self.lock_state().services.contains_key(name) {
             return Ok(false);
         }
-        let mut next = Persisted {
-            version: FORMAT_VERSION,
-            services: state.services.clone(),
-        };
-        next.services.remove(name);
-        self.persist(&next)?;
-        *state = next;
+        self.commit(|next| Ok(next.services.remove(name).is_some()))
+    }
+
+    fn register_node(&self, node: NodeInfo) -> anyhow::Result<()> {
+        let state = self.lock_state();
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.name.clone(), node);
         self.publish(&state);
-        Ok(true)
+        Ok(())
+    }
+
+    fn put_blob(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        validate_blob_key(key)?;
+        self.commit(|next| {
+            next.blobs.insert(key.to_string(), value.to_vec());
+            Ok(())
+        })
+    }
+
+    fn create_blob(&self, key: &str, value: &[u8]) -> anyhow::Result<bool> {
+        validate_blob_key(key)?;
+        if self.lock_state().blobs.contains_key(key) {
+            return Ok(false);
+        }
+        self.commit(|next| Ok(next.blobs.insert(key.to_string(), value.to_vec()).is_none()))
+    }
+
+    fn get_blob(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        validate_blob_key(key)?;
+        Ok(self.lock_state().blobs.get(key).cloned())
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.snapshot.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    fn health(&self) -> RegistryHealth {
+        RegistryHealth {
+            backend: "embedded".into(),
+            connected: true,
+            last_error: None,
+            revision: self.revision.load(Ordering::Relaxed),
+        }
     }
 
     fn describe(&self) -> String {

@@ -1,46 +1,112 @@
-//! The registry: which services exist, their VIPs and instances. One [`Store`] trait, with
-//! backends behind it (today the embedded one; etcd is next). Readers (DNS, proxy) only ever
-//! see an immutable [`Snapshot`], so nothing on the data path knows which backend is in use
-//! or waits for a write.
+//! The registry: which services exist, their VIPs and instances, which hosts are in the mesh,
+//! and a few opaque blobs (the CA exchange). One [`Store`] trait with two backends: the
+//! embedded one (single host, one JSON file) and etcd (many hosts share one registry).
+//! Readers (DNS, proxy) only ever see an immutable [`Snapshot`], taken with an `Arc` clone, so
+//! nothing on the data path knows which backend is in use or ever waits for a write or for
+//! etcd.
 
 pub mod embedded;
+pub mod etcd;
 pub mod vip;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-use hms_ctl::api::{DeployResult, ServiceInfo};
-use hms_ctl::spec::ServiceSpec;
+use anyhow::bail;
+use tokio::sync::watch;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdOptions, EtcdStore};
+// The registry's vocabulary, for users of the trait that do not depend on hms-ctl.
+pub use hms_ctl::api::{DeployResult, Instance, NodeInfo, RegistryHealth, ServiceInfo};
+pub use hms_ctl::spec::{ServiceSpec, parse as parse_spec};
+
+/// Opaque values stored beside the services, by key (see [`Store::put_blob`]).
+pub type Blobs = BTreeMap<String, Arc<[u8]>>;
 
 /// A backend that keeps the mesh's services.
+///
+/// The writing methods block the calling thread until the registry has accepted the change
+/// and this store's own [`Snapshot`] shows it: call them from a blocking context
+/// (`tokio::task::spawn_blocking`, as the admin API does), never from an async task.
 pub trait Store: Send + Sync {
-    /// Registers `spec` with an instance on `node`, replacing an earlier spec of that name.
-    /// The VIP of an existing name never changes.
+    /// Registers `spec` with this host's instances (`node` is this host's name), replacing
+    /// an earlier spec of that name. The VIP of an existing name never changes; other hosts'
+    /// instances of the service stay.
     fn deploy(&self, spec: ServiceSpec, node: &str) -> anyhow::Result<DeployResult>;
     /// Changes the stored spec of an existing service in place (routes, limits); the change
     /// is persisted before it becomes visible. Errors if the service does not exist or `edit`
-    /// refuses.
+    /// refuses. `edit` may be called more than once when another host wrote concurrently.
     fn update_spec(
         &self,
         name: &str,
         edit: &mut dyn FnMut(&mut ServiceSpec) -> anyhow::Result<()>,
     ) -> anyhow::Result<ServiceInfo>;
-    /// Removes a service; false if it did not exist.
+    /// Removes a service and every host's instances of it; false if it did not exist.
     fn undeploy(&self, name: &str) -> anyhow::Result<bool>;
+    /// Publishes this host's record (inbound address, certificate expiry). With etcd it lives
+    /// under this host's lease and is written again if the lease is ever lost.
+    fn register_node(&self, node: NodeInfo) -> anyhow::Result<()>;
+    /// Stores `value` under `key` (see [`validate_blob_key`]), replacing what was there.
+    fn put_blob(&self, key: &str, value: &[u8]) -> anyhow::Result<()>;
+    /// Stores `value` under `key` only if the key does not exist yet; false if it did (the
+    /// first host to create the mesh CA wins, the others read it).
+    fn create_blob(&self, key: &str, value: &[u8]) -> anyhow::Result<bool>;
+    /// Reads `key` from the registry itself (not the snapshot), so a value another host just
+    /// wrote is seen.
+    fn get_blob(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Withdraws this host's instances and node record now (a clean stop) instead of when
+    /// its lease runs out; the services themselves stay. The store serves no more writes.
+    fn leave(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// The current state, cheap to take on every connection or query.
     fn snapshot(&self) -> Arc<Snapshot>;
+    /// A receiver that sees every new snapshot (services, nodes or blobs changed).
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
+    /// Backend, connectivity and revision for `status`.
+    fn health(&self) -> RegistryHealth;
     /// Human-readable backend name for `status`.
     fn describe(&self) -> String;
 }
 
-/// An immutable view of every service, indexed the ways the data path looks them up.
+/// Where this host's instances of `spec` listen: its `port` and `replicas` on loopback.
+pub(crate) fn local_addrs(spec: &ServiceSpec) -> Vec<SocketAddrV4> {
+    std::iter::once(spec.port)
+        .chain(spec.replicas.iter().copied())
+        .map(|port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+        .collect()
+}
+
+/// Blob keys are paths of `[A-Za-z0-9._-]` segments separated by single `/`, at most 256
+/// bytes: they become etcd keys and must not escape their prefix.
+pub fn validate_blob_key(key: &str) -> anyhow::Result<()> {
+    let ok_segment = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if key.is_empty() || key.len() > 256 || !key.split('/').all(ok_segment) {
+        bail!(
+            "`{key}` is not a registry blob key; use 1-256 bytes of [A-Za-z0-9._-] segments separated by `/`"
+        );
+    }
+    Ok(())
+}
+
+/// An immutable view of every service, host and blob, indexed the ways the data path looks
+/// them up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     services: BTreeMap<String, ServiceInfo>,
     by_vip: HashMap<Ipv4Addr, String>,
+    nodes: BTreeMap<String, NodeInfo>,
+    /// Shared between snapshots: a service change does not copy the blobs.
+    blobs: Arc<Blobs>,
+    revision: u64,
 }
 
 impl Snapshot {
@@ -53,7 +119,26 @@ impl Snapshot {
             .values()
             .map(|s| (s.vip, s.spec.name.clone()))
             .collect();
-        Snapshot { services, by_vip }
+        Snapshot {
+            services,
+            by_vip,
+            ..Snapshot::default()
+        }
+    }
+
+    pub fn with_nodes(mut self, nodes: impl IntoIterator<Item = NodeInfo>) -> Snapshot {
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self
+    }
+
+    pub fn with_blobs(mut self, blobs: Arc<Blobs>) -> Snapshot {
+        self.blobs = blobs;
+        self
+    }
+
+    pub fn at_revision(mut self, revision: u64) -> Snapshot {
+        self.revision = revision;
+        self
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceInfo> {
@@ -74,5 +159,48 @@ impl Snapshot {
 
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
+    }
+
+    /// Hosts whose agents are alive (etcd) or this host (embedded, once registered).
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    pub fn blob(&self, key: &str) -> Option<&Arc<[u8]>> {
+        self.blobs.get(key)
+    }
+
+    /// Blobs whose key starts with `prefix`, in key order.
+    pub fn blobs_under<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a Arc<[u8]>)> + 'a {
+        self.blobs
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
+    /// The registry revision this snapshot reflects.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_keys_stay_inside_their_prefix() {
+        for good in ["ca/root.pem", "ca", "nodes/host-1/cert.pem", "a.b_c-d"] {
+            validate_blob_key(good).unwrap();
+        }
+        for bad in ["", "/ca", "ca/", "ca//x", "../x", "ca/../x", "a b", "ä"] {
+            assert!(validate_blob_key(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

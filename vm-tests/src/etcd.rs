@@ -1,0 +1,257 @@
+//! A real etcd for registry tests: one member on 127.0.0.1 with random client and peer ports
+//! and a temporary data directory, killed on drop. It can be stopped and started again on
+//! the same ports and data, to test riding out an outage. Its log goes to `etcd.log` in the
+//! data directory's parent and is printed when a start fails.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::ports::free_port;
+
+const BINARY: &str = "etcd";
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct Etcd {
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Starts a fresh single-member etcd. Fails (does not skip) when the binary is missing:
+    /// `cargo xtask setup` installs it.
+    pub fn start() -> anyhow::Result<Etcd> {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(BINARY).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!(
+                "`{BINARY}` is not installed; run `cargo xtask setup` (it installs the Debian package etcd-server)"
+            );
+        }
+        let mut etcd = Etcd {
+            dir: tempfile::Builder::new()
+                .prefix("hms-etcd-")
+                .tempdir()
+                .context("creating etcd's temp dir")?,
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// `127.0.0.1:PORT`, what `--registry etcd://` takes.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills the server (like a crash) and waits for it to exit; the data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data and waits until it is healthy.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("opening etcd's log")?;
+        let child = Command::new(BINARY)
+            .args(["--name", "hms-test"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("hms-test={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating etcd's log")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {BINARY}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!("etcd exited at start ({status}); its log:\n{}", self.log());
+            }
+            if self.healthy() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop();
+        bail!(
+            "etcd did not become healthy within {START_DEADLINE:?}; its log:\n{}",
+            self.log()
+        )
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// GET /health over plain HTTP/1.0 (etcd answers `{"health":"true"}` once it has a leader).
+    fn healthy(&self) -> bool {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.client_port);
+        let Ok(mut s) = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A loopback TCP relay between one client and etcd that the test can cut and heal: a
+/// network partition of one host while etcd stays up for the others. While cut, open
+/// connections are shut down and new ones are closed at once.
+pub struct Partition {
+    addr: SocketAddrV4,
+    state: std::sync::Arc<PartitionState>,
+}
+
+#[derive(Default)]
+struct PartitionState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl Partition {
+    /// Relays a new loopback port to `etcd`.
+    pub fn new(etcd: &Etcd) -> anyhow::Result<Partition> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let addr = match listener.local_addr()? {
+            std::net::SocketAddr::V4(a) => a,
+            other => bail!("unexpected listener address {other}"),
+        };
+        let upstream = SocketAddrV4::new(Ipv4Addr::LOCALHOST, etcd.client_port);
+        let state = std::sync::Arc::new(PartitionState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(down) = conn else { continue };
+                if st.cut.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let pairs = [
+                    (down.try_clone(), up.try_clone()),
+                    (up.try_clone(), down.try_clone()),
+                ];
+                {
+                    let mut open = st.open.lock().unwrap_or_else(|p| p.into_inner());
+                    open.push(down);
+                    open.push(up);
+                }
+                for pair in pairs {
+                    if let (Ok(mut from), Ok(mut to)) = pair {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Partition { addr, state })
+    }
+
+    /// The relay's address: give it to the client instead of [`Etcd::endpoint`].
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Cuts every connection through the relay and refuses new ones.
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.state.open.lock().unwrap_or_else(|p| p.into_inner());
+        for s in open.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.cut();
+        self.state
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop so it can end
+    }
+}
+
+/// Runs `etcdctl` (v3 API) against `etcd` with `args`; its stdout, or an error with stderr.
+pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(etcd.endpoint())
+        .args(args)
+        .output()
+        .context("running etcdctl; run `cargo xtask setup` (it installs etcd-client)")?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

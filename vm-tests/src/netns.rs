@@ -1,0 +1,118 @@
+//! Test hosts as network namespaces: a "switch" namespace holding a bridge, and one namespace
+//! per host joined to it by a veth pair, each with loopback up and an address in a private
+//! test subnet that exists only inside these namespaces. Nothing is configured in the
+//! caller's own namespace, so traffic can never leave the machine. Dropping the network
+//! deletes every namespace it made (which also removes their interfaces).
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use crate::ports;
+
+pub struct TestNet {
+    switch: String,
+    pub hosts: Vec<TestHost>,
+}
+
+pub struct TestHost {
+    /// The namespace name (`ip netns exec NAME ...`).
+    pub netns: String,
+    pub addr: Ipv4Addr,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2; run `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl TestNet {
+    /// `n` hosts with addresses 10.98.0.1 .. 10.98.0.n/24.
+    pub fn new(n: usize) -> anyhow::Result<TestNet> {
+        let tag = format!("hms{}x{}", std::process::id() % 100_000, ports::unique());
+        let switch = format!("{tag}-sw");
+        let mut net = TestNet {
+            switch: switch.clone(),
+            hosts: Vec::new(),
+        };
+        ip(&["netns", "add", &switch])?;
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &switch, "link", "set", "br0", "up"])?;
+        for i in 1..=n {
+            let netns = format!("{tag}-h{i}");
+            ip(&["netns", "add", &netns])?;
+            net.hosts.push(TestHost {
+                netns: netns.clone(),
+                addr: Ipv4Addr::new(10, 98, 0, i as u8),
+            });
+            // Create the pair inside the switch namespace, then move one end to the host.
+            let (sw_end, host_end) = (format!("s{i}"), format!("h{i}"));
+            ip(&[
+                "-n", &switch, "link", "add", &sw_end, "type", "veth", "peer", "name", &host_end,
+            ])?;
+            ip(&["-n", &switch, "link", "set", &host_end, "netns", &netns])?;
+            ip(&["-n", &switch, "link", "set", &sw_end, "master", "br0"])?;
+            ip(&["-n", &switch, "link", "set", &sw_end, "up"])?;
+            ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &netns, "link", "set", &host_end, "name", "eth0"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("10.98.0.{i}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// The name of the switch-side interface of host `i` (0-based), for packet captures.
+    pub fn switch_port(&self, i: usize) -> (String, String) {
+        (self.switch.clone(), format!("s{}", i + 1))
+    }
+}
+
+impl TestHost {
+    /// A command that runs inside this host's namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, program]);
+        c
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            kill_all_in(&h.netns);
+            let _ = ip(&["netns", "del", &h.netns]);
+        }
+        kill_all_in(&self.switch);
+        let _ = ip(&["netns", "del", &self.switch]);
+    }
+}
+
+fn kill_all_in(netns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: plain kill(2) of processes inside our own test namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}

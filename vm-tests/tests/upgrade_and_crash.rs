@@ -1,0 +1,189 @@
+//! Running it like production: an upgrade under steady load loses no request, and a crashed
+//! agent (kill -9) leaves the redirect in the kernel and serves again right after restart.
+
+use std::time::Duration;
+
+use vm_tests::agent::TestAgent;
+use vm_tests::backend::Backend;
+use vm_tests::cgroup::TestCgroup;
+
+/// A steady client inside the cgroup: four threads, a new connection (and DNS lookup) per
+/// request, like unmodified programs calling `http://NAME.svc/` in a loop. Prints a JSON
+/// summary with the start time of every request.
+const LOAD: &str = r#"
+import http.client, json, sys, threading, time
+svc, dur, rps = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+WORKERS = 4
+lock = threading.Lock()
+fails = []
+oks = []
+start = time.monotonic()
+
+def worker(w):
+    n = 0
+    while True:
+        now = time.monotonic()
+        if now - start >= dur:
+            return
+        target = start + (n + w / WORKERS) * WORKERS / rps
+        if target > now:
+            time.sleep(target - now)
+        n += 1
+        # Wall-clock seconds, so the test can line requests up with its own events.
+        t = time.time()
+        try:
+            c = http.client.HTTPConnection(svc + '.svc', 80, timeout=5)
+            c.request('GET', '/load/%d/%d' % (w, n))
+            r = c.getresponse()
+            r.read()
+            c.close()
+            with lock:
+                if r.status == 200:
+                    oks.append(t)
+                else:
+                    fails.append([t, r.status])
+        except Exception as e:
+            with lock:
+                fails.append([t, type(e).__name__])
+
+threads = [threading.Thread(target=worker, args=(w,)) for w in range(WORKERS)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+oks.sort()
+print(json.dumps({"ok": len(oks), "fails": fails, "oks": oks}))
+"#;
+
+fn start_load(cg: &TestCgroup, service: &str, secs: u32, rps: u32) -> std::process::Child {
+    cg.command("python3")
+        .args(["-c", LOAD, service, &secs.to_string(), &rps.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (run `cargo xtask setup`)")
+}
+
+fn finish_load(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load client output: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn three_upgrades_in_a_row_under_steady_load_fail_no_request() {
+    let cg = TestCgroup::new("upgrade").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start("payments-svc", 0).unwrap();
+    agent.deploy("payments-svc", backend.addr.port()).unwrap();
+    let secs = if vm_tests::in_vm() { 12 } else { 20 };
+    let load = start_load(&cg, "payments-svc", secs, 200);
+    let mut pids = vec![agent.pid().unwrap()];
+    let pause = Duration::from_secs(u64::from(secs) / 5);
+    for _ in 0..3 {
+        std::thread::sleep(pause);
+        let out = agent.ctl(&["agent", "upgrade"]);
+        assert!(
+            out.status.success(),
+            "upgrade failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.log()
+        );
+        pids.push(agent.pid().unwrap());
+    }
+    let summary = finish_load(load);
+    let ok = summary["ok"].as_u64().unwrap();
+    let fails = summary["fails"].as_array().unwrap();
+    eprintln!(
+        "MEASURED: {ok} requests succeeded, {} failed across 3 upgrades (agent pids {pids:?})",
+        fails.len()
+    );
+    assert!(
+        fails.is_empty(),
+        "failed requests: {fails:?}\n{}",
+        agent.log()
+    );
+    assert!(ok > u64::from(secs) * 50, "the load really ran: {ok}");
+    let mut distinct = pids.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each upgrade replaced the process: {pids:?}"
+    );
+    // The old agents drained and exited.
+    std::thread::sleep(Duration::from_secs(1));
+    for pid in &pids[..3] {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "old agent {pid} still running"
+        );
+    }
+    assert_eq!(backend.seen_count() as u64, ok);
+}
+
+#[test]
+fn after_kill_9_the_redirect_stays_and_a_restarted_agent_serves_within_a_second() {
+    let cg = TestCgroup::new("crash").unwrap();
+    let mut agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start("notify-svc", 0).unwrap();
+    agent.deploy("notify-svc", backend.addr.port()).unwrap();
+    let load = start_load(&cg, "notify-svc", 8, 200);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = now();
+    agent.kill9().unwrap();
+    // The redirect is pinned: nothing is left to clean up before starting again.
+    std::thread::sleep(Duration::from_millis(500));
+    agent.start_again().unwrap();
+    let ready_at = now();
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert_eq!(status["redirect"]["adopted"], true, "{status}");
+    let summary = finish_load(load);
+    let fails: Vec<f64> = summary["fails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f[0].as_f64().unwrap())
+        .collect();
+    let oks: Vec<f64> = summary["oks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    let first_ok_after = oks
+        .iter()
+        .copied()
+        .find(|t| *t > ready_at)
+        .expect("requests succeed after the restart");
+    eprintln!(
+        "MEASURED: agent down for {:.0} ms (kill -9 to ready again), the first request started after the restart succeeded {:.0} ms after it; {} requests failed (all between the kill and the restart), {} succeeded",
+        (ready_at - killed_at) * 1000.0,
+        (first_ok_after - ready_at) * 1000.0,
+        fails.len(),
+        oks.len()
+    );
+    let slack = if vm_tests::in_vm() { 1.0 } else { 0.2 };
+    for f in &fails {
+        assert!(
+            *f >= killed_at - slack && *f <= ready_at + slack,
+            "a request failed outside the gap: at {f}s (gap {killed_at}..{ready_at}): {fails:?}"
+        );
+    }
+    assert!(
+        first_ok_after - ready_at < vm_tests::slack(Duration::from_secs(1)).as_secs_f64(),
+        "serving resumed {} s after the restart",
+        first_ok_after - ready_at
+    );
+}
