@@ -19,6 +19,8 @@
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
 //! | `agent` | starting and stopping all of the above |
+//! | `probe` | kernel feature checks at start and `hms-node-agent probe` |
+//! | `install` | `install`/`uninstall`: binaries, /etc/hms/agent.yaml, systemd units |
 
 pub mod admin;
 pub mod agent;
@@ -29,10 +31,12 @@ pub mod drain;
 pub mod flow_feed;
 pub mod handover;
 pub mod identity;
+pub mod install;
 pub mod listeners;
 pub mod metrics;
 pub mod metrics_state;
 pub mod original_dst;
+pub mod probe;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;

@@ -1,5 +1,6 @@
-//! `hms-node-agent`: the per-host daemon (`run`) and the tool that removes every trace of it
-//! from the kernel (`cleanup`).
+//! `hms-node-agent`: the per-host daemon (`run`), the tool that removes every trace of it
+//! from the kernel (`cleanup`), the kernel feature check (`probe`) and installing it as a
+//! systemd service (`install`, `uninstall`).
 
 use std::path::PathBuf;
 
@@ -28,6 +29,20 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/hms")]
         pin_dir: PathBuf,
     },
+    /// Check that this kernel has every feature HMS needs; exits 1 if one is missing.
+    Probe {
+        /// cgroup v2 directory the hooks would attach to [default: the cgroup v2 root].
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory the agent would pin into.
+        #[arg(long, default_value = "/sys/fs/bpf/hms")]
+        pin_dir: PathBuf,
+    },
+    /// Install the binaries, /etc/hms/agent.yaml and the systemd units; enable them where
+    /// systemd runs.
+    Install(Box<hms_node_agent::install::InstallArgs>),
+    /// Stop and remove everything `install` put in place, and run `cleanup`.
+    Uninstall(hms_node_agent::install::UninstallArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -63,6 +78,19 @@ fn main() -> std::process::ExitCode {
             hms_node_agent::redirect::cleanup(&pin_dir).map(|report| {
                 println!("{report}");
             })
+        }
+        Command::Probe { cgroup, pin_dir } => {
+            let checks = hms_node_agent::probe::run(cgroup.as_deref(), &pin_dir);
+            print!("{}", hms_node_agent::probe::Table(&checks));
+            hms_node_agent::probe::summarize(&checks)
+        }
+        Command::Install(args) => {
+            init_logs(LogFormat::Text);
+            hms_node_agent::install::install(&args).map(|report| print!("{report}"))
+        }
+        Command::Uninstall(args) => {
+            init_logs(LogFormat::Text);
+            hms_node_agent::install::uninstall(&args).map(|report| print!("{report}"))
         }
     };
     match result {
