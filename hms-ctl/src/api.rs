@@ -48,6 +48,17 @@ pub enum Request {
     HandoverDone,
     /// Start a successor of this agent (same flags plus `--takeover`) and hand over to it.
     Upgrade,
+    /// Make this host the mesh's CA.
+    CaInit {
+        trust_domain: String,
+    },
+    /// Add a new root, move every host onto it, then retire the old one.
+    CaRotate,
+    /// A single-use, expiring token a host joins with (`--join-token`).
+    NodeTokenCreate {
+        node: Option<String>,
+        ttl_seconds: Option<u64>,
+    },
     /// Traffic to and from a service: the `last` recorded events, then (with `follow`) live
     /// ones. Answered by a stream of [`TapMessage`] lines instead of one [`Response`].
     Tap {
@@ -272,6 +283,15 @@ pub struct AgentStatus {
     pub dns: DnsCounters,
     pub proxy: ProxyCounters,
     pub http: HttpCounters,
+    /// This host's mesh identity.
+    #[serde(default)]
+    pub identity: IdentityInfo,
+    /// The registry backend's view of itself.
+    #[serde(default)]
+    pub registry_health: Option<RegistryHealth>,
+    /// Other hosts of the mesh.
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
     /// Kernel flow records the ring buffer had no room for (TCP taps and flow metrics miss
     /// them).
     pub ringbuf_records_lost: u64,
@@ -291,6 +311,27 @@ pub struct HttpCounters {
     /// Malformed or oversized request heads, and clients too slow to send one.
     #[serde(default)]
     pub bad_requests: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IdentityInfo {
+    pub spiffe_id: Option<String>,
+    pub cert_not_after_unix: Option<u64>,
+    pub holds_ca: bool,
+    pub trust_bundle_roots: usize,
+    /// What the host still needs before it can talk to other hosts.
+    pub waiting_for: Option<String>,
+}
+
+/// Another host as this one sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: String,
+    pub inbound: SocketAddr,
+    pub last_seen_unix_ms: u64,
+    pub cert_expiry_unix_ms: Option<u64>,
+    /// `connected`, `idle` (no tunnel yet) or the last error.
+    pub tunnel: String,
 }
 
 /// DNS answers given since the agent started, by kind.

@@ -85,12 +85,50 @@ enum Command {
     /// The agent process itself.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// The mesh's certificate authority (multi-host).
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Hosts joining the mesh.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
     /// Rate limit of a service on this host.
     #[command(subcommand)]
     Limit(LimitCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make this host the mesh's CA (keys stay on this host, mode 0600).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Add a new root, move every host onto it, then retire the old root; traffic keeps
+    /// flowing throughout.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Tokens a host joins with (`hms-node-agent run --join-token TOKEN`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a single-use, expiring token (run on the CA's host).
+    Create {
+        /// Only this host name may use it.
+        #[arg(long)]
+        node: Option<String>,
+        /// How long it stays valid (e.g. 1h, 30m).
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +262,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        Command::Ca(CaCommand::Init { trust_domain }) => {
+            let v = client::call(
+                &socket,
+                &Request::CaInit {
+                    trust_domain: trust_domain.clone(),
+                },
+            )
+            .await?;
+            println!(
+                "this host is the mesh's CA for trust domain `{trust_domain}`; its identity is {}",
+                v["spiffe_id"].as_str().unwrap_or("?")
+            );
+            println!(
+                "next, for each other host: `hms-ctl node token create --node NAME` here, then start that host's agent with --registry (the same etcd) and --join-token TOKEN"
+            );
+            return Ok(());
+        }
+        Command::Ca(CaCommand::Rotate) => {
+            client::call(&socket, &Request::CaRotate).await?;
+            println!(
+                "rotation started: a new root is trusted beside the old one; every host renews onto it, then the old root is retired (watch `hms-ctl status`)"
+            );
+            return Ok(());
+        }
+        Command::Node(NodeCommand::Token(TokenCommand::Create { node, ttl })) => {
+            let v = client::call(
+                &socket,
+                &Request::NodeTokenCreate {
+                    node: node.clone(),
+                    ttl_seconds: Some(ttl.as_secs()),
+                },
+            )
+            .await?;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "single use, valid for {}s{}; start the joining host's agent with --join-token <the line above>",
+                    ttl.as_secs(),
+                    node.as_ref()
+                        .map(|n| format!(", only for host {n}"))
+                        .unwrap_or_default()
+                );
+            }
+            return Ok(());
+        }
         Command::Run { name, command } => {
             let data = client::call(&socket, &Request::Describe { name: name.clone() }).await?;
             let detail: ServiceDetail = serde_json::from_value(data)?;
@@ -316,7 +401,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status => print_status(&serde_json::from_value(data)?),
-        Command::Run { .. } | Command::Tap { .. } | Command::Agent(_) => {
+        Command::Run { .. }
+        | Command::Tap { .. }
+        | Command::Agent(_)
+        | Command::Ca(_)
+        | Command::Node(_) => {
             unreachable!("handled above")
         }
         Command::Route(_) | Command::Limit(_) => {
@@ -462,4 +551,69 @@ fn print_status(s: &AgentStatus) {
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",
         s.ringbuf_records_lost, s.tap_events_lost
     );
+    let id = &s.identity;
+    match (&id.spiffe_id, id.cert_not_after_unix) {
+        (Some(spiffe), Some(exp)) => println!(
+            "identity:    {spiffe}, certificate expires in {}{}, {} trusted root(s)",
+            human_secs(exp.saturating_sub(now_unix())),
+            if id.holds_ca { ", holds the CA" } else { "" },
+            id.trust_bundle_roots
+        ),
+        _ => println!(
+            "identity:    none yet{}",
+            id.waiting_for
+                .as_ref()
+                .map(|w| format!("; waiting for {w}"))
+                .unwrap_or_default()
+        ),
+    }
+    if let Some(h) = &s.registry_health {
+        println!(
+            "registry:    {} {} (revision {}){}",
+            h.backend,
+            if h.connected {
+                "connected"
+            } else {
+                "DISCONNECTED, serving the last known state"
+            },
+            h.revision,
+            h.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if !s.peers.is_empty() {
+        println!("peers:");
+        for p in &s.peers {
+            println!(
+                "  {}  {}  last seen {} ago  cert {}  tunnel {}",
+                p.name,
+                p.inbound,
+                human_secs(now_unix().saturating_sub(p.last_seen_unix_ms / 1000)),
+                p.cert_expiry_unix_ms
+                    .map(|e| format!(
+                        "expires in {}",
+                        human_secs((e / 1000).saturating_sub(now_unix()))
+                    ))
+                    .unwrap_or_else(|| "none".into()),
+                p.tunnel
+            );
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
 }

@@ -492,6 +492,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         (n, 1000.0)
     } else if let Some(n) = t.strip_suffix('m') {
         (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000.0)
     } else {
         return Err(bad());
     };

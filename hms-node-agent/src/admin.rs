@@ -38,6 +38,7 @@ pub struct Admin {
     pub relaunch: crate::handover::Relaunch,
     /// Notified when a successor confirmed the hand-over: stop accepting and drain.
     pub handed_over: Arc<tokio::sync::Notify>,
+    pub identity: Arc<crate::mesh_identity::MeshIdentity>,
     /// The admin socket path belongs to the successor from then on.
     pub socket_handed_over: Arc<std::sync::atomic::AtomicBool>,
     /// Where the listeners came from: `bound`, `systemd` or `hand-over`.
@@ -235,7 +236,7 @@ impl Admin {
                     )),
                 }
             }
-            Request::Status => ok(&self.status()),
+            Request::Status => ok(&self.status().await),
             Request::Tap { .. } => Err(anyhow::anyhow!(
                 "a tap is a stream; send it first on its own connection"
             )),
@@ -248,6 +249,34 @@ impl Admin {
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 self.handed_over.notify_one();
                 ok(&serde_json::json!({ "draining": true }))
+            }
+            Request::CaInit { trust_domain } => {
+                match crate::identity::validate_trust_domain(&trust_domain) {
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                    Ok(()) => match self.identity.ca_init(&trust_domain).await {
+                        Ok(s) => ok(&s),
+                        Err(e) => Err(e),
+                    },
+                }
+            }
+            Request::CaRotate => match self.identity.rotate().await {
+                Ok(s) => ok(&s),
+                Err(e) => Err(e),
+            },
+            Request::NodeTokenCreate { node, ttl_seconds } => {
+                let ttl = std::time::Duration::from_secs(ttl_seconds.unwrap_or(3600));
+                match self.identity.create_token(node.as_deref(), ttl).await {
+                    Ok(t) => ok(&serde_json::json!({
+                        "token": t.secret,
+                        "id": t.id,
+                        "node": t.node_name,
+                        "expires_unix": t.expires_at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    })),
+                    Err(e) => Err(e),
+                }
             }
             Request::Upgrade => match self.relaunch.spawn() {
                 Ok(pid) => {
@@ -384,7 +413,20 @@ impl Admin {
         ok(&result)
     }
 
-    fn status(&self) -> AgentStatus {
+    async fn status(&self) -> AgentStatus {
+        let id = self.identity.summary().await;
+        let snapshot = self.store.snapshot();
+        let peers = snapshot
+            .nodes()
+            .filter(|n| n.name != self.config.node_name)
+            .map(|n| hms_ctl::api::PeerStatus {
+                name: n.name.clone(),
+                inbound: n.inbound,
+                last_seen_unix_ms: n.last_seen_unix_ms,
+                cert_expiry_unix_ms: n.cert_expiry_unix_ms,
+                tunnel: self.outbound.http.pool.tunnel_state(&n.name),
+            })
+            .collect();
         let c = &self.config;
         AgentStatus {
             node: c.node_name.clone(),
@@ -404,6 +446,15 @@ impl Admin {
             dns: self.dns.stats.counters(),
             proxy: self.outbound.stats.counters(),
             http: self.outbound.http.stats.counters(),
+            identity: hms_ctl::api::IdentityInfo {
+                spiffe_id: id.spiffe_id,
+                cert_not_after_unix: id.cert_not_after_unix,
+                holds_ca: id.holds_ca,
+                trust_bundle_roots: id.trust_bundle_roots,
+                waiting_for: id.waiting_for,
+            },
+            registry_health: Some(self.store.health()),
+            peers,
             ringbuf_records_lost: self.redirector.ringbuf_drops(),
             tap_events_lost: self
                 .tap

@@ -19,10 +19,11 @@ use crate::dns::upstream::Upstream;
 use crate::drain;
 use crate::handover::{self, Relaunch};
 use crate::listeners::DataListeners;
+use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::proxy::Outbound;
 use crate::redirect::{RedirectOptions, Redirector};
-use crate::registry::{EmbeddedStore, Store};
+use crate::registry::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use crate::tap::TapHub;
 
 /// How long in-flight connections get to finish after a stop signal.
@@ -39,12 +40,29 @@ pub async fn run(
             "hms-node-agent must run as root (it loads eBPF programs and attaches them to a cgroup); try `sudo hms-node-agent run`"
         );
     }
+    // Name a missing kernel feature and the kernel that has it, before any verifier dump.
+    crate::probe::check(&config)?;
     let store: Arc<dyn Store> = match &config.registry {
         RegistryUrl::Embedded => Arc::new(EmbeddedStore::open(&config.state_dir, config.vip_cidr)?),
-        RegistryUrl::Etcd(_) => bail!(
-            "the etcd registry backend is not available in this build yet; use --registry embedded"
+        RegistryUrl::Etcd(endpoints) => Arc::new(
+            EtcdStore::connect(EtcdOptions::new(
+                endpoints.clone(),
+                &config.node_name,
+                config.vip_cidr,
+            ))
+            .await
+            .context("connecting to the etcd registry (--registry)")?,
         ),
     };
+    let multi_host = matches!(config.registry, RegistryUrl::Etcd(_));
+    let identity = MeshIdentity::open(
+        store.clone(),
+        &config.node_name,
+        config.state_dir.clone(),
+        config.trust_domain.clone(),
+        config.join_token.clone(),
+        !multi_host,
+    )?;
 
     // Listeners first: from a predecessor (upgrade), from systemd, or bound here. A busy
     // port fails the start before any traffic is redirected to it.
@@ -60,13 +78,14 @@ pub async fn run(
     } else {
         (None, HashMap::new(), "bound")
     };
-    let listeners = DataListeners::acquire(&config, given, origin)?;
+    let listeners = DataListeners::acquire(&config, given, origin, multi_host)?;
     let handover_fds = listeners.duplicates()?;
     let listeners = listeners.into_tokio()?;
     // From here on, any exit removes the socket (if still ours) so hms-ctl reports "not
     // running", not a hang.
     let (admin_listener, socket_file) =
         admin::bind_socket(&config.admin_socket, config.takeover).await?;
+    let handed_over_to_successor = socket_file.handed_over.clone();
 
     let redirector = Arc::new(
         Redirector::start(&RedirectOptions {
@@ -105,6 +124,7 @@ pub async fn run(
         store.clone(),
         redirector.clone(),
         cgroups,
+        config.node_name.clone(),
         tap.clone(),
         metrics.clone(),
     ));
@@ -129,6 +149,7 @@ pub async fn run(
         relaunch: relaunch.clone(),
         handed_over: handed_over.clone(),
         socket_handed_over: socket_file.handed_over.clone(),
+        identity: identity.clone(),
         listeners_origin: origin,
     });
     metrics.register_collector(Box::new(crate::metrics_state::collector(
@@ -152,6 +173,8 @@ pub async fn run(
         // We serve on the shared listeners now; let the old agent drain and go.
         tokio::task::spawn_blocking(move || successor.confirm()).await??;
         tracing::info!("took over from the previous agent");
+        // Under systemd the service's main process is now this one.
+        crate::handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
         // The ring buffer has one consumer: give the old agent a moment to stop reading.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -167,6 +190,45 @@ pub async fn run(
         metrics.clone(),
         drain.clone(),
     ));
+    tokio::spawn(identity.clone().run(drain.clone()));
+    if let Some(inbound_listener) = listeners.inbound {
+        // Cross-host traffic starts once this host has a certificate.
+        let identity = identity.clone();
+        let outbound = outbound.clone();
+        let store = store.clone();
+        let drain = drain.clone();
+        tasks.spawn(async move {
+            let tls = loop {
+                if let Some(tls) = identity.tls() {
+                    break tls;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = drain.signaled() => return Ok(()),
+                }
+            };
+            let td = tls.spiffe_id().trust_domain().to_string();
+            outbound
+                .http
+                .pool
+                .set_tunnels(Arc::new(crate::tunnel::PeerPool::new(tls.clone())), td);
+            let policy = Arc::new(crate::proxy::inbound::MeshInbound {
+                store,
+                http: outbound.http.clone(),
+            });
+            let server = crate::tunnel::InboundServer::new(&tls, policy)?;
+            tracing::info!(id = %tls.spiffe_id(), "serving other hosts' tunnels");
+            server.serve(inbound_listener, drain).await
+        });
+    }
+    if multi_host {
+        tokio::spawn(crate::mesh_node::keep_registered(
+            store.clone(),
+            identity.clone(),
+            config.clone(),
+            drain.clone(),
+        ));
+    }
     let checks = crate::proxy::http::health::run(outbound.http.clone(), drain.clone());
     tasks.spawn(async move {
         checks.await;
@@ -217,6 +279,13 @@ pub async fn run(
     let left = trigger.drain(DRAIN_DEADLINE).await;
     if left > 0 {
         tracing::warn!(left, "drain deadline passed; closing the rest");
+    }
+    if multi_host && !handed_over_to_successor.load(std::sync::atomic::Ordering::SeqCst) {
+        // Our instances leave the registry now instead of when the lease expires.
+        let store = store.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || store.leave()).await? {
+            tracing::warn!("leaving the registry: {e:#}");
+        }
     }
     tracing::info!(
         "agent stopped; redirect programs stay pinned (run `hms-node-agent cleanup` to remove them)"

@@ -68,6 +68,13 @@ pub struct RunArgs {
     /// SO_MARK of the agent's own DNS upstream sockets [default: 0x4853].
     #[arg(long, value_parser = parse_u32_auto)]
     pub dns_mark: Option<u32>,
+    /// SPIFFE trust domain of the mesh's CA [default: the registry's CA, else `hms.local`].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Single-use token from `hms-ctl node token create` on the CA's host: lets this host get
+    /// its certificate when it joins a multi-host mesh.
+    #[arg(long)]
+    pub join_token: Option<String>,
     /// Log format: `text` [default] or `json`.
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
@@ -111,6 +118,8 @@ impl RunArgs {
             metrics: self.metrics.or(base.metrics),
             registry: self.registry.or(base.registry),
             dns_mark: self.dns_mark.or(base.dns_mark),
+            trust_domain: self.trust_domain.or(base.trust_domain),
+            join_token: self.join_token.or(base.join_token),
             log_format: self.log_format.or(base.log_format),
         }
     }
@@ -132,6 +141,8 @@ pub struct AgentConfig {
     pub metrics: SocketAddr,
     pub registry: RegistryUrl,
     pub dns_mark: u32,
+    pub trust_domain: Option<String>,
+    pub join_token: Option<String>,
     pub log_format: LogFormat,
 }
 
@@ -174,6 +185,8 @@ impl AgentConfig {
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15090))),
             registry: args.registry.unwrap_or(RegistryUrl::Embedded),
             dns_mark: args.dns_mark.unwrap_or(DEFAULT_DNS_MARK),
+            trust_domain: args.trust_domain,
+            join_token: args.join_token,
             log_format: args.log_format.unwrap_or_default(),
         };
         config.validate()?;

@@ -155,3 +155,26 @@ impl Relaunch {
         Ok(child.id())
     }
 }
+
+/// Sends `state` to systemd's notification socket when the agent runs under systemd
+/// (`NOTIFY_SOCKET`; the unit has `NotifyAccess=all`), so a successor becomes the service's
+/// main process instead of being killed when its predecessor exits. Hand-rolled: the
+/// protocol is one datagram, not worth a dependency.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(abstract_name) => std::os::unix::net::SocketAddr::from_abstract_name(abstract_name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd `{state}` failed: {e}");
+    }
+}

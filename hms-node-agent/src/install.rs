@@ -192,6 +192,16 @@ const KEYS: &[Key] = &[
         default: "0x4853",
     },
     Key {
+        name: "trust-domain",
+        doc: "SPIFFE trust domain of the mesh's CA.",
+        default: "the registry's CA, else hms.local",
+    },
+    Key {
+        name: "join-token",
+        doc: "Single-use token from `hms-ctl node token create` on the CA's host (multi-host join).",
+        default: "none",
+    },
+    Key {
         name: "log-format",
         doc: "Log format: text or json.",
         default: "text",
@@ -217,6 +227,8 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "metrics" => args.metrics.as_ref().map(s),
         "registry" => args.registry.as_ref().map(s),
         "dns-mark" => args.dns_mark.map(|m| format!("{m:#x}")),
+        "trust-domain" => args.trust_domain.as_ref().map(s),
+        "join-token" => args.join_token.as_ref().map(s),
         "log-format" => args
             .log_format
             .map(|f| s(format!("{f:?}").to_ascii_lowercase())),

@@ -14,8 +14,11 @@
 //! | `admin` | the Unix-socket API hms-ctl talks to |
 //! | `listeners` | where listeners come from: hand-over, systemd socket activation, or bind |
 //! | `handover` | upgrading without closing a listener: fd passing between agents |
+//! | `mesh_identity` | this host's certificate and the CA exchange through the registry |
+//! | `mesh_node` | this host's record in a multi-host registry |
 //! | `drain` | graceful shutdown of listeners and in-flight work |
 //! | `identity` | the mesh CA, join tokens, node certificates (SPIFFE IDs), mTLS configs for :15008 |
+//! | `tunnel` | cross-host transport: the :15008 inbound listener and the pool of HTTP/2 CONNECT-over-mTLS connections to peer agents |
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
 //! | `agent` | starting and stopping all of the above |
@@ -33,6 +36,8 @@ pub mod handover;
 pub mod identity;
 pub mod install;
 pub mod listeners;
+pub mod mesh_identity;
+pub mod mesh_node;
 pub mod metrics;
 pub mod metrics_state;
 pub mod original_dst;
@@ -42,3 +47,4 @@ pub mod redirect;
 pub mod registry;
 pub mod resilience;
 pub mod tap;
+pub mod tunnel;

@@ -33,6 +33,8 @@ pub struct DataListeners {
     pub dns_udp: std::net::UdpSocket,
     pub dns_tcp: std::net::TcpListener,
     pub metrics: std::net::TcpListener,
+    /// Cross-host mTLS listener, only in a multi-host mesh.
+    pub inbound: Option<std::net::TcpListener>,
     /// Where they came from, for logs and `status`.
     pub origin: &'static str,
 }
@@ -43,6 +45,7 @@ impl DataListeners {
         config: &AgentConfig,
         mut given: HashMap<String, OwnedFd>,
         origin: &'static str,
+        with_inbound: bool,
     ) -> anyhow::Result<DataListeners> {
         let outbound = match given.remove(OUTBOUND) {
             Some(fd) => tcp_from(fd, OUTBOUND)?,
@@ -72,6 +75,22 @@ impl DataListeners {
                 )
             })?,
         };
+        let inbound = if with_inbound {
+            let l = match given.remove(INBOUND) {
+                Some(fd) => tcp_from(fd, INBOUND)?,
+                None => std::net::TcpListener::bind(config.inbound).with_context(|| {
+                    format!(
+                        "binding the inbound listener {} (--inbound)",
+                        config.inbound
+                    )
+                })?,
+            };
+            check_addr(&l.local_addr()?, &config.inbound, INBOUND)?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        } else {
+            None
+        };
         check_addr(&outbound.local_addr()?, &config.outbound.into(), OUTBOUND)?;
         check_addr(&metrics.local_addr()?, &config.metrics, METRICS)?;
         metrics.set_nonblocking(true)?;
@@ -85,6 +104,7 @@ impl DataListeners {
             dns_udp,
             dns_tcp,
             metrics,
+            inbound,
             origin,
         })
     }
@@ -96,17 +116,26 @@ impl DataListeners {
             dns_udp: UdpSocket::from_std(self.dns_udp)?,
             dns_tcp: TcpListener::from_std(self.dns_tcp)?,
             metrics: TcpListener::from_std(self.metrics)?,
+            inbound: self.inbound.map(TcpListener::from_std).transpose()?,
         })
     }
 
     /// Duplicates of the three fds, for handing them to a successor.
     pub fn duplicates(&self) -> anyhow::Result<Vec<(String, OwnedFd)>> {
-        Ok(vec![
+        Ok([
             (OUTBOUND.into(), self.outbound.try_clone()?.into()),
             (DNS_UDP.into(), self.dns_udp.try_clone()?.into()),
             (DNS_TCP.into(), self.dns_tcp.try_clone()?.into()),
             (METRICS.into(), self.metrics.try_clone()?.into()),
-        ])
+        ]
+        .into_iter()
+        .chain(
+            self.inbound
+                .as_ref()
+                .map(|l| l.try_clone().map(|l| (INBOUND.into(), l.into())))
+                .transpose()?,
+        )
+        .collect())
     }
 }
 
@@ -115,6 +144,7 @@ pub struct TokioListeners {
     pub dns_udp: UdpSocket,
     pub dns_tcp: TcpListener,
     pub metrics: TcpListener,
+    pub inbound: Option<TcpListener>,
 }
 
 fn tcp_from(fd: OwnedFd, name: &str) -> anyhow::Result<std::net::TcpListener> {

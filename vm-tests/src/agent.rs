@@ -90,8 +90,11 @@ impl TestAgent {
             .context("agent log")?;
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns])
+                // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup
+                // and bpf filesystems.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
                     .arg(bins::path("hms-node-agent"));
                 c
             }

@@ -64,7 +64,12 @@ impl TestCgroup {
     /// A command whose process starts inside this cgroup, before it execs `program`, so even
     /// its first syscall runs under the cgroup's hooks.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
+        Self::command_in(&self.path, program)
+    }
+
+    /// Like [`TestCgroup::command`], for any cgroup directory (e.g. a child of a test cgroup).
+    pub fn command_in(dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
             .expect("cgroup path has no NUL");
         let mut cmd = Command::new(program);
         // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close) on

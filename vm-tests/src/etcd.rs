@@ -21,12 +21,24 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Network namespace and address it serves on (a `TestNet` host), else loopback here.
+    netns: Option<String>,
+    ip: Ipv4Addr,
 }
 
 impl Etcd {
     /// Starts a fresh single-member etcd. Fails (does not skip) when the binary is missing:
     /// `cargo xtask setup` installs it.
     pub fn start() -> anyhow::Result<Etcd> {
+        Self::start_at(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`Etcd::start`], inside network namespace `netns`, serving on `ip`.
+    pub fn start_in(netns: &str, ip: Ipv4Addr) -> anyhow::Result<Etcd> {
+        Self::start_at(Some(netns.to_string()), ip)
+    }
+
+    fn start_at(netns: Option<String>, ip: Ipv4Addr) -> anyhow::Result<Etcd> {
         let found = std::env::var_os("PATH")
             .map(|paths| std::env::split_paths(&paths).any(|d| d.join(BINARY).is_file()))
             .unwrap_or(false);
@@ -43,14 +55,16 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             child: None,
+            netns,
+            ip,
         };
         etcd.resume()?;
         Ok(etcd)
     }
 
-    /// `127.0.0.1:PORT`, what `--registry etcd://` takes.
+    /// `IP:PORT`, what `--registry etcd://` takes.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.ip, self.client_port)
     }
 
     /// Kills the server (like a crash) and waits for it to exit; the data stays.
@@ -66,14 +80,24 @@ impl Etcd {
         if self.child.is_some() {
             return Ok(());
         }
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .context("opening etcd's log")?;
-        let child = Command::new(BINARY)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(BINARY);
+                c
+            }
+            None => Command::new(BINARY),
+        };
+        let child = cmd
             .args(["--name", "hms-test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -121,6 +145,14 @@ impl Etcd {
 
     /// GET /health over plain HTTP/1.0 (etcd answers `{"health":"true"}` once it has a leader).
     fn healthy(&self) -> bool {
+        if let Some(ns) = &self.netns {
+            let url = format!("http://{}/health", self.endpoint());
+            return Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{ns}"))
+                .args(["--", "curl", "-s", "--max-time", "1", &url])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""));
+        }
         let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, self.client_port);
         let Ok(mut s) = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)) else {
             return false;

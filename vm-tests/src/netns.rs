@@ -89,8 +89,12 @@ impl TestNet {
 impl TestHost {
     /// A command that runs inside this host's namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns, program]);
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup and
+        // bpf filesystems the agent needs.
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
         c
     }
 }

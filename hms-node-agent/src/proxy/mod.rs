@@ -4,6 +4,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod inbound;
 pub mod outbound;
 pub mod splice;
 

@@ -14,7 +14,7 @@ use hms_ctl::api::ServiceInfo;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::detect::{self, Protocol};
-use super::http::upstream::Version;
+use super::http::upstream::{ConnectError, UpstreamIo, Version};
 use super::http::{Downstream, HttpProxy};
 use super::splice::splice;
 use crate::cgroup::ServiceCgroups;
@@ -25,7 +25,6 @@ use crate::resilience::policy::{self, Caller};
 
 /// The port callers may always use (`http://name.svc/`), besides the service's own port.
 pub const DEFAULT_SERVICE_PORT: u16 = 80;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for a client's first bytes before treating the connection as opaque
 /// (server-speaks-first protocols send nothing).
 const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -82,6 +81,8 @@ pub enum Refusal {
     },
     #[error("{0} has no instances")]
     NoInstance(String),
+    #[error("host {node} refused the connection: {reason}")]
+    RefusedByHost { node: String, reason: String },
     #[error("connecting to {service} instance {addr} failed: {error}")]
     ConnectFailed {
         service: String,
@@ -102,11 +103,18 @@ impl Outbound {
         store: Arc<dyn Store>,
         origins: Arc<dyn OriginalDestinations>,
         cgroups: ServiceCgroups,
+        local_node: String,
         tap: Arc<crate::tap::TapHub>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Outbound {
         Outbound {
-            http: Arc::new(HttpProxy::new(store.clone(), cgroups, tap, metrics)),
+            http: Arc::new(HttpProxy::new(
+                store.clone(),
+                cgroups,
+                local_node,
+                tap,
+                metrics,
+            )),
             store,
             origins,
             stats: ProxyStats::default(),
@@ -185,7 +193,10 @@ impl Outbound {
 
     async fn splice_opaque(&self, client: TcpStream, peer: SocketAddr, p: Placement) {
         let service = &p.service;
-        if !policy::allows(&service.spec.policy, &p.caller) {
+        let state = self.http.states.get(service, &self.store.snapshot());
+        let here = (0..state.endpoints.addrs.len()).any(|i| state.endpoints.is_local(i));
+        // With no instance here, the destination host's agent applies the policy.
+        if here && !policy::allows(&service.spec.policy, &p.caller) {
             return self.refuse(
                 client,
                 peer,
@@ -196,7 +207,7 @@ impl Outbound {
                 },
             );
         }
-        let (addr, upstream) = match self.dial(service).await {
+        let (addr, upstream) = match self.dial(service, &state, &p.caller).await {
             Ok(v) => v,
             Err(refusal) => return self.refuse(client, peer, refusal),
         };
@@ -243,14 +254,12 @@ impl Outbound {
         snapshot: &Arc<crate::registry::Snapshot>,
     ) -> Caller {
         let index = self.http.states.callers(snapshot);
-        if index.is_empty() {
-            return Caller::Host;
-        }
         match index.caller_by_cgroup_id(cgroup_id) {
             Caller::Host => {
-                // A child cgroup of a service's cgroup: walk up from the process's cgroup.
+                // A child cgroup of a service's cgroup, or one created after the index was
+                // built: match the process's cgroup path against every service's directory.
                 match crate::cgroup::cgroup_of_pid(&self.http.states.cgroups().root, pid) {
-                    Ok(dir) => index.caller_in_dir(&dir),
+                    Ok(dir) => self.http.states.caller_by_path(snapshot, &dir),
                     Err(_) => Caller::Host,
                 }
             }
@@ -258,21 +267,41 @@ impl Outbound {
         }
     }
 
-    /// Tries each instance once, starting at the round-robin position.
-    async fn dial(&self, service: &ServiceInfo) -> Result<(SocketAddrV4, TcpStream), Refusal> {
-        let n = service.instances.len();
-        if n == 0 {
+    /// Tries each candidate instance once (local ones first), starting at the round-robin
+    /// position.
+    async fn dial(
+        &self,
+        service: &ServiceInfo,
+        state: &super::http::state::ServiceState,
+        caller: &Caller,
+    ) -> Result<(SocketAddrV4, UpstreamIo), Refusal> {
+        let endpoints = &state.endpoints;
+        let now = std::time::Instant::now();
+        let candidates = endpoints.candidates(now);
+        let order: Vec<usize> = (0..endpoints.addrs.len())
+            .filter(|i| candidates(*i))
+            .collect();
+        if order.is_empty() {
             return Err(Refusal::NoInstance(service.spec.name.clone()));
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let caller = caller.to_string();
         let mut last_error = String::new();
-        let mut last_addr = service.instances[0].addr;
-        for i in 0..n {
-            let addr = service.instances[(start + i) % n].addr;
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => return Ok((addr, s)),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = format!("no answer within {CONNECT_TIMEOUT:?}"),
+        let mut last_addr = endpoints.addrs[order[0]];
+        for k in 0..order.len() {
+            let i = order[(start + k) % order.len()];
+            let addr = endpoints.addrs[i];
+            match self
+                .http
+                .pool
+                .connect(addr, &endpoints.vias[i], &service.spec.name, &caller)
+                .await
+            {
+                Ok(io) => return Ok((addr, io)),
+                Err(ConnectError::Refused { node, reason, .. }) => {
+                    return Err(Refusal::RefusedByHost { node, reason });
+                }
+                Err(e) => last_error = e.to_string(),
             }
             last_addr = addr;
         }

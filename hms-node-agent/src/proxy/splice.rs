@@ -1,4 +1,4 @@
-//! Copying bytes both ways between two TCP streams. Half-close is preserved: when one side
+//! Copying bytes both ways between a client and an upstream stream. Half-close is preserved: when one side
 //! finishes sending, the other side's write half is shut down, and the opposite direction
 //! keeps flowing until it finishes too.
 
@@ -12,13 +12,13 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
-pub async fn splice(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-) -> std::io::Result<Transferred> {
-    // Small request/response exchanges should not wait for Nagle on either hop.
+/// `upstream` is a TCP connection to a local instance or a tunnel stream to another host.
+pub async fn splice<U>(mut client: TcpStream, mut upstream: U) -> std::io::Result<Transferred>
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    // Small request/response exchanges should not wait for Nagle.
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     let (a, b) = copy_bidirectional(&mut client, &mut upstream).await?;
     Ok(Transferred {
         client_to_upstream: a,

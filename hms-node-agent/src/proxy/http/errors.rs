@@ -26,6 +26,20 @@ pub enum MeshError {
 }
 
 impl MeshError {
+    /// The mesh error another host's agent answered a tunnel request with.
+    pub fn from_refusal(status: u16, reason: &str, retry_after: Option<Duration>) -> MeshError {
+        match (status, reason) {
+            (403, _) => MeshError::Denied,
+            (429, _) => MeshError::RateLimited {
+                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            },
+            (503, "circuit-open") => MeshError::CircuitOpen,
+            (503, _) => MeshError::NoEndpoint,
+            (504, _) => MeshError::Timeout,
+            _ => MeshError::ConnectFailed,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             MeshError::NoEndpoint => "no-endpoint",

@@ -31,8 +31,12 @@ pub async fn run(proxy: Arc<HttpProxy>, drain: Drain) {
             let Some(check) = svc.spec.health.clone() else {
                 continue;
             };
-            let state = proxy.states.get(svc);
+            let state = proxy.states.get(svc, &snapshot);
             for (i, addr) in state.endpoints.addrs.iter().enumerate() {
+                // Each host checks its own instances; others' reach us through breakers.
+                if !state.endpoints.is_local(i) {
+                    continue;
+                }
                 let ok = probe(*addr, &check).await;
                 if !ok {
                     tracing::debug!(service = %svc.spec.name, %addr, %check, "health check failed");

@@ -115,6 +115,7 @@ impl HttpProxy {
     pub fn new(
         store: Arc<dyn Store>,
         cgroups: crate::cgroup::ServiceCgroups,
+        local_node: String,
         tap: Arc<TapHub>,
         metrics: Arc<Metrics>,
     ) -> HttpProxy {
@@ -123,7 +124,7 @@ impl HttpProxy {
             tap,
             metrics,
             pool: Arc::new(UpstreamPool::default()),
-            states: ServiceStates::new(cgroups),
+            states: ServiceStates::new(cgroups, local_node),
             stats: HttpStats::default(),
             backoff: RetryBackoff::default(),
         }
@@ -301,11 +302,14 @@ impl HttpProxy {
     ) -> Result<Response<ProxyBody>, MeshError> {
         let trace_id = exchange.trace_id.clone();
         let trace_id = trace_id.as_str();
-        if !policy::allows(&svc.spec.policy, &ds.caller) {
+        let state = self.states.get(svc, &self.store.snapshot());
+        // Access policy and rate limits belong to the host where the service lives: with no
+        // instance here, the destination's agent decides (and we pass on its answer).
+        let here = (0..state.endpoints.addrs.len()).any(|i| state.endpoints.is_local(i));
+        if here && !policy::allows(&svc.spec.policy, &ds.caller) {
             return Err(MeshError::Denied);
         }
-        let state = self.states.get(svc);
-        if let Some(limiter) = &state.limiter {
+        if let Some(limiter) = state.limiter.as_ref().filter(|_| here) {
             match limiter.check(Instant::now()) {
                 Decision::Allow => {}
                 Decision::Wait(d) => {
@@ -319,7 +323,8 @@ impl HttpProxy {
         }
         let route = RouteSettings::for_path(&svc.spec, req.uri().path());
         let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
-        let work = self.forward(req, svc, &state, route, deadline, exchange);
+        exchange.deadline = deadline;
+        let work = self.forward(req, svc, &state, route, ds, exchange);
         match deadline {
             None => work.await,
             // `forward` stops each attempt at the deadline itself (so the instance is charged
@@ -336,12 +341,13 @@ impl HttpProxy {
         svc: &ServiceInfo,
         state: &state::ServiceState,
         route: RouteSettings,
-        deadline: Option<tokio::time::Instant>,
+        ds: &Downstream,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, MeshError> {
         let RouteSettings {
             retries, per_try, ..
         } = route;
+        let deadline = exchange.deadline;
         let grpc = exchange.grpc;
         let trace_id = exchange.trace_id.clone();
         let trace_id = trace_id.as_str();
@@ -350,7 +356,7 @@ impl HttpProxy {
             _ => Version::Http1,
         };
         if version == Version::Http1 && is_upgrade(req.headers()) {
-            return self.forward_upgrade(req, svc, state).await;
+            return self.forward_upgrade(req, svc, state, ds).await;
         }
         let (parts, incoming) = req.into_parts();
         let (tee_body, replay) = tee(incoming);
@@ -359,13 +365,24 @@ impl HttpProxy {
         let endpoints = &state.endpoints;
         state.budget.deposit(Instant::now());
         let mut attempt: u32 = 0;
+        let mut tried: Vec<usize> = Vec::new();
         let mut last_error = MeshError::NoEndpoint;
         loop {
             let now = Instant::now();
             if endpoints.addrs.is_empty() {
                 return Err(MeshError::NoEndpoint);
             }
-            let Some(idx) = endpoints.balancer.pick(|i| endpoints.eligible(i, now)) else {
+            // A retry goes elsewhere when it can: an instance that just failed this request
+            // is skipped while any other candidate remains.
+            let candidates = endpoints.candidates(now);
+            let untried = |i: usize| candidates(i) && !tried.contains(&i);
+            let any_untried = (0..endpoints.addrs.len()).any(untried);
+            let pick = if any_untried {
+                endpoints.balancer.pick(untried)
+            } else {
+                endpoints.balancer.pick(&candidates)
+            };
+            let Some(idx) = pick else {
                 return Err(MeshError::CircuitOpen);
             };
             let Some(permit) = endpoints.breakers[idx].try_acquire(now) else {
@@ -373,11 +390,30 @@ impl HttpProxy {
                 return Err(MeshError::CircuitOpen);
             };
             let addr = endpoints.addrs[idx];
+            let via = &endpoints.vias[idx];
             exchange.upstream = Some(addr);
+            tried.push(idx);
             let in_flight = endpoints.balancer.start(idx, now);
             // Connect before giving the body away: a failed connect sent nothing, so the
             // untouched body is still there for the next instance.
-            let outcome = match self.pool.checkout(addr, version, true).await {
+            let caller = ds.caller.to_string();
+            let checkout = self
+                .pool
+                .checkout(addr, via, &svc.spec.name, &caller, version, true)
+                .await;
+            let outcome = match checkout {
+                Err(upstream::ConnectError::Refused {
+                    node,
+                    status,
+                    reason,
+                    retry_after,
+                }) => {
+                    // The destination host decided (policy, rate limit): its answer is ours,
+                    // and the instance is not at fault.
+                    drop(permit);
+                    tracing::info!(trace_id, service = %svc.spec.name, %node, status, %reason, "destination host refused");
+                    return Err(MeshError::from_refusal(status, &reason, retry_after));
+                }
                 Err(e) => {
                     tracing::debug!(trace_id, service = %svc.spec.name, "{e}");
                     permit.failure(Instant::now());
@@ -525,23 +561,38 @@ impl HttpProxy {
         mut req: Request<Incoming>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
+        ds: &Downstream,
     ) -> Result<Response<ProxyBody>, MeshError> {
         let endpoints = &state.endpoints;
         let now = Instant::now();
-        let idx = endpoints
-            .balancer
-            .pick(|i| endpoints.eligible(i, now))
-            .ok_or(if endpoints.addrs.is_empty() {
+        let idx = endpoints.balancer.pick(endpoints.candidates(now)).ok_or(
+            if endpoints.addrs.is_empty() {
                 MeshError::NoEndpoint
             } else {
                 MeshError::CircuitOpen
-            })?;
+            },
+        )?;
         let addr = endpoints.addrs[idx];
         let conn = self
             .pool
-            .checkout(addr, Version::Http1, false)
+            .checkout(
+                addr,
+                &endpoints.vias[idx],
+                &svc.spec.name,
+                &ds.caller.to_string(),
+                Version::Http1,
+                false,
+            )
             .await
-            .map_err(|_| MeshError::ConnectFailed)?;
+            .map_err(|e| match e {
+                upstream::ConnectError::Refused {
+                    status,
+                    reason,
+                    retry_after,
+                    ..
+                } => MeshError::from_refusal(status, &reason, retry_after),
+                _ => MeshError::ConnectFailed,
+            })?;
         let downstream_upgrade = hyper::upgrade::on(&mut req);
         let (parts, incoming) = req.into_parts();
         let upstream_req = upstream_request(
@@ -579,6 +630,8 @@ impl HttpProxy {
 /// What happened while forwarding one request, for taps and metrics.
 #[derive(Default)]
 pub struct Exchange {
+    /// When the route timeout fires, if the route has one.
+    pub deadline: Option<tokio::time::Instant>,
     pub grpc: bool,
     pub trace_id: String,
     pub retries: u32,

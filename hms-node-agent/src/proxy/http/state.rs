@@ -12,6 +12,7 @@ use std::time::Instant;
 use hms_ctl::api::ServiceInfo;
 use hms_ctl::spec::{RateLimit, ServiceSpec};
 
+use super::upstream::Via;
 use crate::cgroup::ServiceCgroups;
 
 use crate::registry::Snapshot;
@@ -19,13 +20,15 @@ use crate::resilience::balance::Balancer;
 use hms_ctl::api::InstanceHealth;
 
 use crate::resilience::breaker::{BreakerConfig, CircuitBreaker};
-use crate::resilience::policy::CallerIndex;
+use crate::resilience::policy::{Caller, CallerIndex};
 use crate::resilience::rate_limit::{DEFAULT_MAX_WAIT, RateLimiter};
 use crate::resilience::retry::{BudgetConfig, RetryBudget};
 
 /// The endpoints of one service and what the proxy learned about them.
 pub struct Endpoints {
     pub addrs: Vec<SocketAddrV4>,
+    /// How each instance is reached: directly, or through its host's agent.
+    pub vias: Vec<Via>,
     pub balancer: Balancer,
     pub breakers: Vec<CircuitBreaker>,
     /// Active health check results (all passing when the spec has no `health:`).
@@ -37,6 +40,17 @@ impl Endpoints {
     /// (if any) passes.
     pub fn eligible(&self, i: usize, now: Instant) -> bool {
         self.checks[i].passing() && self.breakers[i].is_eligible(now)
+    }
+
+    pub fn is_local(&self, i: usize) -> bool {
+        self.vias[i] == Via::Local
+    }
+
+    /// The instances to balance over now: healthy local ones if there are any (a call that
+    /// stays on the host is cheaper and needs no tunnel), else every healthy one.
+    pub fn candidates(&self, now: Instant) -> impl Fn(usize) -> bool + '_ {
+        let local_ok = (0..self.addrs.len()).any(|i| self.is_local(i) && self.eligible(i, now));
+        move |i| self.eligible(i, now) && (!local_ok || self.is_local(i))
     }
 }
 
@@ -86,14 +100,17 @@ struct Entry {
 
 pub struct ServiceStates {
     cgroups: ServiceCgroups,
+    /// This host's name in the registry: instances on it are local.
+    local_node: String,
     services: Mutex<HashMap<String, Entry>>,
     callers: Mutex<Option<(Arc<Snapshot>, Arc<CallerIndex>)>>,
 }
 
 impl ServiceStates {
-    pub fn new(cgroups: ServiceCgroups) -> ServiceStates {
+    pub fn new(cgroups: ServiceCgroups, local_node: String) -> ServiceStates {
         ServiceStates {
             cgroups,
+            local_node,
             services: Mutex::new(HashMap::new()),
             callers: Mutex::new(None),
         }
@@ -103,17 +120,34 @@ impl ServiceStates {
         &self.cgroups
     }
 
-    /// The state for `svc`, rebuilt where its instances or limit changed.
-    pub fn get(&self, svc: &ServiceInfo) -> ServiceState {
+    /// The state for `svc`, rebuilt where its instances or limit changed. Instances on
+    /// hosts whose record is gone from the registry are left out (unreachable).
+    pub fn get(&self, svc: &ServiceInfo, snapshot: &Snapshot) -> ServiceState {
+        let (addrs, vias): (Vec<SocketAddrV4>, Vec<Via>) = svc
+            .instances
+            .iter()
+            .filter_map(|i| {
+                if i.node == self.local_node {
+                    return Some((i.addr, Via::Local));
+                }
+                let n = snapshot.node(&i.node)?;
+                Some((
+                    i.addr,
+                    Via::Peer {
+                        node: n.name.clone(),
+                        inbound: n.inbound,
+                    },
+                ))
+            })
+            .unzip();
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let addrs: Vec<SocketAddrV4> = svc.instances.iter().map(|i| i.addr).collect();
         let entry = map.entry(svc.spec.name.clone()).or_insert_with(|| Entry {
-            endpoints: Arc::new(new_endpoints(addrs.clone())),
+            endpoints: Arc::new(new_endpoints(addrs.clone(), vias.clone())),
             budget: Arc::new(RetryBudget::new(BudgetConfig::default(), Instant::now())),
             limit: None,
         });
-        if entry.endpoints.addrs != addrs {
-            entry.endpoints = Arc::new(new_endpoints(addrs));
+        if entry.endpoints.addrs != addrs || entry.endpoints.vias != vias {
+            entry.endpoints = Arc::new(new_endpoints(addrs, vias));
         }
         match (&svc.spec.limit, &entry.limit) {
             (None, _) => entry.limit = None,
@@ -158,6 +192,17 @@ impl ServiceStates {
             .unwrap_or_default()
     }
 
+    /// The service whose cgroup directory is `dir` or one of its ancestors (the deepest
+    /// match), else the host. Path-based, so it sees directories created after the index.
+    pub fn caller_by_path(&self, snapshot: &Snapshot, dir: &std::path::Path) -> Caller {
+        snapshot
+            .services()
+            .map(|s| (s, self.cgroups.dir_of(&s.spec)))
+            .filter(|(_, d)| dir.starts_with(d))
+            .max_by_key(|(_, d)| d.components().count())
+            .map_or(Caller::Host, |(s, _)| Caller::service(&s.spec.name))
+    }
+
     /// Who runs in which cgroup, rebuilt when the registry changed.
     pub fn callers(&self, snapshot: &Arc<Snapshot>) -> Arc<CallerIndex> {
         let mut cached = self.callers.lock().unwrap_or_else(|p| p.into_inner());
@@ -190,8 +235,9 @@ impl ServiceStates {
     }
 }
 
-fn new_endpoints(addrs: Vec<SocketAddrV4>) -> Endpoints {
+fn new_endpoints(addrs: Vec<SocketAddrV4>, vias: Vec<Via>) -> Endpoints {
     Endpoints {
+        vias,
         balancer: Balancer::new(addrs.len()),
         breakers: addrs
             .iter()

@@ -2,7 +2,9 @@
 //! request at a time and go back to the idle list once their response has been read to the
 //! end; HTTP/2 connections are shared by every request to that instance (multiplexed). A
 //! connection that fails or closes is dropped, never reused. Only real instance addresses
-//! are ever dialled.
+//! are ever dialled: a local instance directly, an instance on another host through an
+//! mTLS HTTP/2 CONNECT stream to that host's agent (`tunnel`), which the peer splices to
+//! its local instance after its own policy check.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -15,6 +17,60 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use crate::identity::SpiffeId;
+use crate::tunnel::{PeerPool, TunnelError, TunnelStream, TunnelTarget};
+
+/// A byte stream to an instance.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(Box<TunnelStream>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Idle HTTP/1.1 connections kept per instance; more are closed after use.
 const MAX_IDLE_PER_INSTANCE: usize = 32;
@@ -26,6 +82,17 @@ pub enum Version {
     Http2,
 }
 
+/// How this host reaches an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Via {
+    Local,
+    /// Through the agent of host `node`, listening on `inbound`.
+    Peer {
+        node: String,
+        inbound: std::net::SocketAddr,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connecting to {0} timed out")]
@@ -34,6 +101,18 @@ pub enum ConnectError {
     Io(SocketAddrV4, std::io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(SocketAddrV4, hyper::Error),
+    #[error("no identity yet to reach host {0} (see `hms-ctl status`)")]
+    NoIdentity(String),
+    #[error("tunnel to host {node} failed: {error}")]
+    Tunnel { node: String, error: String },
+    /// The destination host's agent refused (its policy, its rate limit, no instance).
+    #[error("host {node} refused: {status} {reason}")]
+    Refused {
+        node: String,
+        status: u16,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 enum Sender {
@@ -41,14 +120,20 @@ enum Sender {
     H2(http2::SendRequest<ProxyBody>),
 }
 
+type Key = (Via, SocketAddrV4);
+
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle_h1: Mutex<HashMap<SocketAddrV4, Vec<http1::SendRequest<ProxyBody>>>>,
-    shared_h2: Mutex<HashMap<SocketAddrV4, http2::SendRequest<ProxyBody>>>,
+    idle_h1: Mutex<HashMap<Key, Vec<http1::SendRequest<ProxyBody>>>>,
+    shared_h2: Mutex<HashMap<Key, http2::SendRequest<ProxyBody>>>,
+    /// Tunnels to other hosts, once this host has a certificate.
+    tunnels: std::sync::RwLock<Option<Arc<PeerPool>>>,
+    trust_domain: std::sync::RwLock<Option<String>>,
 }
 
 /// A connection checked out for one request.
 pub struct Checkout {
+    key: Key,
     addr: SocketAddrV4,
     sender: Sender,
     /// False for connections that must not be reused (upgrades).
@@ -58,20 +143,125 @@ pub struct Checkout {
 impl UpstreamPool {
     /// A ready connection to `addr`: an idle pooled one if there is, else a new one.
     /// An error here means the request was never sent, so retrying it is always safe.
+    /// Lets the pool reach other hosts with this host's identity.
+    pub fn set_tunnels(&self, tunnels: Arc<PeerPool>, trust_domain: String) {
+        *self.tunnels.write().unwrap_or_else(|p| p.into_inner()) = Some(tunnels);
+        *self.trust_domain.write().unwrap_or_else(|p| p.into_inner()) = Some(trust_domain);
+    }
+
+    pub fn tunnels(&self) -> Option<Arc<PeerPool>> {
+        self.tunnels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `connected`, `idle` or the last error of the tunnel to host `node`, for `status`.
+    pub fn tunnel_state(&self, node: &str) -> String {
+        let Some(pool) = self.tunnels() else {
+            return "no identity yet".into();
+        };
+        match pool
+            .peer_status()
+            .into_iter()
+            .find(|p| p.node.node_name() == Some(node))
+        {
+            None => "idle".into(),
+            Some(p) if p.connected => format!("connected ({} streams opened)", p.streams_opened),
+            Some(p) => p.last_error.unwrap_or_else(|| "idle".into()),
+        }
+    }
+
+    /// A raw byte stream to an instance (for opaque TCP): a TCP connection, or a tunnel
+    /// stream through the instance's host.
+    pub async fn connect(
+        &self,
+        addr: SocketAddrV4,
+        via: &Via,
+        service: &str,
+        caller: &str,
+    ) -> Result<UpstreamIo, ConnectError> {
+        match via {
+            Via::Local => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        Ok(UpstreamIo::Tcp(s))
+                    }
+                    Ok(Err(e)) => Err(ConnectError::Io(addr, e)),
+                    Err(_) => Err(ConnectError::Timeout(addr)),
+                }
+            }
+            Via::Peer { node, inbound } => {
+                let pool = self
+                    .tunnels()
+                    .ok_or_else(|| ConnectError::NoIdentity(node.clone()))?;
+                let td = self
+                    .trust_domain
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .ok_or_else(|| ConnectError::NoIdentity(node.clone()))?;
+                let peer_id = SpiffeId::node(&td, node).map_err(|e| ConnectError::Tunnel {
+                    node: node.clone(),
+                    error: e.to_string(),
+                })?;
+                let target =
+                    TunnelTarget::new(service, addr.port()).map_err(|e| ConnectError::Tunnel {
+                        node: node.clone(),
+                        error: e,
+                    })?;
+                match pool.open(*inbound, &peer_id, &target, caller).await {
+                    Ok(stream) => Ok(UpstreamIo::Tunnel(Box::new(stream))),
+                    Err(TunnelError::Refused {
+                        status,
+                        reason,
+                        retry_after,
+                        ..
+                    }) => Err(ConnectError::Refused {
+                        node: node.clone(),
+                        status,
+                        reason,
+                        retry_after,
+                    }),
+                    Err(e) => Err(ConnectError::Tunnel {
+                        node: node.clone(),
+                        error: e.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
     pub async fn checkout(
         self: &Arc<Self>,
         addr: SocketAddrV4,
+        via: &Via,
+        service: &str,
+        caller: &str,
         version: Version,
         reusable: bool,
     ) -> Result<Checkout, ConnectError> {
+        // Pooled connections through a peer carry one caller's identity: key them by it.
+        let key: Key = match via {
+            Via::Local => (Via::Local, addr),
+            Via::Peer { node, inbound } => (
+                Via::Peer {
+                    node: format!("{node}\u{0}{caller}"),
+                    inbound: *inbound,
+                },
+                addr,
+            ),
+        };
         if reusable {
             match version {
                 Version::Http1 => {
                     let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(list) = idle.get_mut(&addr) {
+                    if let Some(list) = idle.get_mut(&key) {
                         while let Some(s) = list.pop() {
                             if s.is_ready() {
                                 return Ok(Checkout {
+                                    key,
                                     addr,
                                     sender: Sender::H1(s),
                                     reusable,
@@ -82,10 +272,11 @@ impl UpstreamPool {
                 }
                 Version::Http2 => {
                     let shared = self.shared_h2.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(s) = shared.get(&addr)
+                    if let Some(s) = shared.get(&key)
                         && !s.is_closed()
                     {
                         return Ok(Checkout {
+                            key,
                             addr,
                             sender: Sender::H2(s.clone()),
                             reusable,
@@ -94,13 +285,7 @@ impl UpstreamPool {
                 }
             }
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-            Err(_) => return Err(ConnectError::Timeout(addr)),
-        };
-        let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(self.connect(addr, via, service, caller).await?);
         let sender = match version {
             Version::Http1 => {
                 let (s, conn) = http1::handshake(io)
@@ -126,21 +311,22 @@ impl UpstreamPool {
                     self.shared_h2
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(addr, s.clone());
+                        .insert(key.clone(), s.clone());
                 }
                 Sender::H2(s)
             }
         };
         Ok(Checkout {
+            key,
             addr,
             sender,
             reusable,
         })
     }
 
-    fn checkin_h1(&self, addr: SocketAddrV4, s: http1::SendRequest<ProxyBody>) {
+    fn checkin_h1(&self, key: Key, s: http1::SendRequest<ProxyBody>) {
         let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_INSTANCE {
             list.push(s);
         }
@@ -164,12 +350,12 @@ impl Checkout {
                 let resp = s.send_request(req).await?;
                 if self.reusable {
                     let pool = pool.clone();
-                    let addr = self.addr;
+                    let key = self.key;
                     tokio::spawn(async move {
                         // Resolves when the response has been read and the connection can
                         // take another request; errors when it closed.
                         if s.ready().await.is_ok() {
-                            pool.checkin_h1(addr, s);
+                            pool.checkin_h1(key, s);
                         }
                     });
                 }

@@ -1,0 +1,493 @@
+//! This host's identity in the mesh and the certificate exchange that gives it one. Owns
+//! the node's key and certificate, the CA duties when this host holds the CA, and keeping
+//! the TLS configs current; never opens a data-path connection.
+//!
+//! Everything travels through the registry (blobs under `ca/`), so hosts need no other
+//! channel:
+//! 1. `hms-ctl ca init` on one host creates the CA there and publishes the trust bundle
+//!    (`ca/bundle`); that host signs its own certificate directly.
+//! 2. `hms-ctl node token create` on the CA host prints a single-use, expiring token.
+//! 3. A joining host started with `--join-token` makes its key locally and publishes
+//!    `ca/join/<node>` = {token, CSR}; the CA host redeems the token and publishes
+//!    `ca/issued/<node>`; the joining host installs it. Private keys never travel.
+//! 4. At half-life (or when the bundle's current root changed) a host publishes
+//!    `ca/renew/<node>`, signed with its current key; the CA host answers in
+//!    `ca/issued/<node>`. Open connections are never cut: TLS configs pick up the new
+//!    certificate and bundle for new handshakes.
+//! 5. `hms-ctl ca rotate` adds a new root (published bundle trusts both); every host renews
+//!    onto it; once every registered host did, the old root is retired and the one-root
+//!    bundle published.
+//!
+//! On a single host with the embedded registry the agent makes its own CA in its state dir.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::identity::{
+    CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest, TlsIdentity, TrustBundle,
+};
+use crate::registry::Store;
+
+const BUNDLE: &str = "ca/bundle";
+const DEFAULT_TRUST_DOMAIN: &str = "hms.local";
+/// Node certificates live this long (renewed at half-life).
+pub const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+const TICK: Duration = Duration::from_millis(300);
+
+fn join_key(node: &str) -> String {
+    format!("ca/join/{node}")
+}
+fn renew_key(node: &str) -> String {
+    format!("ca/renew/{node}")
+}
+fn issued_key(node: &str) -> String {
+    format!("ca/issued/{node}")
+}
+
+#[derive(Serialize, Deserialize)]
+struct JoinRequest {
+    token: String,
+    csr_pem: String,
+}
+
+struct Inner {
+    node: Option<NodeIdentity>,
+    ca: Option<CertificateAuthority>,
+    /// Digests of join/renew requests already answered (the CA host).
+    answered: HashSet<u64>,
+    /// Hosts still to move onto the new root after a rotation (the CA host).
+    rotation_pending: Option<HashSet<String>>,
+    /// The serial of the certificate we asked to replace, so we ask once.
+    renewal_asked_for: Option<String>,
+    /// The two-root bundle we already renewed for (a rotation asks once per host).
+    renewed_for_bundle: Option<String>,
+    join_sent: bool,
+}
+
+pub struct MeshIdentity {
+    store: Arc<dyn Store>,
+    node_name: String,
+    state_dir: PathBuf,
+    trust_domain: Option<String>,
+    join_token: Option<String>,
+    inner: Mutex<Inner>,
+    tls: RwLock<Option<TlsIdentity>>,
+}
+
+/// For `hms-ctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct IdentitySummary {
+    pub spiffe_id: Option<String>,
+    pub cert_not_after_unix: Option<u64>,
+    pub holds_ca: bool,
+    pub trust_bundle_roots: usize,
+    pub waiting_for: Option<String>,
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl MeshIdentity {
+    /// Loads what this host already has (CA, key, certificate) from its state dir.
+    pub fn open(
+        store: Arc<dyn Store>,
+        node_name: &str,
+        state_dir: PathBuf,
+        trust_domain: Option<String>,
+        join_token: Option<String>,
+        single_host: bool,
+    ) -> anyhow::Result<Arc<MeshIdentity>> {
+        let this = MeshIdentity {
+            store,
+            node_name: node_name.to_string(),
+            state_dir: state_dir.clone(),
+            trust_domain,
+            join_token,
+            inner: Mutex::new(Inner {
+                node: None,
+                ca: None,
+                answered: HashSet::new(),
+                rotation_pending: None,
+                renewal_asked_for: None,
+                renewed_for_bundle: None,
+                join_sent: false,
+            }),
+            tls: RwLock::new(None),
+        };
+        {
+            let mut inner = this.inner.try_lock().expect("fresh mutex");
+            if single_host {
+                let td = this
+                    .trust_domain
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+                let (ca, node) = crate::identity::bootstrap_local(&state_dir, &td, node_name)
+                    .context("making this host's own CA (single host)")?;
+                inner.ca = Some(ca);
+                inner.node = Some(node);
+            } else if let Ok(ca) = CertificateAuthority::load(&state_dir) {
+                inner.node = Some(NodeIdentity::load_or_create(
+                    &state_dir,
+                    ca.trust_domain(),
+                    node_name,
+                )?);
+                inner.ca = Some(ca);
+            } else if let Some(td) = this.known_trust_domain() {
+                inner.node = Some(NodeIdentity::load_or_create(&state_dir, &td, node_name)?);
+            }
+            this.refresh_tls(&inner)?;
+        }
+        Ok(Arc::new(this))
+    }
+
+    fn known_trust_domain(&self) -> Option<String> {
+        self.trust_domain.clone().or_else(|| {
+            let snap = self.store.snapshot();
+            let b = snap.blob(BUNDLE)?;
+            serde_json::from_slice::<TrustBundle>(b)
+                .ok()
+                .map(|b| b.trust_domain().to_string())
+        })
+    }
+
+    /// The TLS identity, once this host has a certificate.
+    pub fn tls(&self) -> Option<TlsIdentity> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn trust_domain(&self) -> Option<String> {
+        self.tls().map(|t| t.spiffe_id().trust_domain().to_string())
+    }
+
+    fn refresh_tls(&self, inner: &Inner) -> anyhow::Result<()> {
+        let Some(node) = &inner.node else {
+            return Ok(());
+        };
+        if node.not_after().is_none() || node.trust_bundle().is_none() {
+            return Ok(());
+        }
+        let mut tls = self.tls.write().unwrap_or_else(|p| p.into_inner());
+        match tls.as_ref() {
+            Some(t) => t.update_from(node)?,
+            None => *tls = Some(TlsIdentity::from_node(node)?),
+        }
+        Ok(())
+    }
+
+    pub async fn summary(&self) -> IdentitySummary {
+        let inner = self.inner.lock().await;
+        let status = inner.node.as_ref().map(|n| n.status());
+        IdentitySummary {
+            spiffe_id: status.as_ref().map(|s| s.spiffe_id.to_string()),
+            cert_not_after_unix: inner.node.as_ref().and_then(|n| n.not_after()).map(unix),
+            holds_ca: inner.ca.is_some(),
+            trust_bundle_roots: status.map(|s| s.trust_bundle_roots).unwrap_or(0),
+            waiting_for: if self.tls().is_some() {
+                None
+            } else if inner.node.is_none() {
+                Some("a CA: run `hms-ctl ca init --trust-domain DOMAIN` on one host, or start this one with --join-token".into())
+            } else {
+                Some("a certificate from the CA host (is --join-token right and the CA host running?)".into())
+            },
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<dyn Store>) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store)).await?
+    }
+
+    async fn publish_bundle(&self, bundle: &TrustBundle) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(bundle)?;
+        self.blocking(move |s| s.put_blob(BUNDLE, &bytes)).await
+    }
+
+    /// `hms-ctl ca init`: make this host the mesh's CA.
+    pub async fn ca_init(&self, trust_domain: &str) -> anyhow::Result<IdentitySummary> {
+        {
+            let mut inner = self.inner.lock().await;
+            if let Some(ca) = &inner.ca {
+                if ca.trust_domain() == trust_domain {
+                    drop(inner);
+                    return Ok(self.summary().await);
+                }
+                bail!(
+                    "this host already holds the CA of trust domain `{}`",
+                    ca.trust_domain()
+                );
+            }
+            if let Some(existing) = self.store.snapshot().blob(BUNDLE) {
+                let td = serde_json::from_slice::<TrustBundle>(existing)
+                    .map(|b| b.trust_domain().to_string())
+                    .unwrap_or_default();
+                bail!(
+                    "the mesh already has a CA (trust domain `{td}`) on another host; join it with a token from `hms-ctl node token create` there"
+                );
+            }
+            let ca = CertificateAuthority::init(&self.state_dir, trust_domain)?;
+            let bundle = ca.trust_bundle();
+            let claimed = {
+                let bytes = serde_json::to_vec(&bundle)?;
+                self.blocking(move |s| s.create_blob(BUNDLE, &bytes))
+                    .await?
+            };
+            if !claimed {
+                bail!("another host created the mesh's CA at the same moment; join it instead");
+            }
+            let mut node =
+                NodeIdentity::load_or_create(&self.state_dir, trust_domain, &self.node_name)?;
+            let csr = node.create_csr()?;
+            let issued = ca.sign_node_csr(&csr, &self.node_name, CERT_TTL)?;
+            node.install_issued(&issued)?;
+            inner.ca = Some(ca);
+            inner.node = Some(node);
+            self.refresh_tls(&inner)?;
+            tracing::info!(trust_domain, "this host now holds the mesh CA");
+        }
+        Ok(self.summary().await)
+    }
+
+    /// `hms-ctl node token create`.
+    pub async fn create_token(
+        &self,
+        node: Option<&str>,
+        ttl: Duration,
+    ) -> anyhow::Result<crate::identity::JoinToken> {
+        let mut inner = self.inner.lock().await;
+        let ca = inner.ca.as_mut().context(
+            "this host does not hold the CA; run this on the host where `hms-ctl ca init` ran",
+        )?;
+        Ok(ca.create_join_token(node, ttl, SystemTime::now())?)
+    }
+
+    /// `hms-ctl ca rotate`: a new root; hosts move onto it; the old one is retired after.
+    pub async fn rotate(&self) -> anyhow::Result<IdentitySummary> {
+        {
+            let mut inner = self.inner.lock().await;
+            let ca = inner.ca.as_mut().context(
+                "this host does not hold the CA; run this on the host where `hms-ctl ca init` ran",
+            )?;
+            ca.rotate()?;
+            let bundle = ca.trust_bundle();
+            let pending: HashSet<String> = self
+                .store
+                .snapshot()
+                .nodes()
+                .map(|n| n.name.clone())
+                .chain(std::iter::once(self.node_name.clone()))
+                .collect();
+            inner.rotation_pending = Some(pending);
+            drop(inner);
+            self.publish_bundle(&bundle).await?;
+            tracing::info!("CA rotation started: new root published beside the old one");
+        }
+        Ok(self.summary().await)
+    }
+
+    /// Keeps the identity current until drained.
+    pub async fn run(self: Arc<Self>, drain: crate::drain::Drain) {
+        loop {
+            if let Err(e) = self.step().await {
+                tracing::warn!("identity: {e:#}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = drain.signaled() => return,
+            }
+        }
+    }
+
+    async fn step(&self) -> anyhow::Result<()> {
+        let snapshot = self.store.snapshot();
+        let mut inner = self.inner.lock().await;
+        let now = SystemTime::now();
+
+        // A host that learned the trust domain only now (from the registry) gets its key.
+        if inner.node.is_none()
+            && let Some(td) = self.known_trust_domain()
+        {
+            inner.node = Some(NodeIdentity::load_or_create(
+                &self.state_dir,
+                &td,
+                &self.node_name,
+            )?);
+        }
+
+        // The CA host answers join and renewal requests.
+        if inner.ca.is_some() {
+            let mut answers: Vec<(String, IssuedCertificate)> = Vec::new();
+            let requests: Vec<(String, Arc<[u8]>)> = snapshot
+                .blobs_under("ca/join/")
+                .chain(snapshot.blobs_under("ca/renew/"))
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            for (key, value) in requests {
+                let d = digest(&value);
+                if inner.answered.contains(&d) {
+                    continue;
+                }
+                inner.answered.insert(d);
+                let ca = inner.ca.as_mut().expect("checked above");
+                let result = if let Some(node) = key.strip_prefix("ca/join/") {
+                    serde_json::from_slice::<JoinRequest>(&value)
+                        .context("malformed join request")
+                        .and_then(|r| {
+                            ca.redeem_and_sign(&r.token, &r.csr_pem, node, CERT_TTL, now)
+                                .map_err(anyhow::Error::from)
+                        })
+                        .map(|c| (node.to_string(), c))
+                } else {
+                    let node = key.trim_start_matches("ca/renew/").to_string();
+                    serde_json::from_slice::<RenewalRequest>(&value)
+                        .context("malformed renewal request")
+                        .and_then(|r| ca.renew(&r, CERT_TTL, now).map_err(anyhow::Error::from))
+                        .map(|c| (node, c))
+                };
+                match result {
+                    Ok((node, cert)) => {
+                        tracing::info!(%node, serial = %cert.serial, "issued a node certificate");
+                        answers.push((node, cert));
+                    }
+                    Err(e) => {
+                        tracing::warn!(request = %key, "refused a certificate request: {e:#}")
+                    }
+                }
+            }
+            for (node, cert) in answers {
+                if let Some(p) = inner.rotation_pending.as_mut() {
+                    p.remove(&node);
+                }
+                let bytes = serde_json::to_vec(&cert)?;
+                self.blocking(move |s| s.put_blob(&issued_key(&node), &bytes))
+                    .await?;
+            }
+            // Our own certificate: renew directly.
+            let own_due = inner.node.as_ref().is_some_and(|n| n.needs_renewal(now))
+                || inner
+                    .rotation_pending
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&self.node_name));
+            if own_due {
+                let ca = inner.ca.take().expect("checked above");
+                let node = inner.node.as_mut().context("CA host without a node key")?;
+                let csr = node.create_csr()?;
+                let issued = ca.sign_node_csr(&csr, &self.node_name, CERT_TTL);
+                inner.ca = Some(ca);
+                let issued = issued?;
+                inner
+                    .node
+                    .as_mut()
+                    .expect("checked above")
+                    .install_issued(&issued)?;
+                if let Some(p) = inner.rotation_pending.as_mut() {
+                    p.remove(&self.node_name);
+                }
+                self.refresh_tls(&inner)?;
+            }
+            // Every host moved onto the new root: retire the old one.
+            let live: HashSet<String> = snapshot.nodes().map(|n| n.name.clone()).collect();
+            if let Some(p) = inner.rotation_pending.as_mut() {
+                p.retain(|n| live.contains(n) || *n == self.node_name);
+                if p.is_empty() {
+                    inner.rotation_pending = None;
+                    let ca = inner.ca.as_mut().expect("checked above");
+                    ca.retire_old()?;
+                    let bundle = ca.trust_bundle();
+                    tracing::info!("CA rotation done: old root retired");
+                    let bytes = serde_json::to_vec(&bundle)?;
+                    self.blocking(move |s| s.put_blob(BUNDLE, &bytes)).await?;
+                }
+            }
+        }
+
+        let Some(node) = inner.node.as_mut() else {
+            return Ok(());
+        };
+        // The bundle in the registry is the truth: install it when it changed.
+        if let Some(b) = snapshot.blob(BUNDLE)
+            && let Ok(bundle) = serde_json::from_slice::<TrustBundle>(b)
+            && node.trust_bundle().map(|t| t.fingerprint()) != Some(bundle.fingerprint())
+            && node.not_after().is_some()
+        {
+            node.install_trust_bundle(&bundle)?;
+            tracing::info!(roots = bundle.len(), "installed the mesh's trust bundle");
+        }
+        // A certificate addressed to us that we do not have yet.
+        if let Some(b) = snapshot.blob(&issued_key(&self.node_name))
+            && let Ok(issued) = serde_json::from_slice::<IssuedCertificate>(b)
+        {
+            let current = node.status().certificate.map(|c| c.serial);
+            if current.as_deref() != Some(issued.serial.as_str()) && issued.not_after > now {
+                match node.install_issued(&issued) {
+                    Ok(()) => {
+                        tracing::info!(serial = %issued.serial, "installed a new node certificate")
+                    }
+                    Err(e) => tracing::debug!("issued certificate not for our current key: {e}"),
+                }
+            }
+        }
+        let has_cert = node.not_after().is_some_and(|t| t > now);
+        if !has_cert && inner.ca.is_none() {
+            if let Some(token) = self.join_token.clone()
+                && !inner.join_sent
+            {
+                let node = inner.node.as_mut().expect("checked above");
+                let request = JoinRequest {
+                    token,
+                    csr_pem: node.create_csr()?,
+                };
+                let bytes = serde_json::to_vec(&request)?;
+                let key = join_key(&self.node_name);
+                self.blocking(move |s| s.put_blob(&key, &bytes)).await?;
+                inner.join_sent = true;
+                tracing::info!("asked the CA host for a certificate (join token)");
+            }
+        } else if inner.ca.is_none() {
+            // Renew at half-life, or when the bundle's roots changed since issuance
+            // (a CA rotation).
+            let node = inner.node.as_ref().expect("checked above");
+            let serial = node.status().certificate.map(|c| c.serial);
+            let bundle_fp = node.trust_bundle().map(|b| b.fingerprint());
+            let two_roots = node.trust_bundle().is_some_and(|b| b.len() > 1);
+            let needs_renewal = node.needs_renewal(now);
+            let rotated = two_roots && inner.renewed_for_bundle != bundle_fp;
+            let due = needs_renewal && inner.renewal_asked_for != serial;
+            if rotated || due {
+                let node = inner.node.as_mut().expect("checked above");
+                let request = node.create_renewal_request()?;
+                let bytes = serde_json::to_vec(&request)?;
+                let key = renew_key(&self.node_name);
+                self.blocking(move |s| s.put_blob(&key, &bytes)).await?;
+                inner.renewal_asked_for = serial;
+                if rotated {
+                    inner.renewed_for_bundle = bundle_fp;
+                }
+                tracing::info!(
+                    rotated,
+                    "asked the CA host to renew this host's certificate"
+                );
+            }
+        }
+        self.refresh_tls(&inner)?;
+        Ok(())
+    }
+}

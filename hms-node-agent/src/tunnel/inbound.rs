@@ -1,0 +1,402 @@
+//! The inbound listener (:15008): peer agents' CONNECT streams to this host's instances.
+//!
+//! Per connection:
+//! 1. TLS 1.3 handshake within [`HANDSHAKE_TIMEOUT`]; the peer must present a node
+//!    certificate of our trust domain (the server config demands it), then
+//!    [`verify_established`] must pass (TLS 1.3, ALPN `h2`). Anything else — no
+//!    certificate, another CA, a non-node ID, plain HTTP, garbage — is closed right there.
+//! 2. HTTP/2 with at most [`MAX_STREAMS_PER_CONNECTION`] streams at once.
+//! 3. Per stream: CONNECT only (else 405), `<service>:<port>` authority and exactly one valid
+//!    `x-hms-caller` (else 400), then the [`InboundPolicy`] decides (403/429/503), then a
+//!    connect to the loopback instance within [`LOCAL_CONNECT_TIMEOUT`] (else 502), then
+//!    `200` and a splice both ways with half-close.
+//!
+//! On drain it stops accepting, sends GOAWAY on every connection (streams in flight run to
+//! their end) and returns once every connection has closed. Dropping the `serve` future
+//! closes every connection at once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, FlowOutcome, HANDSHAKE_TIMEOUT, InboundFlow,
+    InboundPolicy, InboundRequest, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LOCAL_CONNECT_TIMEOUT,
+    MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION, Refusal, STREAM_WINDOW,
+    TunnelTarget, retry_after_secs, validate_caller,
+};
+use crate::drain::Drain;
+use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
+
+/// TLS handshakes in progress at once; more connections are closed at once. Bounds what
+/// unauthenticated clients can make us hold (each is also bounded in time).
+const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Streams a peer may reset before we answer (h2's rapid-reset protection).
+const MAX_PENDING_RESETS: usize = 64;
+
+/// Counters since start, for metrics and `hms-ctl status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct InboundCounters {
+    /// TCP connections accepted.
+    pub connections_accepted: u64,
+    /// Connections closed before or right after the TLS handshake (no or bad certificate,
+    /// not TLS, timeout, too many handshakes at once).
+    pub handshakes_refused: u64,
+    /// Authenticated connections open now.
+    pub connections_open: u64,
+    /// Streams spliced to an instance.
+    pub streams_spliced: u64,
+    /// Streams answered with a refusal (any 4xx/5xx).
+    pub streams_refused: u64,
+    /// Streams open now.
+    pub streams_open: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    connections_accepted: AtomicU64,
+    handshakes_refused: AtomicU64,
+    connections_open: AtomicU64,
+    streams_spliced: AtomicU64,
+    streams_refused: AtomicU64,
+    streams_open: AtomicU64,
+}
+
+/// Decrements a gauge when dropped.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicU64) -> Self {
+        g.fetch_add(1, Ordering::Relaxed);
+        Gauge(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The :15008 listener. Build once at agent start; `serve` it on the bound listener.
+pub struct InboundServer<P> {
+    acceptor: TlsAcceptor,
+    policy: Arc<P>,
+    stats: Stats,
+    handshakes: Arc<Semaphore>,
+    handshake_timeout: Duration,
+}
+
+impl<P: InboundPolicy> InboundServer<P> {
+    /// `tls` is this node's identity; the server follows its renewals and bundle changes.
+    pub fn new(tls: &TlsIdentity, policy: Arc<P>) -> Result<Arc<Self>, IdentityError> {
+        Self::with_handshake_timeout(tls, policy, HANDSHAKE_TIMEOUT)
+    }
+
+    pub(super) fn with_handshake_timeout(
+        tls: &TlsIdentity,
+        policy: Arc<P>,
+        handshake_timeout: Duration,
+    ) -> Result<Arc<Self>, IdentityError> {
+        Ok(Arc::new(Self {
+            acceptor: TlsAcceptor::from(tls.server_config()?),
+            policy,
+            stats: Stats::default(),
+            handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            handshake_timeout,
+        }))
+    }
+
+    pub fn counters(&self) -> InboundCounters {
+        let s = &self.stats;
+        InboundCounters {
+            connections_accepted: s.connections_accepted.load(Ordering::Relaxed),
+            handshakes_refused: s.handshakes_refused.load(Ordering::Relaxed),
+            connections_open: s.connections_open.load(Ordering::Relaxed),
+            streams_spliced: s.streams_spliced.load(Ordering::Relaxed),
+            streams_refused: s.streams_refused.load(Ordering::Relaxed),
+            streams_open: s.streams_open.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Accepts until `drain` fires, then lets every connection finish its streams (each
+    /// holds a drain guard, so the agent's drain deadline bounds the wait) and returns.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) -> anyhow::Result<()> {
+        let mut connections = JoinSet::new();
+        loop {
+            let (tcp, from) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("inbound accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                _ = drain.signaled() => break,
+            };
+            self.stats
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
+                self.stats
+                    .handshakes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%from, "inbound: too many TLS handshakes in progress; closing");
+                continue;
+            };
+            let this = self.clone();
+            let drain = drain.clone();
+            let guard = drain.guard();
+            connections.spawn(async move {
+                let _guard = guard;
+                this.serve_connection(tcp, from, permit, drain).await;
+            });
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        from: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        drain: Drain,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let tls =
+            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return self.refuse_handshake(from, &e.to_string()),
+                Err(_) => return self.refuse_handshake(from, "TLS handshake timed out"),
+            };
+        drop(permit);
+        let peer_node = match verify_established(tls.get_ref().1) {
+            Ok(id) => id,
+            Err(e) => return self.refuse_handshake(from, &e.to_string()),
+        };
+        let _open = Gauge::up(&self.stats.connections_open);
+        tracing::debug!(%from, peer = %peer_node, "inbound: peer connected");
+
+        let peer = Arc::new((peer_node, from));
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let this = this.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, &peer.0, peer.1).await) }
+        });
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+            .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%from, "inbound: connection ended: {e}");
+        }
+    }
+
+    fn refuse_handshake(&self, from: SocketAddr, why: &str) {
+        self.stats
+            .handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%from, "inbound: closing connection: {why}");
+    }
+
+    /// One stream: check, authorize, dial, answer, and splice in the background.
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer_node: &SpiffeId,
+        peer_addr: SocketAddr,
+    ) -> Response<Full<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return self.refusal(
+                Refusal::METHOD_NOT_ALLOWED,
+                "hms: the mesh port only accepts CONNECT",
+            );
+        }
+        let request = match parse_request(&req, peer_node, peer_addr) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::warn!(%peer_addr, peer = %peer_node, "inbound: bad CONNECT: {why}");
+                return self.refusal(Refusal::BAD_REQUEST, &format!("hms: {why}"));
+            }
+        };
+        let started = Instant::now();
+        let refused = |this: &Self, refusal: Refusal, message: String| {
+            this.policy.on_flow(&InboundFlow {
+                request: request.clone(),
+                outcome: FlowOutcome::Refused(refusal),
+                duration: started.elapsed(),
+            });
+            this.refusal(refusal, &message)
+        };
+        let instance = match self.policy.authorize(&request).await {
+            Ok(addr) => addr,
+            Err(refusal) => {
+                tracing::debug!(caller = %request.caller, target = %request.target, peer = %peer_node, "inbound: refused: {refusal}");
+                let message = format!("hms: {} refused: {}", request.target, refusal.reason);
+                return refused(&self, refusal, message);
+            }
+        };
+        if !instance.ip().is_loopback() {
+            tracing::error!(target = %request.target, %instance, "inbound: the policy chose a non-loopback instance; refusing to relay");
+            let message = format!("hms: {} has no local instance address", request.target);
+            return refused(&self, Refusal::CONNECT_FAILED, message);
+        }
+        let upstream =
+            match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(instance)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let message = format!("hms: connecting to {} failed: {e}", request.target);
+                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                }
+                Err(_) => {
+                    let message = format!(
+                        "hms: {} did not accept within {LOCAL_CONNECT_TIMEOUT:?}",
+                        request.target
+                    );
+                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                }
+            };
+        let _ = upstream.set_nodelay(true);
+        self.stats.streams_spliced.fetch_add(1, Ordering::Relaxed);
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _open = Gauge::up(&this.stats.streams_open);
+            let (to_instance, from_instance, error) = match on_upgrade.await {
+                Ok(upgraded) => {
+                    let (sent, received, error) =
+                        splice_counted(TokioIo::new(upgraded), upstream).await;
+                    (sent, received, error.map(|e| e.to_string()))
+                }
+                Err(e) => (0, 0, Some(format!("stream upgrade failed: {e}"))),
+            };
+            this.policy.on_flow(&InboundFlow {
+                request,
+                outcome: FlowOutcome::Spliced {
+                    instance,
+                    to_instance,
+                    from_instance,
+                    error,
+                },
+                duration: started.elapsed(),
+            });
+        });
+        Response::new(Full::new(Bytes::new()))
+    }
+
+    fn refusal(&self, refusal: Refusal, message: &str) -> Response<Full<Bytes>> {
+        self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+        let mut body = message.to_owned();
+        body.push('\n');
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() =
+            StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        resp.headers_mut()
+            .insert(ERROR_HEADER, HeaderValue::from_static(refusal.reason));
+        if let Some(after) = refusal.retry_after {
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
+        }
+        resp
+    }
+}
+
+fn parse_request(
+    req: &Request<Incoming>,
+    peer_node: &SpiffeId,
+    peer_addr: SocketAddr,
+) -> Result<InboundRequest, String> {
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or("the CONNECT has no authority; expected <service>:<port>")?;
+    let target = TunnelTarget::parse_authority(authority.as_str())?;
+    let mut callers = req.headers().get_all(CALLER_HEADER).iter();
+    let caller = match (callers.next(), callers.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .map_err(|_| format!("{CALLER_HEADER} is not text"))?,
+        (None, _) => return Err(format!("{CALLER_HEADER} is missing")),
+        (Some(_), Some(_)) => return Err(format!("{CALLER_HEADER} is given more than once")),
+    };
+    validate_caller(caller)?;
+    Ok(InboundRequest {
+        peer_node: peer_node.clone(),
+        peer_addr,
+        caller: caller.to_owned(),
+        target,
+    })
+}
+
+/// Copies both ways until both directions have finished, shutting down each write side
+/// when its source ends (half-close), or until the first error. Returns the bytes moved
+/// `a -> b` and `b -> a` even when it ends with an error.
+async fn splice_counted<A, B>(a: A, b: B) -> (u64, u64, Option<std::io::Error>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
+    let result = tokio::try_join!(
+        copy_then_shutdown(&mut ar, &mut bw, &mut a_to_b),
+        copy_then_shutdown(&mut br, &mut aw, &mut b_to_a),
+    );
+    (a_to_b, b_to_a, result.err())
+}
+
+async fn copy_then_shutdown<R, W>(r: &mut R, w: &mut W, moved: &mut u64) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the other side learns this direction is finished.
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        *moved += n as u64;
+    }
+}

@@ -1,0 +1,365 @@
+//! Many hosts: three hosts as network namespaces on one bridge, a real etcd on host A, an
+//! agent per host in its own cgroup. Services deployed on A and B are called by name from an
+//! unmodified client on C, through mTLS HTTP/2 CONNECT tunnels between the agents.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vm_tests::agent::TestAgent;
+use vm_tests::cgroup::TestCgroup;
+use vm_tests::etcd::Etcd;
+use vm_tests::netns::TestNet;
+
+const TRUST_DOMAIN: &str = "test.mesh";
+const NAMES: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// A backend inside a host's namespace: answers `<name> on <host> saw <METHOD> <path>` and
+/// appends every request (with its body) to a log file, so tests see what arrived.
+const BACKEND: &str = r#"
+import http.server, sys
+name, host, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def handle_one(self):
+        n = int(self.headers.get('content-length') or 0)
+        body = self.rfile.read(n) if n else b''
+        with open(log, 'ab') as f:
+            f.write(('%s %s ' % (self.command, self.path)).encode() + body + b'\n')
+        out = ('%s on %s saw %s %s\n' % (name, host, self.command, self.path)).encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = handle_one
+    do_POST = handle_one
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(('127.0.0.1', port), H).serve_forever()
+"#;
+
+struct Backend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Backend {
+    fn start(net: &TestNet, host: usize, name: &str, port: u16, dir: &std::path::Path) -> Backend {
+        let log = dir.join(format!("{name}-{}.log", NAMES[host]));
+        std::fs::write(&log, b"").unwrap();
+        let child = net.hosts[host]
+            .command("python3")
+            .args(["-c", BACKEND, name, NAMES[host], &port.to_string()])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3");
+        Backend { child, log }
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Mesh {
+    agents: Vec<TestAgent>,
+    cgs: Vec<TestCgroup>,
+    etcd: Etcd,
+    net: TestNet,
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// A, then `ca init` on A, then B and C joining with tokens made on A.
+    fn new() -> Mesh {
+        let net = TestNet::new(3).expect("test network");
+        let etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).expect("etcd");
+        let registry = format!("etcd://{}", etcd.endpoint());
+        let mut cgs = Vec::new();
+        let mut agents: Vec<TestAgent> = Vec::new();
+        for (i, name) in NAMES.iter().enumerate() {
+            let cg = TestCgroup::new(&format!("mh-{name}")).unwrap();
+            let mut args = vec![
+                "--registry".to_string(),
+                registry.clone(),
+                "--inbound".into(),
+                format!("{}:15008", net.hosts[i].addr),
+                "--node-name".into(),
+                name.to_string(),
+            ];
+            if i > 0 {
+                let out = agents[0].ctl(&["node", "token", "create", "--node", name]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                args.extend(["--join-token".into(), token]);
+            }
+            let agent = TestAgent::start_with(cg.path(), Some(&net.hosts[i].netns), args)
+                .unwrap_or_else(|e| panic!("agent on {name}: {e:#}"));
+            if i == 0 {
+                let out = agent.ctl(&["ca", "init", "--trust-domain", TRUST_DOMAIN]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            agents.push(agent);
+            cgs.push(cg);
+        }
+        let mesh = Mesh {
+            agents,
+            cgs,
+            etcd,
+            net,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        // Every host has its certificate and sees the other two.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for a in &mesh.agents {
+            loop {
+                let s = a.ctl_json(&["status"]).unwrap();
+                let peers = s["peers"].as_array().cloned().unwrap_or_default();
+                if s["identity"]["spiffe_id"].is_string()
+                    && peers.len() == 2
+                    && peers.iter().all(|p| p["tunnel"] != "no identity yet")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "host not ready: {s}\n{}",
+                    a.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        mesh
+    }
+
+    /// `curl` run by an unmodified client inside host `i`'s cgroup and namespace.
+    fn curl(&self, i: usize, args: &[&str]) -> std::process::Output {
+        self.cgs[i]
+            .command("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.net.hosts[i].netns))
+            .args(["--", "curl", "-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn deploy(&self, host: usize, yaml: &str) {
+        self.agents[host].deploy_yaml(yaml).unwrap();
+    }
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Captures every frame crossing host `i`'s link (in the switch namespace) until stopped.
+fn capture(net: &TestNet, i: usize, out: &std::path::Path) -> Child {
+    let (switch, port) = net.switch_port(i);
+    let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+end = time.time() + float(sys.argv[3])
+with open(sys.argv[2], 'wb') as f:
+    while time.time() < end:
+        try:
+            f.write(s.recv(65535)); f.flush()
+        except socket.timeout:
+            pass
+"#;
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{switch}"))
+        .args(["--", "python3", "-c", script, &port])
+        .arg(out)
+        .arg("15")
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_client_on_host_c_reaches_instances_on_a_and_b_and_the_wire_carries_only_tls() {
+    let m = Mesh::new();
+    let _a = Backend::start(&m.net, 0, "payments-svc", 7000, m.dir.path());
+    let _b = Backend::start(&m.net, 1, "payments-svc", 7000, m.dir.path());
+    m.deploy(0, "name: payments-svc\nport: 7000\n");
+    m.deploy(1, "name: payments-svc\nport: 7000\n");
+    // Both hosts' instances are known on C.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = m.agents[2].ctl_json(&["describe", "payments-svc"]).unwrap();
+        if d["instances"].as_array().is_some_and(|i| i.len() == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pcap = m.dir.path().join("host-c.raw");
+    let mut cap = capture(&m.net, 2, &pcap);
+    std::thread::sleep(Duration::from_millis(500));
+    let marker = "HMS-MARKER-7f3a9c-relief-500";
+    let mut hosts = std::collections::HashSet::new();
+    for n in 0..30 {
+        let o = m.curl(
+            2,
+            &[
+                "-X",
+                "POST",
+                "-d",
+                &format!("{marker}-{n}"),
+                "http://payments-svc.svc/pay",
+            ],
+        );
+        let body = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            body.starts_with("payments-svc on host-"),
+            "{}\n{}",
+            text(&o),
+            m.agents[2].log()
+        );
+        hosts.insert(body.split_whitespace().nth(2).unwrap().to_string());
+    }
+    assert_eq!(hosts.len(), 2, "requests reached both hosts: {hosts:?}");
+    let _ = cap.kill();
+    let _ = cap.wait();
+    let wire = std::fs::read(&pcap).unwrap();
+    assert!(
+        wire.len() > 1000,
+        "the capture saw the traffic ({} bytes)",
+        wire.len()
+    );
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the wire in clear text"
+    );
+    let seen = format!("{}{}", _a.seen(), _b.seen());
+    assert!(seen.contains(marker), "the marker arrived at the backends");
+    // Status shows the peers and live tunnels.
+    let s = m.agents[2].ctl_json(&["status"]).unwrap();
+    let tunnels: Vec<String> = s["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["tunnel"].as_str().unwrap().to_string())
+        .collect();
+    assert!(tunnels.iter().all(|t| t.starts_with("connected")), "{s}");
+    let _ = &m.etcd;
+}
+
+#[test]
+fn allow_from_denies_a_caller_on_another_host_with_403_and_the_backend_never_sees_it() {
+    let m = Mesh::new();
+    let backend = Backend::start(&m.net, 0, "eligibility-svc", 7100, m.dir.path());
+    m.deploy(
+        0,
+        "name: eligibility-svc\nport: 7100\npolicy:\n  allow_from: [payments-svc]\n",
+    );
+    m.deploy(0, "name: payments-svc\nport: 7000\n");
+    std::thread::sleep(Duration::from_millis(500));
+    // The host itself on C is not payments-svc.
+    let o = m.curl(2, &["-i", "http://eligibility-svc.svc/check"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+    assert!(
+        out.starts_with("http/1.1 403"),
+        "{}\nC:\n{}\nA:\n{}",
+        text(&o),
+        m.agents[2].log(),
+        m.agents[0].log()
+    );
+    assert!(out.contains("x-hms-error: denied"), "{out}");
+    assert_eq!(
+        backend.seen(),
+        "",
+        "the denied call never reached the backend"
+    );
+    // A process in payments-svc's cgroup on C is payments-svc: allowed.
+    let dir = m.cgs[2].path().join("payments-svc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = vm_tests::cgroup::TestCgroup::command_in(&dir, "nsenter")
+        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+        .args([
+            "--",
+            "curl",
+            "-sS",
+            "-i",
+            "--max-time",
+            "5",
+            "http://eligibility-svc.svc/check",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&child.stdout).to_lowercase();
+    assert!(
+        out.starts_with("http/1.1 200"),
+        "{}\n{}",
+        text(&child),
+        m.agents[0].log()
+    );
+    assert!(backend.seen().contains("GET /check"));
+}
+
+#[test]
+fn a_dead_hosts_instances_vanish_within_the_lease_ttl_and_calls_go_to_the_other_host() {
+    let mut m = Mesh::new();
+    let _a = Backend::start(&m.net, 0, "notify-svc", 7200, m.dir.path());
+    let b = Backend::start(&m.net, 1, "notify-svc", 7200, m.dir.path());
+    m.deploy(0, "name: notify-svc\nport: 7200\n");
+    m.deploy(1, "name: notify-svc\nport: 7200\n");
+    std::thread::sleep(Duration::from_millis(500));
+    m.agents[0].kill9().unwrap();
+    let killed = Instant::now();
+    // Calls keep succeeding (a dead instance is a connect failure, retried elsewhere).
+    let mut failures = 0;
+    let gone_at = loop {
+        let o = m.curl(2, &["-X", "POST", "-d", "sms", "http://notify-svc.svc/sms"]);
+        if !String::from_utf8_lossy(&o.stdout).starts_with("notify-svc on host-b") {
+            failures += 1;
+        }
+        let d = m.agents[2].ctl_json(&["describe", "notify-svc"]).unwrap();
+        let nodes: Vec<&str> = d["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["node"].as_str().unwrap())
+            .collect();
+        if nodes == ["host-b"] {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "host-a's instance stayed: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "MEASURED: host-a's instance left the registry {} ms after its agent was killed (lease TTL 10 s); {failures} calls failed meanwhile",
+        gone_at.as_millis()
+    );
+    assert!(
+        gone_at <= Duration::from_secs(13),
+        "vanished within the lease TTL: {gone_at:?}"
+    );
+    assert_eq!(failures, 0, "calls kept succeeding via host-b");
+    assert!(b.seen().contains("POST /sms"));
+}
