@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod client;
 pub mod etcd;
 pub mod grpc;
+pub mod mesh;
 pub mod netns;
 pub mod ports;
 pub mod resolver;

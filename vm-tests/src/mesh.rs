@@ -1,0 +1,205 @@
+//! A three-host mesh for tests: network namespaces on one bridge (`netns`), a real etcd on
+//! host A, an agent per host in its own cgroup; A holds the CA, B and C join with tokens.
+//! Plus a recording HTTP backend that runs inside a host's namespace and a raw packet
+//! capture of a host's link.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::agent::TestAgent;
+use crate::cgroup::TestCgroup;
+use crate::etcd::Etcd;
+use crate::netns::TestNet;
+
+pub const TRUST_DOMAIN: &str = "test.mesh";
+pub const NAMES: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// A backend inside a host's namespace: answers `<name> on <host> saw <METHOD> <path>` and
+/// appends every request (with its body) to a log file, so tests see what arrived.
+pub const BACKEND: &str = r#"
+import http.server, sys
+name, host, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def handle_one(self):
+        n = int(self.headers.get('content-length') or 0)
+        body = self.rfile.read(n) if n else b''
+        with open(log, 'ab') as f:
+            f.write(('%s %s ' % (self.command, self.path)).encode() + body + b'\n')
+        out = ('%s on %s saw %s %s\n' % (name, host, self.command, self.path)).encode()
+        self.send_response(200)
+        self.send_header('content-length', str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = handle_one
+    do_POST = handle_one
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(('127.0.0.1', port), H).serve_forever()
+"#;
+
+pub struct Backend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Backend {
+    pub fn start(
+        net: &TestNet,
+        host: usize,
+        name: &str,
+        port: u16,
+        dir: &std::path::Path,
+    ) -> Backend {
+        let log = dir.join(format!("{name}-{}.log", NAMES[host]));
+        std::fs::write(&log, b"").unwrap();
+        let child = net.hosts[host]
+            .command("python3")
+            .args(["-c", BACKEND, name, NAMES[host], &port.to_string()])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3");
+        Backend { child, log }
+    }
+
+    pub fn seen(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Mesh {
+    pub agents: Vec<TestAgent>,
+    pub cgs: Vec<TestCgroup>,
+    pub etcd: Etcd,
+    pub net: TestNet,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// A, then `ca init` on A, then B and C joining with tokens made on A.
+    pub fn new() -> Mesh {
+        let net = TestNet::new(3).expect("test network");
+        let etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).expect("etcd");
+        let registry = format!("etcd://{}", etcd.endpoint());
+        let mut cgs = Vec::new();
+        let mut agents: Vec<TestAgent> = Vec::new();
+        for (i, name) in NAMES.iter().enumerate() {
+            let cg = TestCgroup::new(&format!("mh-{name}")).unwrap();
+            let mut args = vec![
+                "--registry".to_string(),
+                registry.clone(),
+                "--inbound".into(),
+                format!("{}:15008", net.hosts[i].addr),
+                "--node-name".into(),
+                name.to_string(),
+            ];
+            if i > 0 {
+                let out = agents[0].ctl(&["node", "token", "create", "--node", name]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                args.extend(["--join-token".into(), token]);
+            }
+            let agent = TestAgent::start_with(cg.path(), Some(&net.hosts[i].netns), args)
+                .unwrap_or_else(|e| panic!("agent on {name}: {e:#}"));
+            if i == 0 {
+                let out = agent.ctl(&["ca", "init", "--trust-domain", TRUST_DOMAIN]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            agents.push(agent);
+            cgs.push(cg);
+        }
+        let mesh = Mesh {
+            agents,
+            cgs,
+            etcd,
+            net,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        // Every host has its certificate and sees the other two.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for a in &mesh.agents {
+            loop {
+                let s = a.ctl_json(&["status"]).unwrap();
+                let peers = s["peers"].as_array().cloned().unwrap_or_default();
+                if s["identity"]["spiffe_id"].is_string()
+                    && peers.len() == 2
+                    && peers.iter().all(|p| p["tunnel"] != "no identity yet")
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "host not ready: {s}\n{}",
+                    a.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        mesh
+    }
+
+    /// `curl` run by an unmodified client inside host `i`'s cgroup and namespace.
+    pub fn curl(&self, i: usize, args: &[&str]) -> std::process::Output {
+        self.cgs[i]
+            .command("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.net.hosts[i].netns))
+            .args(["--", "curl", "-sS", "--max-time", "5"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn deploy(&self, host: usize, yaml: &str) {
+        self.agents[host].deploy_yaml(yaml).unwrap();
+    }
+}
+
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Captures every frame crossing host `i`'s link (in the switch namespace) until stopped.
+pub fn capture(net: &TestNet, i: usize, out: &std::path::Path) -> Child {
+    let (switch, port) = net.switch_port(i);
+    let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.2)
+end = time.time() + float(sys.argv[3])
+with open(sys.argv[2], 'wb') as f:
+    while time.time() < end:
+        try:
+            f.write(s.recv(65535)); f.flush()
+        except socket.timeout:
+            pass
+"#;
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{switch}"))
+        .args(["--", "python3", "-c", script, &port])
+        .arg(out)
+        .arg("15")
+        .spawn()
+        .unwrap()
+}
