@@ -22,7 +22,7 @@ const SERIES: &str = "linux-image-6.1.";
 /// Modules to load in the VM, in the order given (each after its dependencies):
 /// inet_diag/udp_diag/tcp_diag serve NETLINK_SOCK_DIAG for inet sockets (the agent looks up
 /// UDP socket cookies with it), netlink_diag and unix_diag make `ss` work for debugging, and
-/// veth is ready for the planned multi-host tests in network namespaces.
+/// veth and bridge join the multi-host tests' network namespaces.
 pub const MODULES: &[&str] = &[
     "inet_diag",
     "udp_diag",
@@ -30,6 +30,7 @@ pub const MODULES: &[&str] = &[
     "netlink_diag",
     "unix_diag",
     "veth",
+    "bridge",
 ];
 
 pub struct Kernel {

@@ -34,6 +34,7 @@ const TOOLS: &[&str] = &[
     "/usr/bin/etcd",
     "/usr/bin/etcdctl",
     "/usr/sbin/ip",
+    "/usr/bin/nsenter",
 ];
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.
 const BUSYBOX: &str = "/usr/bin/busybox";
