@@ -20,16 +20,21 @@ pub fn socket_path(flag: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Sends one request and returns the `data` of an `ok` answer; an `error` answer becomes an
-/// error carrying the agent's message.
-pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
+/// Connects to the agent, or says what to do when it is not there.
+async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the HMS agent at {} ({e}). Is it running? Start it with \
              `sudo hms-node-agent run`, or point hms-ctl at it with --socket PATH or HMS_SOCKET.",
             socket.display()
         )
-    })?;
+    })
+}
+
+/// Sends one request and returns the `data` of an `ok` answer; an `error` answer becomes an
+/// error carrying the agent's message.
+pub async fn call(socket: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let stream = connect(socket).await?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request).context("encoding the request")?;
     line.push(b'\n');
@@ -59,13 +64,7 @@ pub async fn stream(
     request: &Request,
     mut on_message: impl FnMut(crate::api::TapMessage) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the HMS agent at {} ({e}). Is it running? Start it with \
-             `sudo hms-node-agent run`, or point hms-ctl at it with --socket PATH or HMS_SOCKET.",
-            socket.display()
-        )
-    })?;
+    let stream = connect(socket).await?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request).context("encoding the request")?;
     line.push(b'\n');

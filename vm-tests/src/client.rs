@@ -4,9 +4,7 @@
 //! test cgroup so a process can call as that service. Every call has a timeout; nothing here
 //! resolves a name outside `.svc`.
 
-use std::ffi::CString;
 use std::io::{self, Write};
-use std::os::unix::{ffi::OsStrExt, process::CommandExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -255,28 +253,7 @@ impl ChildCgroup {
 
     /// A command whose process starts inside this cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
-            .expect("cgroup path has no NUL");
-        let mut cmd = Command::new(program);
-        // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close) on
-        // memory prepared before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // "0" means "the writing process".
-                let n = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
-                let err = io::Error::last_os_error();
-                libc::close(fd);
-                if n != 1 {
-                    return Err(err);
-                }
-                Ok(())
-            });
-        }
-        cmd
+        crate::cgroup::TestCgroup::command_in(&self.path, program)
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Mesh {
 
 impl Mesh {
     /// A, then `ca init` on A, then B and C joining with tokens made on A.
+    // No `Default`: building a mesh starts namespaces, etcd and three agents.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Mesh {
         let net = TestNet::new(3).expect("test network");
         let etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).expect("etcd");
@@ -202,4 +204,22 @@ with open(sys.argv[2], 'wb') as f:
         .arg("15")
         .spawn()
         .unwrap()
+}
+
+/// Runs `f` on a thread that joined network namespace `netns` (a `TestNet` host): sockets it
+/// opens live there. Only that thread moves (setns affects the calling thread alone).
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns(2) on a file descriptor we own, moving only this thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace panicked")
+    })
 }
