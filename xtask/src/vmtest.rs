@@ -35,6 +35,7 @@ const TOOLS: &[&str] = &[
     "/usr/bin/etcdctl",
     "/usr/sbin/ip",
     "/usr/bin/nsenter",
+    "/usr/bin/systemd-socket-activate",
 ];
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.
 const BUSYBOX: &str = "/usr/bin/busybox";
