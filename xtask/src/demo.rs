@@ -193,6 +193,20 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         all_ok &= ok;
     }
 
+    step("The mesh's access policy: eligibility-svc only takes calls from payments-svc");
+    show_denied_call(cgroup.path())?;
+
+    step("What the mesh saw: hms-ctl tap payments-svc --last 5");
+    print_indented(&ctl(
+        &paths,
+        &[
+            "tap".as_ref(),
+            "payments-svc".as_ref(),
+            "--last".as_ref(),
+            "5".as_ref(),
+        ],
+    )?);
+
     step("Summary");
     if all_ok {
         println!(
@@ -451,6 +465,29 @@ fn call(cgroup: &Path, url: &str, body: &str) -> anyhow::Result<bool> {
     println!("   HTTP {code}");
     print_indented(body);
     Ok((200..300).contains(&code))
+}
+
+/// curl from the demo cgroup itself (the host, not payments-svc) to eligibility-svc: the
+/// mesh answers 403 with `x-hms-error: denied` and the service never sees the call.
+fn show_denied_call(cgroup: &Path) -> anyhow::Result<()> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-i", "--max-time", "15"]);
+    let url = "http://eligibility-svc.svc/check?userId=HUD123";
+    println!("   $ {} {url}", proc::describe(&cmd));
+    cmd.arg(url);
+    proc::join_cgroup_at_exec(&mut cmd, cgroup)?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("could not run curl; `cargo xtask setup` installs it")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("http/") || l.starts_with("x-hms-error") || l.starts_with("hms:")
+    }) {
+        println!("   {line}");
+    }
+    Ok(())
 }
 
 fn wait_for_ctrl_c(cgroup: &Path, agent: &mut Supervised, services: &mut [Supervised]) {
