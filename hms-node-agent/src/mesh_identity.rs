@@ -20,7 +20,7 @@
 //!
 //! On a single host with the embedded registry the agent makes its own CA in its state dir.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -63,6 +63,9 @@ struct Inner {
     answered: HashSet<u64>,
     /// Hosts still to move onto the new root after a rotation (the CA host).
     rotation_pending: Option<HashSet<String>>,
+    /// Hosts given a certificate of the new root during a rotation, with its expiry (unix
+    /// ms), until their registry record shows they installed it (the CA host).
+    rotation_installing: HashMap<String, u64>,
     /// The serial of the certificate we asked to replace, so we ask once.
     renewal_asked_for: Option<String>,
     /// The two-root bundle we already renewed for (a rotation asks once per host).
@@ -124,6 +127,7 @@ impl MeshIdentity {
                 ca: None,
                 answered: HashSet::new(),
                 rotation_pending: None,
+                rotation_installing: HashMap::new(),
                 renewal_asked_for: None,
                 renewed_for_bundle: None,
                 join_sent: false,
@@ -296,6 +300,7 @@ impl MeshIdentity {
                 .chain(std::iter::once(self.node_name.clone()))
                 .collect();
             inner.rotation_pending = Some(pending);
+            inner.rotation_installing.clear();
             drop(inner);
             self.publish_bundle(&bundle).await?;
             tracing::info!("CA rotation started: new root published beside the old one");
@@ -340,9 +345,32 @@ impl MeshIdentity {
                 .chain(snapshot.blobs_under("ca/renew/"))
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
+            // During a rotation nothing is signed by the new root until every live host
+            // still to move has asked to renew: a host asks only once it installed the
+            // two-root bundle, so no host meets a new-root certificate it does not trust yet.
+            let live: HashSet<String> = snapshot.nodes().map(|n| n.name.clone()).collect();
+            let asking: HashSet<&str> = requests
+                .iter()
+                .filter(|(_, v)| !inner.answered.contains(&digest(v)))
+                .filter_map(|(k, _)| k.strip_prefix("ca/renew/"))
+                .collect();
+            let hold_rotation = inner.rotation_pending.as_ref().is_some_and(|p| {
+                p.iter().any(|n| {
+                    *n != self.node_name && live.contains(n) && !asking.contains(n.as_str())
+                })
+            });
             for (key, value) in requests {
                 let d = digest(&value);
                 if inner.answered.contains(&d) {
+                    continue;
+                }
+                if hold_rotation
+                    && let Some(node) = key.strip_prefix("ca/renew/")
+                    && inner
+                        .rotation_pending
+                        .as_ref()
+                        .is_some_and(|p| p.contains(node))
+                {
                     continue;
                 }
                 inner.answered.insert(d);
@@ -373,8 +401,12 @@ impl MeshIdentity {
                 }
             }
             for (node, cert) in answers {
-                if let Some(p) = inner.rotation_pending.as_mut() {
-                    p.remove(&node);
+                if let Some(p) = inner.rotation_pending.as_mut()
+                    && p.remove(&node)
+                {
+                    inner
+                        .rotation_installing
+                        .insert(node.clone(), unix(cert.not_after) * 1000);
                 }
                 let bytes = serde_json::to_vec(&cert)?;
                 self.blocking(move |s| s.put_blob(&issued_key(&node), &bytes))
@@ -382,10 +414,11 @@ impl MeshIdentity {
             }
             // Our own certificate: renew directly.
             let own_due = inner.node.as_ref().is_some_and(|n| n.needs_renewal(now))
-                || inner
-                    .rotation_pending
-                    .as_ref()
-                    .is_some_and(|p| p.contains(&self.node_name));
+                || (!hold_rotation
+                    && inner
+                        .rotation_pending
+                        .as_ref()
+                        .is_some_and(|p| p.contains(&self.node_name)));
             if own_due {
                 let ca = inner.ca.take().expect("checked above");
                 let node = inner.node.as_mut().context("CA host without a node key")?;
@@ -403,11 +436,19 @@ impl MeshIdentity {
                 }
                 self.refresh_tls(&inner)?;
             }
-            // Every host moved onto the new root: retire the old one.
-            let live: HashSet<String> = snapshot.nodes().map(|n| n.name.clone()).collect();
+            // Every host moved onto the new root and installed its certificate (its registry
+            // record shows the new expiry; a host that left needs nothing): retire the old
+            // one. Retiring when a certificate is merely issued would refuse the host's old
+            // certificate in the moment before it installs the new one.
+            inner.rotation_installing.retain(|n, not_after_ms| {
+                snapshot
+                    .node(n)
+                    .is_some_and(|r| r.cert_expiry_unix_ms.is_none_or(|e| e < *not_after_ms))
+            });
+            let installed = inner.rotation_installing.is_empty();
             if let Some(p) = inner.rotation_pending.as_mut() {
                 p.retain(|n| live.contains(n) || *n == self.node_name);
-                if p.is_empty() {
+                if p.is_empty() && installed {
                     inner.rotation_pending = None;
                     let ca = inner.ca.as_mut().expect("checked above");
                     ca.retire_old()?;

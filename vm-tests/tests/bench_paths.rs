@@ -1,0 +1,100 @@
+//! `cargo xtask bench` measures the paths it says it measures. Not a timing test: it runs the
+//! real bench binary briefly (direct and hms-one-host, 1 s runs, one repetition, the debug
+//! binaries next to this test) and checks from its JSON that
+//! - every hms-one-host request reached the backend through the HMS proxy (the backend saw
+//!   the proxy's `x-hms-trace-id` on each) and the agent's `hms-ctl tap` shows the run's
+//!   requests;
+//! - every direct request reached the backend without the proxy, and the agent's tap has none
+//!   of them;
+//! - the bench cleaned up: no cgroup or pin dir of its own is left.
+
+use std::process::Command;
+
+use vm_tests::bins;
+
+fn runs(report: &serde_json::Value, scenario: &str) -> Vec<serde_json::Value> {
+    let sc = report["scenarios"]
+        .as_array()
+        .expect("scenarios")
+        .iter()
+        .find(|s| s["name"] == scenario)
+        .unwrap_or_else(|| panic!("no {scenario} in {report}"));
+    sc["rates"]
+        .as_array()
+        .expect("rates")
+        .iter()
+        .flat_map(|r| r["runs"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn bench_scenarios_go_through_the_paths_they_claim() {
+    let xtask = bins::path("xtask");
+    let bin_dir = xtask.parent().unwrap().to_path_buf();
+    let out = Command::new(&xtask)
+        .args(["bench", "--quick", "--scenario", "hms-one-host"])
+        .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
+        .arg(&bin_dir)
+        .output()
+        .expect("running xtask bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "xtask bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
+
+    let hms = runs(&report, "hms-one-host");
+    let direct = runs(&report, "direct");
+    // 1000 rps and max, one repetition each.
+    assert_eq!(hms.len(), 2, "{report}");
+    assert_eq!(direct.len(), 2, "{report}");
+    for r in &hms {
+        let completed = r["load"]["completed"].as_u64().unwrap();
+        assert!(completed > 0, "{r}");
+        assert!(
+            r["backend_saw"]["hms"].as_u64().unwrap() >= completed,
+            "every request came through the proxy: {r}"
+        );
+        assert_eq!(r["backend_saw"]["direct"], 0, "{r}");
+        assert!(
+            r["tap_events"].as_u64().unwrap() > 0,
+            "the agent's tap shows the bench's requests: {r}"
+        );
+        assert_eq!(r["path_ok"], true, "{r}");
+        // The agent's cost was measured on the agent process.
+        assert!(r["proxy_cpu_s"].as_f64().is_some(), "{r}");
+        assert!(r["proxy_peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for r in &direct {
+        let completed = r["load"]["completed"].as_u64().unwrap();
+        assert!(completed > 0, "{r}");
+        assert!(
+            r["backend_saw"]["direct"].as_u64().unwrap() >= completed,
+            "{r}"
+        );
+        assert_eq!(
+            r["backend_saw"]["hms"], 0,
+            "no direct request met the proxy: {r}"
+        );
+        assert_eq!(
+            r["tap_events"], 0,
+            "the agent's tap has none of the direct requests: {r}"
+        );
+        assert_eq!(r["path_ok"], true, "{r}");
+    }
+    let pid = report["pid"].as_u64().unwrap();
+    let root = hms_node_agent::cgroup::v2_root().unwrap();
+    let prefix = format!("hms-bench-{pid}-");
+    for dir in [root, "/sys/fs/bpf".into()] {
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "the bench left {left:?} in {}",
+            dir.display()
+        );
+    }
+}
