@@ -1,6 +1,10 @@
 //! `cargo xtask`: the project's developer commands. Owns argument parsing and dispatch only;
-//! each command lives in its own module (`setup`, `test`, `demo`, `vmtest`).
+//! each command lives in its own module (`setup`, `test`, `demo`, `vmtest`, `bench`).
 
+mod bench;
+mod bench_backend;
+mod bench_env;
+mod bench_load;
 mod cgroup;
 mod demo;
 mod interrupt;
@@ -15,9 +19,12 @@ mod vm_rootfs;
 mod vmtest;
 mod workspace;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "HMS developer commands")]
@@ -55,6 +62,55 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Measure the mesh against a direct call and HAProxy in one run: added latency
+    /// (p50/p90/p99) at fixed rates, throughput at max, agent CPU per 1000 requests and peak
+    /// RSS; one host and two hosts (mTLS). Needs root. See docs/bench.md.
+    Bench {
+        /// About two minutes: 1000 rps and max only, two 5 s repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// `table` (markdown) or `json`.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Only these scenarios (repeatable or comma-separated; each brings its baseline):
+        /// direct, haproxy, hms-one-host, hms-one-host-sk-msg, direct-two-hosts, hms-two-hosts.
+        #[arg(long, value_delimiter = ',')]
+        scenario: Vec<String>,
+        /// Length of each measured run, e.g. 5s or 500ms [default: 10s, --quick 5s].
+        #[arg(long, value_parser = bench::parse_duration)]
+        duration: Option<Duration>,
+        /// Repetitions of each scenario and rate [default: 3, --quick 2].
+        #[arg(long)]
+        reps: Option<u32>,
+        /// Use hms-node-agent and hms-ctl from this directory instead of building release ones.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    /// The bench's 1 KiB HTTP backend (internal).
+    #[command(hide = true)]
+    BenchBackend {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// The bench's load generator (internal): prints one JSON line.
+    #[command(hide = true)]
+    BenchLoad {
+        #[arg(long)]
+        url: String,
+        /// Requests per second, or `max`.
+        #[arg(long)]
+        rate: String,
+        #[arg(long, value_parser = bench::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = bench::CONNECTIONS)]
+        connections: usize,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +120,43 @@ fn main() -> ExitCode {
         Command::Test { no_vm, test_args } => test::run(&test_args, !no_vm),
         Command::VmTest { test_args } => vmtest::run(&test_args),
         Command::Demo { once } => demo::run(once),
+        Command::Bench {
+            quick,
+            output,
+            scenario,
+            duration,
+            reps,
+            bin_dir,
+        } => bench::run(bench::Options {
+            quick,
+            json: output == Output::Json,
+            scenarios: scenario,
+            duration,
+            reps,
+            bin_dir,
+            loadavg_at_start: None,
+        }),
+        Command::BenchBackend { listen } => bench_backend::run(listen),
+        Command::BenchLoad {
+            url,
+            rate,
+            duration,
+            connections,
+        } => match rate.as_str() {
+            "max" => Ok(None),
+            r => r
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| anyhow::anyhow!("--rate: a number or `max`, not `{r}`")),
+        }
+        .and_then(|rate| {
+            bench_load::run(&bench_load::LoadArgs {
+                url,
+                rate,
+                duration,
+                connections,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

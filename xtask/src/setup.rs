@@ -38,6 +38,9 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // `cargo xtask bench`: the peer proxy the mesh is compared with. (Its load generator is
+    // xtask's own, so there is nothing else to install.)
+    "haproxy",
 ];
 
 /// The eBPF programs build with nightly's `-Z build-std`, which needs rust-src.

@@ -1,0 +1,1183 @@
+//! `cargo xtask bench [--quick] [-o json]`: what the mesh costs, measured in one run against
+//! a direct call and against a peer proxy (HAProxy), with the same load generator
+//! (`bench_load`, open-loop), the same 1 KiB backend (`bench_backend`) and 16 connections.
+//!
+//! Owns the scenarios, their order, the numbers derived from the runs (added latency against
+//! the scenario's direct baseline, throughput ratio, proxy CPU per 1000 requests, peak RSS),
+//! the target verdicts and the output (a markdown table, or JSON). The environments (agent,
+//! HAProxy, namespaces...) live in `bench_env`; all of them are set up first and kept for the
+//! whole run, and the repetitions are interleaved (rep 1 of every scenario, then rep 2...) so
+//! drift of the machine spreads over all scenarios instead of favouring one.
+//!
+//! Every run also proves its path: the backend counts requests per path by how they arrived
+//! (an HMS trace id header, HAProxy's marker, or neither), and for hms scenarios the agent's
+//! tap must show the run's requests (for direct ones it must not).
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::bench_env::{
+    self, Agent, AgentSpec, BenchCgroup, Bins, CLIENT_CORE, HOST_A, Place, Proc, SERVER_CORE,
+    SERVICE, TwoNs,
+};
+use crate::{interrupt, workspace};
+
+pub const CONNECTIONS: usize = 16;
+const SK_MSG_NOTE: &str = "not implemented (no sk_msg program yet)";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Scenario {
+    Direct,
+    Haproxy,
+    HmsOneHost,
+    HmsSkMsg,
+    DirectTwoHosts,
+    HmsTwoHosts,
+}
+
+const ALL: [Scenario; 6] = [
+    Scenario::Direct,
+    Scenario::Haproxy,
+    Scenario::HmsOneHost,
+    Scenario::HmsSkMsg,
+    Scenario::DirectTwoHosts,
+    Scenario::HmsTwoHosts,
+];
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::Haproxy => "haproxy",
+            Scenario::HmsOneHost => "hms-one-host",
+            Scenario::HmsSkMsg => "hms-one-host-sk-msg",
+            Scenario::DirectTwoHosts => "direct-two-hosts",
+            Scenario::HmsTwoHosts => "hms-two-hosts",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Scenario::Direct => "client -> backend (loopback)",
+            Scenario::Haproxy => "client -> HAProxy (HTTP mode) -> backend",
+            Scenario::HmsOneHost => {
+                "client in cgroup -> bench-svc.svc -> eBPF connect4 -> node proxy -> backend"
+            }
+            Scenario::HmsSkMsg => "as hms-one-host, app<->proxy over sk_msg/sockhash",
+            Scenario::DirectTwoHosts => "client in netns A -> veth -> backend in netns B",
+            Scenario::HmsTwoHosts => {
+                "client in netns A -> agent A -> mTLS HTTP/2 CONNECT -> agent B -> backend in netns B"
+            }
+        }
+    }
+
+    fn baseline(self) -> Option<Scenario> {
+        match self {
+            Scenario::Haproxy | Scenario::HmsOneHost | Scenario::HmsSkMsg => Some(Scenario::Direct),
+            Scenario::HmsTwoHosts => Some(Scenario::DirectTwoHosts),
+            Scenario::Direct | Scenario::DirectTwoHosts => None,
+        }
+    }
+
+    fn implemented(self) -> bool {
+        self != Scenario::HmsSkMsg
+    }
+
+    /// How the backend must see this scenario's requests arrive.
+    fn via(self) -> &'static str {
+        match self {
+            Scenario::Direct | Scenario::DirectTwoHosts => "direct",
+            Scenario::Haproxy => "haproxy",
+            _ => "hms",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<Scenario> {
+        ALL.into_iter().find(|sc| sc.name() == s).with_context(|| {
+            format!(
+                "unknown scenario `{s}`; one of: {}",
+                ALL.map(Scenario::name).join(", ")
+            )
+        })
+    }
+}
+
+pub struct Options {
+    pub quick: bool,
+    pub json: bool,
+    pub scenarios: Vec<String>,
+    pub duration: Option<Duration>,
+    pub reps: Option<u32>,
+    pub bin_dir: Option<PathBuf>,
+    /// Filled in by `run`.
+    pub loadavg_at_start: Option<f64>,
+}
+
+/// `1s`, `500ms`, `2.5s` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.strip_suffix("ms") {
+        Some(n) => (n, 0.001),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| *v > 0.0 && v.is_finite())
+        .map(|v| Duration::from_secs_f64(v * unit))
+        .ok_or_else(|| format!("`{s}` is not a duration (e.g. 5s, 500ms)"))
+}
+
+struct Plan {
+    scenarios: Vec<Scenario>,
+    rates: Vec<Option<u32>>,
+    reps: u32,
+    duration: Duration,
+}
+
+/// Everything the scenarios need, kept for the whole run. Fields drop in declaration order.
+struct Env {
+    one: Option<OneHost>,
+    two: Option<TwoHosts>,
+    haproxy: Option<(Proc, u16)>,
+    backend: Option<(Proc, SocketAddr)>,
+    bins: Bins,
+}
+
+struct OneHost {
+    agent: Agent,
+    cgroup: BenchCgroup,
+}
+
+struct TwoHosts {
+    agent_a: Agent,
+    agent_b: Agent,
+    // Held for their Drop (stop, remove) only.
+    _backend: Proc,
+    _etcd: Proc,
+    cg_a: BenchCgroup,
+    _cg_b: BenchCgroup,
+    ns: TwoNs,
+}
+
+struct Run {
+    rep: u32,
+    rate: Option<u32>,
+    load: Value,
+    cpu_s: Option<f64>,
+    rss_mb: Option<f64>,
+    via: Value,
+    tap_events: Option<u64>,
+    path_ok: bool,
+}
+
+impl Run {
+    fn f(&self, key: &str) -> f64 {
+        self.load[key].as_f64().unwrap_or(f64::NAN)
+    }
+
+    fn completed(&self) -> u64 {
+        self.load["completed"].as_u64().unwrap_or(0)
+    }
+
+    fn failed(&self) -> u64 {
+        ["errors", "non_2xx", "timeouts", "unsent"]
+            .iter()
+            .map(|k| self.load[*k].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    fn cpu_per_1000(&self) -> Option<f64> {
+        let c = self.completed();
+        self.cpu_s.filter(|_| c > 0).map(|s| s / c as f64 * 1000.0)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "rep": self.rep,
+            "load": self.load,
+            "proxy_cpu_s": self.cpu_s,
+            "proxy_cpu_s_per_1000_req": self.cpu_per_1000(),
+            "proxy_peak_rss_mb": self.rss_mb,
+            "backend_saw": self.via,
+            "tap_events": self.tap_events,
+            "path_ok": self.path_ok,
+        })
+    }
+}
+
+pub fn run(mut opts: Options) -> anyhow::Result<()> {
+    interrupt::install();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the bench loads eBPF programs, creates cgroups and network namespaces: run it as root"
+        );
+    }
+    let plan = plan(&opts)?;
+    let two = plan.scenarios.contains(&Scenario::DirectTwoHosts);
+    for tool in ["taskset", "nsenter", "ip", "curl"] {
+        if (tool == "taskset" || two) && bench_env::which(tool).is_none() {
+            bail!("`{tool}` is missing; run `cargo xtask setup`");
+        }
+    }
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if nproc < 2 {
+        bail!(
+            "the bench pins the load generator and the server side to two cores; this machine has {nproc}"
+        );
+    }
+    let bins = binaries(&opts)?;
+    let work = workspace::target_dir().join("hms-bench");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let sock_dir = PathBuf::from(format!("/run/hms-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&sock_dir)?;
+    bench_env::remove_leftovers(&bins.agent);
+
+    opts.loadavg_at_start = loadavg();
+    let started = Instant::now();
+    let result = (|| {
+        let env = setup(&plan, &bins, &work, &sock_dir)?;
+        measure(&plan, &env)
+        // env drops here: everything is stopped and removed before we print
+    })();
+    let _ = std::fs::remove_dir_all(&sock_dir);
+    let runs = result?;
+    let report = report(&plan, &opts, &runs, started.elapsed());
+    if opts.json {
+        // The table too, on stderr, for a reader watching the run.
+        eprint!("{}", markdown(&report));
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", markdown(&report));
+    }
+    let bad: Vec<String> = runs
+        .iter()
+        .flat_map(|(sc, rs)| {
+            rs.iter()
+                .filter(|r| !r.path_ok)
+                .map(move |_| sc.name().to_owned())
+        })
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "some runs did not go through the path they claim: {bad:?} (see backend_saw / tap_events in -o json)"
+        );
+    }
+    Ok(())
+}
+
+fn plan(opts: &Options) -> anyhow::Result<Plan> {
+    let mut scenarios: Vec<Scenario> = if opts.scenarios.is_empty() {
+        ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for s in &opts.scenarios {
+            let sc = Scenario::parse(s)?;
+            // A scenario's baseline always comes along: added latency is against it.
+            for x in sc.baseline().into_iter().chain([sc]) {
+                if !v.contains(&x) {
+                    v.push(x);
+                }
+            }
+        }
+        ALL.into_iter().filter(|s| v.contains(s)).collect()
+    };
+    scenarios.dedup();
+    let (rates, reps, duration) = if opts.quick {
+        (vec![Some(1000), None], 2, Duration::from_secs(5))
+    } else {
+        (
+            vec![Some(1000), Some(5000), None],
+            3,
+            Duration::from_secs(10),
+        )
+    };
+    Ok(Plan {
+        scenarios,
+        rates,
+        reps: opts.reps.unwrap_or(reps).max(1),
+        duration: opts.duration.unwrap_or(duration),
+    })
+}
+
+fn binaries(opts: &Options) -> anyhow::Result<Bins> {
+    let (dir, xtask) = match &opts.bin_dir {
+        Some(d) => (
+            d.clone(),
+            std::env::current_exe().context("locating the xtask executable")?,
+        ),
+        None => {
+            // xtask too: the backend and the load generator are this crate's, and a debug
+            // build of them would measure itself.
+            eprintln!("bench: building hms-node-agent, hms-ctl and xtask (release)");
+            let status = workspace::cargo()
+                .args(["build", "--release"])
+                .args(["-p", "hms-node-agent", "-p", "hms-ctl", "-p", "xtask"])
+                .stdout(std::io::stderr())
+                .status()
+                .context("running cargo build")?;
+            if !status.success() {
+                bail!("cargo build --release failed ({status})");
+            }
+            let dir = workspace::target_dir().join("release");
+            (dir.clone(), dir.join("xtask"))
+        }
+    };
+    let bins = Bins {
+        agent: dir.join("hms-node-agent"),
+        ctl: dir.join("hms-ctl"),
+        xtask,
+    };
+    for b in [&bins.agent, &bins.ctl, &bins.xtask] {
+        if !b.is_file() {
+            bail!("{} is missing (build it, or drop --bin-dir)", b.display());
+        }
+    }
+    Ok(bins)
+}
+
+fn setup(
+    plan: &Plan,
+    bins: &Bins,
+    work: &std::path::Path,
+    sock_dir: &std::path::Path,
+) -> anyhow::Result<Env> {
+    let has = |s: Scenario| plan.scenarios.contains(&s);
+    let pid = std::process::id();
+    let mut env = Env {
+        one: None,
+        two: None,
+        haproxy: None,
+        backend: None,
+        bins: bins.clone(),
+    };
+    if has(Scenario::Direct) || has(Scenario::Haproxy) || has(Scenario::HmsOneHost) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::free_port()?));
+        eprintln!("bench: backend on {addr} (core {SERVER_CORE})");
+        let p = bench_env::start_backend(bins, None, addr, &work.join("backend.log"))?;
+        env.backend = Some((p, addr));
+    }
+    let backend = env.backend.as_ref().map(|(_, a)| *a);
+    if has(Scenario::Haproxy) {
+        let port = bench_env::free_port()?;
+        eprintln!("bench: haproxy on 127.0.0.1:{port} (core {SERVER_CORE})");
+        let p = bench_env::start_haproxy(work, port, backend.context("backend")?)?;
+        env.haproxy = Some((p, port));
+    }
+    interrupt::check()?;
+    if has(Scenario::HmsOneHost) {
+        let cgroup = BenchCgroup::create(&format!("hms-bench-{pid}-one"))?;
+        eprintln!(
+            "bench: agent for one host, hooks on {} (core {SERVER_CORE})",
+            cgroup.path.display()
+        );
+        let agent = Agent::start(
+            bins,
+            AgentSpec {
+                name: "one",
+                cgroup: &cgroup.path,
+                netns: None,
+                work,
+                sock_dir,
+                extra: vec![],
+            },
+        )?;
+        let port = backend.context("backend")?.port();
+        agent.deploy(
+            work,
+            &format!("name: {SERVICE}\nport: {port}\npolicy: allow_from_any\n"),
+        )?;
+        env.one = Some(OneHost { agent, cgroup });
+    }
+    interrupt::check()?;
+    if has(Scenario::DirectTwoHosts) || has(Scenario::HmsTwoHosts) {
+        env.two = Some(two_hosts(bins, work, sock_dir)?);
+    }
+    Ok(env)
+}
+
+/// Namespaces A and B on one veth; etcd on A; agent A holds the CA, agent B joins with a
+/// token; the backend runs in B and is deployed on B; A must see its instance.
+fn two_hosts(
+    bins: &Bins,
+    work: &std::path::Path,
+    sock_dir: &std::path::Path,
+) -> anyhow::Result<TwoHosts> {
+    let pid = std::process::id();
+    let ns = TwoNs::new()?;
+    eprintln!(
+        "bench: namespaces {} ({HOST_A}) and {} on one veth",
+        ns.a, ns.b
+    );
+    let cg_a = BenchCgroup::create(&format!("hms-bench-{pid}-a"))?;
+    let cg_b = BenchCgroup::create(&format!("hms-bench-{pid}-b"))?;
+    let backend = bench_env::start_backend(
+        bins,
+        Some(&ns.b),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, bench_env::BACKEND_PORT_B)),
+        &work.join("backend-b.log"),
+    )?;
+    let etcd = bench_env::start_etcd(&ns.a, HOST_A, work)?;
+    // The agents run for the direct baseline too: its tap check must find nothing there.
+    let registry = format!("etcd://{HOST_A}:2379");
+    let agent_a = Agent::start(
+        bins,
+        AgentSpec {
+            name: "a",
+            cgroup: &cg_a.path,
+            netns: Some(&ns.a),
+            work,
+            sock_dir,
+            extra: vec![
+                "--registry".into(),
+                registry.clone(),
+                "--inbound".into(),
+                format!("{HOST_A}:15008"),
+                "--node-name".into(),
+                "bench-a".into(),
+            ],
+        },
+    )?;
+    agent_a.ctl(&["ca", "init", "--trust-domain", "bench.mesh"])?;
+    let token = agent_a.ctl(&["node", "token", "create", "--node", "bench-b"])?;
+    let agent_b = Agent::start(
+        bins,
+        AgentSpec {
+            name: "b",
+            cgroup: &cg_b.path,
+            netns: Some(&ns.b),
+            work,
+            sock_dir,
+            extra: vec![
+                "--registry".into(),
+                registry,
+                "--inbound".into(),
+                format!("{}:15008", bench_env::HOST_B),
+                "--node-name".into(),
+                "bench-b".into(),
+                "--join-token".into(),
+                token.trim().to_owned(),
+            ],
+        },
+    )?;
+    agent_b.deploy(
+        work,
+        &format!(
+            "name: {SERVICE}\nport: {}\npolicy: allow_from_any\n",
+            bench_env::BACKEND_PORT_B
+        ),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        interrupt::check()?;
+        let ready = |a: &Agent| {
+            a.ctl_json(&["status"]).is_ok_and(|s| {
+                let peers = s["peers"].as_array().cloned().unwrap_or_default();
+                s["identity"]["spiffe_id"].is_string()
+                    && !peers.is_empty()
+                    && peers.iter().all(|p| p["tunnel"] != "no identity yet")
+            })
+        };
+        let seen = agent_a
+            .ctl_json(&["describe", SERVICE])
+            .is_ok_and(|d| d["instances"].as_array().is_some_and(|i| !i.is_empty()));
+        if ready(&agent_a) && ready(&agent_b) && seen {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the two hosts were not ready in 30 s\nagent a:\n{}\nagent b:\n{}",
+                agent_a.log(),
+                agent_b.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("bench: two hosts ready (mTLS tunnel a -> b)");
+    Ok(TwoHosts {
+        agent_a,
+        agent_b,
+        _backend: backend,
+        _etcd: etcd,
+        cg_a,
+        _cg_b: cg_b,
+        ns,
+    })
+}
+
+fn rate_label(rate: Option<u32>) -> String {
+    rate.map_or("max".to_owned(), |r| format!("{r}rps"))
+}
+
+fn measure(plan: &Plan, env: &Env) -> anyhow::Result<Vec<(Scenario, Vec<Run>)>> {
+    let active: Vec<Scenario> = plan
+        .scenarios
+        .iter()
+        .copied()
+        .filter(|s| s.implemented())
+        .collect();
+    for &sc in &active {
+        interrupt::check()?;
+        let warm = load(env, sc, None, Duration::from_secs(1), 0, "warmup")?;
+        if warm.completed() == 0 || warm.failed() > 0 || !warm.path_ok {
+            bail!(
+                "warm-up of {} failed: {} ({})\n{}",
+                sc.name(),
+                warm.load,
+                warm.via,
+                logs_for(env, sc)
+            );
+        }
+        eprintln!(
+            "bench: {:<18} warm-up ok, {:.0} rps",
+            sc.name(),
+            warm.f("rps")
+        );
+    }
+    let mut runs: Vec<(Scenario, Vec<Run>)> = plan.scenarios.iter().map(|s| (*s, vec![])).collect();
+    for rep in 1..=plan.reps {
+        for &rate in &plan.rates {
+            for &sc in &active {
+                interrupt::check()?;
+                let r = load(env, sc, rate, plan.duration, rep, &rate_label(rate))?;
+                eprintln!(
+                    "bench: rep {rep} {:<18} {:>7}: {:>8.0} rps  p50 {:>7.1} µs  p90 {:>7.1} µs  p99 {:>8.1} µs  failed {}{}",
+                    sc.name(),
+                    rate_label(rate),
+                    r.f("rps"),
+                    r.f("p50_us"),
+                    r.f("p90_us"),
+                    r.f("p99_us"),
+                    r.failed(),
+                    if r.path_ok { "" } else { "  PATH CHECK FAILED" }
+                );
+                if let Some(entry) = runs.iter_mut().find(|(s, _)| *s == sc) {
+                    entry.1.push(r);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(runs)
+}
+
+fn logs_for(env: &Env, sc: Scenario) -> String {
+    match sc {
+        Scenario::HmsOneHost => env.one.as_ref().map(|o| o.agent.log()),
+        Scenario::HmsTwoHosts => env.two.as_ref().map(|t| {
+            format!(
+                "agent a:\n{}\nagent b:\n{}",
+                t.agent_a.log(),
+                t.agent_b.log()
+            )
+        }),
+        Scenario::Haproxy => env.haproxy.as_ref().map(|(p, _)| p.tail()),
+        _ => None,
+    }
+    .unwrap_or_default()
+}
+
+/// One load run of `sc`, with its CPU/RSS and path checks.
+fn load(
+    env: &Env,
+    sc: Scenario,
+    rate: Option<u32>,
+    duration: Duration,
+    rep: u32,
+    label: &str,
+) -> anyhow::Result<Run> {
+    let path = format!("/bench/{}/{label}/{rep}", sc.name());
+    let mut place = Place {
+        core: Some(CLIENT_CORE),
+        ..Place::default()
+    };
+    let (url, pids, tap_agent): (String, Vec<u32>, Option<&Agent>) = match sc {
+        Scenario::Direct => {
+            let addr = env.backend.as_ref().context("backend")?.1;
+            (
+                format!("http://{addr}{path}"),
+                vec![],
+                env.one.as_ref().map(|o| &o.agent),
+            )
+        }
+        Scenario::Haproxy => {
+            let (p, port) = env.haproxy.as_ref().context("haproxy")?;
+            (
+                format!("http://127.0.0.1:{port}{path}"),
+                vec![p.pid()],
+                None,
+            )
+        }
+        Scenario::HmsOneHost => {
+            let one = env.one.as_ref().context("one-host agent")?;
+            place.cgroup = Some(&one.cgroup.path);
+            (
+                format!("http://{SERVICE}.svc{path}"),
+                vec![one.agent.pid],
+                Some(&one.agent),
+            )
+        }
+        Scenario::DirectTwoHosts => {
+            let two = env.two.as_ref().context("two hosts")?;
+            place.netns = Some(&two.ns.a);
+            (
+                format!("http://{}{path}", bench_env::backend_addr_b()),
+                vec![],
+                Some(&two.agent_a),
+            )
+        }
+        Scenario::HmsTwoHosts => {
+            let two = env.two.as_ref().context("two hosts")?;
+            place.netns = Some(&two.ns.a);
+            place.cgroup = Some(&two.cg_a.path);
+            (
+                format!("http://{SERVICE}.svc{path}"),
+                vec![two.agent_a.pid, two.agent_b.pid],
+                Some(&two.agent_a),
+            )
+        }
+        Scenario::HmsSkMsg => bail!("{}: {SK_MSG_NOTE}", sc.name()),
+    };
+    let cpu = |pids: &[u32]| -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter()
+            .map(|p| bench_env::cpu_seconds(*p))
+            .sum::<Option<f64>>()
+    };
+    let before = cpu(&pids);
+    let mut cmd = bench_env::command(&place, &env.bins.xtask)?;
+    cmd.args(["bench-load", "--url", &url])
+        .args(["--rate", &rate.map_or("max".to_owned(), |r| r.to_string())])
+        .args(["--duration", &format!("{}ms", duration.as_millis())])
+        .args(["--connections", &CONNECTIONS.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the load generator")?;
+    let deadline = Instant::now() + duration + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if interrupt::requested() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "load generator for {} {}",
+                sc.name(),
+                if interrupt::requested() {
+                    "interrupted"
+                } else {
+                    "did not finish"
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    if !status.success() {
+        bail!(
+            "load generator for {} failed ({status}): {}\n{}",
+            sc.name(),
+            err.trim(),
+            logs_for(env, sc)
+        );
+    }
+    let after = cpu(&pids);
+    let load: Value = serde_json::from_str(out.trim()).context("load generator output")?;
+    let cpu_s = before.zip(after).map(|(b, a)| a - b);
+    let rss_mb = pids
+        .iter()
+        .filter_map(|p| bench_env::peak_rss_mb(*p))
+        .reduce(f64::max);
+
+    // Where did the requests arrive, and does the tap agree?
+    let stats = match sc {
+        Scenario::DirectTwoHosts | Scenario::HmsTwoHosts => {
+            let two = env.two.as_ref().context("two hosts")?;
+            bench_env::http_get_in(
+                &two.ns.b,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::BACKEND_PORT_B)),
+                crate::bench_backend::STATS_PATH,
+            )?
+        }
+        _ => bench_env::http_get(
+            env.backend.as_ref().context("backend")?.1,
+            crate::bench_backend::STATS_PATH,
+        )?,
+    };
+    let stats: Value = serde_json::from_str(&stats).context("backend stats")?;
+    let via = stats.get(&path).cloned().unwrap_or(json!({}));
+    let tap_events = match tap_agent {
+        Some(a) => Some(a.tap_count(&path)?),
+        None => None,
+    };
+    let completed = load["completed"].as_u64().unwrap_or(0);
+    let arrived_ok = ["direct", "haproxy", "hms"].iter().all(|k| {
+        let n = via[*k].as_u64().unwrap_or(0);
+        if *k == sc.via() {
+            n >= completed && completed > 0
+        } else {
+            n == 0
+        }
+    });
+    let tap_ok = match (sc.via(), tap_events) {
+        ("hms", Some(n)) => n > 0,
+        ("direct", Some(n)) => n == 0,
+        _ => true,
+    };
+    Ok(Run {
+        rep,
+        rate,
+        load,
+        cpu_s,
+        rss_mb,
+        via,
+        tap_events,
+        path_ok: arrived_ok && tap_ok,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Medians over the repetitions of one scenario at one rate.
+fn summarize(runs: &[&Run]) -> Value {
+    let m = |key: &str| median(runs.iter().map(|r| r.f(key)).collect());
+    json!({
+        "reps": runs.len(),
+        "p50_us": m("p50_us"),
+        "p90_us": m("p90_us"),
+        "p99_us": m("p99_us"),
+        "p999_us": m("p999_us"),
+        "rps": m("rps"),
+        "failed": runs.iter().map(|r| r.failed()).sum::<u64>(),
+        "proxy_cpu_s_per_1000_req": median(runs.iter().filter_map(|r| r.cpu_per_1000()).collect()),
+        "proxy_peak_rss_mb": runs.iter().filter_map(|r| r.rss_mb).reduce(f64::max),
+        "path_ok": runs.iter().all(|r| r.path_ok),
+    })
+}
+
+/// The 1-minute load average: other work on the machine skews every number, so it is
+/// reported with them.
+pub fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let haproxy = Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "nproc": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "kernel": kernel,
+        "haproxy": haproxy,
+    })
+}
+
+fn report(plan: &Plan, opts: &Options, runs: &[(Scenario, Vec<Run>)], took: Duration) -> Value {
+    let summary = |sc: Scenario, rate: Option<u32>| -> Option<Value> {
+        let rs: Vec<&Run> = runs
+            .iter()
+            .find(|(s, _)| *s == sc)?
+            .1
+            .iter()
+            .filter(|r| r.rate == rate)
+            .collect();
+        (!rs.is_empty()).then(|| summarize(&rs))
+    };
+    let mut scenarios = Vec::new();
+    for (sc, rs) in runs {
+        if !sc.implemented() {
+            scenarios.push(json!({
+                "name": sc.name(),
+                "path": sc.path(),
+                "baseline": sc.baseline().map(Scenario::name),
+                "implemented": false,
+                "note": SK_MSG_NOTE,
+            }));
+            continue;
+        }
+        let mut rates = Vec::new();
+        for &rate in &plan.rates {
+            let Some(mut s) = summary(*sc, rate) else {
+                continue;
+            };
+            if let Some(base) = sc.baseline().and_then(|b| summary(b, rate)) {
+                let added = |k: &str| -> Value {
+                    match (s[k].as_f64(), base[k].as_f64()) {
+                        (Some(a), Some(b)) => json!(a - b),
+                        _ => Value::Null,
+                    }
+                };
+                s["added_us"] =
+                    json!({"p50": added("p50_us"), "p90": added("p90_us"), "p99": added("p99_us")});
+                s["throughput_ratio"] = match (s["rps"].as_f64(), base["rps"].as_f64()) {
+                    (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+                    _ => Value::Null,
+                };
+            }
+            s["rate"] = json!(rate);
+            s["runs"] = Value::Array(
+                rs.iter()
+                    .filter(|r| r.rate == rate)
+                    .map(Run::json)
+                    .collect(),
+            );
+            rates.push(s);
+        }
+        scenarios.push(json!({
+            "name": sc.name(),
+            "path": sc.path(),
+            "baseline": sc.baseline().map(Scenario::name),
+            "implemented": true,
+            "rates": rates,
+        }));
+    }
+    let mut report = json!({
+        "mode": if opts.quick { "quick" } else { "full" },
+        "pid": std::process::id(),
+        "command": command_line(opts),
+        "machine": machine(),
+        "connections": CONNECTIONS,
+        "duration_s": plan.duration.as_secs_f64(),
+        "reps": plan.reps,
+        "rates": plan.rates.iter().map(|r| rate_label(*r)).collect::<Vec<_>>(),
+        "pinning": {"load_generator_core": CLIENT_CORE, "server_side_core": SERVER_CORE},
+        "load_generator": "xtask bench-load: open-loop at fixed rates (latency from the scheduled send time), closed-loop at max",
+        "took_s": took.as_secs_f64(),
+        "loadavg_at_start": opts.loadavg_at_start,
+        "loadavg_at_end": loadavg(),
+        "scenarios": scenarios,
+        "sk_msg_bypass": "off (no sk_msg program yet; it stays off until a bench run shows it wins)",
+    });
+    report["targets"] = targets(&report);
+    report
+}
+
+fn command_line(opts: &Options) -> String {
+    let mut s = "cargo xtask bench".to_owned();
+    if opts.quick {
+        s.push_str(" --quick");
+    }
+    for sc in &opts.scenarios {
+        s.push_str(&format!(" --scenario {sc}"));
+    }
+    if let Some(d) = opts.duration {
+        s.push_str(&format!(" --duration {}ms", d.as_millis()));
+    }
+    if let Some(r) = opts.reps {
+        s.push_str(&format!(" --reps {r}"));
+    }
+    if opts.json {
+        s.push_str(" -o json");
+    }
+    s
+}
+
+fn at<'a>(report: &'a Value, scenario: &str, rate: Option<u32>) -> Option<&'a Value> {
+    report["scenarios"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == scenario)?["rates"]
+        .as_array()?
+        .iter()
+        .find(|r| r["rate"] == json!(rate))
+}
+
+/// The issue's targets, judged from this run's numbers.
+fn targets(report: &Value) -> Value {
+    let one = at(report, "hms-one-host", Some(1000));
+    let two = at(report, "hms-two-hosts", Some(1000));
+    let hap = at(report, "haproxy", Some(1000));
+    let get = |v: Option<&Value>, path: &[&str]| -> Option<f64> {
+        let mut cur = v?;
+        for p in path {
+            cur = cur.get(*p)?;
+        }
+        cur.as_f64()
+    };
+    let mut out = Vec::new();
+    let mut le = |name: &str, measured: Option<f64>, limit: f64, unit: &str| {
+        out.push(match measured {
+            Some(m) => json!({
+                "target": name, "limit": limit, "measured": m, "unit": unit,
+                "met": m <= limit,
+                "margin": if m <= limit { format!("met with {:.3} {unit} to spare", limit - m) }
+                          else if limit > 0.0 { format!("misses by {:.3} {unit} ({:.1}x the limit)", m - limit, m / limit) }
+                          else { format!("misses by {:.3} {unit}", m - limit) },
+            }),
+            None => json!({"target": name, "limit": limit, "measured": null, "unit": unit,
+                           "met": null, "margin": "not measured in this run"}),
+        });
+    };
+    le(
+        "hms one host: added p50 at 1000 rps <= 50 µs",
+        get(one, &["added_us", "p50"]),
+        50.0,
+        "µs",
+    );
+    le(
+        "hms one host: added p99 at 1000 rps <= 150 µs",
+        get(one, &["added_us", "p99"]),
+        150.0,
+        "µs",
+    );
+    let hap_p50 = get(hap, &["added_us", "p50"]);
+    let hap_p99 = get(hap, &["added_us", "p99"]);
+    le(
+        "hms one host: added p50 at 1000 rps no worse than HAProxy's",
+        get(one, &["added_us", "p50"])
+            .zip(hap_p50)
+            .map(|(a, b)| a - b),
+        0.0,
+        "µs over HAProxy",
+    );
+    le(
+        "hms one host: added p99 at 1000 rps no worse than HAProxy's",
+        get(one, &["added_us", "p99"])
+            .zip(hap_p99)
+            .map(|(a, b)| a - b),
+        0.0,
+        "µs over HAProxy",
+    );
+    le(
+        "hms two hosts (mTLS): added p90 at 1000 rps <= 100 µs",
+        get(two, &["added_us", "p90"]),
+        100.0,
+        "µs",
+    );
+    le(
+        "hms two hosts (mTLS): added p99 at 1000 rps <= 150 µs",
+        get(two, &["added_us", "p99"]),
+        150.0,
+        "µs",
+    );
+    le(
+        "agent CPU <= 0.04 core per 1000 rps (one host, at 1000 rps)",
+        get(one, &["proxy_cpu_s_per_1000_req"]),
+        0.04,
+        "CPU-s per 1000 req",
+    );
+    le(
+        "agent CPU <= 0.04 core per 1000 rps (two hosts, both agents, at 1000 rps)",
+        get(two, &["proxy_cpu_s_per_1000_req"]),
+        0.04,
+        "CPU-s per 1000 req",
+    );
+    let rss = |name: &str| -> Option<f64> {
+        report["scenarios"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)?["rates"]
+            .as_array()?
+            .iter()
+            .filter_map(|r| r["proxy_peak_rss_mb"].as_f64())
+            .reduce(f64::max)
+    };
+    le(
+        "agent peak RSS <= 12 MB (one host, whole run)",
+        rss("hms-one-host"),
+        12.0,
+        "MiB",
+    );
+    le(
+        "agent peak RSS <= 12 MB (two hosts, larger agent, whole run)",
+        rss("hms-two-hosts"),
+        12.0,
+        "MiB",
+    );
+    Value::Array(out)
+}
+
+fn fmt(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "–".to_owned(),
+    }
+}
+
+/// The report as markdown: machine, the table, the targets.
+pub fn markdown(r: &Value) -> String {
+    let m = &r["machine"];
+    let mut s = format!(
+        "Mode: {} (`{}`, took {:.0} s), {} s per run, {} repetitions (medians shown), {} connections, rates {}.\n\
+         Machine: {}, {} cores, kernel {}; {}.\n\
+         Load generator pinned to core {}, backend/proxy/agents to core {}. \
+         1-minute load average {} at start, {} at end (anything above ~2 means other work shared the cores).\n\n",
+        r["mode"].as_str().unwrap_or(""),
+        r["command"].as_str().unwrap_or(""),
+        r["took_s"].as_f64().unwrap_or(0.0),
+        r["duration_s"],
+        r["reps"],
+        r["connections"],
+        r["rates"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default(),
+        m["cpu"].as_str().unwrap_or(""),
+        m["nproc"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["haproxy"].as_str().unwrap_or(""),
+        r["pinning"]["load_generator_core"],
+        r["pinning"]["server_side_core"],
+        fmt(&r["loadavg_at_start"], 2),
+        fmt(&r["loadavg_at_end"], 2),
+    );
+    s.push_str(
+        "| scenario | vs | rate | p50 µs | p90 µs | p99 µs | added p50 / p90 / p99 µs | rps | throughput ratio | proxy CPU s / 1000 req | proxy peak RSS MiB | failed | path check |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for sc in r["scenarios"].as_array().into_iter().flatten() {
+        let name = sc["name"].as_str().unwrap_or("");
+        let vs = sc["baseline"].as_str().unwrap_or("");
+        if sc["implemented"] == false {
+            s.push_str(&format!(
+                "| {name} | {vs} | – | {} | | | | | | | | | |\n",
+                sc["note"].as_str().unwrap_or("")
+            ));
+            continue;
+        }
+        for rate in sc["rates"].as_array().into_iter().flatten() {
+            let added = if rate.get("added_us").is_some() {
+                format!(
+                    "{} / {} / {}",
+                    fmt(&rate["added_us"]["p50"], 0),
+                    fmt(&rate["added_us"]["p90"], 0),
+                    fmt(&rate["added_us"]["p99"], 0)
+                )
+            } else {
+                "–".into()
+            };
+            let label = rate["rate"]
+                .as_u64()
+                .map_or("max".to_owned(), |x| format!("{x}"));
+            s.push_str(&format!(
+                "| {name} | {vs} | {label} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} |\n",
+                fmt(&rate["p50_us"], 0),
+                fmt(&rate["p90_us"], 0),
+                fmt(&rate["p99_us"], 0),
+                fmt(&rate["rps"], 0),
+                rate.get("throughput_ratio").map_or("–".into(), |v| fmt(v, 2)),
+                fmt(&rate["proxy_cpu_s_per_1000_req"], 3),
+                fmt(&rate["proxy_peak_rss_mb"], 1),
+                rate["failed"],
+                if rate["path_ok"] == true { "ok" } else { "FAILED" },
+            ));
+        }
+    }
+    s.push_str("\nTargets (from this run):\n\n");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        let mark = match t["met"].as_bool() {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "n/a",
+        };
+        s.push_str(&format!(
+            "- {mark}: {} — measured {} {}; {}\n",
+            t["target"].as_str().unwrap_or(""),
+            fmt(&t["measured"], 3),
+            t["unit"].as_str().unwrap_or(""),
+            t["margin"].as_str().unwrap_or("")
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn a_scenario_brings_its_baseline() {
+        let opts = Options {
+            quick: true,
+            json: false,
+            scenarios: vec!["hms-two-hosts".into()],
+            duration: None,
+            reps: None,
+            bin_dir: None,
+            loadavg_at_start: None,
+        };
+        let p = plan(&opts).unwrap();
+        assert_eq!(
+            p.scenarios,
+            vec![Scenario::DirectTwoHosts, Scenario::HmsTwoHosts]
+        );
+        assert_eq!(p.rates, vec![Some(1000), None]);
+        assert!(Scenario::parse("nope").is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![1.0, 2.0]), Some(1.5));
+        assert_eq!(median(vec![]), None);
+    }
+}
