@@ -1201,6 +1201,10 @@ mod tests {
             "/sys/fs/bpf/it's",
             "--admin-socket",
             "/run/x/a.sock",
+            "--trust-domain",
+            "mesh.example",
+            "--join-token",
+            "hms1.abc",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();

@@ -37,6 +37,9 @@ const TOOLS: &[&str] = &[
     "/usr/bin/nsenter",
     "/usr/bin/systemd-socket-activate",
 ];
+/// Where the workspace's binaries live inside the guest (their host paths below it).
+const GUEST_WORKSPACE: &str = "/hms-workspace";
+
 /// The test files that run in the VM: everything that depends on the kernel (the eBPF
 /// programs, their maps, ring buffers, sock_diag, cgroup hooks) and the data path on top of
 /// it: redirect, DNS, proxy, taps, identity by cgroup, health checks, bad input. The rest of
@@ -292,10 +295,13 @@ fn initramfs(
     let stripped = vm_dir.join("stripped");
     std::fs::create_dir_all(&stripped)?;
 
-    // Workspace binaries and tests, at their host paths.
+    // Workspace binaries and tests keep their layout (tests find the binaries next to
+    // their own directory) under GUEST_WORKSPACE, because the host path may lie under a
+    // directory the guest mounts a tmpfs on (a checkout in /tmp, say).
+    let inside = |p: &Path| Path::new(GUEST_WORKSPACE).join(p.strip_prefix("/").unwrap_or(p));
     for bin in &built.bins {
         let small = strip(bin, &stripped)?;
-        fs.elf_at(bin, &small)?;
+        fs.elf_at(&inside(bin), &small)?;
     }
     let mut guest_tests = Vec::new();
     for test in built
@@ -304,10 +310,10 @@ fn initramfs(
         .filter(|t| VM_SUITE.contains(&test_name(t).as_str()))
     {
         let small = strip(test, &stripped)?;
-        fs.elf_at(test, &small)?;
+        fs.elf_at(&inside(test), &small)?;
         guest_tests.push(TestBinary {
             name: test_name(test),
-            path: test.to_string_lossy().into_owned(),
+            path: inside(test).to_string_lossy().into_owned(),
         });
     }
 
