@@ -123,30 +123,22 @@ impl ServiceStates {
     /// The state for `svc`, rebuilt where its instances or limit changed. Instances on
     /// hosts whose record is gone from the registry are left out (unreachable).
     pub fn get(&self, svc: &ServiceInfo, snapshot: &Snapshot) -> ServiceState {
-        let (addrs, vias): (Vec<SocketAddrV4>, Vec<Via>) = svc
-            .instances
-            .iter()
-            .filter_map(|i| {
-                if i.node == self.local_node {
-                    return Some((i.addr, Via::Local));
-                }
-                let n = snapshot.node(&i.node)?;
-                Some((
-                    i.addr,
-                    Via::Peer {
-                        node: n.name.clone(),
-                        inbound: n.inbound,
-                    },
-                ))
-            })
-            .unzip();
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(svc.spec.name.clone()).or_insert_with(|| Entry {
-            endpoints: Arc::new(new_endpoints(addrs.clone(), vias.clone())),
-            budget: Arc::new(RetryBudget::new(BudgetConfig::default(), Instant::now())),
-            limit: None,
-        });
-        if entry.endpoints.addrs != addrs || entry.endpoints.vias != vias {
+        // The common case (nothing changed) allocates nothing: this runs on every request.
+        if !map.contains_key(&svc.spec.name) {
+            let (addrs, vias) = self.reachable(svc, snapshot);
+            map.insert(
+                svc.spec.name.clone(),
+                Entry {
+                    endpoints: Arc::new(new_endpoints(addrs, vias)),
+                    budget: Arc::new(RetryBudget::new(BudgetConfig::default(), Instant::now())),
+                    limit: None,
+                },
+            );
+        }
+        let entry = map.get_mut(&svc.spec.name).expect("inserted above");
+        if !self.unchanged(&entry.endpoints, svc, snapshot) {
+            let (addrs, vias) = self.reachable(svc, snapshot);
             entry.endpoints = Arc::new(new_endpoints(addrs, vias));
         }
         match (&svc.spec.limit, &entry.limit) {
@@ -163,6 +155,54 @@ impl ServiceStates {
             budget: entry.budget.clone(),
             limiter: entry.limit.as_ref().map(|(_, l)| l.clone()),
         }
+    }
+
+    /// The instances this host can reach, and how.
+    fn reachable(&self, svc: &ServiceInfo, snapshot: &Snapshot) -> (Vec<SocketAddrV4>, Vec<Via>) {
+        svc.instances
+            .iter()
+            .filter_map(|i| {
+                if i.node == self.local_node {
+                    return Some((i.addr, Via::Local));
+                }
+                let n = snapshot.node(&i.node)?;
+                Some((
+                    i.addr,
+                    Via::Peer {
+                        node: n.name.clone(),
+                        inbound: n.inbound,
+                    },
+                ))
+            })
+            .unzip()
+    }
+
+    /// Whether `endpoints` still match what [`Self::reachable`] would build, without
+    /// building it.
+    fn unchanged(&self, endpoints: &Endpoints, svc: &ServiceInfo, snapshot: &Snapshot) -> bool {
+        let mut built = endpoints.addrs.iter().zip(&endpoints.vias);
+        for i in &svc.instances {
+            let want_via = if i.node == self.local_node {
+                None
+            } else {
+                match snapshot.node(&i.node) {
+                    Some(n) => Some(n),
+                    None => continue,
+                }
+            };
+            let Some((addr, via)) = built.next() else {
+                return false;
+            };
+            let same_via = match (want_via, via) {
+                (None, Via::Local) => true,
+                (Some(n), Via::Peer { node, inbound }) => *node == n.name && *inbound == n.inbound,
+                _ => false,
+            };
+            if *addr != i.addr || !same_via {
+                return false;
+            }
+        }
+        built.next().is_none()
     }
 
     /// Breaker state of each instance of `name` (empty if it has seen no traffic yet).
@@ -245,5 +285,71 @@ fn new_endpoints(addrs: Vec<SocketAddrV4>, vias: Vec<Via>) -> Endpoints {
             .collect(),
         checks: addrs.iter().map(|_| HealthMark::default()).collect(),
         addrs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use hms_ctl::api::{Instance, NodeInfo};
+
+    use super::*;
+
+    fn states() -> ServiceStates {
+        ServiceStates::new(
+            ServiceCgroups {
+                root: "/sys/fs/cgroup".into(),
+                hooked: "/sys/fs/cgroup/hms".into(),
+            },
+            "host-a".into(),
+        )
+    }
+
+    fn service(instances: &[(&str, u16)]) -> ServiceInfo {
+        ServiceInfo {
+            spec: hms_ctl::spec::parse("name: pay\nport: 7000\n", "t").unwrap(),
+            vip: Ipv4Addr::new(127, 77, 0, 1),
+            instances: instances
+                .iter()
+                .map(|(node, port)| Instance {
+                    node: node.to_string(),
+                    addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port),
+                })
+                .collect(),
+        }
+    }
+
+    fn snapshot(svc: &ServiceInfo, b_inbound: &str) -> Snapshot {
+        Snapshot::new([svc.clone()]).with_nodes([NodeInfo {
+            name: "host-b".into(),
+            inbound: b_inbound.parse().unwrap(),
+            last_seen_unix_ms: 0,
+            cert_expiry_unix_ms: None,
+        }])
+    }
+
+    #[test]
+    fn endpoints_are_kept_while_nothing_changed_and_rebuilt_when_something_did() {
+        let st = states();
+        let svc = service(&[("host-a", 7000), ("host-b", 7000), ("host-gone", 7000)]);
+        let snap = snapshot(&svc, "10.0.0.2:15008");
+        let first = st.get(&svc, &snap).endpoints;
+        assert_eq!(
+            first.addrs.len(),
+            2,
+            "a host without a node record is unreachable"
+        );
+        assert_eq!(first.vias[0], Via::Local);
+        assert!(Arc::ptr_eq(&first, &st.get(&svc, &snap).endpoints));
+        // Another inbound address for host-b: rebuilt.
+        let moved = snapshot(&svc, "10.0.0.9:15008");
+        let second = st.get(&svc, &moved).endpoints;
+        assert!(!Arc::ptr_eq(&first, &second));
+        // Another instance port: rebuilt.
+        let svc2 = service(&[("host-a", 7001), ("host-b", 7000)]);
+        let third = st.get(&svc2, &snapshot(&svc2, "10.0.0.9:15008")).endpoints;
+        assert!(!Arc::ptr_eq(&second, &third));
+        assert_eq!(third.addrs[0].port(), 7001);
     }
 }
