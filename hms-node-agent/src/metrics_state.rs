@@ -100,55 +100,12 @@ pub fn collector(
         labels: vec![],
         read: Box::new(move || t.published_total.load(Ordering::Relaxed)),
     });
-    let o = outbound.clone();
-    let circuit_state: Box<crate::metrics::SeriesFn> = Box::new(move || {
-        let snapshot = o.store.snapshot();
-        snapshot
-            .services()
-            .flat_map(|s| {
-                o.http
-                    .states
-                    .health(&s.spec.name)
-                    .into_iter()
-                    .map(move |h| {
-                        let v = match h.state.as_str() {
-                            "closed" => 0,
-                            "half_open" => 2,
-                            _ => 1,
-                        };
-                        (
-                            labels(&[
-                                ("destination", &s.spec.name),
-                                ("instance", &h.addr.to_string()),
-                            ]),
-                            v,
-                        )
-                    })
-            })
-            .collect()
+    let circuit_state = per_instance(outbound.clone(), |h| match h.state.as_str() {
+        "closed" => 0,
+        "half_open" => 2,
+        _ => 1,
     });
-    let o = outbound;
-    let ejections: Box<crate::metrics::SeriesFn> = Box::new(move || {
-        let snapshot = o.store.snapshot();
-        snapshot
-            .services()
-            .flat_map(|s| {
-                o.http
-                    .states
-                    .health(&s.spec.name)
-                    .into_iter()
-                    .map(move |h| {
-                        (
-                            labels(&[
-                                ("destination", &s.spec.name),
-                                ("instance", &h.addr.to_string()),
-                            ]),
-                            h.ejections_total as i64,
-                        )
-                    })
-            })
-            .collect()
-    });
+    let ejections = per_instance(outbound, |h| h.ejections_total as i64);
     StateCollector {
         readings,
         series: vec![
@@ -166,4 +123,34 @@ pub fn collector(
             },
         ],
     }
+}
+
+/// A series with one value per instance of every service, labelled by destination and
+/// instance, read from the proxy's breaker state at scrape time.
+fn per_instance(
+    outbound: Arc<Outbound>,
+    value: fn(&hms_ctl::api::InstanceHealth) -> i64,
+) -> Box<crate::metrics::SeriesFn> {
+    Box::new(move || {
+        let snapshot = outbound.store.snapshot();
+        snapshot
+            .services()
+            .flat_map(|s| {
+                outbound
+                    .http
+                    .states
+                    .health(&s.spec.name)
+                    .into_iter()
+                    .map(move |h| {
+                        (
+                            labels(&[
+                                ("destination", &s.spec.name),
+                                ("instance", &h.addr.to_string()),
+                            ]),
+                            value(&h),
+                        )
+                    })
+            })
+            .collect()
+    })
 }

@@ -2,8 +2,6 @@
 //! everything else verbatim, or reject what cannot be parsed. Pure: no sockets, so every rule
 //! is unit-tested.
 
-use std::net::Ipv4Addr;
-
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
@@ -106,19 +104,12 @@ fn formerr(query: &[u8]) -> (Decision, Outcome) {
     }
 }
 
-/// The VIP in an A answer, for tests and tools.
-pub fn first_a(reply: &[u8]) -> Option<Ipv4Addr> {
-    let msg = Message::from_vec(reply).ok()?;
-    msg.answers().iter().find_map(|r| match r.data() {
-        RData::A(a) => Some(a.0),
-        _ => None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
+    use std::net::Ipv4Addr;
+
     use hms_ctl::api::ServiceInfo;
 
     use super::*;

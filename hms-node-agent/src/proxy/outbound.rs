@@ -194,7 +194,7 @@ impl Outbound {
     async fn splice_opaque(&self, client: TcpStream, peer: SocketAddr, p: Placement) {
         let service = &p.service;
         let state = self.http.states.get(service, &self.store.snapshot());
-        let here = (0..state.endpoints.addrs.len()).any(|i| state.endpoints.is_local(i));
+        let here = state.endpoints.has_local();
         // With no instance here, the destination host's agent applies the policy.
         if here && !policy::allows(&service.spec.policy, &p.caller) {
             return self.refuse(

@@ -305,7 +305,7 @@ impl HttpProxy {
         let state = self.states.get(svc, &self.store.snapshot());
         // Access policy and rate limits belong to the host where the service lives: with no
         // instance here, the destination's agent decides (and we pass on its answer).
-        let here = (0..state.endpoints.addrs.len()).any(|i| state.endpoints.is_local(i));
+        let here = state.endpoints.has_local();
         if here && !policy::allows(&svc.spec.policy, &ds.caller) {
             return Err(MeshError::Denied);
         }

@@ -46,6 +46,12 @@ impl Endpoints {
         self.vias[i] == Via::Local
     }
 
+    /// Whether the service has an instance on this host (then this host applies its policy
+    /// and rate limit; otherwise the destination host does).
+    pub fn has_local(&self) -> bool {
+        self.vias.contains(&Via::Local)
+    }
+
     /// The instances to balance over now: healthy local ones if there are any (a call that
     /// stays on the host is cheaper and needs no tunnel), else every healthy one.
     pub fn candidates(&self, now: Instant) -> impl Fn(usize) -> bool + '_ {
