@@ -295,6 +295,9 @@ pub struct AgentStatus {
     /// Kernel flow records the ring buffer had no room for (TCP taps and flow metrics miss
     /// them).
     pub ringbuf_records_lost: u64,
+    /// The sk_msg bypass between apps and the proxy.
+    #[serde(default)]
+    pub sk_msg: SkMsgInfo,
     /// Tap events live subscribers missed because they read too slowly.
     pub tap_events_lost: u64,
 }
@@ -360,6 +363,20 @@ pub struct Listeners {
     pub outbound: String,
     pub dns: String,
     pub admin_socket: String,
+}
+
+/// The sk_msg/sockhash bypass: whether it is on and what it carried since the maps were made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkMsgInfo {
+    pub enabled: bool,
+    /// Whether the agent runs inside the redirected cgroup. The proxy's end of a connection
+    /// joins the bypass only then; otherwise every send is `passed` to TCP.
+    pub agent_in_cgroup: bool,
+    /// Sends moved straight into the peer socket.
+    pub redirected: u64,
+    pub redirected_bytes: u64,
+    /// Sends whose peer socket was not in the bypass, carried by TCP.
+    pub passed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

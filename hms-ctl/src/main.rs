@@ -532,6 +532,22 @@ fn print_status(s: &AgentStatus) {
         }
     );
     println!("programs:    {}", s.redirect.programs.join(", "));
+    let b = &s.sk_msg;
+    if b.enabled {
+        println!(
+            "sk_msg:      on{}: {} sends ({} bytes) bypassed TCP, {} went through TCP",
+            if b.agent_in_cgroup {
+                ""
+            } else {
+                " but the agent is outside the redirected cgroup (no effect)"
+            },
+            b.redirected,
+            b.redirected_bytes,
+            b.passed
+        );
+    } else {
+        println!("sk_msg:      off (--sk-msg-bypass turns it on)");
+    }
     let d = &s.dns;
     println!(
         "dns answers: {} vip, {} nodata, {} nxdomain, {} forwarded, {} formerr, {} servfail",

@@ -4,6 +4,8 @@
 //! - `bpf_sock_ops.remote_ip4`, `local_ip4`: network order.
 //! - `bpf_sock_ops.remote_port`: network-order port in the **upper** 16 bits.
 //! - `bpf_sock_ops.local_port`: host order.
+//! - `sk_msg_md` has the same fields with the same conventions as `bpf_sock_ops` (the kernel
+//!   converts both the same way), so the `sock_ops_*` functions serve it too.
 
 /// `bpf_sock_addr.user_ip4` / `bpf_sock_ops.*_ip4` -> host order.
 #[inline(always)]

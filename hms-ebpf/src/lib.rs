@@ -20,6 +20,12 @@ pub mod map_names {
     /// `PERCPU_ARRAY<u64>`, one entry: flow records that could not be reserved in
     /// `HMS_FLOW_EVENTS` (reader too slow or absent). Sum over CPUs.
     pub const RINGBUF_DROPS: &str = "HMS_RINGBUF_DROPS";
+    /// `SOCKHASH` [`SockKey`](super::SockKey) -> socket: both ends of each redirected
+    /// app <-> proxy connection while the sk_msg bypass is on.
+    pub const SOCKS: &str = "HMS_SOCKS";
+    /// `PERCPU_ARRAY<u64>`, [`sk_msg_stat`](super::sk_msg_stat) indices: what the sk_msg
+    /// program did. Sum over CPUs.
+    pub const SK_MSG_STATS: &str = "HMS_SK_MSG_STATS";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -28,6 +34,8 @@ pub mod program_names {
     pub const SENDMSG4: &str = "hms_sendmsg4";
     pub const RECVMSG4: &str = "hms_recvmsg4";
     pub const SOCK_OPS: &str = "hms_sock_ops";
+    /// Attached to `HMS_SOCKS` (not to a cgroup): runs on every send of a socket in it.
+    pub const SK_MSG: &str = "hms_sk_msg";
 }
 
 /// The agent's settings as the kernel programs see them (index 0 of `HMS_CONFIG`).
@@ -47,6 +55,46 @@ pub struct RedirectConfig {
     pub skip_mark: u32,
     /// 1 once the agent has filled this record; the programs do nothing until then.
     pub enabled: u32,
+    /// 1: sock_ops puts both ends of each redirected app <-> proxy connection in `HMS_SOCKS`,
+    /// and `hms_sk_msg` moves what one end sends straight into the other's receive queue,
+    /// skipping the loopback TCP/IP stack. 0: nothing enters the map.
+    pub sk_msg_bypass: u32,
+}
+
+/// A socket in `HMS_SOCKS`, as that socket sees its connection (host order). The peer of a
+/// socket is found under the same key with local and remote swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_ip: u32,
+    pub remote_ip: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey {
+        SockKey {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// Indices of `HMS_SK_MSG_STATS`.
+pub mod sk_msg_stat {
+    /// Sends moved to the peer socket.
+    pub const REDIRECTED: u32 = 0;
+    /// Bytes in those sends.
+    pub const REDIRECTED_BYTES: u32 = 1;
+    /// Sends whose peer was not in `HMS_SOCKS` (the proxy's listener is outside the redirected
+    /// cgroup, or the map was full): passed to TCP as usual.
+    pub const PASSED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// What connect4/sendmsg4 remember about a redirected socket: where the caller wanted to go
@@ -182,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
@@ -189,6 +238,8 @@ mod pod {
 const _: () = {
     assert!(size_of::<OrigDst>() == 48);
     assert!(size_of::<FlowKey>() == 16);
+    assert!(size_of::<SockKey>() == 12);
+    assert!(size_of::<RedirectConfig>() == 32);
     assert!(size_of::<FlowState>() == 80);
     assert!(size_of::<FlowEvent>() == 120);
     assert!(align_of::<FlowEvent>() == 8);

@@ -4,7 +4,10 @@
 //! Owns: the redirect decisions (VIP -> outbound listener, port 53 -> DNS responder), the
 //! original-destination records (by socket cookie, promoted to a 4-tuple in sock_ops), the
 //! restoration of a DNS reply's source address, and the flow records (open/close of every
-//! redirected TCP connection, client side) sent to the agent through a ring buffer.
+//! redirected TCP connection, client side) sent to the agent through a ring buffer, and,
+//! when the agent turns it on, the sk_msg bypass: both ends of a redirected app <-> proxy
+//! connection go into a sockhash and what one sends is moved straight into the other's receive
+//! queue (`hms_sk_msg`), skipping the loopback TCP/IP stack.
 //! Must never: drop or refuse a socket operation (every hook returns "allow"; a missing config
 //! or a full map means "leave the socket alone"), or redirect a socket carrying the agent's
 //! skip mark (that is how the agent's own upstream DNS avoids looping back into itself), or
@@ -23,21 +26,23 @@ mod programs {
     use aya_ebpf::{
         EbpfContext as _,
         bindings::{
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-            BPF_TCP_CLOSE,
+            BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+            sk_action::SK_PASS,
         },
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid,
             generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
         },
-        macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-        programs::{SockAddrContext, SockOpsContext},
+        macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+        maps::{Array, LruHashMap, PerCpuArray, RingBuf, SockHash},
+        programs::{SkMsgContext, SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
         DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent, FlowKey,
-        FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, byte_order,
+        FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, SockKey, byte_order,
+        sk_msg_stat,
     };
 
     /// cgroup sock_addr programs: 1 lets the syscall proceed (0 would fail it with EPERM).
@@ -73,6 +78,16 @@ mod programs {
     /// Records that did not fit in `HMS_FLOW_EVENTS`, per CPU (index 0).
     #[map(name = "HMS_RINGBUF_DROPS")]
     static HMS_RINGBUF_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+    /// Both ends of each redirected app <-> proxy connection while the bypass is on. A socket
+    /// leaves the map by itself when it closes; when the map is full, new connections simply
+    /// take the TCP path.
+    #[map(name = "HMS_SOCKS")]
+    static HMS_SOCKS: SockHash<SockKey> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// What `hms_sk_msg` did, per CPU (`sk_msg_stat` indices).
+    #[map(name = "HMS_SK_MSG_STATS")]
+    static HMS_SK_MSG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sk_msg_stat::COUNT, 0);
 
     /// A socket address as the hook sees it, in host order.
     #[derive(Clone, Copy)]
@@ -263,6 +278,7 @@ mod programs {
     pub fn hms_sock_ops(ctx: SockOpsContext) -> u32 {
         match ctx.op() {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+            BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_proxy_accepted(&ctx),
             // args[0] = old state, args[1] = new state. Sockets we enabled state callbacks for
             // (in on_established) get here, and any socket another program enabled them for;
             // on_close ignores those (no HMS_FLOWS entry).
@@ -306,6 +322,84 @@ mod programs {
             }
         }
         emit(ctx, FLOW_OPEN, 0, cookie, &state, 0);
+        if state.flags & FLOW_FLAG_DNS == 0 {
+            join_bypass(ctx);
+        }
+    }
+
+    /// The proxy's side of a redirected connection: a connection accepted on the outbound
+    /// listener. Runs when the handshake completes, before the client can send (on loopback the
+    /// client's ACK is processed right after its own ESTABLISHED callback), so no payload ever
+    /// sits in the TCP queue behind payload the bypass delivered. Only seen when the listener
+    /// was created in the redirected cgroup (the agent runs inside it, as with the default
+    /// cgroup v2 root).
+    #[inline(always)]
+    fn on_proxy_accepted(ctx: &SockOpsContext) {
+        let Some(cfg) = config() else { return };
+        let local_ip = byte_order::ip_from_kernel(ctx.local_ip4());
+        let local_port = byte_order::sock_ops_local_port(ctx.local_port());
+        if local_ip == cfg.outbound_ip && local_port == cfg.outbound_port {
+            join_bypass(ctx);
+        }
+    }
+
+    /// Puts this socket in `HMS_SOCKS` when the bypass is on. Both ends are needed before any
+    /// byte moves; with one end only, `hms_sk_msg` finds no peer and passes the bytes to TCP.
+    #[inline(always)]
+    fn join_bypass(ctx: &SockOpsContext) {
+        match config() {
+            Some(cfg) if cfg.sk_msg_bypass != 0 => {}
+            _ => return,
+        }
+        let key = SockKey {
+            local_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
+            remote_ip: byte_order::ip_from_kernel(ctx.remote_ip4()),
+            local_port: byte_order::sock_ops_local_port(ctx.local_port()),
+            remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
+        };
+        // SAFETY: `ops` is this invocation's valid context, which the helper takes as is.
+        let ops = unsafe { &mut *ctx.ops };
+        let _ = HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0);
+    }
+
+    /// Runs on every send of a socket in `HMS_SOCKS`: the bytes go straight into the peer
+    /// socket's receive queue. Must never drop: a peer that is not in the map (one end joined,
+    /// the other could not) means "send it through TCP as usual".
+    #[sk_msg]
+    pub fn hms_sk_msg(ctx: SkMsgContext) -> u32 {
+        // SAFETY: the kernel hands every sk_msg program a valid `sk_msg_md`; each field is read
+        // with its own width, as the verifier demands for ctx fields.
+        let key = unsafe {
+            let md = ctx.msg;
+            SockKey {
+                local_ip: byte_order::ip_from_kernel(core::ptr::read_volatile(&(*md).local_ip4)),
+                remote_ip: byte_order::ip_from_kernel(core::ptr::read_volatile(&(*md).remote_ip4)),
+                local_port: byte_order::sock_ops_local_port(core::ptr::read_volatile(
+                    &(*md).local_port,
+                )),
+                remote_port: byte_order::sock_ops_remote_port(core::ptr::read_volatile(
+                    &(*md).remote_port,
+                )),
+            }
+        };
+        let size = u64::from(ctx.size());
+        // bpf_msg_redirect_hash answers SK_DROP when the peer is missing, without marking the
+        // message for redirect; returning SK_PASS then sends it the normal way.
+        if HMS_SOCKS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == SK_PASS as i64 {
+            count(sk_msg_stat::REDIRECTED, 1);
+            count(sk_msg_stat::REDIRECTED_BYTES, size);
+        } else {
+            count(sk_msg_stat::PASSED, 1);
+        }
+        SK_PASS
+    }
+
+    #[inline(always)]
+    fn count(index: u32, by: u64) {
+        if let Some(slot) = HMS_SK_MSG_STATS.get_ptr_mut(index) {
+            // SAFETY: a live, aligned u64 of this CPU's slot; see count_drop on atomicity.
+            unsafe { *slot += by };
+        }
     }
 
     /// The proxy only knows the accepted socket's 4-tuple, not the client's cookie, so once the

@@ -456,6 +456,17 @@ impl Admin {
             registry_health: Some(self.store.health()),
             peers,
             ringbuf_records_lost: self.redirector.ringbuf_drops(),
+            sk_msg: {
+                let stats = self.redirector.sk_msg_stats();
+                let described = self.redirector.describe();
+                hms_ctl::api::SkMsgInfo {
+                    enabled: described.sk_msg_bypass,
+                    agent_in_cgroup: described.agent_in_cgroup,
+                    redirected: stats.redirected,
+                    redirected_bytes: stats.redirected_bytes,
+                    passed: stats.passed,
+                }
+            },
             tap_events_lost: self
                 .tap
                 .lost_total

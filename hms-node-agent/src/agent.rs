@@ -96,6 +96,7 @@ pub async fn run(
             outbound: config.outbound,
             dns: config.dns,
             skip_mark: config.dns_mark,
+            sk_msg_bypass: config.sk_msg_bypass,
         })
         .context("setting up the eBPF redirect")?,
     );

@@ -79,6 +79,11 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
     pub log_format: Option<LogFormat>,
+    /// Move bytes between an app and the proxy with sk_msg/sockhash instead of the loopback
+    /// TCP stack (`--sk-msg-bypass` or `--sk-msg-bypass=false`); needs the agent inside the
+    /// redirected cgroup. Off by default: docs/bench.md measured no gain [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub sk_msg_bypass: Option<bool>,
 }
 
 fn parse_u32_auto(s: &str) -> Result<u32, String> {
@@ -121,6 +126,7 @@ impl RunArgs {
             trust_domain: self.trust_domain.or(base.trust_domain),
             join_token: self.join_token.or(base.join_token),
             log_format: self.log_format.or(base.log_format),
+            sk_msg_bypass: self.sk_msg_bypass.or(base.sk_msg_bypass),
         }
     }
 }
@@ -144,6 +150,7 @@ pub struct AgentConfig {
     pub trust_domain: Option<String>,
     pub join_token: Option<String>,
     pub log_format: LogFormat,
+    pub sk_msg_bypass: bool,
 }
 
 impl AgentConfig {
@@ -188,6 +195,7 @@ impl AgentConfig {
             trust_domain: args.trust_domain,
             join_token: args.join_token,
             log_format: args.log_format.unwrap_or_default(),
+            sk_msg_bypass: args.sk_msg_bypass.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)

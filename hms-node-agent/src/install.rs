@@ -206,6 +206,11 @@ const KEYS: &[Key] = &[
         doc: "Log format: text or json.",
         default: "text",
     },
+    Key {
+        name: "sk-msg-bypass",
+        doc: "App <-> proxy bytes through sk_msg/sockhash instead of loopback TCP (docs/bench.md).",
+        default: "false",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -232,6 +237,7 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "log-format" => args
             .log_format
             .map(|f| s(format!("{f:?}").to_ascii_lowercase())),
+        "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
         _ => None,
     }
 }
@@ -1205,6 +1211,7 @@ mod tests {
             "mesh.example",
             "--join-token",
             "hms1.abc",
+            "--sk-msg-bypass",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
@@ -1219,6 +1226,7 @@ mod tests {
         }
         assert_eq!(back.dns_mark, Some(0x1234));
         assert_eq!(back.inbound, Some("[::]:25008".parse().unwrap()));
+        assert_eq!(back.sk_msg_bypass, Some(true));
     }
 
     #[test]

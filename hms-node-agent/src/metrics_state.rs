@@ -29,8 +29,40 @@ pub fn collector(
         help: "Kernel flow records dropped because the ring buffer was full".into(),
         counter: true,
         labels: vec![],
-        read: Box::new(move || redirector.ringbuf_drops()),
+        read: {
+            let r = redirector.clone();
+            Box::new(move || r.ringbuf_drops())
+        },
     });
+    for (name, help, pick) in [
+        (
+            "sk_msg_redirected_messages",
+            "Sends the sk_msg bypass moved straight into the peer socket",
+            0usize,
+        ),
+        (
+            "sk_msg_redirected_bytes",
+            "Bytes the sk_msg bypass moved straight into the peer socket",
+            1,
+        ),
+        (
+            "sk_msg_passed_messages",
+            "Sends of sockets in the sk_msg bypass whose peer was not in it (carried by TCP)",
+            2,
+        ),
+    ] {
+        let r = redirector.clone();
+        readings.push(ReadingSpec {
+            name: name.into(),
+            help: help.into(),
+            counter: true,
+            labels: vec![],
+            read: Box::new(move || {
+                let s = r.sk_msg_stats();
+                [s.redirected, s.redirected_bytes, s.passed][pick]
+            }),
+        });
+    }
     let o = outbound.clone();
     readings.push(ReadingSpec {
         name: "active_connections".into(),

@@ -130,6 +130,7 @@ pub fn run(cgroup: Option<&Path>, pin_dir: &Path) -> Vec<FeatureCheck> {
     );
     checks.push(sock_ops(bpf_ok));
     checks.push(ringbuf(bpf_ok));
+    checks.push(sk_msg(bpf_ok));
     checks.push(cgroup_link(connect4.as_ref(), cgroup_dir.as_deref()));
     checks.push(btf());
     checks.push(so_mark());
@@ -292,6 +293,37 @@ fn sock_ops(bpf_ok: bool) -> FeatureCheck {
             c.detail = "loaded a sock_ops program".into();
         }
         Err(e) => c.detail = explain(&e, "loading a sock_ops program (needs Linux 4.13+)"),
+    }
+    c
+}
+
+/// The agent always loads `hms_sk_msg` and its sockhash (whether the bypass is on is a
+/// runtime switch), so both must exist.
+fn sk_msg(bpf_ok: bool) -> FeatureCheck {
+    let mut c = FeatureCheck {
+        name: "sockhash map + sk_msg program",
+        ok: false,
+        required: true,
+        detail: String::new(),
+        min_kernel: "4.18",
+    };
+    if !bpf_ok {
+        c.detail = "not tried: the bpf() syscall is unusable".into();
+        return c;
+    }
+    let key = size_of::<hms_ebpf::SockKey>() as u32;
+    let made = map_create(BPF_MAP_TYPE_SOCKHASH, key, 4, 1)
+        .map_err(|e| explain(&e, "creating a sockhash map (needs Linux 4.18+)"))
+        .and_then(|_map| {
+            prog_load(BPF_PROG_TYPE_SK_MSG, 0)
+                .map_err(|e| explain(&e, "loading an sk_msg program (needs Linux 4.17+)"))
+        });
+    match made {
+        Ok(_fd) => {
+            c.ok = true;
+            c.detail = "created a sockhash and loaded an sk_msg program (the bypass)".into();
+        }
+        Err(detail) => c.detail = detail,
     }
     c
 }
@@ -473,7 +505,9 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+const BPF_PROG_TYPE_SK_MSG: u32 = 16;
 const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;

@@ -26,6 +26,9 @@ pub struct TestAgent {
     pub netns: Option<String>,
     /// Further `run` flags (registry, inbound, identity...).
     pub extra_args: Vec<String>,
+    /// Run the agent process inside `cgroup` (as with the default cgroup v2 root), so its own
+    /// sockets are seen by the hooks (the sk_msg bypass needs that).
+    pub inside_cgroup: bool,
     /// Holds state dir, socket and log; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -36,11 +39,25 @@ impl TestAgent {
         Self::start_with(cgroup, None, Vec::new())
     }
 
+    /// Like [`TestAgent::start`], with the agent process itself inside `cgroup`.
+    pub fn start_inside(cgroup: &Path, extra_args: Vec<String>) -> anyhow::Result<TestAgent> {
+        Self::configure(cgroup, None, extra_args, true)
+    }
+
     /// Like [`TestAgent::start`], inside network namespace `netns` and with more flags.
     pub fn start_with(
         cgroup: &Path,
         netns: Option<&str>,
         extra_args: Vec<String>,
+    ) -> anyhow::Result<TestAgent> {
+        Self::configure(cgroup, netns, extra_args, false)
+    }
+
+    fn configure(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+        inside_cgroup: bool,
     ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
@@ -63,6 +80,7 @@ impl TestAgent {
                 .unwrap_or_else(|| format!("test-node-{n}")),
             netns: netns.map(str::to_string),
             extra_args,
+            inside_cgroup,
             dir,
         };
         agent.spawn()?;
@@ -97,6 +115,9 @@ impl TestAgent {
                     .arg("--")
                     .arg(bins::path("hms-node-agent"));
                 c
+            }
+            None if self.inside_cgroup => {
+                crate::cgroup::TestCgroup::command_in(&self.cgroup, bins::path("hms-node-agent"))
             }
             None => Command::new(bins::path("hms-node-agent")),
         };

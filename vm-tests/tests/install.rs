@@ -352,6 +352,7 @@ fn probe_finds_every_feature_on_this_kernel() {
         "cgroup/recvmsg4 hook",
         "sock_ops program",
         "ringbuf map",
+        "sockhash map + sk_msg program",
         "cgroup bpf_link",
         "kernel BTF",
         "SO_MARK",

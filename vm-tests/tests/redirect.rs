@@ -76,6 +76,7 @@ fn options(
         outbound,
         dns,
         skip_mark: SKIP_MARK,
+        sk_msg_bypass: false,
     }
 }
 
@@ -440,7 +441,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 6, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 8, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 
@@ -483,6 +484,7 @@ fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
         outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
         dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
         skip_mark: SKIP_MARK,
+        sk_msg_bypass: false,
     };
     let err = Redirector::start(&opts).err().expect("start must fail");
     let msg = format!("{err:#}");
@@ -696,6 +698,7 @@ fn a_pinned_flow_map_of_another_size_is_refused_with_the_cleanup_hint() {
         ("HMS_FLOWS", "lru_hash", "8", "72", "1024"),
         ("HMS_RINGBUF_DROPS", "percpu_array", "4", "4", "1"),
         ("HMS_ORIG_BY_COOKIE", "lru_hash", "8", "40", "1024"),
+        ("HMS_SOCKS", "sockhash", "8", "4", "1024"),
     ];
     for (name, map_type, key, value, entries) in cases {
         let cg = TestCgroup::new("old-abi").expect("test cgroup");

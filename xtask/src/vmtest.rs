@@ -42,7 +42,7 @@ const GUEST_WORKSPACE: &str = "/hms-workspace";
 
 /// The test files that run in the VM: everything that depends on the kernel (the eBPF
 /// programs, their maps, ring buffers, sock_diag, cgroup hooks) and the data path on top of
-/// it: redirect, DNS, proxy, taps, identity by cgroup, health checks, bad input. The rest of
+/// it: redirect, DNS, proxy, taps, identity by cgroup, health checks, bad input, the sk_msg bypass. The rest of
 /// the suite (timing-heavy resilience, multi-host with etcd and namespaces, upgrades under
 /// load, install) exercises user-space logic that the host run already covers, and under the
 /// VM's software emulation it would take far longer than CI allows.
@@ -55,6 +55,7 @@ const VM_SUITE: &[&str] = &[
     "http_bad_input",
     "http_grpc",
     "http_policy_trace",
+    "sk_msg_bypass",
 ];
 
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.

@@ -21,11 +21,14 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapInfo, MapType},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    maps::{MapInfo, MapType, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
-use hms_ebpf::{FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, map_names};
+use hms_ebpf::{
+    FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, SockKey, map_names,
+    program_names, sk_msg_stat,
+};
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
 
@@ -114,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 6] {
+fn expected_maps() -> [ExpectedMap; 8] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -153,6 +156,21 @@ fn expected_maps() -> [ExpectedMap; 6] {
             size_of::<u32>(),
             size_of::<u64>(),
         ),
+        map(
+            map_names::SOCKS,
+            MapType::SockHash,
+            size_of::<SockKey>(),
+            size_of::<u32>(),
+        ),
+        ExpectedMap {
+            max_entries: Some(sk_msg_stat::COUNT),
+            ..map(
+                map_names::SK_MSG_STATS,
+                MapType::PerCpuArray,
+                size_of::<u32>(),
+                size_of::<u64>(),
+            )
+        },
         ExpectedMap {
             max_entries: Some(FLOW_EVENTS_BYTES),
             ..map(map_names::FLOW_EVENTS, MapType::RingBuf, 0, 0)
@@ -313,6 +331,41 @@ fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLink> 
         let id = program.attach(cgroup, LINK_ATTACH_MODE)?;
         Ok(program.take_link(id)?.try_into()?)
     }
+}
+
+/// Loads `hms_sk_msg` and attaches it to `HMS_SOCKS`. The attachment belongs to the map, not
+/// to this process: the link is forgotten so that dropping it (at exit, or when the agent hands
+/// over to its successor) never detaches it; the kernel releases the program when the map's
+/// last pin and fd are gone (`hms-node-agent cleanup`). Attaching again replaces the program a
+/// previous agent attached.
+pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map_fd = {
+        let map = ebpf
+            .map(map_names::SOCKS)
+            .context("map HMS_SOCKS missing from the eBPF object")?;
+        let socks: SockHash<_, SockKey> = SockHash::try_from(map)?;
+        socks
+            .fd()
+            .try_clone()
+            .context("duplicating the HMS_SOCKS fd")?
+    };
+    let program: &mut SkMsg = ebpf
+        .program_mut(program_names::SK_MSG)
+        .ok_or_else(|| {
+            anyhow!(
+                "program {} missing from the eBPF object",
+                program_names::SK_MSG
+            )
+        })?
+        .try_into()?;
+    program
+        .load()
+        .context("loading hms_sk_msg (verifier; sk_msg needs Linux 4.17+)")?;
+    let id = program
+        .attach(&map_fd)
+        .context("attaching hms_sk_msg to HMS_SOCKS")?;
+    std::mem::forget(program.take_link(id)?);
+    Ok(())
 }
 
 /// Forwards kernel-side `aya_log_ebpf` records to the agent's logger from a small thread.

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
-use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names};
+use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names, program_names, sk_msg_stat};
 use serde::{Deserialize, Serialize};
 
 pub use flows::{EndedBy, FlowKind, FlowReader, FlowRecord};
@@ -46,6 +46,8 @@ pub struct RedirectOptions {
     pub dns: SocketAddrV4,
     /// `SO_MARK` of the agent's own sockets, which are never redirected. 0 disables.
     pub skip_mark: u32,
+    /// Carry app <-> proxy bytes through the sk_msg/sockhash bypass (see `hms_sk_msg`).
+    pub sk_msg_bypass: bool,
 }
 
 /// The attached redirect. Dropping it leaves the programs attached and pinned.
@@ -56,7 +58,18 @@ pub struct Redirector {
     /// Taken by the first `flow_reader()`: a ring buffer has one consumer.
     flow_events: Mutex<Option<RingBuf<MapData>>>,
     ringbuf_drops: Mutex<PerCpuArray<MapData, u64>>,
+    sk_msg_stats: Mutex<PerCpuArray<MapData, u64>>,
     _log_drain: Option<loader::LogDrain>,
+}
+
+/// Counters of the sk_msg bypass (`HMS_SK_MSG_STATS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkMsgStats {
+    /// Sends moved straight to the peer socket.
+    pub redirected: u64,
+    pub redirected_bytes: u64,
+    /// Sends of sockets in the map whose peer was not there: went through TCP.
+    pub passed: u64,
 }
 
 /// For `hms-ctl status`.
@@ -75,6 +88,11 @@ pub struct RedirectStatus {
     pub ebpf_logs: bool,
     /// Names of the attached programs, e.g. `hms_connect4`.
     pub programs: Vec<String>,
+    /// Whether sock_ops puts app <-> proxy connections in the sk_msg bypass.
+    pub sk_msg_bypass: bool,
+    /// Whether this agent runs inside `cgroup` (the proxy's sockets are then seen by
+    /// sock_ops, which the bypass needs).
+    pub agent_in_cgroup: bool,
     /// One entry per hook, with kernel ids and pin paths.
     pub hooks: Vec<AttachedProgram>,
 }
@@ -148,6 +166,9 @@ impl Redirector {
             .filter(|h| h.adopted)
             .map(|h| h.program_id)
             .collect();
+        // Attached to the sockhash, not to the cgroup, so attached on every start (it replaces
+        // an earlier agent's program on the map; sockets keep the one they joined with).
+        loader::attach_sk_msg(&mut ebpf)?;
         let log_drain = loader::LogDrain::start(any_fresh.then_some(&mut ebpf), &adopted_programs);
 
         let orig_by_cookie = HashMap::try_from(
@@ -167,6 +188,22 @@ impl Redirector {
                 .context("map HMS_RINGBUF_DROPS missing from the eBPF object")?,
         )?;
 
+        let agent_in_cgroup = crate::cgroup::v2_root()
+            .and_then(|root| crate::cgroup::cgroup_of_pid(&root, std::process::id()))
+            .is_ok_and(|own| own.starts_with(&opts.cgroup));
+        if opts.sk_msg_bypass && !agent_in_cgroup {
+            tracing::warn!(
+                cgroup = %opts.cgroup.display(),
+                "--sk-msg-bypass is on but this agent runs outside the redirected cgroup: the \
+                 proxy's sockets never join the bypass and every byte still goes through TCP; \
+                 run the agent inside that cgroup (the default cgroup v2 root covers it)"
+            );
+        }
+        let sk_msg_stats = PerCpuArray::try_from(
+            ebpf.take_map(map_names::SK_MSG_STATS)
+                .context("map HMS_SK_MSG_STATS missing from the eBPF object")?,
+        )?;
+
         let status = RedirectStatus {
             cgroup: opts.cgroup.clone(),
             pin_dir: opts.pin_dir.clone(),
@@ -176,7 +213,13 @@ impl Redirector {
             dns: opts.dns,
             skip_mark: opts.skip_mark,
             ebpf_logs: log_drain.is_some(),
-            programs: hooks.iter().map(|h| h.hook.program.to_string()).collect(),
+            programs: hooks
+                .iter()
+                .map(|h| h.hook.program.to_string())
+                .chain([program_names::SK_MSG.to_string()])
+                .collect(),
+            sk_msg_bypass: opts.sk_msg_bypass,
+            agent_in_cgroup,
             hooks: hooks
                 .iter()
                 .map(|h| AttachedProgram {
@@ -193,6 +236,7 @@ impl Redirector {
             cgroup = %opts.cgroup.display(),
             pin_dir = %opts.pin_dir.display(),
             adopted,
+            sk_msg_bypass = opts.sk_msg_bypass,
             "eBPF redirect attached"
         );
         Ok(Redirector {
@@ -201,6 +245,7 @@ impl Redirector {
             orig_by_flow: Mutex::new(orig_by_flow),
             flow_events: Mutex::new(Some(flow_events)),
             ringbuf_drops: Mutex::new(ringbuf_drops),
+            sk_msg_stats: Mutex::new(sk_msg_stats),
             _log_drain: log_drain,
         })
     }
@@ -284,6 +329,24 @@ impl Redirector {
         }
     }
 
+    /// What `hms_sk_msg` did since the maps were created (summed over CPUs; survives agent
+    /// restarts). A failed read is logged and counts as 0.
+    pub fn sk_msg_stats(&self) -> SkMsgStats {
+        let stats = self.sk_msg_stats.lock().unwrap_or_else(|p| p.into_inner());
+        let read = |index: u32| match stats.get(&index, 0) {
+            Ok(per_cpu) => per_cpu.iter().copied().fold(0u64, u64::wrapping_add),
+            Err(e) => {
+                tracing::warn!(error = %e, map = map_names::SK_MSG_STATS, "map read failed");
+                0
+            }
+        };
+        SkMsgStats {
+            redirected: read(sk_msg_stat::REDIRECTED),
+            redirected_bytes: read(sk_msg_stat::REDIRECTED_BYTES),
+            passed: read(sk_msg_stat::PASSED),
+        }
+    }
+
     /// For `hms-ctl status`: attached program names, cgroup, pin dir, whether adopted.
     pub fn describe(&self) -> RedirectStatus {
         self.status.clone()
@@ -352,6 +415,7 @@ fn redirect_config(opts: &RedirectOptions) -> anyhow::Result<RedirectConfig> {
         dns_port: opts.dns.port(),
         skip_mark: opts.skip_mark,
         enabled: 1,
+        sk_msg_bypass: u32::from(opts.sk_msg_bypass),
     })
 }
 
@@ -368,6 +432,7 @@ mod tests {
             outbound: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001),
             dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
             skip_mark: 0x4853,
+            sk_msg_bypass: false,
         }
     }
 

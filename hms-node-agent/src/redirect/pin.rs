@@ -66,13 +66,15 @@ pub(crate) const HOOKS: [Hook; 4] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 6] = [
+pub(crate) const MAPS: [&str; 8] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
     map_names::FLOWS,
     map_names::FLOW_EVENTS,
     map_names::RINGBUF_DROPS,
+    map_names::SOCKS,
+    map_names::SK_MSG_STATS,
 ];
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
