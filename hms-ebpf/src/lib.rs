@@ -26,6 +26,9 @@ pub mod map_names {
     /// `PERCPU_ARRAY<u64>`, [`sk_msg_stat`](super::sk_msg_stat) indices: what the sk_msg
     /// program did. Sum over CPUs.
     pub const SK_MSG_STATS: &str = "HMS_SK_MSG_STATS";
+    /// `LRU_HASH` [`FlowKey`](super::FlowKey) -> [`BypassBytes`](super::BypassBytes): payload
+    /// the bypass carried for a tracked connection, added to its close record.
+    pub const BYPASS_BYTES: &str = "HMS_BYPASS_BYTES";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -83,6 +86,17 @@ impl SockKey {
             remote_port: self.local_port,
         }
     }
+}
+
+/// Payload of one redirected connection that the sk_msg bypass carried, so never counted by
+/// the app socket's TCP counters; the close record adds it back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BypassBytes {
+    /// From the app to the proxy.
+    pub sent: u64,
+    /// From the proxy to the app.
+    pub received: u64,
 }
 
 /// Indices of `HMS_SK_MSG_STATS`.
@@ -188,6 +202,8 @@ pub struct FlowState {
 /// - `bytes_received`: sequence space received in order: the payload the client received, plus
 ///   1 for the peer's FIN if it reached this socket (after the client closed first, the FIN is
 ///   handled by the time-wait socket and not counted here).
+/// - With the sk_msg bypass, payload it carried never enters TCP; the close record adds it to
+///   both counters (from `HMS_BYPASS_BYTES`), so they mean the same with and without it.
 /// - `srtt_us`: smoothed RTT in **microseconds** (the kernel keeps it scaled by 8; sock_ops
 ///   already shifted it).
 /// - `total_retrans`: segments retransmitted over the connection's life (SYN included).
@@ -231,6 +247,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::BypassBytes {}
 }
 
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old

@@ -40,8 +40,8 @@ mod programs {
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent, FlowKey,
-        FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, SockKey, byte_order,
+        BypassBytes, DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent,
+        FlowKey, FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, SockKey, byte_order,
         sk_msg_stat,
     };
 
@@ -84,6 +84,12 @@ mod programs {
     /// take the TCP path.
     #[map(name = "HMS_SOCKS")]
     static HMS_SOCKS: SockHash<SockKey> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// Payload the bypass carried per tracked connection (by the app side's 4-tuple), until
+    /// its close record takes it.
+    #[map(name = "HMS_BYPASS_BYTES")]
+    static HMS_BYPASS_BYTES: LruHashMap<FlowKey, BypassBytes> =
+        LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
     /// What `hms_sk_msg` did, per CPU (`sk_msg_stat` indices).
     #[map(name = "HMS_SK_MSG_STATS")]
@@ -321,9 +327,9 @@ mod programs {
                 let _ = HMS_FLOWS.remove(cookie);
             }
         }
-        emit(ctx, FLOW_OPEN, 0, cookie, &state, 0);
-        if state.flags & FLOW_FLAG_DNS == 0 {
-            join_bypass(ctx);
+        emit(ctx, FLOW_OPEN, 0, cookie, &state, 0, BypassBytes::default());
+        if state.flags & FLOW_FLAG_DNS == 0 && join_bypass(ctx) {
+            let _ = HMS_BYPASS_BYTES.insert(flow, BypassBytes::default(), 0);
         }
     }
 
@@ -346,10 +352,10 @@ mod programs {
     /// Puts this socket in `HMS_SOCKS` when the bypass is on. Both ends are needed before any
     /// byte moves; with one end only, `hms_sk_msg` finds no peer and passes the bytes to TCP.
     #[inline(always)]
-    fn join_bypass(ctx: &SockOpsContext) {
+    fn join_bypass(ctx: &SockOpsContext) -> bool {
         match config() {
             Some(cfg) if cfg.sk_msg_bypass != 0 => {}
-            _ => return,
+            _ => return false,
         }
         let key = SockKey {
             local_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
@@ -359,7 +365,7 @@ mod programs {
         };
         // SAFETY: `ops` is this invocation's valid context, which the helper takes as is.
         let ops = unsafe { &mut *ctx.ops };
-        let _ = HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0);
+        HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0).is_ok()
     }
 
     /// Runs on every send of a socket in `HMS_SOCKS`: the bytes go straight into the peer
@@ -388,10 +394,38 @@ mod programs {
         if HMS_SOCKS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == SK_PASS as i64 {
             count(sk_msg_stat::REDIRECTED, 1);
             count(sk_msg_stat::REDIRECTED_BYTES, size);
+            count_flow_bytes(&key, size);
         } else {
             count(sk_msg_stat::PASSED, 1);
         }
         SK_PASS
+    }
+
+    /// Adds a bypassed send to its connection's `HMS_BYPASS_BYTES` entry, found by the app
+    /// side's 4-tuple: the sender's own key when the app sent, the peer's when the proxy did.
+    #[inline(always)]
+    fn count_flow_bytes(key: &SockKey, size: u64) {
+        let Some(cfg) = config() else { return };
+        let from_proxy = key.local_ip == cfg.outbound_ip && key.local_port == cfg.outbound_port;
+        let app = if from_proxy { key.peer() } else { *key };
+        let flow = FlowKey {
+            client_ip: app.local_ip,
+            listener_ip: app.remote_ip,
+            client_port: app.local_port,
+            listener_port: app.remote_port,
+            _pad: 0,
+        };
+        if let Some(bytes) = HMS_BYPASS_BYTES.get_ptr_mut(&flow) {
+            // SAFETY: a live map value. Not atomic: each direction is only ever written by
+            // sends on one socket, which the kernel serializes under that socket's lock.
+            unsafe {
+                if from_proxy {
+                    (*bytes).received += size;
+                } else {
+                    (*bytes).sent += size;
+                }
+            }
+        }
     }
 
     #[inline(always)]
@@ -444,9 +478,22 @@ mod programs {
         };
         let state = *state;
         let _ = HMS_FLOWS.remove(cookie);
+        // SAFETY: copied out immediately.
+        let bypassed = unsafe { HMS_BYPASS_BYTES.get(&state.flow) }.copied();
+        if bypassed.is_some() {
+            let _ = HMS_BYPASS_BYTES.remove(&state.flow);
+        }
         // SAFETY: no arguments; available to every program type.
         let now = unsafe { bpf_ktime_get_ns() };
-        emit(ctx, FLOW_CLOSE, ctx.arg(0) as u8, cookie, &state, now);
+        emit(
+            ctx,
+            FLOW_CLOSE,
+            ctx.arg(0) as u8,
+            cookie,
+            &state,
+            now,
+            bypassed.unwrap_or_default(),
+        );
     }
 
     /// Writes one record straight into the ring buffer. If it is full (the agent is slow or not
@@ -459,6 +506,7 @@ mod programs {
         cookie: u64,
         state: &FlowState,
         closed_ns: u64,
+        bypassed: BypassBytes,
     ) {
         let Some(mut entry) = HMS_FLOW_EVENTS.reserve::<FlowEvent>(0) else {
             count_drop();
@@ -486,8 +534,8 @@ mod programs {
             closed_ns,
             flow: state.flow,
             orig: state.orig,
-            bytes_acked,
-            bytes_received,
+            bytes_acked: bytes_acked + bypassed.sent,
+            bytes_received: bytes_received + bypassed.received,
             // tcp_sock.srtt_us is the smoothed RTT << 3.
             srtt_us: srtt_scaled >> 3,
             total_retrans,

@@ -80,8 +80,9 @@ pub struct RunArgs {
     #[serde(default, deserialize_with = "de_from_str")]
     pub log_format: Option<LogFormat>,
     /// Move bytes between an app and the proxy with sk_msg/sockhash instead of the loopback
-    /// TCP stack (`--sk-msg-bypass` or `--sk-msg-bypass=false`); needs the agent inside the
-    /// redirected cgroup. Off by default: docs/bench.md measured no gain [default: false].
+    /// TCP stack (`--sk-msg-bypass=false` turns it off). Takes effect when the agent runs
+    /// inside the redirected cgroup (as with the default cgroup v2 root); docs/bench.md has
+    /// the measurements [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub sk_msg_bypass: Option<bool>,
 }
@@ -195,7 +196,7 @@ impl AgentConfig {
             trust_domain: args.trust_domain,
             join_token: args.join_token,
             log_format: args.log_format.unwrap_or_default(),
-            sk_msg_bypass: args.sk_msg_bypass.unwrap_or(false),
+            sk_msg_bypass: args.sk_msg_bypass.unwrap_or(true),
         };
         config.validate()?;
         Ok(config)

@@ -208,8 +208,8 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "sk-msg-bypass",
-        doc: "App <-> proxy bytes through sk_msg/sockhash instead of loopback TCP (docs/bench.md).",
-        default: "false",
+        doc: "App <-> proxy bytes through sk_msg/sockhash instead of loopback TCP, when the agent runs inside the redirected cgroup (docs/bench.md).",
+        default: "true",
     },
 ];
 
@@ -1211,7 +1211,7 @@ mod tests {
             "mesh.example",
             "--join-token",
             "hms1.abc",
-            "--sk-msg-bypass",
+            "--sk-msg-bypass=false",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
@@ -1226,7 +1226,7 @@ mod tests {
         }
         assert_eq!(back.dns_mark, Some(0x1234));
         assert_eq!(back.inbound, Some("[::]:25008".parse().unwrap()));
-        assert_eq!(back.sk_msg_bypass, Some(true));
+        assert_eq!(back.sk_msg_bypass, Some(false));
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The sk_msg/sockhash bypass (`--sk-msg-bypass`): with the agent inside the redirected
-//! cgroup, bytes between an unmodified app and the proxy skip the loopback TCP stack. These
-//! tests check that the bypass really carries the traffic (the kernel program's own counters),
-//! that it carries it intact in both directions for HTTP and opaque TCP, that it stays out of
-//! the way when off, and that nothing of it outlives `hms-node-agent cleanup`.
+//! The sk_msg/sockhash bypass (on by default; `--sk-msg-bypass=false` turns it off): with the
+//! agent inside the redirected cgroup, bytes between an unmodified app and the proxy skip the
+//! loopback TCP stack. These tests check that the bypass really carries the traffic (the kernel
+//! program's own counters), that it carries it intact in both directions for HTTP and opaque
+//! TCP, that the TCP tap still counts the bytes, that it stays out of the way when off or when
+//! the agent runs outside the cgroup, and that nothing of it outlives `hms-node-agent cleanup`.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -78,9 +79,9 @@ fn curl_post(cg: &TestCgroup, url: &str, body: &std::path::Path) -> std::process
 }
 
 #[test]
-fn with_the_bypass_on_http_and_opaque_tcp_arrive_intact_and_skip_tcp() {
+fn by_default_http_and_opaque_tcp_take_the_bypass_and_arrive_intact() {
     let cg = TestCgroup::new("skmsg").expect("test cgroup");
-    let agent = TestAgent::start_inside(cg.path(), vec!["--sk-msg-bypass".into()]).expect("agent");
+    let agent = TestAgent::start_inside(cg.path(), vec![]).expect("agent");
     let s = sk_msg_status(&agent);
     assert_eq!(s["enabled"], true, "{s}");
     assert_eq!(s["agent_in_cgroup"], true, "{s}");
@@ -141,6 +142,26 @@ fn with_the_bypass_on_http_and_opaque_tcp_arrive_intact_and_skip_tcp() {
         agent.log()
     );
     assert!(server.join().expect("echo server") == data);
+    // The flow tap counts the payload the bypass carried (it never entered TCP's counters).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let tap = agent.ctl(&["tap", "echo-svc", "--last", "10", "-o", "json"]);
+        let text = String::from_utf8_lossy(&tap.stdout).into_owned();
+        let flow = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|e| e["request_bytes"].as_u64().is_some_and(|n| n > 0));
+        if let Some(e) = flow {
+            assert_eq!(e["request_bytes"], len as u64, "{e}");
+            assert_eq!(e["response_bytes"], len as u64, "{e}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flow event for echo-svc in the tap:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let s = sk_msg_status(&agent);
     assert!(
         s["redirected_bytes"].as_u64().unwrap_or(0) >= (body.len() + 2 * len) as u64,
@@ -150,9 +171,19 @@ fn with_the_bypass_on_http_and_opaque_tcp_arrive_intact_and_skip_tcp() {
 }
 
 #[test]
+fn an_agent_outside_the_cgroup_keeps_the_bypass_off() {
+    let cg = TestCgroup::new("skmsg-out").expect("test cgroup");
+    let agent = TestAgent::start(cg.path()).expect("agent");
+    let s = sk_msg_status(&agent);
+    assert_eq!(s["enabled"], false, "{s}");
+    assert_eq!(s["agent_in_cgroup"], false, "{s}");
+}
+
+#[test]
 fn with_the_bypass_off_nothing_enters_it() {
     let cg = TestCgroup::new("skmsg-off").expect("test cgroup");
-    let agent = TestAgent::start_inside(cg.path(), vec![]).expect("agent");
+    let agent =
+        TestAgent::start_inside(cg.path(), vec!["--sk-msg-bypass=false".into()]).expect("agent");
     let backend = Backend::start("plain-svc", 0).expect("backend");
     agent
         .deploy("plain-svc", backend.addr.port())
@@ -172,8 +203,7 @@ fn with_the_bypass_off_nothing_enters_it() {
 #[test]
 fn cleanup_leaves_no_sk_msg_program_or_sockhash() {
     let cg = TestCgroup::new("skmsg-clean").expect("test cgroup");
-    let mut agent =
-        TestAgent::start_inside(cg.path(), vec!["--sk-msg-bypass".into()]).expect("agent");
+    let mut agent = TestAgent::start_inside(cg.path(), vec![]).expect("agent");
     let backend = Backend::start("gone-svc", 0).expect("backend");
     agent
         .deploy("gone-svc", backend.addr.port())

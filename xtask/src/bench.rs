@@ -30,7 +30,6 @@ use crate::bench_env::{
 use crate::{interrupt, workspace};
 
 pub const CONNECTIONS: usize = 16;
-const SK_MSG_NOTE: &str = "not implemented (no sk_msg program yet)";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Scenario {
@@ -70,7 +69,7 @@ impl Scenario {
             Scenario::HmsOneHost => {
                 "client in cgroup -> bench-svc.svc -> eBPF connect4 -> node proxy -> backend"
             }
-            Scenario::HmsSkMsg => "as hms-one-host, app<->proxy over sk_msg/sockhash",
+            Scenario::HmsSkMsg => "as hms-one-host, app<->proxy over sk_msg/sockhash (the default)",
             Scenario::DirectTwoHosts => "client in netns A -> veth -> backend in netns B",
             Scenario::HmsTwoHosts => {
                 "client in netns A -> agent A -> mTLS HTTP/2 CONNECT -> agent B -> backend in netns B"
@@ -84,10 +83,6 @@ impl Scenario {
             Scenario::HmsTwoHosts => Some(Scenario::DirectTwoHosts),
             Scenario::Direct | Scenario::DirectTwoHosts => None,
         }
-    }
-
-    fn implemented(self) -> bool {
-        self != Scenario::HmsSkMsg
     }
 
     /// How the backend must see this scenario's requests arrive.
@@ -143,6 +138,7 @@ struct Plan {
 /// Everything the scenarios need, kept for the whole run. Fields drop in declaration order.
 struct Env {
     one: Option<OneHost>,
+    sk_msg: Option<OneHost>,
     two: Option<TwoHosts>,
     haproxy: Option<(Proc, u16)>,
     backend: Option<(Proc, SocketAddr)>,
@@ -173,6 +169,8 @@ struct Run {
     rss_mb: Option<f64>,
     via: Value,
     tap_events: Option<u64>,
+    /// For the sk_msg scenario: what the bypass carried during the run.
+    sk_msg: Option<Value>,
     path_ok: bool,
 }
 
@@ -206,6 +204,7 @@ impl Run {
             "proxy_peak_rss_mb": self.rss_mb,
             "backend_saw": self.via,
             "tap_events": self.tap_events,
+            "sk_msg": self.sk_msg,
             "path_ok": self.path_ok,
         })
     }
@@ -352,12 +351,17 @@ fn setup(
     let pid = std::process::id();
     let mut env = Env {
         one: None,
+        sk_msg: None,
         two: None,
         haproxy: None,
         backend: None,
         bins: bins.clone(),
     };
-    if has(Scenario::Direct) || has(Scenario::Haproxy) || has(Scenario::HmsOneHost) {
+    if has(Scenario::Direct)
+        || has(Scenario::Haproxy)
+        || has(Scenario::HmsOneHost)
+        || has(Scenario::HmsSkMsg)
+    {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::free_port()?));
         eprintln!("bench: backend on {addr} (core {SERVER_CORE})");
         let p = bench_env::start_backend(bins, None, addr, &work.join("backend.log"))?;
@@ -371,21 +375,33 @@ fn setup(
         env.haproxy = Some((p, port));
     }
     interrupt::check()?;
-    if has(Scenario::HmsOneHost) {
-        let cgroup = BenchCgroup::create(&format!("hms-bench-{pid}-one"))?;
+    // Both one-host agents run inside the cgroup they redirect, as an agent on the default
+    // cgroup v2 root does; the sk_msg bypass needs that, and the plain scenario gets the same
+    // placement so the two differ only in the bypass.
+    for (sc, name, bypass) in [
+        (Scenario::HmsOneHost, "one", false),
+        (Scenario::HmsSkMsg, "sk", true),
+    ] {
+        if !has(sc) {
+            continue;
+        }
+        interrupt::check()?;
+        let cgroup = BenchCgroup::create(&format!("hms-bench-{pid}-{name}"))?;
         eprintln!(
-            "bench: agent for one host, hooks on {} (core {SERVER_CORE})",
+            "bench: agent for {}, hooks on {} (core {SERVER_CORE})",
+            sc.name(),
             cgroup.path.display()
         );
         let agent = Agent::start(
             bins,
             AgentSpec {
-                name: "one",
+                name,
                 cgroup: &cgroup.path,
                 netns: None,
                 work,
                 sock_dir,
-                extra: vec![],
+                extra: vec![format!("--sk-msg-bypass={bypass}")],
+                inside_cgroup: true,
             },
         )?;
         let port = backend.context("backend")?.port();
@@ -393,7 +409,11 @@ fn setup(
             work,
             &format!("name: {SERVICE}\nport: {port}\npolicy: allow_from_any\n"),
         )?;
-        env.one = Some(OneHost { agent, cgroup });
+        let host = OneHost { agent, cgroup };
+        match sc {
+            Scenario::HmsSkMsg => env.sk_msg = Some(host),
+            _ => env.one = Some(host),
+        }
     }
     interrupt::check()?;
     if has(Scenario::DirectTwoHosts) || has(Scenario::HmsTwoHosts) {
@@ -442,6 +462,7 @@ fn two_hosts(
                 "--node-name".into(),
                 "bench-a".into(),
             ],
+            inside_cgroup: false,
         },
     )?;
     agent_a.ctl(&["ca", "init", "--trust-domain", "bench.mesh"])?;
@@ -464,6 +485,7 @@ fn two_hosts(
                 "--join-token".into(),
                 token.trim().to_owned(),
             ],
+            inside_cgroup: false,
         },
     )?;
     agent_b.deploy(
@@ -516,13 +538,8 @@ fn rate_label(rate: Option<u32>) -> String {
 }
 
 fn measure(plan: &Plan, env: &Env) -> anyhow::Result<Vec<(Scenario, Vec<Run>)>> {
-    let active: Vec<Scenario> = plan
-        .scenarios
-        .iter()
-        .copied()
-        .filter(|s| s.implemented())
-        .collect();
-    for &sc in &active {
+    let active = &plan.scenarios;
+    for &sc in active {
         interrupt::check()?;
         let warm = load(env, sc, None, Duration::from_secs(1), 0, "warmup")?;
         if warm.completed() == 0 || warm.failed() > 0 || !warm.path_ok {
@@ -543,7 +560,7 @@ fn measure(plan: &Plan, env: &Env) -> anyhow::Result<Vec<(Scenario, Vec<Run>)>> 
     let mut runs: Vec<(Scenario, Vec<Run>)> = plan.scenarios.iter().map(|s| (*s, vec![])).collect();
     for rep in 1..=plan.reps {
         for &rate in &plan.rates {
-            for &sc in &active {
+            for &sc in active {
                 interrupt::check()?;
                 let r = load(env, sc, rate, plan.duration, rep, &rate_label(rate))?;
                 eprintln!(
@@ -570,6 +587,7 @@ fn measure(plan: &Plan, env: &Env) -> anyhow::Result<Vec<(Scenario, Vec<Run>)>> 
 fn logs_for(env: &Env, sc: Scenario) -> String {
     match sc {
         Scenario::HmsOneHost => env.one.as_ref().map(|o| o.agent.log()),
+        Scenario::HmsSkMsg => env.sk_msg.as_ref().map(|o| o.agent.log()),
         Scenario::HmsTwoHosts => env.two.as_ref().map(|t| {
             format!(
                 "agent a:\n{}\nagent b:\n{}",
@@ -614,8 +632,11 @@ fn load(
                 None,
             )
         }
-        Scenario::HmsOneHost => {
-            let one = env.one.as_ref().context("one-host agent")?;
+        Scenario::HmsOneHost | Scenario::HmsSkMsg => {
+            let one = match sc {
+                Scenario::HmsSkMsg => env.sk_msg.as_ref().context("sk_msg agent")?,
+                _ => env.one.as_ref().context("one-host agent")?,
+            };
             place.cgroup = Some(&one.cgroup.path);
             (
                 format!("http://{SERVICE}.svc{path}"),
@@ -642,7 +663,6 @@ fn load(
                 Some(&two.agent_a),
             )
         }
-        Scenario::HmsSkMsg => bail!("{}: {SK_MSG_NOTE}", sc.name()),
     };
     let cpu = |pids: &[u32]| -> Option<f64> {
         if pids.is_empty() {
@@ -652,6 +672,11 @@ fn load(
             .map(|p| bench_env::cpu_seconds(*p))
             .sum::<Option<f64>>()
     };
+    let sk_agent = match sc {
+        Scenario::HmsSkMsg => Some(&env.sk_msg.as_ref().context("sk_msg agent")?.agent),
+        _ => None,
+    };
+    let sk_before = sk_agent.map(Agent::sk_msg_stats).transpose()?;
     let before = cpu(&pids);
     let mut cmd = bench_env::command(&place, &env.bins.xtask)?;
     cmd.args(["bench-load", "--url", &url])
@@ -737,6 +762,23 @@ fn load(
             n == 0
         }
     });
+    // The bypass carried the run: every request and every response is at least one send
+    // moved by hms_sk_msg, and no send of a socket in the bypass went through TCP.
+    let sk_msg = match (sk_agent, sk_before) {
+        (Some(a), Some(b)) => {
+            let after = a.sk_msg_stats()?;
+            let d = |k: &str| after[k].as_u64().unwrap_or(0) - b[k].as_u64().unwrap_or(0);
+            Some(json!({
+                "redirected": d("redirected"),
+                "redirected_bytes": d("redirected_bytes"),
+                "passed": d("passed"),
+            }))
+        }
+        _ => None,
+    };
+    let bypass_ok = sk_msg
+        .as_ref()
+        .is_none_or(|s| s["redirected"].as_u64().unwrap_or(0) >= 2 * completed && s["passed"] == 0);
     let tap_ok = match (sc.via(), tap_events) {
         ("hms", Some(n)) => n > 0,
         ("direct", Some(n)) => n == 0,
@@ -750,7 +792,8 @@ fn load(
         rss_mb,
         via,
         tap_events,
-        path_ok: arrived_ok && tap_ok,
+        sk_msg,
+        path_ok: arrived_ok && tap_ok && bypass_ok,
     })
 }
 
@@ -841,16 +884,6 @@ fn report(plan: &Plan, opts: &Options, runs: &[(Scenario, Vec<Run>)], took: Dura
     };
     let mut scenarios = Vec::new();
     for (sc, rs) in runs {
-        if !sc.implemented() {
-            scenarios.push(json!({
-                "name": sc.name(),
-                "path": sc.path(),
-                "baseline": sc.baseline().map(Scenario::name),
-                "implemented": false,
-                "note": SK_MSG_NOTE,
-            }));
-            continue;
-        }
         let mut rates = Vec::new();
         for &rate in &plan.rates {
             let Some(mut s) = summary(*sc, rate) else {
@@ -883,7 +916,6 @@ fn report(plan: &Plan, opts: &Options, runs: &[(Scenario, Vec<Run>)], took: Dura
             "name": sc.name(),
             "path": sc.path(),
             "baseline": sc.baseline().map(Scenario::name),
-            "implemented": true,
             "rates": rates,
         }));
     }
@@ -902,9 +934,9 @@ fn report(plan: &Plan, opts: &Options, runs: &[(Scenario, Vec<Run>)], took: Dura
         "loadavg_at_start": opts.loadavg_at_start,
         "loadavg_at_end": loadavg(),
         "scenarios": scenarios,
-        "sk_msg_bypass": "off (no sk_msg program yet; it stays off until a bench run shows it wins)",
     });
     report["targets"] = targets(&report);
+    report["sk_msg_bypass"] = sk_msg_comparison(&report);
     report
 }
 
@@ -936,6 +968,71 @@ fn at<'a>(report: &'a Value, scenario: &str, rate: Option<u32>) -> Option<&'a Va
         .as_array()?
         .iter()
         .find(|r| r["rate"] == json!(rate))
+}
+
+/// The bypass against the same path without it, per rate, and what this run says about it.
+/// "wins" needs more throughput at max (+5%) without worse latency at 1000 rps (p50 and p99
+/// within 10%); anything smaller is within this machine's run-to-run noise.
+fn sk_msg_comparison(report: &Value) -> Value {
+    let mut rows = Vec::new();
+    for rate in report["rates"].as_array().into_iter().flatten() {
+        let rate = rate.as_str().and_then(|r| r.strip_suffix("rps"));
+        let rate: Option<u32> = rate.and_then(|r| r.parse().ok());
+        let (Some(plain), Some(sk)) = (
+            at(report, "hms-one-host", rate),
+            at(report, "hms-one-host-sk-msg", rate),
+        ) else {
+            continue;
+        };
+        let diff = |k: &str| -> Value {
+            match (sk[k].as_f64(), plain[k].as_f64()) {
+                (Some(a), Some(b)) => json!(a - b),
+                _ => Value::Null,
+            }
+        };
+        let ratio = |k: &str| -> Value {
+            match (sk[k].as_f64(), plain[k].as_f64()) {
+                (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+                _ => Value::Null,
+            }
+        };
+        rows.push(json!({
+            "rate": rate,
+            "p50_us_delta": diff("p50_us"),
+            "p90_us_delta": diff("p90_us"),
+            "p99_us_delta": diff("p99_us"),
+            "rps_ratio": ratio("rps"),
+            "cpu_per_1000_ratio": ratio("proxy_cpu_s_per_1000_req"),
+        }));
+    }
+    let row = |rate: Option<u32>| rows.iter().find(|r| r["rate"] == json!(rate));
+    let verdict = match (row(Some(1000)), row(None)) {
+        (Some(low), Some(max)) => {
+            let rel = |k: &str, base: &str| -> f64 {
+                let b = at(report, "hms-one-host", Some(1000)).and_then(|v| v[base].as_f64());
+                match (low[k].as_f64(), b) {
+                    (Some(d), Some(b)) if b > 0.0 => d / b,
+                    _ => 0.0,
+                }
+            };
+            let rps = max["rps_ratio"].as_f64().unwrap_or(1.0);
+            let slower =
+                rel("p50_us_delta", "p50_us") > 0.10 || rel("p99_us_delta", "p99_us") > 0.10;
+            if rps >= 1.05 && !slower {
+                "wins in this run"
+            } else if rps <= 0.95 || slower {
+                "loses in this run"
+            } else {
+                "no difference beyond noise in this run"
+            }
+        }
+        _ => "not measured (run the hms-one-host-sk-msg scenario at 1000 rps and max)",
+    };
+    json!({
+        "default": "on when the agent runs inside the redirected cgroup (--sk-msg-bypass=false turns it off; docs/bench.md says why)",
+        "verdict": verdict,
+        "against_hms_one_host": rows,
+    })
 }
 
 /// The targets, judged from this run's numbers.
@@ -1088,13 +1185,6 @@ pub fn markdown(r: &Value) -> String {
     for sc in r["scenarios"].as_array().into_iter().flatten() {
         let name = sc["name"].as_str().unwrap_or("");
         let vs = sc["baseline"].as_str().unwrap_or("");
-        if sc["implemented"] == false {
-            s.push_str(&format!(
-                "| {name} | {vs} | – | {} | | | | | | | | | |\n",
-                sc["note"].as_str().unwrap_or("")
-            ));
-            continue;
-        }
         for rate in sc["rates"].as_array().into_iter().flatten() {
             let added = if rate.get("added_us").is_some() {
                 format!(
@@ -1136,6 +1226,25 @@ pub fn markdown(r: &Value) -> String {
             fmt(&t["measured"], 3),
             t["unit"].as_str().unwrap_or(""),
             t["margin"].as_str().unwrap_or("")
+        ));
+    }
+    let b = &r["sk_msg_bypass"];
+    s.push_str(&format!(
+        "\nsk_msg bypass, default {}: {}.\n",
+        b["default"].as_str().unwrap_or(""),
+        b["verdict"].as_str().unwrap_or("")
+    ));
+    for row in b["against_hms_one_host"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "- at {}: p50 {} µs, p90 {} µs, p99 {} µs against hms-one-host; throughput x{}; CPU per request x{}\n",
+            row["rate"]
+                .as_u64()
+                .map_or("max".to_owned(), |x| format!("{x} rps")),
+            fmt(&row["p50_us_delta"], 0),
+            fmt(&row["p90_us_delta"], 0),
+            fmt(&row["p99_us_delta"], 0),
+            fmt(&row["rps_ratio"], 2),
+            fmt(&row["cpu_per_1000_ratio"], 2),
         ));
     }
     s

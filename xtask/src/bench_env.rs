@@ -314,6 +314,8 @@ pub struct AgentSpec<'a> {
     /// Short directory for the admin socket (sun_path is 108 bytes).
     pub sock_dir: &'a Path,
     pub extra: Vec<String>,
+    /// Run the agent inside `cgroup` (as on the default cgroup v2 root).
+    pub inside_cgroup: bool,
 }
 
 impl Agent {
@@ -339,7 +341,7 @@ impl Agent {
         let place = Place {
             core: Some(SERVER_CORE),
             netns: spec.netns,
-            cgroup: None,
+            cgroup: spec.inside_cgroup.then_some(spec.cgroup),
         };
         let mut cmd = command(&place, &bins.agent)?;
         cmd.arg("run")
@@ -435,6 +437,11 @@ impl Agent {
         std::fs::write(&file, yaml)?;
         self.ctl(&["deploy", &file.display().to_string()])?;
         Ok(())
+    }
+
+    /// `hms-ctl status`'s sk_msg counters (`redirected`, `redirected_bytes`, `passed`).
+    pub fn sk_msg_stats(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self.ctl_json(&["status"])?["sk_msg"].clone())
     }
 
     /// How many of the last 1000 tap events of the bench service have `path`.

@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
-    FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, SockKey, map_names,
-    program_names, sk_msg_stat,
+    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, SockKey,
+    map_names, program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 8] {
+fn expected_maps() -> [ExpectedMap; 9] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -155,6 +155,12 @@ fn expected_maps() -> [ExpectedMap; 8] {
             MapType::PerCpuArray,
             size_of::<u32>(),
             size_of::<u64>(),
+        ),
+        map(
+            map_names::BYPASS_BYTES,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<BypassBytes>(),
         ),
         map(
             map_names::SOCKS,

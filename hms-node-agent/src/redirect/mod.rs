@@ -46,7 +46,8 @@ pub struct RedirectOptions {
     pub dns: SocketAddrV4,
     /// `SO_MARK` of the agent's own sockets, which are never redirected. 0 disables.
     pub skip_mark: u32,
-    /// Carry app <-> proxy bytes through the sk_msg/sockhash bypass (see `hms_sk_msg`).
+    /// Carry app <-> proxy bytes through the sk_msg/sockhash bypass (see `hms_sk_msg`) when
+    /// this agent runs inside `cgroup` (it has no effect otherwise, so it stays off then).
     pub sk_msg_bypass: bool,
 }
 
@@ -88,7 +89,8 @@ pub struct RedirectStatus {
     pub ebpf_logs: bool,
     /// Names of the attached programs, e.g. `hms_connect4`.
     pub programs: Vec<String>,
-    /// Whether sock_ops puts app <-> proxy connections in the sk_msg bypass.
+    /// Whether sock_ops puts app <-> proxy connections in the sk_msg bypass (asked for, and
+    /// the agent runs inside the cgroup).
     pub sk_msg_bypass: bool,
     /// Whether this agent runs inside `cgroup` (the proxy's sockets are then seen by
     /// sock_ops, which the bypass needs).
@@ -117,8 +119,24 @@ impl Redirector {
     /// links (previous agent, crash, restart), adopt them: reuse the pinned maps, update the
     /// config, do not attach a second time.
     pub fn start(opts: &RedirectOptions) -> anyhow::Result<Redirector> {
-        let config = redirect_config(opts)?;
         let cgroup = loader::check_cgroup_dir(&opts.cgroup)?;
+        let agent_in_cgroup = crate::cgroup::v2_root()
+            .and_then(|root| crate::cgroup::cgroup_of_pid(&root, std::process::id()))
+            .is_ok_and(|own| own.starts_with(&opts.cgroup));
+        // The proxy's end of a connection only joins the bypass when sock_ops sees it, i.e.
+        // when the agent runs inside the redirected cgroup; otherwise the app's end alone
+        // would make every send look for a peer that never comes.
+        let sk_msg_bypass = opts.sk_msg_bypass && agent_in_cgroup;
+        if opts.sk_msg_bypass && !agent_in_cgroup {
+            tracing::info!(
+                cgroup = %opts.cgroup.display(),
+                "sk_msg bypass stays off: this agent runs outside the redirected cgroup, so the \
+                 proxy's sockets cannot join it (run the agent inside that cgroup; the default \
+                 cgroup v2 root covers it)"
+            );
+        }
+        let mut config = redirect_config(opts)?;
+        config.sk_msg_bypass = u32::from(sk_msg_bypass);
         let cgroup_id = crate::cgroup::cgroup_id(&opts.cgroup)?;
         loader::prepare_pin_dir(&opts.pin_dir)?;
         // Links without their maps would leave adopted programs writing to maps we cannot
@@ -188,17 +206,6 @@ impl Redirector {
                 .context("map HMS_RINGBUF_DROPS missing from the eBPF object")?,
         )?;
 
-        let agent_in_cgroup = crate::cgroup::v2_root()
-            .and_then(|root| crate::cgroup::cgroup_of_pid(&root, std::process::id()))
-            .is_ok_and(|own| own.starts_with(&opts.cgroup));
-        if opts.sk_msg_bypass && !agent_in_cgroup {
-            tracing::warn!(
-                cgroup = %opts.cgroup.display(),
-                "--sk-msg-bypass is on but this agent runs outside the redirected cgroup: the \
-                 proxy's sockets never join the bypass and every byte still goes through TCP; \
-                 run the agent inside that cgroup (the default cgroup v2 root covers it)"
-            );
-        }
         let sk_msg_stats = PerCpuArray::try_from(
             ebpf.take_map(map_names::SK_MSG_STATS)
                 .context("map HMS_SK_MSG_STATS missing from the eBPF object")?,
@@ -218,7 +225,7 @@ impl Redirector {
                 .map(|h| h.hook.program.to_string())
                 .chain([program_names::SK_MSG.to_string()])
                 .collect(),
-            sk_msg_bypass: opts.sk_msg_bypass,
+            sk_msg_bypass,
             agent_in_cgroup,
             hooks: hooks
                 .iter()
@@ -236,7 +243,7 @@ impl Redirector {
             cgroup = %opts.cgroup.display(),
             pin_dir = %opts.pin_dir.display(),
             adopted,
-            sk_msg_bypass = opts.sk_msg_bypass,
+            sk_msg_bypass,
             "eBPF redirect attached"
         );
         Ok(Redirector {

@@ -66,7 +66,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 8] = [
+pub(crate) const MAPS: [&str; 9] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
@@ -75,6 +75,7 @@ pub(crate) const MAPS: [&str; 8] = [
     map_names::RINGBUF_DROPS,
     map_names::SOCKS,
     map_names::SK_MSG_STATS,
+    map_names::BYPASS_BYTES,
 ];
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
