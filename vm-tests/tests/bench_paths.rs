@@ -1,9 +1,12 @@
 //! `cargo xtask bench` measures the paths it says it measures. Not a timing test: it runs the
-//! real bench binary briefly (direct and hms-one-host, 1 s runs, one repetition, the debug
-//! binaries next to this test) and checks from its JSON that
+//! real bench binary briefly (direct, hms-one-host and hms-one-host-sk-msg, 1 s runs, one
+//! repetition, the debug binaries next to this test) and checks from its JSON that
 //! - every hms-one-host request reached the backend through the HMS proxy (the backend saw
 //!   the proxy's `x-hms-trace-id` on each) and the agent's `hms-ctl tap` shows the run's
 //!   requests;
+//! - in the sk_msg scenario the bypass carried every request and response (the kernel
+//!   program's counters moved by at least two sends per request, none fell back to TCP), and
+//!   in hms-one-host it carried nothing;
 //! - every direct request reached the backend without the proxy, and the agent's tap has none
 //!   of them;
 //! - the bench cleaned up: no cgroup or pin dir of its own is left.
@@ -33,6 +36,7 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
     let bin_dir = xtask.parent().unwrap().to_path_buf();
     let out = Command::new(&xtask)
         .args(["bench", "--quick", "--scenario", "hms-one-host"])
+        .args(["--scenario", "hms-one-host-sk-msg"])
         .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
         .arg(&bin_dir)
         .output()
@@ -42,12 +46,26 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
 
-    let hms = runs(&report, "hms-one-host");
+    let plain = runs(&report, "hms-one-host");
+    let bypass = runs(&report, "hms-one-host-sk-msg");
     let direct = runs(&report, "direct");
+    for r in &plain {
+        assert_eq!(r["sk_msg"]["redirected"], 0, "{r}");
+        assert_eq!(r["sk_msg"]["passed"], 0, "{r}");
+    }
+    for r in &bypass {
+        let completed = r["load"]["completed"].as_u64().unwrap();
+        assert!(
+            r["sk_msg"]["redirected"].as_u64().unwrap() >= 2 * completed,
+            "the bypass carried every request and response: {r}"
+        );
+        assert_eq!(r["sk_msg"]["passed"], 0, "{r}");
+    }
+    let hms: Vec<_> = plain.iter().chain(&bypass).collect();
     // 1000 rps and max, one repetition each.
-    assert_eq!(hms.len(), 2, "{report}");
+    assert_eq!(hms.len(), 4, "{report}");
     assert_eq!(direct.len(), 2, "{report}");
-    for r in &hms {
+    for r in hms {
         let completed = r["load"]["completed"].as_u64().unwrap();
         assert!(completed > 0, "{r}");
         assert!(
