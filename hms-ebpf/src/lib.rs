@@ -29,6 +29,9 @@ pub mod map_names {
     /// `LRU_HASH` [`FlowKey`](super::FlowKey) -> [`BypassBytes`](super::BypassBytes): payload
     /// the bypass carried for a tracked connection, added to its close record.
     pub const BYPASS_BYTES: &str = "HMS_BYPASS_BYTES";
+    /// `LRU_HASH` [`SockKey`](super::SockKey) -> u8: the instance's end of an agent ->
+    /// local instance connection, expected to join the bypass.
+    pub const BYPASS_PENDING: &str = "HMS_BYPASS_PENDING";
 }
 
 /// Names of the programs (the functions in `main.rs`).

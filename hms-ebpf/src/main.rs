@@ -91,6 +91,13 @@ mod programs {
     static HMS_BYPASS_BYTES: LruHashMap<FlowKey, BypassBytes> =
         LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
+    /// Instance-side sockets expected to join the bypass (key: the instance's view of the
+    /// connection), written when the agent's end joins and taken when the instance's end is
+    /// established. LRU: an expected end that never shows up (the instance is outside the
+    /// redirected cgroup) ages out.
+    #[map(name = "HMS_BYPASS_PENDING")]
+    static HMS_BYPASS_PENDING: LruHashMap<SockKey, u8> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
     /// What `hms_sk_msg` did, per CPU (`sk_msg_stat` indices).
     #[map(name = "HMS_SK_MSG_STATS")]
     static HMS_SK_MSG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sk_msg_stat::COUNT, 0);
@@ -307,6 +314,7 @@ mod programs {
         let cookie = sock_ops_cookie(ctx);
         // SAFETY: copied out immediately (see restore_reply_source).
         let Some(orig) = (unsafe { HMS_ORIG_BY_COOKIE.get(cookie) }) else {
+            join_instance_leg(ctx);
             return;
         };
         let orig = *orig;
@@ -342,10 +350,53 @@ mod programs {
     #[inline(always)]
     fn on_proxy_accepted(ctx: &SockOpsContext) {
         let Some(cfg) = config() else { return };
-        let local_ip = byte_order::ip_from_kernel(ctx.local_ip4());
-        let local_port = byte_order::sock_ops_local_port(ctx.local_port());
-        if local_ip == cfg.outbound_ip && local_port == cfg.outbound_port {
+        let key = sock_key(ctx);
+        if key.local_ip == cfg.outbound_ip && key.local_port == cfg.outbound_port {
             join_bypass(ctx);
+        } else if HMS_BYPASS_PENDING.get_ptr(&key).is_some() {
+            // The instance's end of an agent -> instance connection (see join_instance_leg).
+            let _ = HMS_BYPASS_PENDING.remove(&key);
+            join_bypass(ctx);
+        }
+    }
+
+    /// The agent's own connection to an instance on this host: the agent marks those sockets
+    /// with `skip_mark`. Its end joins the bypass, and the instance's end is expected: on
+    /// loopback the instance's passive-established callback runs right after this one, before
+    /// the agent can send, and finds its key in `HMS_BYPASS_PENDING`. Only seen when the agent
+    /// runs in the redirected cgroup; the instance's end only when the instance does too.
+    #[inline(always)]
+    fn join_instance_leg(ctx: &SockOpsContext) {
+        let Some(cfg) = config() else { return };
+        if cfg.sk_msg_bypass == 0 || cfg.skip_mark == 0 {
+            return;
+        }
+        // SAFETY: `sk` is the ctx's socket pointer (null unless it is a full socket); `mark` is
+        // a readable u32 of it.
+        let mark = unsafe {
+            let sk = (*ctx.ops).__bindgen_anon_2.sk;
+            if sk.is_null() {
+                return;
+            }
+            core::ptr::read_volatile(&(*sk).mark)
+        };
+        let key = sock_key(ctx);
+        // 127.0.0.0/8: an instance on this host (other hosts are reached through tunnels).
+        if mark != cfg.skip_mark || key.remote_ip >> 24 != 127 {
+            return;
+        }
+        if join_bypass(ctx) {
+            let _ = HMS_BYPASS_PENDING.insert(key.peer(), 0, 0);
+        }
+    }
+
+    #[inline(always)]
+    fn sock_key(ctx: &SockOpsContext) -> SockKey {
+        SockKey {
+            local_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
+            remote_ip: byte_order::ip_from_kernel(ctx.remote_ip4()),
+            local_port: byte_order::sock_ops_local_port(ctx.local_port()),
+            remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
         }
     }
 
@@ -357,12 +408,7 @@ mod programs {
             Some(cfg) if cfg.sk_msg_bypass != 0 => {}
             _ => return false,
         }
-        let key = SockKey {
-            local_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
-            remote_ip: byte_order::ip_from_kernel(ctx.remote_ip4()),
-            local_port: byte_order::sock_ops_local_port(ctx.local_port()),
-            remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
-        };
+        let key = sock_key(ctx);
         // SAFETY: `ops` is this invocation's valid context, which the helper takes as is.
         let ops = unsafe { &mut *ctx.ops };
         HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0).is_ok()

@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 9] {
+fn expected_maps() -> [ExpectedMap; 10] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -161,6 +161,12 @@ fn expected_maps() -> [ExpectedMap; 9] {
             MapType::LruHash,
             size_of::<FlowKey>(),
             size_of::<BypassBytes>(),
+        ),
+        map(
+            map_names::BYPASS_PENDING,
+            MapType::LruHash,
+            size_of::<SockKey>(),
+            size_of::<u8>(),
         ),
         map(
             map_names::SOCKS,

@@ -66,7 +66,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 9] = [
+pub(crate) const MAPS: [&str; 10] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
@@ -76,6 +76,7 @@ pub(crate) const MAPS: [&str; 9] = [
     map_names::SOCKS,
     map_names::SK_MSG_STATS,
     map_names::BYPASS_BYTES,
+    map_names::BYPASS_PENDING,
 ];
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
