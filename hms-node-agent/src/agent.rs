@@ -87,6 +87,7 @@ pub async fn run(
         admin::bind_socket(&config.admin_socket, config.takeover).await?;
     let handed_over_to_successor = socket_file.handed_over.clone();
 
+    crate::own_socket::set_mark(config.dns_mark);
     let redirector = Arc::new(
         Redirector::start(&RedirectOptions {
             cgroup: config.cgroup.clone(),

@@ -65,7 +65,8 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
     pub registry: Option<RegistryUrl>,
-    /// SO_MARK of the agent's own DNS upstream sockets [default: 0x4853].
+    /// SO_MARK of the agent's own sockets: DNS upstream (the port-53 hooks skip it) and
+    /// connections to local instances (they join the sk_msg bypass) [default: 0x4853].
     #[arg(long, value_parser = parse_u32_auto)]
     pub dns_mark: Option<u32>,
     /// SPIFFE trust domain of the mesh's CA [default: the registry's CA, else `hms.local`].

@@ -188,7 +188,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "dns-mark",
-        doc: "SO_MARK of the agent's own DNS upstream sockets; the port-53 hooks skip it.",
+        doc: "SO_MARK of the agent's own sockets (DNS upstream, local instances); the port-53 hooks skip it.",
         default: "0x4853",
     },
     Key {

@@ -21,6 +21,7 @@
 //! | `tunnel` | cross-host transport: the :15008 inbound listener and the pool of HTTP/2 CONNECT-over-mTLS connections to peer agents |
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
+//! | `own_socket` | the agent's own (marked) connections to instances on this host |
 //! | `agent` | starting and stopping all of the above |
 //! | `probe` | kernel feature checks at start and `hms-node-agent probe` |
 //! | `install` | `install`/`uninstall`: binaries, /etc/hms/agent.yaml, systemd units |
@@ -41,6 +42,7 @@ pub mod mesh_node;
 pub mod metrics;
 pub mod metrics_state;
 pub mod original_dst;
+pub mod own_socket;
 pub mod probe;
 pub mod proxy;
 pub mod redirect;

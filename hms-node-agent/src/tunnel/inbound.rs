@@ -279,7 +279,9 @@ impl<P: InboundPolicy> InboundServer<P> {
             return refused(&self, Refusal::CONNECT_FAILED, message);
         }
         let upstream =
-            match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(instance)).await {
+            match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, crate::own_socket::connect(instance))
+                .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let message = format!("hms: connecting to {} failed: {e}", request.target);

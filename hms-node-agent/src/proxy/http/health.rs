@@ -11,7 +11,6 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use super::HttpProxy;
 use crate::drain::Drain;
@@ -57,7 +56,7 @@ pub async fn run(proxy: Arc<HttpProxy>, drain: Drain) {
 /// One probe: `tcp` connects; a path sends `GET path` over a fresh HTTP/1.1 connection.
 pub async fn probe(addr: SocketAddrV4, check: &str) -> bool {
     let work = async {
-        let stream = TcpStream::connect(addr).await.ok()?;
+        let stream = crate::own_socket::connect(addr).await.ok()?;
         if check == "tcp" {
             return Some(true);
         }

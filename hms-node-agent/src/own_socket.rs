@@ -1,0 +1,60 @@
+//! Connections the agent itself opens to service instances on this host. They carry the
+//! agent's socket mark (`--dns-mark`), which does two things: the port-53 hooks skip marked
+//! sockets (an instance listening on port 53 is dialled, not turned back into the agent's own
+//! DNS responder when the agent runs inside the redirected cgroup), and sock_ops recognises the
+//! agent's end of an agent -> instance connection, which then joins the sk_msg bypass.
+//!
+//! The mark is one process-wide value fixed at start (`set_mark`), read by every place that
+//! dials an instance (the HTTP pool, opaque TCP, tunnels from other hosts, health checks);
+//! a global avoids threading it through each of their constructors.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+static MARK: AtomicU32 = AtomicU32::new(0);
+
+/// Called once at start; 0 leaves sockets unmarked.
+pub fn set_mark(mark: u32) {
+    MARK.store(mark, Ordering::Relaxed);
+}
+
+/// Connects to an instance, with the agent's mark on the socket. A mark the kernel refuses
+/// (no CAP_NET_ADMIN) only costs the bypass of this connection, so it is not an error.
+pub async fn connect(addr: impl Into<SocketAddr>) -> std::io::Result<TcpStream> {
+    let addr = addr.into();
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let mark = MARK.load(Ordering::Relaxed);
+    if mark != 0
+        && let Err(e) = SockRef::from(&sock).set_mark(mark)
+    {
+        tracing::debug!(%addr, "SO_MARK on an instance connection refused: {e}");
+    }
+    sock.connect(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connects_with_the_mark_when_allowed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        set_mark(0x4853);
+        let stream = connect(addr).await.expect("connect");
+        let mark = SockRef::from(&stream).mark().unwrap_or(0);
+        // Root (CAP_NET_ADMIN) gets the mark; elsewhere the connection still works.
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(mark, 0x4853);
+        }
+        set_mark(0);
+    }
+}
