@@ -101,6 +101,12 @@ pub async fn run(
         })
         .context("setting up the eBPF redirect")?,
     );
+    if redirector.describe().sk_msg_bypass {
+        let r = redirector.clone();
+        crate::own_socket::on_connected(Box::new(move |local, instance| {
+            r.settle_instance_leg(local, instance)
+        }));
+    }
     let described = redirector.describe();
     let redirect_info = RedirectInfo {
         cgroup: config.cgroup.display().to_string(),

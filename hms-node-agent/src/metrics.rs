@@ -4,7 +4,7 @@
 //! connections) are read at scrape time by [`StateCollector`] instead of being copied on
 //! every event. Never blocks the data path: a scrape only takes short locks.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -158,6 +158,61 @@ impl Metrics {
     }
 }
 
+/// The series [`Metrics::record_request`] would update for one caller and service, looked up
+/// once and then kept (series are never removed from their family, so a kept handle counts
+/// into the exported series): a connection's caller and service never change, and hashing
+/// freshly built labels on every request cost more than the counting.
+#[derive(Debug)]
+pub struct EdgeSeries {
+    source: String,
+    destination: String,
+    /// By status / 100 (hyper's status codes are 100..=999).
+    requests: [OnceLock<Counter>; 10],
+    duration: OnceLock<Histogram>,
+}
+
+impl EdgeSeries {
+    /// Nothing is looked up (or created in a family) before the first request.
+    pub fn new(source: &str, destination: &str) -> EdgeSeries {
+        EdgeSeries {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            requests: Default::default(),
+            duration: OnceLock::new(),
+        }
+    }
+
+    /// The same update as [`Metrics::record_request`]; a series appears in the family on its
+    /// first request, as it does there.
+    pub fn record(&self, metrics: &Metrics, status: u16, started: Instant) {
+        let class = usize::from(status / 100);
+        let Some(cell) = self.requests.get(class) else {
+            return metrics.record_request(&self.source, &self.destination, status, started);
+        };
+        cell.get_or_init(|| {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    source: self.source.clone(),
+                    destination: self.destination.clone(),
+                    status_class: format!("{class}xx"),
+                })
+                .clone()
+        })
+        .inc();
+        self.duration
+            .get_or_init(|| {
+                metrics
+                    .request_duration
+                    .get_or_create(&DestinationLabels {
+                        destination: self.destination.clone(),
+                    })
+                    .clone()
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
 /// A value read at scrape time.
 pub type Reading = Box<dyn Fn() -> u64 + Send + Sync>;
 
@@ -287,5 +342,36 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_edge_series_count_like_record_request() {
+        let by_labels = Metrics::new();
+        let kept = Metrics::new();
+        let edge = EdgeSeries::new("host", "svc");
+        let t = Instant::now();
+        for status in [200, 204, 503, 200, 101, 999] {
+            by_labels.record_request("host", "svc", status, t);
+            edge.record(&kept, status, t);
+        }
+        let counts = |m: &Metrics| {
+            m.render()
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("hms_requests_total") || l.contains("_count"))
+                .map(str::to_owned)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(counts(&kept), counts(&by_labels));
+        assert!(
+            counts(&kept)
+                .iter()
+                .any(|l| l.contains("2xx") && l.ends_with(" 3"))
+        );
     }
 }

@@ -8,13 +8,24 @@
 //! dials an instance (the HTTP pool, opaque TCP, tunnels from other hosts, health checks);
 //! a global avoids threading it through each of their constructors.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
 static MARK: AtomicU32 = AtomicU32::new(0);
+
+/// Told of every connection made here (local address, instance), so the redirect can take a
+/// one-sided socket back out of the sk_msg bypass (`Redirector::settle_instance_leg`).
+type Settle = Box<dyn Fn(SocketAddrV4, SocketAddrV4) + Send + Sync>;
+static SETTLE: OnceLock<Settle> = OnceLock::new();
+
+/// Called once at start, when the bypass is on.
+pub fn on_connected(settle: Settle) {
+    let _ = SETTLE.set(settle);
+}
 
 /// Called once at start; 0 leaves sockets unmarked.
 pub fn set_mark(mark: u32) {
@@ -35,7 +46,13 @@ pub async fn connect(addr: impl Into<SocketAddr>) -> std::io::Result<TcpStream> 
     {
         tracing::debug!(%addr, "SO_MARK on an instance connection refused: {e}");
     }
-    sock.connect(addr).await
+    let stream = sock.connect(addr).await?;
+    if let (Some(settle), SocketAddr::V4(instance), Ok(SocketAddr::V4(local))) =
+        (SETTLE.get(), addr, stream.local_addr())
+    {
+        settle(local, instance);
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]

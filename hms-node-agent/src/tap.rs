@@ -5,10 +5,11 @@
 //! loses events and is told how many; a full ring drops its oldest event.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hms_ctl::api::{TapEvent, TapFilter};
+use hms_ctl::api::{TapEvent, TapFilter, TapKind};
 use tokio::sync::mpsc;
 
 /// Recent events kept per service.
@@ -34,9 +35,126 @@ struct Subscriber {
 /// record for them arrives; bounded in case close records are lost.
 const MAX_HTTP_FLOWS: usize = 65536;
 
+/// An event as the hub keeps it. HTTP exchanges stay in the compact form the proxy captured
+/// them in and become a [`TapEvent`] only when a tap reads them: most are never read, and the
+/// proxy publishes one per request.
+enum Recorded {
+    Http(HttpTap),
+    Event(TapEvent),
+}
+
+impl Recorded {
+    fn to_event(&self) -> TapEvent {
+        match self {
+            Recorded::Http(h) => h.to_event(),
+            Recorded::Event(e) => e.clone(),
+        }
+    }
+
+    fn parties(&self) -> (&str, &str) {
+        match self {
+            Recorded::Http(h) => (&h.caller, &h.callee),
+            Recorded::Event(e) => (&e.caller, &e.callee),
+        }
+    }
+}
+
+/// One HTTP exchange as the proxy records it.
+pub struct HttpTap {
+    pub time_unix_ms: u64,
+    pub caller: Arc<str>,
+    pub caller_process: Arc<str>,
+    pub callee: Arc<str>,
+    pub method: hyper::Method,
+    pub authority: Option<Box<str>>,
+    pub path: Box<str>,
+    pub status: u16,
+    pub latency_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub retries: u32,
+    pub upstream: Option<SocketAddrV4>,
+    pub trace_id: Box<str>,
+    pub mesh_error: Option<&'static str>,
+    pub headers: TapHeaders,
+}
+
+impl HttpTap {
+    pub fn to_event(&self) -> TapEvent {
+        TapEvent {
+            time_unix_ms: self.time_unix_ms,
+            kind: TapKind::Http,
+            caller: self.caller.to_string(),
+            caller_process: self.caller_process.to_string(),
+            callee: self.callee.to_string(),
+            method: Some(self.method.as_str().to_owned()),
+            authority: self.authority.as_deref().map(str::to_owned),
+            path: Some(self.path.to_string()),
+            status: Some(self.status),
+            latency_ms: self.latency_ms,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            retries: self.retries,
+            upstream: self.upstream.map(|a| a.to_string()),
+            trace_id: Some(self.trace_id.to_string()),
+            mesh_error: self.mesh_error.map(str::to_owned),
+            headers: self.headers.to_pairs(),
+            rtt_us: None,
+            retransmits: None,
+            connect_ms: None,
+        }
+    }
+}
+
+/// Request headers as a tap keeps them: bounded in number and size, sensitive values
+/// redacted at capture so they never reach memory a tap reader can see. Packed into one
+/// buffer (names and values back to back, with their end offsets) because every request is
+/// captured and a string per name and value was most of the proxy's allocations.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TapHeaders {
+    text: String,
+    /// End offsets in `text`: name, value, name, value...
+    ends: Vec<u32>,
+}
+
+impl TapHeaders {
+    /// Headers past this many are not kept.
+    pub const MAX_HEADERS: usize = 32;
+
+    pub fn capture(headers: &hyper::HeaderMap) -> TapHeaders {
+        let kept = || headers.iter().take(Self::MAX_HEADERS);
+        let size: usize = kept()
+            .map(|(k, v)| k.as_str().len() + v.len().min(MAX_HEADER_VALUE) + 3)
+            .sum();
+        let mut text = String::with_capacity(size);
+        let mut ends = Vec::with_capacity(2 * kept().count());
+        for (k, v) in kept() {
+            text.push_str(k.as_str());
+            ends.push(text.len() as u32);
+            push_tap_header_value(&mut text, k.as_str(), v.as_bytes());
+            ends.push(text.len() as u32);
+        }
+        TapHeaders { text, ends }
+    }
+
+    pub fn to_pairs(&self) -> Vec<(String, String)> {
+        let mut start = 0;
+        let mut parts = self.ends.iter().map(|&end| {
+            let part = &self.text[start..end as usize];
+            start = end as usize;
+            part.to_owned()
+        });
+        let mut pairs = Vec::with_capacity(self.ends.len() / 2);
+        while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+            pairs.push((name, value));
+        }
+        pairs
+    }
+}
+
 #[derive(Default)]
 pub struct TapHub {
-    recent: Mutex<HashMap<String, VecDeque<Arc<TapEvent>>>>,
+    recent: Mutex<HashMap<String, VecDeque<Arc<Recorded>>>>,
     http_flows: Mutex<std::collections::HashSet<std::net::SocketAddrV4>>,
     subscribers: Mutex<Vec<Subscriber>>,
     /// Events all subscribers together lost, for metrics.
@@ -52,23 +170,42 @@ pub struct Subscription {
 
 impl TapHub {
     pub fn publish(&self, event: TapEvent) {
+        self.record(Recorded::Event(event));
+    }
+
+    /// Publishes one HTTP exchange; it is turned into a [`TapEvent`] only for the live
+    /// subscribers it matches, or when a tap reads the ring.
+    pub fn publish_http(&self, event: HttpTap) {
+        self.record(Recorded::Http(event));
+    }
+
+    fn record(&self, event: Recorded) {
         self.published_total.fetch_add(1, Ordering::Relaxed);
         let event = Arc::new(event);
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             let mut push = |svc: &str| {
-                let ring = recent.entry(svc.to_string()).or_default();
+                // Known services find their ring without allocating the key.
+                let ring = match recent.get_mut(svc) {
+                    Some(ring) => ring,
+                    None => recent.entry(svc.to_string()).or_default(),
+                };
                 if ring.len() == RING_PER_SERVICE {
                     ring.pop_front();
                 }
                 ring.push_back(event.clone());
             };
-            push(&event.callee);
-            if event.caller != event.callee {
-                push(&event.caller);
+            let (caller, callee) = event.parties();
+            push(callee);
+            if caller != callee {
+                push(caller);
             }
         }
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        if subs.is_empty() {
+            return;
+        }
+        let event = Arc::new(event.to_event());
         subs.retain(|s| {
             if !s.filter.matches(&event) {
                 return !s.tx.is_closed();
@@ -94,9 +231,10 @@ impl TapHub {
         let mut out: Vec<Arc<TapEvent>> = ring
             .iter()
             .rev()
+            .map(|e| e.to_event())
             .filter(|e| filter.matches(e))
             .take(n)
-            .cloned()
+            .map(Arc::new)
             .collect();
         out.reverse();
         out
@@ -141,17 +279,26 @@ impl TapHub {
     }
 }
 
+/// Longest header value a tap shows; longer ones are cut and end in `…`.
+const MAX_HEADER_VALUE: usize = 256;
+
 /// A header value as a tap may show it.
 pub fn tap_header_value(name: &str, value: &[u8]) -> String {
+    let mut out = String::new();
+    push_tap_header_value(&mut out, name, value);
+    out
+}
+
+fn push_tap_header_value(out: &mut String, name: &str, value: &[u8]) {
     if REDACTED_HEADERS.contains(&name) {
-        return "[redacted]".into();
+        out.push_str("[redacted]");
+        return;
     }
-    const MAX: usize = 256;
-    let text = String::from_utf8_lossy(&value[..value.len().min(MAX)]).into_owned();
-    if value.len() > MAX {
-        format!("{text}…")
-    } else {
-        text
+    out.push_str(&String::from_utf8_lossy(
+        &value[..value.len().min(MAX_HEADER_VALUE)],
+    ));
+    if value.len() > MAX_HEADER_VALUE {
+        out.push('…');
     }
 }
 
@@ -235,6 +382,38 @@ mod tests {
         drop(sub);
         hub.publish(event("host", "a", 200, "/"));
         assert_eq!(hub.subscriber_count(), 0, "closed subscribers are dropped");
+    }
+
+    #[test]
+    fn captured_headers_come_back_as_pairs_with_secrets_redacted() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("authorization", "Bearer x".parse().unwrap());
+        h.append("x-request-id", "abc".parse().unwrap());
+        h.append("x-request-id", "".parse().unwrap());
+        h.insert("x-long", "v".repeat(300).parse().unwrap());
+        for i in 0..40 {
+            h.insert(
+                hyper::header::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+        }
+        let pairs = TapHeaders::capture(&h).to_pairs();
+        let expected: Vec<(String, String)> = h
+            .iter()
+            .take(TapHeaders::MAX_HEADERS)
+            .map(|(k, v)| (k.to_string(), tap_header_value(k.as_str(), v.as_bytes())))
+            .collect();
+        assert_eq!(pairs, expected);
+        assert_eq!(pairs.len(), TapHeaders::MAX_HEADERS);
+        assert!(pairs.contains(&("authorization".into(), "[redacted]".into())));
+        assert!(pairs.contains(&("x-request-id".into(), String::new())));
+        let long = &pairs.iter().find(|(k, _)| k == "x-long").unwrap().1;
+        assert_eq!(long, &format!("{}…", "v".repeat(256)));
+        assert!(
+            TapHeaders::capture(&hyper::HeaderMap::new())
+                .to_pairs()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -272,3 +272,56 @@ fn cleanup_leaves_no_sk_msg_program_or_sockhash() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_instance_in_the_cgroup_is_reached_through_the_bypass_too() {
+    let cg = TestCgroup::new("skmsg-inst").expect("test cgroup");
+    let agent = TestAgent::start_inside(cg.path(), vec![]).expect("agent");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let page = payload(256 << 10);
+    std::fs::write(dir.path().join("page"), &page).expect("write page");
+    // An instance inside the redirected cgroup: both legs (app <-> proxy, proxy <-> instance)
+    // can skip TCP.
+    let port = vm_tests::ports::free_port();
+    let mut server = cg
+        .command("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "http.server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.deploy("page-svc", port).expect("deploy");
+    let before = sk_msg_status(&agent);
+    let o = cg
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "http://page-svc.svc/page"])
+        .output()
+        .expect("curl");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout == page, "the page came back altered");
+    let after = sk_msg_status(&agent);
+    let moved = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    // The page crossed both legs: at least twice its size went through the bypass.
+    assert!(
+        moved("redirected_bytes") >= 2 * page.len() as u64,
+        "before {before}, after {after}"
+    );
+    assert_eq!(moved("passed"), 0, "before {before}, after {after}");
+}

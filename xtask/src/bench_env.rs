@@ -643,10 +643,20 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// VmHWM (peak resident set) of `pid` in MB (MiB).
 pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// Resident memory now (`VmRSS`): what the process holds while serving, without the
+/// start-up transient that `VmHWM` keeps.
+pub fn rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
         .next()?
         .parse()

@@ -24,8 +24,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
-use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, map_names, program_names, sk_msg_stat};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
+use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, SockKey, map_names, program_names, sk_msg_stat};
 use serde::{Deserialize, Serialize};
 
 pub use flows::{EndedBy, FlowKind, FlowReader, FlowRecord};
@@ -60,7 +60,15 @@ pub struct Redirector {
     flow_events: Mutex<Option<RingBuf<MapData>>>,
     ringbuf_drops: Mutex<PerCpuArray<MapData, u64>>,
     sk_msg_stats: Mutex<PerCpuArray<MapData, u64>>,
+    /// `HMS_SOCKS` and `HMS_BYPASS_PENDING`, for [`Redirector::settle_instance_leg`].
+    instance_leg: Option<Mutex<InstanceLeg>>,
     _log_drain: Option<loader::LogDrain>,
+}
+
+/// The maps `settle_instance_leg` works on.
+struct InstanceLeg {
+    socks: SockHash<MapData, SockKey>,
+    pending: HashMap<MapData, SockKey, u8>,
 }
 
 /// Counters of the sk_msg bypass (`HMS_SK_MSG_STATS`).
@@ -210,6 +218,20 @@ impl Redirector {
             ebpf.take_map(map_names::SK_MSG_STATS)
                 .context("map HMS_SK_MSG_STATS missing from the eBPF object")?,
         )?;
+        let instance_leg = if sk_msg_bypass {
+            Some(Mutex::new(InstanceLeg {
+                socks: SockHash::try_from(
+                    ebpf.take_map(map_names::SOCKS)
+                        .context("map HMS_SOCKS missing from the eBPF object")?,
+                )?,
+                pending: HashMap::try_from(
+                    ebpf.take_map(map_names::BYPASS_PENDING)
+                        .context("map HMS_BYPASS_PENDING missing from the eBPF object")?,
+                )?,
+            }))
+        } else {
+            None
+        };
 
         let status = RedirectStatus {
             cgroup: opts.cgroup.clone(),
@@ -253,6 +275,7 @@ impl Redirector {
             flow_events: Mutex::new(Some(flow_events)),
             ringbuf_drops: Mutex::new(ringbuf_drops),
             sk_msg_stats: Mutex::new(sk_msg_stats),
+            instance_leg,
             _log_drain: log_drain,
         })
     }
@@ -351,6 +374,31 @@ impl Redirector {
             redirected: read(sk_msg_stat::REDIRECTED),
             redirected_bytes: read(sk_msg_stat::REDIRECTED_BYTES),
             passed: read(sk_msg_stat::PASSED),
+        }
+    }
+
+    /// Right after the agent connected to an instance on this host (`local` -> `instance`):
+    /// sock_ops put the agent's end in the bypass and expected the instance's end, which on
+    /// loopback joins before `connect()` returns, if the instance runs in the redirected
+    /// cgroup. If it is still expected, it never will be: take the agent's end out again, so
+    /// its sends go straight to TCP instead of looking for a peer each time.
+    pub fn settle_instance_leg(&self, local: SocketAddrV4, instance: SocketAddrV4) {
+        let Some(leg) = &self.instance_leg else {
+            return;
+        };
+        let ours = SockKey {
+            local_ip: u32::from(*local.ip()),
+            remote_ip: u32::from(*instance.ip()),
+            local_port: local.port(),
+            remote_port: instance.port(),
+        };
+        let theirs = ours.peer();
+        let mut leg = leg.lock().unwrap_or_else(|p| p.into_inner());
+        if leg.pending.get(&theirs, 0).is_ok() {
+            let _ = leg.pending.remove(&theirs);
+            if let Err(e) = leg.socks.remove(&ours) {
+                tracing::debug!(error = %e, %local, %instance, "taking a one-sided socket out of the bypass");
+            }
         }
     }
 

@@ -38,16 +38,16 @@ use tokio::net::TcpStream;
 use hms_ctl::api::ServiceInfo;
 use hms_ctl::spec::{RouteSpec, ServiceSpec};
 
-use crate::registry::Store;
+use crate::registry::{Snapshot, Store};
 use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
 use crate::resilience::retry::{self, AttemptOutcome, RetryBackoff, RetryRequest, RetryVerdict};
 use crate::resilience::trace;
 use body::{ObservedBody, ProxyBody, tee};
-use hms_ctl::api::{TapEvent, TapKind};
+use smallvec::SmallVec;
 
-use crate::metrics::{DestinationLabels, EdgeLabels, Metrics};
-use crate::tap::TapHub;
+use crate::metrics::{DestinationLabels, EdgeLabels, EdgeSeries, Metrics};
+use crate::tap::{HttpTap, TapHeaders, TapHub};
 use errors::MeshError;
 use state::ServiceStates;
 use upstream::{UpstreamPool, Version};
@@ -139,14 +139,15 @@ impl HttpProxy {
     ) {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        let ds = Arc::new(downstream);
+        let conn = Arc::new(Conn::new(downstream));
         let this = self.clone();
-        let ds2 = ds.clone();
+        let conn2 = conn.clone();
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
-            let ds = ds2.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &ds).await) }
+            let conn = conn2.clone();
+            async move { Ok::<_, Infallible>(this.handle(req, conn).await) }
         });
+        let ds = &conn.ds;
         let result = match version {
             Version::Http1 => {
                 hyper::server::conn::http1::Builder::new()
@@ -180,54 +181,63 @@ impl HttpProxy {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, ds: &Downstream) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+        let ds = &conn.ds;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let grpc = retry::is_grpc(req.headers());
         let trace_id = trace::ensure_trace_id(req.headers_mut());
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-            req.headers()
+        // Copied, not kept: the request's own strings share hyper's read buffer, which a
+        // tap ring would then hold on to.
+        let path: Box<str> = req.uri().path().into();
+        let authority: Option<Box<str>> = match req.uri().authority() {
+            Some(a) => Some(a.as_str().into()),
+            None => req
+                .headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
-        let headers = tap_headers(req.headers());
+                .map(Into::into),
+        };
+        let headers = TapHeaders::capture(req.headers());
         let mut exchange = Exchange {
             grpc,
-            trace_id: trace_id.as_str().to_string(),
             ..Default::default()
         };
         let snapshot = self.store.snapshot();
         let result = match snapshot.service(&ds.service) {
             None => Err(MeshError::NoEndpoint),
-            Some(svc) => self.decide_and_forward(req, svc, ds, &mut exchange).await,
-        };
-        let caller = ds.caller.to_string();
-        let destination = EdgeLabels {
-            source: caller.clone(),
-            destination: ds.service.clone(),
+            Some(svc) => {
+                let trace_id = trace_id.as_str();
+                self.decide_and_forward(req, svc, &snapshot, &conn, trace_id, &mut exchange)
+                    .await
+            }
         };
         let (mut resp, mesh_error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => {
                 self.stats.mesh_errors.fetch_add(1, Ordering::Relaxed);
-                let dest = DestinationLabels {
+                let dest = || DestinationLabels {
                     destination: ds.service.clone(),
                 };
                 match e {
                     MeshError::Denied => {
                         self.stats.denied.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.denied.get_or_create(&destination).inc();
+                        self.metrics
+                            .denied
+                            .get_or_create(&EdgeLabels {
+                                source: conn.caller.to_string(),
+                                destination: ds.service.clone(),
+                            })
+                            .inc();
                     }
                     MeshError::RateLimited { .. } => {
                         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.rate_limited.get_or_create(&dest).inc();
+                        self.metrics.rate_limited.get_or_create(&dest()).inc();
                     }
                     MeshError::Timeout => {
                         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.timeouts.get_or_create(&dest).inc();
+                        self.metrics.timeouts.get_or_create(&dest()).inc();
                     }
                     _ => {}
                 };
@@ -236,7 +246,7 @@ impl HttpProxy {
                     process = %ds.caller_process, %method, %path,
                     "mesh answered {}: {}", e.status().as_u16(), e.reason()
                 );
-                (e.response(&ds.service, grpc), Some(e.reason().to_string()))
+                (e.response(&ds.service, grpc), Some(e.reason()))
             }
         };
         if exchange.retries > 0 {
@@ -256,27 +266,23 @@ impl HttpProxy {
             "request"
         );
         // The event is completed and published when the response body has been sent.
-        let mut event = TapEvent {
+        let mut event = HttpTap {
             time_unix_ms: 0,
-            kind: TapKind::Http,
-            caller,
-            caller_process: ds.caller_process.clone(),
-            callee: ds.service.clone(),
-            method: Some(method.to_string()),
+            caller: conn.caller.clone(),
+            caller_process: conn.caller_process.clone(),
+            callee: conn.callee.clone(),
+            method,
             authority,
-            path: Some(path),
-            status: Some(status),
+            path,
+            status,
             latency_ms: 0.0,
             request_bytes: 0,
             response_bytes: 0,
             retries: exchange.retries,
-            upstream: exchange.upstream.map(|a| a.to_string()),
-            trace_id: Some(trace_id.as_str().to_string()),
+            upstream: exchange.upstream,
+            trace_id: trace_id.as_str().into(),
             mesh_error,
             headers,
-            rtt_us: None,
-            retransmits: None,
-            connect_ms: None,
         };
         let tap = self.tap.clone();
         let metrics = self.metrics.clone();
@@ -287,8 +293,8 @@ impl HttpProxy {
             event.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             event.response_bytes = response_bytes;
             event.request_bytes = replay.map_or(0, |r| r.bytes_seen());
-            metrics.record_request(&event.caller, &event.callee, status, started);
-            tap.publish(event);
+            conn.series.record(&metrics, status, started);
+            tap.publish_http(event);
         });
         Response::from_parts(parts, body.boxed())
     }
@@ -297,12 +303,13 @@ impl HttpProxy {
         &self,
         req: Request<Incoming>,
         svc: &ServiceInfo,
-        ds: &Downstream,
+        snapshot: &Snapshot,
+        conn: &Conn,
+        trace_id: &str,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, MeshError> {
-        let trace_id = exchange.trace_id.clone();
-        let trace_id = trace_id.as_str();
-        let state = self.states.get(svc, &self.store.snapshot());
+        let ds = &conn.ds;
+        let state = self.states.get(svc, snapshot);
         // Access policy and rate limits belong to the host where the service lives: with no
         // instance here, the destination's agent decides (and we pass on its answer).
         let here = state.endpoints.has_local();
@@ -324,7 +331,7 @@ impl HttpProxy {
         let route = RouteSettings::for_path(&svc.spec, req.uri().path());
         let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
         exchange.deadline = deadline;
-        let work = self.forward(req, svc, &state, route, ds, exchange);
+        let work = self.forward(req, svc, &state, route, conn, trace_id, exchange);
         match deadline {
             None => work.await,
             // `forward` stops each attempt at the deadline itself (so the instance is charged
@@ -335,13 +342,15 @@ impl HttpProxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         req: Request<Incoming>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
         route: RouteSettings,
-        ds: &Downstream,
+        conn: &Conn,
+        trace_id: &str,
         exchange: &mut Exchange,
     ) -> Result<Response<ProxyBody>, MeshError> {
         let RouteSettings {
@@ -349,14 +358,12 @@ impl HttpProxy {
         } = route;
         let deadline = exchange.deadline;
         let grpc = exchange.grpc;
-        let trace_id = exchange.trace_id.clone();
-        let trace_id = trace_id.as_str();
         let version = match req.version() {
             hyper::Version::HTTP_2 => Version::Http2,
             _ => Version::Http1,
         };
         if version == Version::Http1 && is_upgrade(req.headers()) {
-            return self.forward_upgrade(req, svc, state, ds).await;
+            return self.forward_upgrade(req, svc, state, conn).await;
         }
         let (parts, incoming) = req.into_parts();
         let (tee_body, replay) = tee(incoming);
@@ -365,7 +372,7 @@ impl HttpProxy {
         let endpoints = &state.endpoints;
         state.budget.deposit(Instant::now());
         let mut attempt: u32 = 0;
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         let mut last_error = MeshError::NoEndpoint;
         loop {
             let now = Instant::now();
@@ -396,10 +403,9 @@ impl HttpProxy {
             let in_flight = endpoints.balancer.start(idx, now);
             // Connect before giving the body away: a failed connect sent nothing, so the
             // untouched body is still there for the next instance.
-            let caller = ds.caller.to_string();
             let checkout = self
                 .pool
-                .checkout(addr, via, &svc.spec.name, &caller, version, true)
+                .checkout(addr, via, &svc.spec.name, &conn.caller, version, true)
                 .await;
             let outcome = match checkout {
                 Err(upstream::ConnectError::Refused {
@@ -561,7 +567,7 @@ impl HttpProxy {
         mut req: Request<Incoming>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
-        ds: &Downstream,
+        conn: &Conn,
     ) -> Result<Response<ProxyBody>, MeshError> {
         let endpoints = &state.endpoints;
         let now = Instant::now();
@@ -579,7 +585,7 @@ impl HttpProxy {
                 addr,
                 &endpoints.vias[idx],
                 &svc.spec.name,
-                &ds.caller.to_string(),
+                &conn.caller,
                 Version::Http1,
                 false,
             )
@@ -627,32 +633,38 @@ impl HttpProxy {
     }
 }
 
+/// One downstream connection as its requests see it: the names and metric series every
+/// request needs, prepared once instead of per request.
+struct Conn {
+    ds: Downstream,
+    caller: Arc<str>,
+    caller_process: Arc<str>,
+    callee: Arc<str>,
+    series: EdgeSeries,
+}
+
+impl Conn {
+    fn new(ds: Downstream) -> Conn {
+        let caller = ds.caller.to_string();
+        Conn {
+            series: EdgeSeries::new(&caller, &ds.service),
+            caller: caller.into(),
+            caller_process: ds.caller_process.as_str().into(),
+            callee: ds.service.as_str().into(),
+            ds,
+        }
+    }
+}
+
 /// What happened while forwarding one request, for taps and metrics.
 #[derive(Default)]
 pub struct Exchange {
     /// When the route timeout fires, if the route has one.
     pub deadline: Option<tokio::time::Instant>,
     pub grpc: bool,
-    pub trace_id: String,
     pub retries: u32,
     pub upstream: Option<SocketAddrV4>,
     replay: Option<body::Replay>,
-}
-
-/// Request headers as a tap keeps them: bounded in number and size, sensitive values
-/// redacted at capture so they never reach memory a tap reader can see.
-fn tap_headers(headers: &HeaderMap) -> Vec<(String, String)> {
-    const MAX_HEADERS: usize = 32;
-    headers
-        .iter()
-        .take(MAX_HEADERS)
-        .map(|(k, v)| {
-            (
-                k.as_str().to_string(),
-                crate::tap::tap_header_value(k.as_str(), v.as_bytes()),
-            )
-        })
-        .collect()
 }
 
 pub fn unix_ms() -> u64 {
@@ -738,6 +750,14 @@ fn upstream_request(
         .map(|p| p.as_str())
         .unwrap_or("/");
     let uri = match version {
+        // Already origin-form (what HTTP/1.1 clients send): the same URI, shared not parsed.
+        Version::Http1
+            if parts.uri.scheme().is_none()
+                && parts.uri.authority().is_none()
+                && parts.uri.path_and_query().is_some() =>
+        {
+            Ok(parts.uri.clone())
+        }
         // HTTP/1.1 to an origin server: origin-form request target.
         Version::Http1 => path.parse::<Uri>(),
         // HTTP/2 needs scheme and authority pseudo-headers; keep the name the caller used.
@@ -771,7 +791,7 @@ fn upstream_request(
     req
 }
 
-fn downstream_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+fn downstream_response(resp: Response<upstream::PooledBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, body.map_err(Into::into).boxed())

@@ -183,7 +183,8 @@ impl UpstreamPool {
     ) -> Result<UpstreamIo, ConnectError> {
         match via {
             Via::Local => {
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                match tokio::time::timeout(CONNECT_TIMEOUT, crate::own_socket::connect(addr)).await
+                {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
                         Ok(UpstreamIo::Tcp(s))
@@ -344,24 +345,99 @@ impl Checkout {
         self,
         pool: &Arc<UpstreamPool>,
         req: Request<ProxyBody>,
-    ) -> Result<Response<hyper::body::Incoming>, hyper::Error> {
+    ) -> Result<Response<PooledBody>, hyper::Error> {
         match self.sender {
             Sender::H1(mut s) => {
                 let resp = s.send_request(req).await?;
-                if self.reusable {
-                    let pool = pool.clone();
-                    let key = self.key;
-                    tokio::spawn(async move {
-                        // Resolves when the response has been read and the connection can
-                        // take another request; errors when it closed.
-                        if s.ready().await.is_ok() {
-                            pool.checkin_h1(key, s);
-                        }
-                    });
-                }
-                Ok(resp)
+                let checkin = self.reusable.then(|| Checkin {
+                    pool: pool.clone(),
+                    key: self.key,
+                    sender: s,
+                });
+                Ok(resp.map(|inner| PooledBody { inner, checkin }))
             }
-            Sender::H2(mut s) => s.send_request(req).await,
+            Sender::H2(mut s) => Ok(s.send_request(req).await?.map(|inner| PooledBody {
+                inner,
+                checkin: None,
+            })),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection waiting to go back to the pool once its response has been read.
+struct Checkin {
+    pool: Arc<UpstreamPool>,
+    key: Key,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    fn run(self) {
+        // By the time its response body has ended the connection is almost always ready
+        // again: return it now, without a task of its own per request.
+        if self.sender.is_ready() {
+            return self.pool.checkin_h1(self.key, self.sender);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Checkin {
+            pool,
+            key,
+            mut sender,
+        } = self;
+        runtime.spawn(async move {
+            // Resolves when the response has been read and the connection can take another
+            // request; errors when it closed.
+            if sender.ready().await.is_ok() {
+                pool.checkin_h1(key, sender);
+            }
+        });
+    }
+}
+
+/// A response body from an instance. For a pooled HTTP/1.1 connection it hands the
+/// connection back when the body ends or is dropped.
+pub struct PooledBody {
+    inner: hyper::body::Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => {
+                if let Some(c) = self.checkin.take() {
+                    c.run();
+                }
+            }
+            // A broken connection is never reused.
+            std::task::Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.run();
         }
     }
 }
