@@ -4,9 +4,9 @@
 //! - every hms-one-host request reached the backend through the HMS proxy (the backend saw
 //!   the proxy's `x-hms-trace-id` on each) and the agent's `hms-ctl tap` shows the run's
 //!   requests;
-//! - in the sk_msg scenario the bypass carried every request and response (the kernel
-//!   program's counters moved by at least two sends per request, none fell back to TCP), and
-//!   in hms-one-host it carried nothing;
+//! - in the sk_msg scenario the bypass carried every request and response on both legs (the
+//!   kernel program's counters moved by at least four sends per request: app -> proxy ->
+//!   backend -> proxy -> app; none fell back to TCP), and in hms-one-host it carried nothing;
 //! - every direct request reached the backend without the proxy, and the agent's tap has none
 //!   of them;
 //! - the bench cleaned up: no cgroup or pin dir of its own is left.
@@ -56,8 +56,8 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
     for r in &bypass {
         let completed = r["load"]["completed"].as_u64().unwrap();
         assert!(
-            r["sk_msg"]["redirected"].as_u64().unwrap() >= 2 * completed,
-            "the bypass carried every request and response: {r}"
+            r["sk_msg"]["redirected"].as_u64().unwrap() >= 4 * completed,
+            "the bypass carried every request and response on both legs: {r}"
         );
         assert_eq!(r["sk_msg"]["passed"], 0, "{r}");
     }

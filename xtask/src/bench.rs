@@ -69,7 +69,9 @@ impl Scenario {
             Scenario::HmsOneHost => {
                 "client in cgroup -> bench-svc.svc -> eBPF connect4 -> node proxy -> backend"
             }
-            Scenario::HmsSkMsg => "as hms-one-host, app<->proxy over sk_msg/sockhash (the default)",
+            Scenario::HmsSkMsg => {
+                "as hms-one-host, app<->proxy and proxy<->backend over sk_msg/sockhash (the default)"
+            }
             Scenario::DirectTwoHosts => "client in netns A -> veth -> backend in netns B",
             Scenario::HmsTwoHosts => {
                 "client in netns A -> agent A -> mTLS HTTP/2 CONNECT -> agent B -> backend in netns B"
@@ -147,6 +149,9 @@ struct Env {
 
 struct OneHost {
     agent: Agent,
+    /// Its own backend, inside `cgroup` like an instance on a host whose root cgroup is
+    /// redirected (so the sk_msg scenario can bypass both legs).
+    backend: (Proc, SocketAddr),
     cgroup: BenchCgroup,
 }
 
@@ -367,7 +372,7 @@ fn setup(
     {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::free_port()?));
         eprintln!("bench: backend on {addr} (core {SERVER_CORE})");
-        let p = bench_env::start_backend(bins, None, addr, &work.join("backend.log"))?;
+        let p = bench_env::start_backend(bins, None, None, addr, &work.join("backend.log"))?;
         env.backend = Some((p, addr));
     }
     let backend = env.backend.as_ref().map(|(_, a)| *a);
@@ -378,9 +383,9 @@ fn setup(
         env.haproxy = Some((p, port));
     }
     interrupt::check()?;
-    // Both one-host agents run inside the cgroup they redirect, as an agent on the default
-    // cgroup v2 root does; the sk_msg bypass needs that, and the plain scenario gets the same
-    // placement so the two differ only in the bypass.
+    // Both one-host agents, and a backend each, run inside the cgroup the agent redirects, as
+    // on a host with the default cgroup (the v2 root); the sk_msg bypass needs that, and the
+    // plain scenario gets the same placement so the two differ only in the bypass.
     for (sc, name, bypass) in [
         (Scenario::HmsOneHost, "one", false),
         (Scenario::HmsSkMsg, "sk", true),
@@ -407,12 +412,24 @@ fn setup(
                 inside_cgroup: true,
             },
         )?;
-        let port = backend.context("backend")?.port();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::free_port()?));
+        let backend = bench_env::start_backend(
+            bins,
+            None,
+            Some(&cgroup.path),
+            addr,
+            &work.join(format!("backend-{name}.log")),
+        )?;
+        let port = addr.port();
         agent.deploy(
             work,
             &format!("name: {SERVICE}\nport: {port}\npolicy: allow_from_any\n"),
         )?;
-        let host = OneHost { agent, cgroup };
+        let host = OneHost {
+            agent,
+            backend: (backend, addr),
+            cgroup,
+        };
         match sc {
             Scenario::HmsSkMsg => env.sk_msg = Some(host),
             _ => env.one = Some(host),
@@ -443,6 +460,7 @@ fn two_hosts(
     let backend = bench_env::start_backend(
         bins,
         Some(&ns.b),
+        None,
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, bench_env::BACKEND_PORT_B)),
         &work.join("backend-b.log"),
     )?;
@@ -604,6 +622,14 @@ fn logs_for(env: &Env, sc: Scenario) -> String {
     .unwrap_or_default()
 }
 
+/// The one-host setup a one-host scenario runs on.
+fn one_host(env: &Env, sc: Scenario) -> anyhow::Result<&OneHost> {
+    match sc {
+        Scenario::HmsSkMsg => env.sk_msg.as_ref().context("sk_msg agent"),
+        _ => env.one.as_ref().context("one-host agent"),
+    }
+}
+
 /// One load run of `sc`, with its CPU/RSS and path checks.
 fn load(
     env: &Env,
@@ -636,10 +662,7 @@ fn load(
             )
         }
         Scenario::HmsOneHost | Scenario::HmsSkMsg => {
-            let one = match sc {
-                Scenario::HmsSkMsg => env.sk_msg.as_ref().context("sk_msg agent")?,
-                _ => env.one.as_ref().context("one-host agent")?,
-            };
+            let one = one_host(env, sc)?;
             place.cgroup = Some(&one.cgroup.path);
             (
                 format!("http://{SERVICE}.svc{path}"),
@@ -676,8 +699,7 @@ fn load(
             .sum::<Option<f64>>()
     };
     let sk_agent = match sc {
-        Scenario::HmsSkMsg => Some(&env.sk_msg.as_ref().context("sk_msg agent")?.agent),
-        Scenario::HmsOneHost => Some(&env.one.as_ref().context("one-host agent")?.agent),
+        Scenario::HmsSkMsg | Scenario::HmsOneHost => Some(&one_host(env, sc)?.agent),
         _ => None,
     };
     let sk_before = sk_agent.map(Agent::sk_msg_stats).transpose()?;
@@ -750,6 +772,10 @@ fn load(
                 crate::bench_backend::STATS_PATH,
             )?
         }
+        Scenario::HmsOneHost | Scenario::HmsSkMsg => bench_env::http_get(
+            one_host(env, sc)?.backend.1,
+            crate::bench_backend::STATS_PATH,
+        )?,
         _ => bench_env::http_get(
             env.backend.as_ref().context("backend")?.1,
             crate::bench_backend::STATS_PATH,
@@ -770,8 +796,9 @@ fn load(
             n == 0
         }
     });
-    // With the bypass, it carried the run: every request and every response is at least one
-    // send moved by hms_sk_msg, and no send of a socket in the bypass went through TCP.
+    // With the bypass, it carried the run on both legs: every request and every response is
+    // at least one send moved by hms_sk_msg between the app and the proxy and one between the
+    // proxy and the backend, and no send of a socket in the bypass went through TCP.
     // Without it, it carried nothing.
     let sk_msg = match (sk_agent, sk_before) {
         (Some(a), Some(b)) => {
@@ -787,7 +814,7 @@ fn load(
     };
     let bypass_ok = sk_msg.as_ref().is_none_or(|s| match sc {
         Scenario::HmsSkMsg => {
-            s["redirected"].as_u64().unwrap_or(0) >= 2 * completed && s["passed"] == 0
+            s["redirected"].as_u64().unwrap_or(0) >= 4 * completed && s["passed"] == 0
         }
         _ => s["redirected"] == 0 && s["passed"] == 0,
     });

@@ -244,13 +244,14 @@ pub fn http_get_in(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<
 pub fn start_backend(
     bins: &Bins,
     netns: Option<&str>,
+    cgroup: Option<&Path>,
     listen: SocketAddr,
     log: &Path,
 ) -> anyhow::Result<Proc> {
     let place = Place {
         core: Some(SERVER_CORE),
         netns,
-        cgroup: None,
+        cgroup,
     };
     let mut cmd = command(&place, &bins.xtask)?;
     cmd.args(["bench-backend", "--listen", &listen.to_string()]);
