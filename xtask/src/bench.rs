@@ -1231,18 +1231,15 @@ pub fn markdown(r: &Value) -> String {
                 .as_u64()
                 .map_or("max".to_owned(), |x| format!("{x}"));
             s.push_str(&format!(
-                "| {name} | {vs} | {label} | {} | {} | {} | {added} | {} | {} | {} | {} | {} | {} |\n",
+                "| {name} | {vs} | {label} | {} | {} | {} | {added} | {} | {} | {} | {} / {} | {} | {} |\n",
                 fmt(&rate["p50_us"], 0),
                 fmt(&rate["p90_us"], 0),
                 fmt(&rate["p99_us"], 0),
                 fmt(&rate["rps"], 0),
                 rate.get("throughput_ratio").map_or("–".into(), |v| fmt(v, 2)),
                 fmt(&rate["proxy_cpu_s_per_1000_req"], 3),
-                format!(
-                    "{} / {}",
-                    fmt(&rate["proxy_rss_mb"], 1),
-                    fmt(&rate["proxy_peak_rss_mb"], 1)
-                ),
+                fmt(&rate["proxy_rss_mb"], 1),
+                fmt(&rate["proxy_peak_rss_mb"], 1),
                 rate["failed"],
                 if rate["path_ok"] == true { "ok" } else { "FAILED" },
             ));
