@@ -535,18 +535,15 @@ fn print_status(s: &AgentStatus) {
     let b = &s.sk_msg;
     if b.enabled {
         println!(
-            "sk_msg:      on{}: {} sends ({} bytes) bypassed TCP, {} went through TCP",
-            if b.agent_in_cgroup {
-                ""
-            } else {
-                " but the agent is outside the redirected cgroup (no effect)"
-            },
-            b.redirected,
-            b.redirected_bytes,
-            b.passed
+            "sk_msg:      on: {} sends ({} bytes) bypassed TCP, {} went through TCP",
+            b.redirected, b.redirected_bytes, b.passed
+        );
+    } else if !b.agent_in_cgroup {
+        println!(
+            "sk_msg:      off: the agent runs outside the redirected cgroup, so the bypass cannot see the proxy's sockets"
         );
     } else {
-        println!("sk_msg:      off (--sk-msg-bypass turns it on)");
+        println!("sk_msg:      off (--sk-msg-bypass=false)");
     }
     let d = &s.dns;
     println!(
