@@ -10,16 +10,16 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use hms_node_agent::identity::testing::AcceptAnyServer;
 use hms_node_agent::identity::{
     CertificateAuthority, NodeIdentity, SpiffeId, TlsIdentity, TrustBundle,
 };
 use rustls::client::ResolvesClientCert;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, SignatureScheme, StreamOwned};
 use vm_tests::mesh::{Backend, Mesh, NAMES, TRUST_DOMAIN, in_netns, text};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,51 +33,6 @@ fn tls13_provider() -> Arc<CryptoProvider> {
     p.cipher_suites
         .retain(|s| s.version() == &rustls::version::TLS13);
     Arc::new(p)
-}
-
-/// Accepts any server certificate (its TLS 1.3 signature is still checked): these clients
-/// test the *server's* verification of them, so they must get as far as sending their own.
-#[derive(Debug)]
-struct AnyServer(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Always offers the one certificate it holds.
@@ -101,7 +56,7 @@ fn hand_made_config(cert: Option<Arc<CertifiedKey>>) -> Arc<ClientConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
     let mut config = match cert {
         Some(c) => builder.with_client_cert_resolver(Arc::new(Offer(c))),
         None => builder.with_no_client_auth(),

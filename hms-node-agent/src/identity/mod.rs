@@ -39,6 +39,8 @@ mod ca;
 mod files;
 mod node;
 mod spiffe;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 mod tls;
 mod token;
 mod x509;
