@@ -101,7 +101,8 @@ pub async fn run(
         })
         .context("setting up the eBPF redirect")?,
     );
-    if redirector.describe().sk_msg_bypass {
+    let described = redirector.describe();
+    if described.sk_msg_bypass {
         let r = redirector.clone();
         crate::own_socket::on_connected(Box::new(move |local, instance| {
             r.settle_instance_leg(local, instance)
@@ -114,7 +115,6 @@ pub async fn run(
     unsafe {
         libc::malloc_trim(0);
     }
-    let described = redirector.describe();
     let redirect_info = RedirectInfo {
         cgroup: config.cgroup.display().to_string(),
         pin_dir: config.pin_dir.display().to_string(),

@@ -403,8 +403,8 @@ impl Redirector {
     }
 
     /// For `hms-ctl status`: attached program names, cgroup, pin dir, whether adopted.
-    pub fn describe(&self) -> RedirectStatus {
-        self.status.clone()
+    pub fn describe(&self) -> &RedirectStatus {
+        &self.status
     }
 
     /// The client socket is local (the hooks only see local processes), so the kernel can
