@@ -673,3 +673,76 @@ mod tests {
         assert!(RateLimit::parse("0rps").is_err());
     }
 }
+
+/// Every rejection a user is likely to meet, with the whole message `hms-ctl deploy` prints.
+/// Pinned before the move from serde_yaml to serde-saphyr so the switch could not make any of
+/// them worse; a change here must keep the file, the line and the field.
+#[cfg(test)]
+mod pinned_messages {
+    use super::parse;
+
+    const CASES: &[(&str, &str)] = &[
+        (
+            "name: a\nport: 7000\nprot: 8\n",
+            "svc.yaml:3: unknown field `prot`, expected one of `name`, `port`, `replicas`, `policy`, `limit`, `routes`, `cgroup`, `health`, `image` (remove it or fix its spelling)",
+        ),
+        (
+            "port: 7000\nname: Payments_Svc\n",
+            "svc.yaml:2: field `name`: `Payments_Svc` may only contain lower-case letters, digits and `-` (it becomes `<name>.svc`)",
+        ),
+        (
+            "name: a\nport: 70000\n",
+            "svc.yaml:2: field `port`: 70000 is not a TCP port; use a number from 1 to 65535",
+        ),
+        (
+            "name: a\nport: http\n",
+            "svc.yaml:2: field `port`: must be a number from 1 to 65535, got `http`",
+        ),
+        (
+            "name: a\n",
+            "svc.yaml: field `port`: is missing; say where the instances listen, e.g. `port: 7000`",
+        ),
+        (
+            "port: 1\n",
+            "svc.yaml: field `name`: is missing; every spec needs `name: <dns-label>`",
+        ),
+        (
+            "name: a\nport: 1\npolicy: allow_some\n",
+            "svc.yaml:3: field `policy`: `allow_some` is not a policy; use `allow_from_any`, `deny_all`, or `{allow_from: [service, ...]}`",
+        ),
+        (
+            "name: a\nport: 1\nlimit: fast\n",
+            "svc.yaml:3: field `limit`: `fast` is not a rate; write it like `50rps` or `3000rpm`",
+        ),
+        (
+            "name: a\nport: 1\nroutes:\n  - path: /a\n  - path: /b\n    timeout: soon\n",
+            "svc.yaml:5: field `routes[1].timeout`: `soon` is not a duration; write it like `2s`, `500ms` or `1m`",
+        ),
+        (
+            "name: a\nport: 1\nroutes:\n  - path: /a\n    retries: 11\n",
+            "svc.yaml:4: field `routes[0].retries`: 11 is out of range; use 0 to 10",
+        ),
+        (
+            "name: a\nport: 1\nhealth: healthz\n",
+            "svc.yaml:3: field `health`: `healthz` must be an HTTP path like `/healthz` or the word `tcp`",
+        ),
+        (
+            "name: a\nport: 7000\nreplicas: [7000]\n",
+            "svc.yaml:3: field `replicas`: the number 7000 is not a further instance port; list TCP ports (1-65535) other than `port`",
+        ),
+    ];
+
+    #[test]
+    fn spec_errors_keep_their_file_line_field_and_advice() {
+        let mut wrong = Vec::new();
+        for (yaml, want) in CASES {
+            let got = parse(yaml, "svc.yaml")
+                .expect_err("spec should be rejected")
+                .to_string();
+            if got != *want {
+                wrong.push(format!("{yaml:?}\n  want: {want}\n  got:  {got}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}
