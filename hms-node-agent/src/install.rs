@@ -277,7 +277,7 @@ pub fn render_config(args: &RunArgs) -> String {
 
 /// Parses agent.yaml the way `run --config` does.
 pub fn parse_config(text: &str, path: &Path) -> anyhow::Result<RunArgs> {
-    serde_yaml::from_str::<Option<RunArgs>>(text)
+    serde_saphyr::from_str::<Option<RunArgs>>(text)
         .map(Option::unwrap_or_default)
         .with_context(|| {
             format!(
