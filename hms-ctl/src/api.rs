@@ -314,6 +314,9 @@ pub struct HttpCounters {
     /// Malformed or oversized request heads, and clients too slow to send one.
     #[serde(default)]
     pub bad_requests: u64,
+    /// Attempts an instance did not process (connection rotation), sent again.
+    #[serde(default)]
+    pub unprocessed: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -557,8 +557,15 @@ fn print_status(s: &AgentStatus) {
     );
     let h = &s.http;
     println!(
-        "http:        {} requests, {} retries, {} denied, {} rate limited, {} timed out, {} mesh errors, {} bad requests",
-        h.requests, h.retries, h.denied, h.rate_limited, h.timeouts, h.mesh_errors, h.bad_requests
+        "http:        {} requests, {} retries, {} denied, {} rate limited, {} timed out, {} mesh errors, {} bad requests, {} sent again after connection rotation",
+        h.requests,
+        h.retries,
+        h.denied,
+        h.rate_limited,
+        h.timeouts,
+        h.mesh_errors,
+        h.bad_requests,
+        h.unprocessed
     );
     println!(
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",

@@ -116,6 +116,14 @@ pub fn collector(
         labels: vec![],
         read: Box::new(move || o.http.stats.bad_requests.load(Ordering::Relaxed)),
     });
+    let o = outbound.clone();
+    readings.push(ReadingSpec {
+        name: "upstream_unprocessed".into(),
+        help: "Attempts an instance did not process (HTTP/2 GOAWAY or REFUSED_STREAM, an HTTP/1.1 connection found closed before the request was written), sent again on a fresh connection and not counted against the instance".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || o.http.stats.unprocessed.load(Ordering::Relaxed)),
+    });
     let t = tap.clone();
     readings.push(ReadingSpec {
         name: "tap_events_lost".into(),

@@ -8,8 +8,10 @@ pub mod cgroup;
 pub mod client;
 pub mod etcd;
 pub mod grpc;
+pub mod h2_backend;
 pub mod mesh;
 pub mod netns;
+pub mod nginx;
 pub mod ports;
 pub mod resolver;
 

@@ -56,6 +56,15 @@ use upstream::{UpstreamPool, Version};
 /// honours, so the attempt (not the guard) reports the timeout and charges the instance.
 const OUTER_TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 
+/// How often one request is sent again because the instance did not process it (GOAWAY,
+/// REFUSED_STREAM, an HTTP/1.1 connection found closed): rotation needs one, a race between
+/// rotating connections two; more means the instance refuses everything, which counts
+/// against it.
+const MAX_UNPROCESSED_REPLAYS: u32 = 3;
+/// How long a refused attempt may take to give the request body back (hyper drops it on
+/// its connection task, right after reporting the refusal).
+const BODY_RETURN_WAIT: Duration = Duration::from_secs(1);
+
 /// Retries a route gets when it does not say.
 pub const DEFAULT_RETRIES: u32 = 1;
 /// A client must send its request headers within this time (slow-loris guard).
@@ -84,6 +93,8 @@ pub struct HttpStats {
     /// Downstream connections ended by a malformed or oversized request head, or a client
     /// too slow to send one.
     pub bad_requests: AtomicU64,
+    /// Attempts the instance did not process (connection rotation), sent again.
+    pub unprocessed: AtomicU64,
 }
 
 impl HttpStats {
@@ -97,6 +108,7 @@ impl HttpStats {
             timeouts: g(&self.timeouts),
             mesh_errors: g(&self.mesh_errors),
             bad_requests: g(&self.bad_requests),
+            unprocessed: g(&self.unprocessed),
         }
     }
 }
@@ -368,10 +380,12 @@ impl HttpProxy {
         let (parts, incoming) = req.into_parts();
         let (tee_body, replay) = tee(incoming);
         exchange.replay = Some(replay.clone());
-        let mut first_body = Some(tee_body.boxed());
+        let mut first_body: Option<ProxyBody> = Some(tee_body.boxed());
         let endpoints = &state.endpoints;
         state.budget.deposit(Instant::now());
         let mut attempt: u32 = 0;
+        // Sends again of requests the instance did not process; not retries.
+        let mut replays: u32 = 0;
         let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         let mut last_error = MeshError::NoEndpoint;
         loop {
@@ -485,11 +499,40 @@ impl HttpProxy {
                             }
                             outcome
                         }
+                        Err(Some(upstream::SendError::Unprocessed { request, error })) => {
+                            // The instance rotated its connection (GOAWAY, REFUSED_STREAM,
+                            // or a pooled HTTP/1.1 connection closed before the request
+                            // was written): not its failure, and safe for any method.
+                            drop(in_flight);
+                            replays += 1;
+                            self.stats.unprocessed.fetch_add(1, Ordering::Relaxed);
+                            if replays > MAX_UNPROCESSED_REPLAYS {
+                                // An instance that refuses everything is failing.
+                                permit.failure(Instant::now());
+                                tracing::info!(trace_id, service = %svc.spec.name, %addr, "instance refused the request {replays} times: {error}");
+                                return Err(MeshError::UpstreamFailed);
+                            }
+                            drop(permit);
+                            tracing::debug!(trace_id, service = %svc.spec.name, %addr, "not processed ({error}); sending again on a fresh connection");
+                            first_body = match request {
+                                Some(r) => Some(r.into_body()),
+                                None => match replay.body_when_returned(BODY_RETURN_WAIT).await {
+                                    Some(b) => Some(b),
+                                    // Streamed past the replay limit: it cannot be sent again.
+                                    None => {
+                                        tracing::info!(trace_id, service = %svc.spec.name, %addr, "instance refused a request whose body cannot be sent again (over the replay limit)");
+                                        return Err(MeshError::UpstreamFailed);
+                                    }
+                                },
+                            };
+                            tried.pop();
+                            continue;
+                        }
                         Err(e) => {
                             let now = Instant::now();
-                            permit.failure(now);
                             last_error = match e {
                                 None => {
+                                    permit.failure(now);
                                     // A slow instance is slow: record how long it kept us
                                     // waiting so the balancer stops preferring it.
                                     in_flight.finish(now);
@@ -500,6 +543,14 @@ impl HttpProxy {
                                     MeshError::Timeout
                                 }
                                 Some(e) => {
+                                    match &e {
+                                        // Another request on the same broken connection
+                                        // already counted it.
+                                        upstream::SendError::Broken { charge: false, .. } => {
+                                            drop(permit)
+                                        }
+                                        _ => permit.failure(now),
+                                    }
                                     tracing::debug!(trace_id, service = %svc.spec.name, %addr, "upstream failed: {e}");
                                     MeshError::UpstreamFailed
                                 }

@@ -5,9 +5,22 @@
 //! are ever dialled: a local instance directly, an instance on another host through an
 //! mTLS HTTP/2 CONNECT stream to that host's agent (`tunnel`), which the peer splices to
 //! its local instance after its own policy check.
+//!
+//! Connection rotation is the instance's right, not its failure. [`Checkout::send`] tells
+//! the proxy which failures left the request unprocessed ([`SendError::Unprocessed`]):
+//! - HTTP/2 (RFC 9113 §8.7): a stream reset with `REFUSED_STREAM`, or refused by a
+//!   `GOAWAY` (a stream above its last stream id, or one opened after it); the connection
+//!   is retired from the pool at once so the next request dials a fresh one;
+//! - HTTP/1.1: hyper handed the request back unwritten (the pooled connection turned out
+//!   closed before the request reached it), body untouched.
+//!
+//! Every other failure is [`SendError::Broken`], and `charge` says whether it should count
+//! against the instance: one broken connection counts once, however many streams it
+//! carried (the first request to see the break charges it, the others do not).
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,6 +128,45 @@ pub enum ConnectError {
     },
 }
 
+/// Why an exchange failed, as the retry rules and the breaker need to know it.
+#[derive(Debug)]
+pub enum SendError {
+    /// The instance did not process the request: safe to send again for any method.
+    /// `request` is the request itself when hyper handed it back unwritten (its body
+    /// untouched); otherwise the body must come from the replay buffer.
+    Unprocessed {
+        request: Option<Box<Request<ProxyBody>>>,
+        error: hyper::Error,
+    },
+    /// The exchange broke after (part of) the request may have reached the instance.
+    /// `charge`: count it against the instance (false when another request on the same
+    /// broken connection already did).
+    Broken { error: hyper::Error, charge: bool },
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Unprocessed { error, .. } => write!(f, "not processed: {error}"),
+            SendError::Broken { error, .. } => write!(f, "{error}"),
+        }
+    }
+}
+
+/// One upstream connection's breakage, shared by every request on it, so that a broken
+/// connection counts once against the instance.
+#[derive(Debug, Default)]
+struct ConnFault {
+    charged: AtomicBool,
+}
+
+impl ConnFault {
+    /// True for the first caller only.
+    fn charge(&self) -> bool {
+        !self.charged.swap(true, Ordering::AcqRel)
+    }
+}
+
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
     H2(http2::SendRequest<ProxyBody>),
@@ -122,10 +174,19 @@ enum Sender {
 
 type Key = (Via, SocketAddrV4);
 
+/// The shared HTTP/2 connection to one instance.
+struct SharedH2 {
+    sender: http2::SendRequest<ProxyBody>,
+    fault: Arc<ConnFault>,
+}
+
 #[derive(Default)]
 pub struct UpstreamPool {
     idle_h1: Mutex<HashMap<Key, Vec<http1::SendRequest<ProxyBody>>>>,
-    shared_h2: Mutex<HashMap<Key, http2::SendRequest<ProxyBody>>>,
+    shared_h2: Mutex<HashMap<Key, SharedH2>>,
+    /// One HTTP/2 dial per instance at a time: when a connection goes away, the requests it
+    /// refused share the one new connection instead of each dialling its own.
+    h2_dials: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     /// Tunnels to other hosts, once this host has a certificate.
     tunnels: std::sync::RwLock<Option<Arc<PeerPool>>>,
     trust_domain: std::sync::RwLock<Option<String>>,
@@ -136,6 +197,7 @@ pub struct Checkout {
     key: Key,
     addr: SocketAddrV4,
     sender: Sender,
+    fault: Arc<ConnFault>,
     /// False for connections that must not be reused (upgrades).
     reusable: bool,
 }
@@ -265,6 +327,7 @@ impl UpstreamPool {
                                     key,
                                     addr,
                                     sender: Sender::H1(s),
+                                    fault: Arc::default(),
                                     reusable,
                                 });
                             }
@@ -272,21 +335,56 @@ impl UpstreamPool {
                     }
                 }
                 Version::Http2 => {
-                    let shared = self.shared_h2.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(s) = shared.get(&key)
-                        && !s.is_closed()
-                    {
-                        return Ok(Checkout {
-                            key,
-                            addr,
-                            sender: Sender::H2(s.clone()),
-                            reusable,
-                        });
+                    if let Some(c) = self.shared_h2_checkout(&key, addr) {
+                        return Ok(c);
                     }
+                    let dial = self
+                        .h2_dials
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(key.clone())
+                        .or_default()
+                        .clone();
+                    let _dialling = dial.lock().await;
+                    // Another request may have dialled while this one waited.
+                    if let Some(c) = self.shared_h2_checkout(&key, addr) {
+                        return Ok(c);
+                    }
+                    return self
+                        .dial(key, addr, via, service, caller, version, reusable)
+                        .await;
                 }
             }
         }
+        self.dial(key, addr, via, service, caller, version, reusable)
+            .await
+    }
+
+    fn shared_h2_checkout(&self, key: &Key, addr: SocketAddrV4) -> Option<Checkout> {
+        let shared = self.shared_h2.lock().unwrap_or_else(|p| p.into_inner());
+        let s = shared.get(key).filter(|s| !s.sender.is_closed())?;
+        Some(Checkout {
+            key: key.clone(),
+            addr,
+            sender: Sender::H2(s.sender.clone()),
+            fault: s.fault.clone(),
+            reusable: true,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dial(
+        &self,
+        key: Key,
+        addr: SocketAddrV4,
+        via: &Via,
+        service: &str,
+        caller: &str,
+        version: Version,
+        reusable: bool,
+    ) -> Result<Checkout, ConnectError> {
         let io = TokioIo::new(self.connect(addr, via, service, caller).await?);
+        let fault = Arc::new(ConnFault::default());
         let sender = match version {
             Version::Http1 => {
                 let (s, conn) = http1::handshake(io)
@@ -312,7 +410,13 @@ impl UpstreamPool {
                     self.shared_h2
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone(), s.clone());
+                        .insert(
+                            key.clone(),
+                            SharedH2 {
+                                sender: s.clone(),
+                                fault: fault.clone(),
+                            },
+                        );
                 }
                 Sender::H2(s)
             }
@@ -321,8 +425,21 @@ impl UpstreamPool {
             key,
             addr,
             sender,
+            fault,
             reusable,
         })
+    }
+
+    /// Takes a shared HTTP/2 connection out of the pool (it is going away or broke), if it
+    /// is still the one there; requests already on it go on.
+    fn retire_h2(&self, key: &Key, fault: &Arc<ConnFault>) {
+        let mut shared = self.shared_h2.lock().unwrap_or_else(|p| p.into_inner());
+        if shared
+            .get(key)
+            .is_some_and(|s| Arc::ptr_eq(&s.fault, fault))
+        {
+            shared.remove(key);
+        }
     }
 
     fn checkin_h1(&self, key: Key, s: http1::SendRequest<ProxyBody>) {
@@ -345,23 +462,82 @@ impl Checkout {
         self,
         pool: &Arc<UpstreamPool>,
         req: Request<ProxyBody>,
-    ) -> Result<Response<PooledBody>, hyper::Error> {
+    ) -> Result<Response<PooledBody>, SendError> {
         match self.sender {
-            Sender::H1(mut s) => {
-                let resp = s.send_request(req).await?;
-                let checkin = self.reusable.then(|| Checkin {
-                    pool: pool.clone(),
-                    key: self.key,
-                    sender: s,
-                });
-                Ok(resp.map(|inner| PooledBody { inner, checkin }))
-            }
-            Sender::H2(mut s) => Ok(s.send_request(req).await?.map(|inner| PooledBody {
-                inner,
-                checkin: None,
-            })),
+            Sender::H1(mut s) => match s.try_send_request(req).await {
+                Ok(resp) => {
+                    let checkin = self.reusable.then(|| Checkin {
+                        pool: pool.clone(),
+                        key: self.key,
+                        sender: s,
+                    });
+                    Ok(resp.map(|inner| PooledBody { inner, checkin }))
+                }
+                Err(mut e) => Err(match e.take_message() {
+                    // Never written: the connection was closed (or closing) before it.
+                    Some(request) => SendError::Unprocessed {
+                        request: Some(Box::new(request)),
+                        error: e.into_error(),
+                    },
+                    // One request per connection: its break is this request's.
+                    None => SendError::Broken {
+                        error: e.into_error(),
+                        charge: self.fault.charge(),
+                    },
+                }),
+            },
+            Sender::H2(mut s) => match s.try_send_request(req).await {
+                Ok(resp) => Ok(resp.map(|inner| PooledBody {
+                    inner,
+                    checkin: None,
+                })),
+                Err(mut e) => {
+                    let request = e.take_message().map(Box::new);
+                    let error = e.into_error();
+                    let cause = h2_cause(&error);
+                    let stream_only = cause.is_some_and(|c| c.is_reset());
+                    if !stream_only {
+                        // Going away or broken: no new request may pick it.
+                        pool.retire_h2(&self.key, &self.fault);
+                    }
+                    if request.is_some() || cause.is_some_and(h2_unprocessed) {
+                        Err(SendError::Unprocessed { request, error })
+                    } else if stream_only {
+                        // RST_STREAM on this stream alone: this request's failure.
+                        Err(SendError::Broken {
+                            error,
+                            charge: true,
+                        })
+                    } else {
+                        Err(SendError::Broken {
+                            error,
+                            charge: self.fault.charge(),
+                        })
+                    }
+                }
+            },
         }
     }
+}
+
+/// The HTTP/2 error under a hyper error, if there is one.
+fn h2_cause(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// RFC 9113 §8.7: the server did not process a stream it reset with `REFUSED_STREAM`, nor
+/// one its `GOAWAY` refused (h2 gives the GOAWAY's error to the streams above its last
+/// stream id and to every stream opened after it; streams at or below it go on).
+fn h2_unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// An HTTP/1.1 connection waiting to go back to the pool once its response has been read.
