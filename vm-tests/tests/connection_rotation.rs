@@ -242,6 +242,44 @@ fn a_hyper_backend_shutting_down_gracefully_mid_load_fails_no_request() {
 }
 
 #[test]
+fn a_broken_http2_connection_under_16_streams_counts_once_against_the_instance() {
+    let cg = TestCgroup::new("rot-break").expect("cgroup");
+    let agent = TestAgent::start(cg.path()).expect("agent");
+    // Holds the first 16 requests; then the connection under them breaks.
+    let backend = GracefulH2Backend::start_holding("break-svc", 16).expect("backend");
+    agent.deploy("break-svc", backend.addr.port()).unwrap();
+    // 16 concurrent GETs on one client connection: one shared upstream connection.
+    let mut cmd = cg.command("h2load");
+    cmd.args(["-n", "16", "-c", "1", "-m", "16", "-T", "30"])
+        .arg("http://break-svc.svc/hold")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let child = cmd.spawn().expect("h2load");
+    let started = Instant::now();
+    while backend.received() < 16 {
+        assert!(
+            started.elapsed() < vm_tests::slack(Duration::from_secs(30)),
+            "only {} requests arrived\n{}",
+            backend.received(),
+            notable(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    backend.break_connections();
+    let out = vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(60)))
+        .expect("h2load finished");
+    let load = parse_h2load(&String::from_utf8_lossy(&out.stdout));
+    let h = agent.ctl_json(&["describe", "break-svc"]).unwrap();
+    let health = &h["health"][0];
+    eprintln!("MEASURED: after the break: {health}; backend answered {}", backend.served());
+    // 16 failures would have ejected it (5 trip the breaker) and failed the retries with
+    // circuit-open; counted once, the GETs are retried on a new connection and succeed.
+    assert_eq!(health["ejections_total"], 0, "{health}\n{}", notable(&agent));
+    assert_all_ok(&load, 16, &agent);
+    assert_eq!(backend.served(), 16, "every GET retried once and answered");
+}
+
+#[test]
 fn h2load_output_is_parsed() {
     let l = parse_h2load(
         "finished in 1.2s\nrequests: 100 total, 100 started, 100 done, 99 succeeded, 1 failed, 1 errored, 0 timeout\nstatus codes: 99 2xx, 0 3xx, 0 4xx, 0 5xx\n",
