@@ -271,10 +271,18 @@ fn a_broken_http2_connection_under_16_streams_counts_once_against_the_instance()
     let load = parse_h2load(&String::from_utf8_lossy(&out.stdout));
     let h = agent.ctl_json(&["describe", "break-svc"]).unwrap();
     let health = &h["health"][0];
-    eprintln!("MEASURED: after the break: {health}; backend answered {}", backend.served());
+    eprintln!(
+        "MEASURED: after the break: {health}; backend answered {}",
+        backend.served()
+    );
     // 16 failures would have ejected it (5 trip the breaker) and failed the retries with
     // circuit-open; counted once, the GETs are retried on a new connection and succeed.
-    assert_eq!(health["ejections_total"], 0, "{health}\n{}", notable(&agent));
+    assert_eq!(
+        health["ejections_total"],
+        0,
+        "{health}\n{}",
+        notable(&agent)
+    );
     assert_all_ok(&load, 16, &agent);
     assert_eq!(backend.served(), 16, "every GET retried once and answered");
 }

@@ -57,7 +57,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use inbound::{InboundCounters, InboundServer};
-pub use outbound::{PeerInfo, PeerPool, TunnelError, TunnelStream};
+pub use outbound::{LinkFate, PeerInfo, PeerPool, TunnelError, TunnelLink, TunnelStream};
 
 use crate::identity::SpiffeId;
 

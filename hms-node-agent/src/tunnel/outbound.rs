@@ -16,6 +16,11 @@
 //!
 //! Connections close themselves when the peer goes away (keep-alive pings detect a silent
 //! one) and after [`IDLE_TIMEOUT`] without streams.
+//!
+//! Each connection's end is kept in a [`TunnelLink`] its streams share, so the HTTP layer
+//! can charge a failure on a stream rightly: a connection that broke counts once (against
+//! the first instance whose request saw it), one the peer drained (GOAWAY, then a clean
+//! close) against nothing, and a failure on a connection still up is the instance's own.
 
 use std::collections::HashMap;
 use std::io;
@@ -121,9 +126,60 @@ struct PeerKey {
     node: SpiffeId,
 }
 
+/// How a tunnel connection stands, for charging failures of the streams it carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkFate {
+    /// Still up: a stream's failure is the stream's (its instance's) own.
+    Open,
+    /// The peer went away cleanly (GOAWAY, its drain) or the pool closed it idle.
+    Drained,
+    /// The connection failed: every stream on it failed with it.
+    Broken,
+}
+
+/// One tunnel connection's end, shared by its streams.
+#[derive(Debug)]
+pub struct TunnelLink {
+    fate: tokio::sync::watch::Sender<LinkFate>,
+    charged: AtomicBool,
+}
+
+impl TunnelLink {
+    fn new() -> Arc<TunnelLink> {
+        Arc::new(TunnelLink {
+            fate: tokio::sync::watch::channel(LinkFate::Open).0,
+            charged: AtomicBool::new(false),
+        })
+    }
+
+    fn end(&self, fate: LinkFate) {
+        self.fate.send_if_modified(|f| {
+            let first = *f == LinkFate::Open;
+            if first {
+                *f = fate;
+            }
+            first
+        });
+    }
+
+    /// The connection's fate, waiting up to `wait` for it to end: a stream's error and its
+    /// connection's end are reported by different tasks, in either order.
+    pub async fn settle(&self, wait: Duration) -> LinkFate {
+        let mut rx = self.fate.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|f| *f != LinkFate::Open)).await;
+        *rx.borrow()
+    }
+
+    /// True for the first caller only: a broken connection counts once.
+    pub fn charge(&self) -> bool {
+        !self.charged.swap(true, Ordering::AcqRel)
+    }
+}
+
 /// One HTTP/2 connection to a peer.
 struct Connection {
     sender: http2::SendRequest<Empty<Bytes>>,
+    link: Arc<TunnelLink>,
     /// Streams open or being opened (slots are reserved before sending).
     active: AtomicUsize,
     /// Set when the connection task ends or the pool retires it; never reused after.
@@ -273,6 +329,7 @@ impl Peer {
             };
         let connection = Arc::new(Connection {
             sender,
+            link: TunnelLink::new(),
             active: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             cert_not_after,
@@ -286,8 +343,13 @@ impl Peer {
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, %node, "tunnel connection ended: {e}");
+                        match r {
+                            // hyper ends a connection Ok after the peer's GOAWAY (NO_ERROR).
+                            Ok(()) => watched.link.end(LinkFate::Drained),
+                            Err(e) => {
+                                tracing::debug!(%peer, %node, "tunnel connection ended: {e}");
+                                watched.link.end(LinkFate::Broken);
+                            }
                         }
                         break;
                     }
@@ -305,6 +367,8 @@ impl Peer {
                 }
             }
             watched.closed.store(true, Ordering::Release);
+            // Closed idle by the pool (its streams' fate is set above otherwise).
+            watched.link.end(LinkFate::Drained);
         });
         tracing::debug!(%peer, node = %self.key.node, "tunnel connection established");
         Ok(connection)
@@ -526,6 +590,11 @@ impl TunnelStream {
     /// The peer agent this stream goes through.
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The connection this stream rides on, as failures on it are charged.
+    pub fn link(&self) -> Arc<TunnelLink> {
+        self._slot.conn.link.clone()
     }
 }
 

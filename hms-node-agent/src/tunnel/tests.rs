@@ -684,3 +684,48 @@ fn targets_and_callers_are_validated_both_ways() {
     assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
     assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
 }
+
+#[tokio::test]
+async fn a_broken_tunnel_connection_counts_once_and_a_drained_one_not_at_all() {
+    let mesh = Mesh::new();
+    let (server_tls, client_tls) = (mesh.node("b"), mesh.node("a"));
+    let policy = TestPolicy::new().await;
+    let pool = PeerPool::new(client_tls);
+    let node = server_tls.spiffe_id().clone();
+
+    // Three streams on one connection; then the peer crashes under them.
+    let first = start_server(&server_tls, policy.clone(), None).await;
+    let addr = first.addr;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(pool.open(addr, &node, &echo(), "host").await.unwrap());
+    }
+    let links: Vec<_> = streams.iter().map(|s| s.link()).collect();
+    assert!(
+        links.iter().all(|l| Arc::ptr_eq(l, &links[0])),
+        "one connection"
+    );
+    assert_eq!(links[0].settle(Duration::ZERO).await, LinkFate::Open);
+    first.task.abort();
+    let _ = first.task.await;
+    for link in &links {
+        assert_eq!(link.settle(SOON).await, LinkFate::Broken);
+    }
+    let charges: Vec<bool> = links.iter().map(|l| l.charge()).collect();
+    assert_eq!(charges, [true, false, false], "the break counts once");
+    drop(streams);
+
+    // A drain: GOAWAY, the stream in flight finishes, the connection closes cleanly.
+    let second = start_server(&server_tls, policy.clone(), Some(addr)).await;
+    let mut in_flight = pool.open(addr, &node, &echo(), "host").await.unwrap();
+    let link = in_flight.link();
+    let drained = tokio::spawn(second.trigger.drain(SOON));
+    assert_eq!(exchange(&mut in_flight, b"in flight").await, b"in flight");
+    drop(in_flight);
+    assert_eq!(drained.await.unwrap(), 0);
+    assert_eq!(
+        link.settle(SOON).await,
+        LinkFate::Drained,
+        "a drain is no failure"
+    );
+}

@@ -16,7 +16,9 @@
 //!
 //! Every other failure is [`SendError::Broken`], and `charge` says whether it should count
 //! against the instance: one broken connection counts once, however many streams it
-//! carried (the first request to see the break charges it, the others do not).
+//! carried (the first request to see the break charges it, the others do not). Through a
+//! tunnel the tunnel connection decides first: broken, it counts once for every upstream
+//! connection it carried; drained by the peer (GOAWAY), not at all.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -31,7 +33,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use crate::identity::SpiffeId;
-use crate::tunnel::{PeerPool, TunnelError, TunnelStream, TunnelTarget};
+use crate::tunnel::{LinkFate, PeerPool, TunnelError, TunnelLink, TunnelStream, TunnelTarget};
 
 /// A byte stream to an instance.
 pub enum UpstreamIo {
@@ -154,16 +156,31 @@ impl std::fmt::Display for SendError {
 }
 
 /// One upstream connection's breakage, shared by every request on it, so that a broken
-/// connection counts once against the instance.
+/// connection counts once against the instance; through a tunnel, also the tunnel
+/// connection it rides on, so that a broken tunnel counts once (whichever instance's
+/// request saw it first) and a peer's drain against nothing.
 #[derive(Debug, Default)]
 struct ConnFault {
     charged: AtomicBool,
+    link: Option<Arc<TunnelLink>>,
 }
 
+/// How long a failure on a tunnel stream waits to learn whether the tunnel connection
+/// under it ended (the two are reported by different tasks).
+const LINK_SETTLE: Duration = Duration::from_millis(200);
+
 impl ConnFault {
-    /// True for the first caller only.
-    fn charge(&self) -> bool {
-        !self.charged.swap(true, Ordering::AcqRel)
+    /// Whether this failure counts against the instance. `connection_level`: the whole
+    /// connection failed (every request on it fails with it), so only the first counts.
+    async fn charge(&self, connection_level: bool) -> bool {
+        if let Some(link) = &self.link {
+            match link.settle(LINK_SETTLE).await {
+                LinkFate::Drained => return false,
+                LinkFate::Broken => return link.charge(),
+                LinkFate::Open => {}
+            }
+        }
+        !connection_level || !self.charged.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -182,7 +199,7 @@ struct SharedH2 {
 
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle_h1: Mutex<HashMap<Key, Vec<http1::SendRequest<ProxyBody>>>>,
+    idle_h1: Mutex<HashMap<Key, Vec<(http1::SendRequest<ProxyBody>, Arc<ConnFault>)>>>,
     shared_h2: Mutex<HashMap<Key, SharedH2>>,
     /// One HTTP/2 dial per instance at a time: when a connection goes away, the requests it
     /// refused share the one new connection instead of each dialling its own.
@@ -321,13 +338,13 @@ impl UpstreamPool {
                 Version::Http1 => {
                     let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(list) = idle.get_mut(&key) {
-                        while let Some(s) = list.pop() {
+                        while let Some((s, fault)) = list.pop() {
                             if s.is_ready() {
                                 return Ok(Checkout {
                                     key,
                                     addr,
                                     sender: Sender::H1(s),
-                                    fault: Arc::default(),
+                                    fault,
                                     reusable,
                                 });
                             }
@@ -383,8 +400,15 @@ impl UpstreamPool {
         version: Version,
         reusable: bool,
     ) -> Result<Checkout, ConnectError> {
-        let io = TokioIo::new(self.connect(addr, via, service, caller).await?);
-        let fault = Arc::new(ConnFault::default());
+        let io = self.connect(addr, via, service, caller).await?;
+        let fault = Arc::new(ConnFault {
+            charged: AtomicBool::new(false),
+            link: match &io {
+                UpstreamIo::Tcp(_) => None,
+                UpstreamIo::Tunnel(t) => Some(t.link()),
+            },
+        });
+        let io = TokioIo::new(io);
         let sender = match version {
             Version::Http1 => {
                 let (s, conn) = http1::handshake(io)
@@ -442,11 +466,11 @@ impl UpstreamPool {
         }
     }
 
-    fn checkin_h1(&self, key: Key, s: http1::SendRequest<ProxyBody>) {
+    fn checkin_h1(&self, key: Key, s: http1::SendRequest<ProxyBody>, fault: Arc<ConnFault>) {
         let mut idle = self.idle_h1.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_INSTANCE {
-            list.push(s);
+            list.push((s, fault));
         }
     }
 }
@@ -470,6 +494,7 @@ impl Checkout {
                         pool: pool.clone(),
                         key: self.key,
                         sender: s,
+                        fault: self.fault,
                     });
                     Ok(resp.map(|inner| PooledBody { inner, checkin }))
                 }
@@ -482,7 +507,7 @@ impl Checkout {
                     // One request per connection: its break is this request's.
                     None => SendError::Broken {
                         error: e.into_error(),
-                        charge: self.fault.charge(),
+                        charge: self.fault.charge(true).await,
                     },
                 }),
             },
@@ -502,17 +527,11 @@ impl Checkout {
                     }
                     if request.is_some() || cause.is_some_and(h2_unprocessed) {
                         Err(SendError::Unprocessed { request, error })
-                    } else if stream_only {
-                        // RST_STREAM on this stream alone: this request's failure.
-                        Err(SendError::Broken {
-                            error,
-                            charge: true,
-                        })
                     } else {
-                        Err(SendError::Broken {
-                            error,
-                            charge: self.fault.charge(),
-                        })
+                        // RST_STREAM on this stream alone is this request's failure; any
+                        // other breaks the connection, which counts once.
+                        let charge = self.fault.charge(!stream_only).await;
+                        Err(SendError::Broken { error, charge })
                     }
                 }
             },
@@ -545,6 +564,7 @@ struct Checkin {
     pool: Arc<UpstreamPool>,
     key: Key,
     sender: http1::SendRequest<ProxyBody>,
+    fault: Arc<ConnFault>,
 }
 
 impl Checkin {
@@ -552,7 +572,7 @@ impl Checkin {
         // By the time its response body has ended the connection is almost always ready
         // again: return it now, without a task of its own per request.
         if self.sender.is_ready() {
-            return self.pool.checkin_h1(self.key, self.sender);
+            return self.pool.checkin_h1(self.key, self.sender, self.fault);
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -561,12 +581,13 @@ impl Checkin {
             pool,
             key,
             mut sender,
+            fault,
         } = self;
         runtime.spawn(async move {
             // Resolves when the response has been read and the connection can take another
             // request; errors when it closed.
             if sender.ready().await.is_ok() {
-                pool.checkin_h1(key, sender);
+                pool.checkin_h1(key, sender, fault);
             }
         });
     }
