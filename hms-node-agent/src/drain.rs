@@ -54,6 +54,11 @@ impl Drain {
         let _ = rx.wait_for(|v| *v).await;
     }
 
+    /// True once shutdown has begun.
+    pub fn is_signaled(&self) -> bool {
+        *self.signal.borrow()
+    }
+
     pub fn guard(&self) -> DrainGuard {
         self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
         DrainGuard {

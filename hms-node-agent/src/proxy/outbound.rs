@@ -139,16 +139,17 @@ impl Outbound {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             let this = self.clone();
             let guard = drain.guard();
+            let drain = drain.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 this.stats.active.fetch_add(1, Ordering::Relaxed);
-                this.handle(stream, peer).await;
+                this.handle(stream, peer, drain).await;
                 this.stats.active.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr, drain: Drain) {
         let placement = match self.place(&client, peer) {
             Ok(p) => p,
             Err(refusal) => return self.refuse(client, peer, refusal),
@@ -180,6 +181,7 @@ impl Outbound {
                     caller_process: placement.process,
                     peer,
                 },
+                drain,
             )
             .await;
     }

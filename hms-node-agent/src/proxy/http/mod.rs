@@ -15,6 +15,12 @@
 //! 7. the whole exchange up to the response headers is bounded by the route timeout (504).
 //!
 //! Errors the mesh produces carry `x-hms-error` (see `errors`). This module never dials a VIP.
+//!
+//! When the agent drains (stop, upgrade hand-over) its callers see no error: an HTTP/1.1
+//! connection is never closed under a request that may be on its way; instead each
+//! response from then on says `Connection: close`, so the caller opens its next connection
+//! (to the successor) after reading it. An HTTP/2 connection gets hyper's graceful
+//! shutdown: GOAWAY, then a GOAWAY naming the last stream it will serve, which it serves.
 
 pub mod body;
 pub mod errors;
@@ -38,6 +44,7 @@ use tokio::net::TcpStream;
 use hms_ctl::api::ServiceInfo;
 use hms_ctl::spec::{RouteSpec, ServiceSpec};
 
+use crate::drain::Drain;
 use crate::registry::{Snapshot, Store};
 use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
@@ -148,10 +155,11 @@ impl HttpProxy {
         stream: TcpStream,
         version: Version,
         downstream: Downstream,
+        drain: Drain,
     ) {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        let conn = Arc::new(Conn::new(downstream));
+        let conn = Arc::new(Conn::new(downstream, drain.clone()));
         let this = self.clone();
         let conn2 = conn.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -172,13 +180,23 @@ impl HttpProxy {
                     .max_header_size(MAX_HEADER_BYTES)
                     .serve_connection(io, service)
                     .with_upgrades()
+                    // Not hyper's graceful_shutdown on drain: it closes an idle connection
+                    // at once, which races a request the caller is sending. Responses say
+                    // `Connection: close` instead (see `handle`).
                     .await
             }
             Version::Http2 => {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                tokio::pin!(served);
+                tokio::select! {
+                    r = served.as_mut() => r,
+                    _ = drain.signaled() => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                }
             }
         };
         if let Err(e) = result {
@@ -200,6 +218,7 @@ impl HttpProxy {
         let grpc = retry::is_grpc(req.headers());
         let trace_id = trace::ensure_trace_id(req.headers_mut());
         let method = req.method().clone();
+        let downstream_http1 = req.version() < hyper::Version::HTTP_2;
         // Copied, not kept: the request's own strings share hyper's read buffer, which a
         // tap ring would then hold on to.
         let path: Box<str> = req.uri().path().into();
@@ -271,6 +290,11 @@ impl HttpProxy {
         }
         resp.headers_mut()
             .insert(trace::TRACE_ID_HEADER, trace_id.as_header_value().clone());
+        if conn.drain.is_signaled() && downstream_http1 && status_of(&resp) != 101 {
+            // Draining: this is the connection's last response; the caller reconnects.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let status = resp.status().as_u16();
         tracing::debug!(
             trace_id = %trace_id, service = %ds.service, caller = %ds.caller, %method, %path,
@@ -688,6 +712,7 @@ impl HttpProxy {
 /// request needs, prepared once instead of per request.
 struct Conn {
     ds: Downstream,
+    drain: Drain,
     caller: Arc<str>,
     caller_process: Arc<str>,
     callee: Arc<str>,
@@ -695,9 +720,10 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(ds: Downstream) -> Conn {
+    fn new(ds: Downstream, drain: Drain) -> Conn {
         let caller = ds.caller.to_string();
         Conn {
+            drain,
             series: EdgeSeries::new(&caller, &ds.service),
             caller: caller.into(),
             caller_process: ds.caller_process.as_str().into(),
@@ -840,6 +866,10 @@ fn upstream_request(
     }
     *req.headers_mut() = headers;
     req
+}
+
+fn status_of<B>(resp: &Response<B>) -> u16 {
+    resp.status().as_u16()
 }
 
 fn downstream_response(resp: Response<upstream::PooledBody>) -> Response<ProxyBody> {
