@@ -161,6 +161,17 @@ impl TestAgent {
         }
     }
 
+    /// Runs `hms-svc --socket <ours> ARGS`: the seed chapter's name for hms-ctl (a link the
+    /// build puts next to it).
+    pub fn svc(&self, args: &[&str]) -> Output {
+        crate::tools::workspace_binary(bins::path("hms-svc"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running hms-svc")
+    }
+
     /// Runs `hms-ctl --socket <ours> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
         crate::tools::workspace_binary(bins::path("hms-ctl"))

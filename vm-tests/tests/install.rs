@@ -252,8 +252,23 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
         "usr/local/bin/",
         "usr/local/bin/hms-ctl",
         "usr/local/bin/hms-node-agent",
+        "usr/local/bin/hms-svc",
     ];
     assert_eq!(walk(root.path()), expected, "install output:\n{first}");
+    // The seed chapter's name for the CLI: a link, so both names run the same binary.
+    assert_eq!(
+        std::fs::read_link(root.path().join("usr/local/bin/hms-svc")).unwrap(),
+        std::path::Path::new("hms-ctl")
+    );
+    let svc_help = vm_tests::tools::workspace_binary(root.path().join("usr/local/bin/hms-svc"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&svc_help.stdout).contains("Usage: hms-svc"),
+        "{}",
+        describe(&svc_help)
+    );
     assert!(first.contains("not enabled: --root is not /"), "{first}");
     let config = root.path().join("etc/hms/agent.yaml");
     let text = std::fs::read_to_string(&config).unwrap();
