@@ -14,6 +14,7 @@ pub mod netns;
 pub mod nginx;
 pub mod ports;
 pub mod resolver;
+pub mod tools;
 
 /// True inside `cargo xtask vm-test`'s VM, where software emulation makes everything several
 /// times slower.
