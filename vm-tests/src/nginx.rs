@@ -7,7 +7,7 @@
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -71,7 +71,7 @@ http {{
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = Command::new("nginx")
+        let child = crate::tools::command("nginx")
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -103,6 +103,20 @@ http {{
 
     fn access_log_path(&self) -> PathBuf {
         self.dir.path().join("access.log")
+    }
+
+    /// The logged requests once there are at least `n` (nginx logs a request after its
+    /// response went out, so a client can finish before the last line is written), or
+    /// what there is after a generous wait.
+    pub fn wait_for_requests(&self, n: usize) -> Vec<(u64, u64, String, u16)> {
+        let started = Instant::now();
+        loop {
+            let seen = self.requests();
+            if seen.len() >= n || started.elapsed() > crate::slack(Duration::from_secs(10)) {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `(connection number, request number on it, method, status)` per logged request.

@@ -175,7 +175,7 @@ fn three_upgrades_under_http2_load_fail_no_request() {
     // h2 4.1 either: its state machine closes on the first GOAWAY and fails the PING that
     // a graceful two-step GOAWAY sends next.)
     let load = cg
-        .command(vm_tests::bins::path("h2-load"))
+        .binary(vm_tests::bins::path("h2-load"))
         .args([
             "http://ledger-svc.svc/entries",
             &secs.to_string(),

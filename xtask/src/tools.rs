@@ -248,6 +248,22 @@ pub const TOOLS: &[Tool] = &[
         true,
     ),
     deb(
+        "nginx",
+        Program,
+        "/usr/sbin/nginx",
+        "nginx",
+        "tests: a real HTTP/1.1 and h2c backend rotating its connections (keepalive_requests)",
+        true,
+    ),
+    deb(
+        "h2load",
+        Program,
+        "/usr/bin/h2load",
+        "nghttp2-client",
+        "tests: an unmodified HTTP/2 and HTTP/1.1 load generator (connection rotation)",
+        true,
+    ),
+    deb(
         "dig",
         Program,
         "/usr/bin/dig",
