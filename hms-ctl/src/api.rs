@@ -295,11 +295,34 @@ pub struct AgentStatus {
     /// Kernel flow records the ring buffer had no room for (TCP taps and flow metrics miss
     /// them).
     pub ringbuf_records_lost: u64,
+    /// The fd limit and the listeners' connection caps.
+    #[serde(default)]
+    pub limits: Option<LimitsInfo>,
     /// The sk_msg bypass between apps and the proxy.
     #[serde(default)]
     pub sk_msg: SkMsgInfo,
     /// Tap events live subscribers missed because they read too slowly.
     pub tap_events_lost: u64,
+}
+
+/// The agent's fd limit and what each listener may hold, for `status` (`limits`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LimitsInfo {
+    pub fd_limit: u64,
+    pub listeners: Vec<ListenerLimit>,
+    pub dns_forward_capacity: u64,
+    pub dns_forwards_dropped: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ListenerLimit {
+    pub listener: String,
+    pub cap: u64,
+    pub open: u64,
+    /// Idle connections closed to admit new ones.
+    pub shed: u64,
+    /// New connections closed at once (every open one busy).
+    pub refused: u64,
 }
 
 /// HTTP requests through the proxy since the agent started.

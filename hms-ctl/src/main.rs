@@ -594,6 +594,25 @@ fn print_status(s: &AgentStatus) {
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",
         s.ringbuf_records_lost, s.tap_events_lost
     );
+    if let Some(l) = &s.limits {
+        let per: Vec<String> = l
+            .listeners
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}/{} ({} shed, {} refused)",
+                    c.listener, c.open, c.cap, c.shed, c.refused
+                )
+            })
+            .collect();
+        println!(
+            "limits:      fd limit {}; connections open/cap: {}; DNS forwards {} at once, {} dropped",
+            l.fd_limit,
+            per.join(", "),
+            l.dns_forward_capacity,
+            l.dns_forwards_dropped
+        );
+    }
     let id = &s.identity;
     match (&id.spiffe_id, id.cert_not_after_unix) {
         (Some(spiffe), Some(exp)) => println!(

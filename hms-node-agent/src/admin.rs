@@ -22,6 +22,9 @@ use crate::registry::Store;
 
 /// A request line longer than this is refused (a spec is a few hundred bytes).
 const MAX_REQUEST: usize = 1 << 20;
+/// A connection that sends no request line for this long is closed (a successor taking
+/// over sends its confirmation well within it).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -43,6 +46,8 @@ pub struct Admin {
     pub socket_handed_over: Arc<std::sync::atomic::AtomicBool>,
     /// Where the listeners came from: `bound`, `systemd` or `hand-over`.
     pub listeners_origin: &'static str,
+    /// The agent's limits: the admin connection cap, and what `status` reports.
+    pub caps: Arc<crate::limits::Caps>,
 }
 
 /// The admin socket file as this agent bound it; removed on drop only if it is still ours
@@ -126,24 +131,44 @@ impl Admin {
                 },
                 _ = drain.signaled() => return Ok(()),
             };
+            let Some(slot) = self.caps.admin.admit() else {
+                tracing::warn!("admin connection cap reached with none idle; closing");
+                continue;
+            };
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = this.connection(stream).await {
-                    tracing::debug!("admin connection ended: {e:#}");
+                tokio::select! {
+                    r = this.connection(stream, &slot) => if let Err(e) = r {
+                        tracing::debug!("admin connection ended: {e:#}");
+                    },
+                    _ = slot.shed() => tracing::debug!("idle admin connection shed at the cap"),
                 }
             });
         }
     }
 
-    async fn connection(&self, stream: UnixStream) -> anyhow::Result<()> {
+    async fn connection(
+        &self,
+        stream: UnixStream,
+        slot: &crate::limits::ConnSlot,
+    ) -> anyhow::Result<()> {
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut raw = Vec::new();
+        let mut handing_over = false;
         loop {
             raw.clear();
-            if !read_line_limited(&mut reader, &mut raw, MAX_REQUEST).await? {
-                return Ok(());
+            slot.set_idle(!handing_over);
+            let read = read_line_limited(&mut reader, &mut raw, MAX_REQUEST);
+            match tokio::time::timeout(IDLE_TIMEOUT, read).await {
+                Ok(r) => {
+                    if !r? {
+                        return Ok(());
+                    }
+                }
+                Err(_) => anyhow::bail!("no request within {IDLE_TIMEOUT:?}; closing"),
             }
+            slot.set_idle(false);
             let line = String::from_utf8_lossy(&raw);
             if raw.len() <= MAX_REQUEST
                 && let Ok(Request::Handover) = serde_json::from_slice::<Request>(&raw)
@@ -157,6 +182,8 @@ impl Admin {
                     .map(|(n, f)| f.try_clone().map(|f| (n.clone(), f)))
                     .collect::<Result<_, _>>()?;
                 crate::handover::send_listeners(fd, &fds)?;
+                // The successor's confirmation comes on this connection: never shed it.
+                handing_over = true;
                 tracing::info!("handed the listeners to a successor; waiting for it to confirm");
                 continue;
             }
@@ -456,6 +483,7 @@ impl Admin {
             registry_health: Some(self.store.health()),
             peers,
             ringbuf_records_lost: self.redirector.ringbuf_drops(),
+            limits: Some(self.caps.status()),
             sk_msg: {
                 let stats = self.redirector.sk_msg_stats();
                 let described = self.redirector.describe();

@@ -42,6 +42,24 @@ pub async fn run(
     }
     // Name a missing kernel feature and the kernel that has it, before any verifier dump.
     crate::probe::check(&config)?;
+    // Every listener's cap is a share of the fd limit: raise it first.
+    let fd_limit = match crate::limits::raise_nofile() {
+        Ok(l) => {
+            tracing::info!(
+                soft_before = l.soft_before,
+                soft = l.soft,
+                hard = l.hard,
+                "file descriptor limit (RLIMIT_NOFILE) raised to the hard limit"
+            );
+            l.soft
+        }
+        Err(e) => {
+            let soft = crate::limits::current_nofile();
+            tracing::warn!(soft, "could not raise the file descriptor limit: {e}");
+            soft
+        }
+    };
+    let caps = Arc::new(crate::limits::Caps::for_fd_limit(fd_limit));
     let store: Arc<dyn Store> = match &config.registry {
         RegistryUrl::Embedded => Arc::new(EmbeddedStore::open(&config.state_dir, config.vip_cidr)?),
         RegistryUrl::Etcd(endpoints) => Arc::new(
@@ -142,6 +160,7 @@ pub async fn run(
         config.node_name.clone(),
         tap.clone(),
         metrics.clone(),
+        caps.outbound.clone(),
     ));
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
@@ -150,6 +169,7 @@ pub async fn run(
             mark: config.dns_mark,
         },
         stats: Default::default(),
+        caps: caps.clone(),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -166,6 +186,7 @@ pub async fn run(
         socket_handed_over: socket_file.handed_over.clone(),
         identity: identity.clone(),
         listeners_origin: origin,
+        caps: caps.clone(),
     });
     metrics.register_collector(Box::new(crate::metrics_state::collector(
         outbound.clone(),
@@ -183,6 +204,7 @@ pub async fn run(
         metrics.clone(),
         listeners.metrics,
         drain.clone(),
+        caps.metrics.clone(),
     ));
     if let Some(successor) = successor {
         // We serve on the shared listeners now; let the old agent drain and go.
@@ -231,7 +253,12 @@ pub async fn run(
                 store,
                 http: outbound.http.clone(),
             });
-            let server = crate::tunnel::InboundServer::new(&tls, policy)?;
+            let server = crate::tunnel::InboundServer::new_limited(
+                &tls,
+                policy,
+                caps.inbound_handshakes,
+                caps.inbound.clone(),
+            )?;
             tracing::info!(id = %tls.spiffe_id(), "serving other hosts' tunnels");
             server.serve(inbound_listener, drain).await
         });

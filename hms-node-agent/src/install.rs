@@ -470,6 +470,9 @@ pub fn render_service(s: &UnitSettings) -> String {
          CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN\n\
          AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN\n\
          LimitMEMLOCK=infinity\n\
+         # systemd's default is 1024 soft: the agent raises its soft limit to this hard one at\n\
+         # start and gives each listener a share of it (see `hms-ctl status`, limits).\n\
+         LimitNOFILE=524288\n\
          \n\
          # Hardening that leaves bpf(2), bpffs and cgroupfs usable. Not used on purpose:\n\
          #   ProtectKernelTunables, ProtectControlGroups  make /sys/fs/bpf or /sys/fs/cgroup read-only\n\

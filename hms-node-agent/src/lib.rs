@@ -36,6 +36,7 @@ pub mod flow_feed;
 pub mod handover;
 pub mod identity;
 pub mod install;
+pub mod limits;
 pub mod listeners;
 pub mod mesh_identity;
 pub mod mesh_node;

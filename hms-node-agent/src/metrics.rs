@@ -290,11 +290,17 @@ impl Collector for StateCollector {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until drained.
+/// A scraper must send its request within this time of connecting.
+pub const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` on `listener` until drained. One request per connection (no
+/// keep-alive: an idle scraper connection holds nothing), its head within
+/// [`METRICS_HEADER_TIMEOUT`], at most `cap` connections (the oldest idle one is shed).
 pub async fn serve(
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
     drain: crate::drain::Drain,
+    cap: Arc<crate::limits::ConnCap>,
 ) -> anyhow::Result<()> {
     loop {
         let (stream, _) = tokio::select! {
@@ -308,11 +314,17 @@ pub async fn serve(
             },
             _ = drain.signaled() => return Ok(()),
         };
+        let Some(slot) = cap.admit() else {
+            tracing::warn!("metrics connection cap reached with none idle; closing");
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let idle = slot.idle_flag();
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
+                    idle.set(false);
                     async move {
                         let resp = if req.uri().path() == "/metrics" {
                             match metrics.render() {
@@ -338,9 +350,15 @@ pub async fn serve(
                         Ok::<_, hyper::http::Error>(resp.unwrap_or_default())
                     }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = served => {}
+                _ = slot.shed() => {}
+            }
         });
     }
 }

@@ -116,6 +116,59 @@ pub fn collector(
         labels: vec![],
         read: Box::new(move || o.http.stats.bad_requests.load(Ordering::Relaxed)),
     });
+    let limits = dns.caps.clone();
+    for (i, cap) in limits.listeners().iter().enumerate() {
+        let listener = labels(&[("listener", cap.name)]);
+        let l = limits.clone();
+        readings.push(ReadingSpec {
+            name: "listener_connections".into(),
+            help: "Connections a listener holds now, under its cap (hms_listener_connection_cap)"
+                .into(),
+            counter: false,
+            labels: listener.clone(),
+            read: Box::new(move || l.listeners()[i].open() as u64),
+        });
+        let l = limits.clone();
+        readings.push(ReadingSpec {
+            name: "listener_connection_cap".into(),
+            help: "Connections a listener may hold (a share of the fd limit)".into(),
+            counter: false,
+            labels: listener.clone(),
+            read: Box::new(move || l.listeners()[i].max() as u64),
+        });
+        let l = limits.clone();
+        readings.push(ReadingSpec {
+            name: "listener_connections_shed".into(),
+            help: "Idle connections a listener at its cap closed to admit a new one".into(),
+            counter: true,
+            labels: listener.clone(),
+            read: Box::new(move || l.listeners()[i].shed.load(Ordering::Relaxed)),
+        });
+        let l = limits.clone();
+        readings.push(ReadingSpec {
+            name: "listener_connections_refused".into(),
+            help: "New connections a listener at its cap closed at once (none idle to shed)".into(),
+            counter: true,
+            labels: listener,
+            read: Box::new(move || l.listeners()[i].refused.load(Ordering::Relaxed)),
+        });
+    }
+    let l = limits.clone();
+    readings.push(ReadingSpec {
+        name: "dns_forwards_dropped".into(),
+        help: "Forwarded DNS queries dropped because the bounded forward pool was full".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || l.dns_forwards_dropped.load(Ordering::Relaxed)),
+    });
+    let l = limits.clone();
+    readings.push(ReadingSpec {
+        name: "fd_limit".into(),
+        help: "The agent's file descriptor limit (RLIMIT_NOFILE soft, raised to the hard one at start)".into(),
+        counter: false,
+        labels: vec![],
+        read: Box::new(move || l.fd_limit),
+    });
     let o = outbound.clone();
     readings.push(ReadingSpec {
         name: "upstream_unprocessed".into(),

@@ -29,6 +29,9 @@ pub struct TestAgent {
     /// Run the agent process inside `cgroup` (as with the default cgroup v2 root), so its own
     /// sockets are seen by the hooks (the sk_msg bypass needs that).
     pub inside_cgroup: bool,
+    /// Start the agent with this soft and hard `RLIMIT_NOFILE` (systemd's default soft
+    /// limit is 1024; the hard one too, so the agent's raise cannot escape the test).
+    pub fd_limit: Option<u64>,
     /// Holds state dir, socket and log; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -41,7 +44,12 @@ impl TestAgent {
 
     /// Like [`TestAgent::start`], with the agent process itself inside `cgroup`.
     pub fn start_inside(cgroup: &Path, extra_args: Vec<String>) -> anyhow::Result<TestAgent> {
-        Self::configure(cgroup, None, extra_args, true)
+        Self::configure(cgroup, None, extra_args, true, None)
+    }
+
+    /// Like [`TestAgent::start`], with soft and hard `RLIMIT_NOFILE` set to `limit`.
+    pub fn start_with_fd_limit(cgroup: &Path, limit: u64) -> anyhow::Result<TestAgent> {
+        Self::configure(cgroup, None, Vec::new(), false, Some(limit))
     }
 
     /// Like [`TestAgent::start`], inside network namespace `netns` and with more flags.
@@ -50,7 +58,7 @@ impl TestAgent {
         netns: Option<&str>,
         extra_args: Vec<String>,
     ) -> anyhow::Result<TestAgent> {
-        Self::configure(cgroup, netns, extra_args, false)
+        Self::configure(cgroup, netns, extra_args, false, None)
     }
 
     fn configure(
@@ -58,6 +66,7 @@ impl TestAgent {
         netns: Option<&str>,
         extra_args: Vec<String>,
         inside_cgroup: bool,
+        fd_limit: Option<u64>,
     ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
@@ -81,6 +90,7 @@ impl TestAgent {
             netns: netns.map(str::to_string),
             extra_args,
             inside_cgroup,
+            fd_limit,
             dir,
         };
         agent.spawn()?;
@@ -113,6 +123,22 @@ impl TestAgent {
             }
             None => crate::tools::workspace_binary(bins::path("hms-node-agent")),
         };
+        if let Some(limit) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads only `lim`, prepared before fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .args(["run", "--cgroup"])
             .arg(&self.cgroup)

@@ -2,6 +2,9 @@
 //! `*.svc` is answered from the registry, everything else is forwarded verbatim to the
 //! resolver the caller asked. Nothing a caller sends may stop it: every message is handled in
 //! its own task and every failure is logged and answered (SERVFAIL/FORMERR) or dropped.
+//! What it may hold is bounded (`limits`): DNS-over-TCP connections by a cap that sheds the
+//! oldest idle one, forwarded queries by a pool (a query without a slot is dropped and
+//! counted, as a lost datagram would be).
 
 pub mod answer;
 pub mod upstream;
@@ -65,6 +68,7 @@ pub struct DnsResponder {
     pub origins: Arc<dyn OriginalDestinations>,
     pub upstream: Upstream,
     pub stats: DnsStats,
+    pub caps: Arc<crate::limits::Caps>,
 }
 
 impl DnsResponder {
@@ -125,6 +129,10 @@ impl DnsResponder {
                 let max_udp = Message::from_vec(query)
                     .map(|m| usize::from(m.max_payload()))
                     .unwrap_or(512);
+                let Some(_slot) = self.forward_slot() else {
+                    tracing::debug!(%peer, "DNS forward pool full; query dropped");
+                    return None;
+                };
                 match self.resolve_upstream(upstream, local) {
                     Some(server) => match self.upstream.forward_udp(server, query, max_udp).await {
                         Ok(r) => Some(r),
@@ -137,6 +145,17 @@ impl DnsResponder {
                 }
             }
         }
+    }
+
+    /// A place in the bounded pool of forwarded queries, or `None` (counted) when full.
+    fn forward_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let slot = self.caps.dns_forwards.try_acquire().ok();
+        if slot.is_none() {
+            self.caps
+                .dns_forwards_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        slot
     }
 
     /// The caller's resolver, else the system's, never ourselves.
@@ -187,18 +206,30 @@ impl DnsResponder {
                 },
                 _ = drain.signaled() => return Ok(()),
             };
+            let Some(slot) = self.caps.dns_tcp.admit() else {
+                tracing::warn!(%peer, "DNS TCP connection cap reached with none idle; closing");
+                continue;
+            };
             let this = self.clone();
             let guard = drain.guard();
             tokio::spawn(async move {
                 let _guard = guard;
-                if let Err(e) = this.handle_tcp(stream, peer).await {
-                    tracing::debug!(%peer, "DNS TCP connection ended: {e:#}");
+                tokio::select! {
+                    r = this.handle_tcp(stream, peer, &slot) => if let Err(e) = r {
+                        tracing::debug!(%peer, "DNS TCP connection ended: {e:#}");
+                    },
+                    _ = slot.shed() => tracing::debug!(%peer, "idle DNS TCP connection shed at the cap"),
                 }
             });
         }
     }
 
-    async fn handle_tcp(&self, mut stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+    async fn handle_tcp(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        slot: &crate::limits::ConnSlot,
+    ) -> anyhow::Result<()> {
         let local = stream.local_addr()?;
         let upstream = match (peer, local) {
             (SocketAddr::V4(p), SocketAddr::V4(l)) => self
@@ -214,6 +245,7 @@ impl DnsResponder {
         // An idle or slow client must not hold a task forever.
         let idle = std::time::Duration::from_secs(10);
         loop {
+            slot.set_idle(true);
             let mut len = [0u8; 2];
             match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
                 Ok(Ok(_)) => {}
@@ -221,6 +253,7 @@ impl DnsResponder {
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => return Ok(()),
             }
+            slot.set_idle(false);
             let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
             tokio::time::timeout(idle, stream.read_exact(&mut query))
                 .await
@@ -230,14 +263,19 @@ impl DnsResponder {
             let reply = match decision {
                 Decision::Reply(r) => Some(r),
                 Decision::Drop => None,
-                Decision::Forward => match self.resolve_upstream(upstream, local_v4) {
-                    Some(server) => match self.upstream.forward_tcp(server, &query).await {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            tracing::warn!(%peer, %server, "DNS forward over TCP failed: {e:#}");
-                            self.servfail(&query)
+                Decision::Forward => match self
+                    .forward_slot()
+                    .and_then(|slot| Some((slot, self.resolve_upstream(upstream, local_v4)?)))
+                {
+                    Some((_slot, server)) => {
+                        match self.upstream.forward_tcp(server, &query).await {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                tracing::warn!(%peer, %server, "DNS forward over TCP failed: {e:#}");
+                                self.servfail(&query)
+                            }
                         }
-                    },
+                    }
                     None => self.servfail(&query),
                 },
             };

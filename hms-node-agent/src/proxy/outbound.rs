@@ -54,6 +54,8 @@ pub struct Outbound {
     pub origins: Arc<dyn OriginalDestinations>,
     pub http: Arc<HttpProxy>,
     pub stats: ProxyStats,
+    /// How many caller connections it may hold (`limits`).
+    pub cap: Arc<crate::limits::ConnCap>,
     /// Round-robin position for opaque TCP (HTTP is balanced per request in `http`).
     next: AtomicUsize,
 }
@@ -106,6 +108,7 @@ impl Outbound {
         local_node: String,
         tap: Arc<crate::tap::TapHub>,
         metrics: Arc<crate::metrics::Metrics>,
+        cap: Arc<crate::limits::ConnCap>,
     ) -> Outbound {
         Outbound {
             http: Arc::new(HttpProxy::new(
@@ -118,6 +121,7 @@ impl Outbound {
             store,
             origins,
             stats: ProxyStats::default(),
+            cap,
             next: AtomicUsize::new(0),
         }
     }
@@ -137,19 +141,34 @@ impl Outbound {
                 _ = drain.signaled() => return Ok(()),
             };
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.cap.admit() else {
+                // Every connection is busy: this one is closed at once (counted by the cap).
+                tracing::warn!(%peer, "outbound connection cap ({}) reached with none idle; closing", self.cap.max());
+                continue;
+            };
             let this = self.clone();
             let guard = drain.guard();
             let drain = drain.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 this.stats.active.fetch_add(1, Ordering::Relaxed);
-                this.handle(stream, peer, drain).await;
+                tokio::select! {
+                    _ = this.handle(stream, peer, drain, slot.idle_flag()) => {}
+                    // Shed to admit a newer connection: dropping the work closes this one.
+                    _ = slot.shed() => tracing::debug!(%peer, "idle connection shed at the cap"),
+                }
                 this.stats.active.fetch_sub(1, Ordering::Relaxed);
             });
         }
     }
 
-    async fn handle(&self, client: TcpStream, peer: SocketAddr, drain: Drain) {
+    async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        drain: Drain,
+        idle: crate::limits::IdleFlag,
+    ) {
         let placement = match self.place(&client, peer) {
             Ok(p) => p,
             Err(refusal) => return self.refuse(client, peer, refusal),
@@ -168,7 +187,11 @@ impl Outbound {
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
             Protocol::Http2 => Version::Http2,
-            Protocol::Opaque => return self.splice_opaque(client, peer, placement).await,
+            Protocol::Opaque => {
+                // A byte stream is never idle as far as the cap can tell.
+                idle.set(false);
+                return self.splice_opaque(client, peer, placement).await;
+            }
         };
         self.http
             .clone()
@@ -182,6 +205,7 @@ impl Outbound {
                     peer,
                 },
                 drain,
+                idle,
             )
             .await;
     }

@@ -100,6 +100,8 @@ pub struct InboundServer<P> {
     stats: Stats,
     handshakes: Arc<Semaphore>,
     handshake_timeout: Duration,
+    /// Established connections this server may hold (`limits`); none in unit tests.
+    conns: Option<Arc<crate::limits::ConnCap>>,
 }
 
 impl<P: InboundPolicy> InboundServer<P> {
@@ -119,6 +121,26 @@ impl<P: InboundPolicy> InboundServer<P> {
             stats: Stats::default(),
             handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             handshake_timeout,
+            conns: None,
+        }))
+    }
+
+    /// Like [`InboundServer::new`], within the agent's limits: at most `handshakes` TLS
+    /// handshakes pending and `conns` established connections (a full cap refuses new
+    /// ones: established peers are mesh nodes, never shed).
+    pub fn new_limited(
+        tls: &TlsIdentity,
+        policy: Arc<P>,
+        handshakes: usize,
+        conns: Arc<crate::limits::ConnCap>,
+    ) -> Result<Arc<Self>, IdentityError> {
+        Ok(Arc::new(Self {
+            acceptor: TlsAcceptor::from(tls.server_config()?),
+            policy,
+            stats: Stats::default(),
+            handshakes: Arc::new(Semaphore::new(handshakes.min(MAX_PENDING_HANDSHAKES))),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            conns: Some(conns),
         }))
     }
 
@@ -155,6 +177,19 @@ impl<P: InboundPolicy> InboundServer<P> {
             self.stats
                 .connections_accepted
                 .fetch_add(1, Ordering::Relaxed);
+            let slot = match &self.conns {
+                None => None,
+                Some(cap) => match cap.admit() {
+                    Some(slot) => Some(slot),
+                    None => {
+                        tracing::warn!(%from, "inbound: connection cap reached; closing");
+                        continue;
+                    }
+                },
+            };
+            if let Some(slot) = &slot {
+                slot.set_idle(false);
+            }
             let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
                 self.stats
                     .handshakes_refused
@@ -167,6 +202,7 @@ impl<P: InboundPolicy> InboundServer<P> {
             let guard = drain.guard();
             connections.spawn(async move {
                 let _guard = guard;
+                let _slot = slot;
                 this.serve_connection(tcp, from, permit, drain).await;
             });
         }

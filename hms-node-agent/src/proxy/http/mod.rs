@@ -156,10 +156,11 @@ impl HttpProxy {
         version: Version,
         downstream: Downstream,
         drain: Drain,
+        idle: crate::limits::IdleFlag,
     ) {
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        let conn = Arc::new(Conn::new(downstream, drain.clone()));
+        let conn = Arc::new(Conn::new(downstream, drain.clone(), idle));
         let this = self.clone();
         let conn2 = conn.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -212,6 +213,7 @@ impl HttpProxy {
     }
 
     async fn handle(&self, mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+        conn.request_started();
         let ds = &conn.ds;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -330,6 +332,7 @@ impl HttpProxy {
             event.response_bytes = response_bytes;
             event.request_bytes = replay.map_or(0, |r| r.bytes_seen());
             conn.series.record(&metrics, status, started);
+            conn.request_ended();
             tap.publish_http(event);
         });
         Response::from_parts(parts, body.boxed())
@@ -713,6 +716,9 @@ impl HttpProxy {
 struct Conn {
     ds: Downstream,
     drain: Drain,
+    /// Requests whose response body has not ended; none means idle for the cap.
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: crate::limits::IdleFlag,
     caller: Arc<str>,
     caller_process: Arc<str>,
     callee: Arc<str>,
@@ -720,10 +726,24 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(ds: Downstream, drain: Drain) -> Conn {
+    fn request_started(&self) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.idle.set(false);
+        }
+    }
+
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.set(true);
+        }
+    }
+
+    fn new(ds: Downstream, drain: Drain, idle: crate::limits::IdleFlag) -> Conn {
         let caller = ds.caller.to_string();
         Conn {
             drain,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            idle,
             series: EdgeSeries::new(&caller, &ds.service),
             caller: caller.into(),
             caller_process: ds.caller_process.as_str().into(),

@@ -1,0 +1,164 @@
+//! User story: an unprivileged local user who opens as many connections as they can to
+//! every listener of the agent cannot stop a `.svc` call or a DNS lookup, even with the
+//! agent held to systemd's default 1024 file descriptors; `/metrics` shows the shedding.
+//! Real agent, real kernel redirect, the attacker a real process running as `nobody`.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use vm_tests::agent::TestAgent;
+use vm_tests::backend::Backend;
+use vm_tests::cgroup::TestCgroup;
+use vm_tests::client::{curl, tail};
+
+/// Opens connections round-robin to every `host:port` given until 4000 are open or 15 s
+/// have passed, prints how many, then keeps opening more (so that any descriptor the agent
+/// frees is taken again at once) until stdin closes, holding every one.
+const HOG: &str = r#"
+import resource, socket, sys, time, json, select
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+targets = [(a.rsplit(':', 1)[0], int(a.rsplit(':', 1)[1])) for a in sys.argv[1:]]
+held, failed = [], 0
+start = time.monotonic()
+while len(held) < 4000 and time.monotonic() - start < 15 and failed < 2000:
+    for t in targets:
+        s = socket.socket()
+        s.settimeout(1)
+        try:
+            s.connect(t)
+            held.append(s)
+        except OSError:
+            failed += 1
+            s.close()
+print(json.dumps({"opened": len(held), "failed": failed}), flush=True)
+while len(held) < 15000:
+    if select.select([sys.stdin], [], [], 0.005)[0]:
+        break
+    for t in targets:
+        s = socket.socket()
+        s.settimeout(0.2)
+        try:
+            s.connect(t)
+            held.append(s)
+        except OSError:
+            s.close()
+sys.stdin.read()
+"#;
+
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_local_user_holding_every_listener_cannot_stop_svc_calls_or_dns_lookups() {
+    let cg = TestCgroup::new("hostile").unwrap();
+    let agent = TestAgent::start_with_fd_limit(cg.path(), 1024).unwrap();
+    let backend = Backend::start("steady-svc", 0).unwrap();
+    agent.deploy("steady-svc", backend.addr.port()).unwrap();
+    let log = agent.log();
+    assert!(
+        log.contains("RLIMIT_NOFILE") && log.contains("1024"),
+        "the agent logs its fd limit: {}",
+        tail(&log, 20)
+    );
+
+    // The attacker: not in the meshed cgroup, running as nobody, at every TCP listener.
+    let targets = [agent.outbound, agent.dns, agent.metrics].map(|a| a.to_string());
+    let mut hog = vm_tests::tools::command("python3");
+    hog.args(["-c", HOG])
+        .args(&targets)
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut hog = hog.spawn().expect("python3");
+    let mut first_line = Vec::new();
+    let mut out = hog.stdout.take().unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    while !first_line.ends_with(b"\n") {
+        assert!(
+            started.elapsed() < vm_tests::slack(Duration::from_secs(60)),
+            "the attacker never finished opening"
+        );
+        if out.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        first_line.push(byte[0]);
+    }
+    let opened: serde_json::Value = serde_json::from_slice(&first_line).expect("hog summary");
+    eprintln!("MEASURED: the attacker opened {opened}");
+    assert!(
+        opened["opened"].as_u64().unwrap_or(0) >= 1000,
+        "the attacker must really try: {opened}"
+    );
+
+    // While it holds what it could: a .svc call (DNS over UDP, then the outbound proxy) and
+    // a DNS lookup over TCP (the capped DNS listener), both from inside the cgroup.
+    for i in 0..5 {
+        let r = curl(
+            cg.command("curl"),
+            Duration::from_secs(10),
+            &[&format!("http://steady-svc.svc/under-attack/{i}")],
+        );
+        assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 30));
+    }
+    let dig = cg
+        .command("dig")
+        .args([
+            "@127.0.0.53",
+            "steady-svc.svc",
+            "A",
+            "+tcp",
+            "+short",
+            "+tries=1",
+            "+time=5",
+        ])
+        .output()
+        .expect("dig");
+    let answer = String::from_utf8_lossy(&dig.stdout);
+    assert!(
+        answer.trim().starts_with("127.77."),
+        "DNS over TCP answered the VIP: {answer:?} {}",
+        String::from_utf8_lossy(&dig.stderr)
+    );
+
+    // The scrape itself gets through (it sheds the oldest idle attacker connection).
+    let metrics = vm_tests::tools::command("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/metrics", agent.metrics))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let shed_dns = metric(
+        &text,
+        "hms_listener_connections_shed_total{listener=\"dns_tcp\"}",
+    );
+    let shed_metrics = metric(
+        &text,
+        "hms_listener_connections_shed_total{listener=\"metrics\"}",
+    );
+    let dns_open = metric(&text, "hms_listener_connections{listener=\"dns_tcp\"}");
+    let dns_cap = metric(&text, "hms_listener_connection_cap{listener=\"dns_tcp\"}");
+    eprintln!(
+        "MEASURED: shed dns_tcp {shed_dns}, metrics {shed_metrics}; dns_tcp open {dns_open} of {dns_cap}; fd limit {}",
+        metric(&text, "hms_fd_limit")
+    );
+    assert_eq!(metric(&text, "hms_fd_limit"), 1024, "{text}");
+    assert!(shed_dns > 0 && shed_metrics > 0, "{text}");
+    assert!(dns_open <= dns_cap, "{text}");
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert_eq!(status["limits"]["fd_limit"], 1024, "{status}");
+
+    drop(hog.stdin.take());
+    let _ = hog.kill();
+    let _ = hog.wait();
+}
