@@ -170,6 +170,7 @@ pub async fn run(
         },
         stats: Default::default(),
         caps: caps.clone(),
+        local_only: (!config.dns.ip().is_loopback()).then(crate::dns::LocalClients::default),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),

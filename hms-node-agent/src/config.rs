@@ -54,10 +54,20 @@ pub struct RunArgs {
     /// DNS responder, UDP and TCP [default: 127.0.0.1:15053].
     #[arg(long)]
     pub dns: Option<SocketAddrV4>,
+    /// Let `--dns` bind an address other than loopback (e.g. a bridge address containers
+    /// use). Even then only clients from this host's own addresses are answered, so the
+    /// agent never becomes an open resolver or amplifier [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub dns_allow_remote: Option<bool>,
     /// Inbound mTLS listener for other hosts' agents (cross-host transport, not built yet)
     /// [default: 0.0.0.0:15008].
     #[arg(long)]
     pub inbound: Option<SocketAddr>,
+    /// The inbound address other hosts dial, published in this host's node record
+    /// [default: --inbound; with an unspecified IP (0.0.0.0) the address of the interface
+    /// this host reaches the registry through].
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
     /// Prometheus metrics listener [default: 127.0.0.1:15090].
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -121,6 +131,8 @@ impl RunArgs {
             vip_cidr: self.vip_cidr.or(base.vip_cidr),
             outbound: self.outbound.or(base.outbound),
             dns: self.dns.or(base.dns),
+            dns_allow_remote: self.dns_allow_remote.or(base.dns_allow_remote),
+            advertise: self.advertise.or(base.advertise),
             inbound: self.inbound.or(base.inbound),
             metrics: self.metrics.or(base.metrics),
             registry: self.registry.or(base.registry),
@@ -145,7 +157,9 @@ pub struct AgentConfig {
     pub vip_cidr: Ipv4Cidr,
     pub outbound: SocketAddrV4,
     pub dns: SocketAddrV4,
+    pub dns_allow_remote: bool,
     pub inbound: SocketAddr,
+    pub advertise: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub registry: RegistryUrl,
     pub dns_mark: u32,
@@ -186,6 +200,8 @@ impl AgentConfig {
             dns: args
                 .dns
                 .unwrap_or(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053)),
+            dns_allow_remote: args.dns_allow_remote.unwrap_or(false),
+            advertise: args.advertise,
             inbound: args
                 .inbound
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 15008))),
@@ -222,6 +238,12 @@ impl AgentConfig {
             bail!(
                 "--vip-cidr {} is too small; use a /30 or larger",
                 self.vip_cidr
+            );
+        }
+        if !self.dns.ip().is_loopback() && !self.dns_allow_remote {
+            bail!(
+                "--dns {} is not a loopback address: other hosts could use the agent as an open resolver. Keep it on 127.0.0.1, or add --dns-allow-remote (then only this host's own addresses are answered)",
+                self.dns
             );
         }
         if self.dns.port() == hms_ebpf::DNS_PORT {

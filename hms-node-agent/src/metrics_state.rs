@@ -153,6 +153,18 @@ pub fn collector(
             read: Box::new(move || l.listeners()[i].refused.load(Ordering::Relaxed)),
         });
     }
+    let d = dns.clone();
+    readings.push(ReadingSpec {
+        name: "dns_remote_refused".into(),
+        help: "DNS queries and connections from other hosts, dropped (--dns bound off loopback with --dns-allow-remote answers this host only)".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || {
+            d.local_only
+                .as_ref()
+                .map_or(0, |l| l.refused.load(Ordering::Relaxed))
+        }),
+    });
     let l = limits.clone();
     readings.push(ReadingSpec {
         name: "dns_forwards_dropped".into(),

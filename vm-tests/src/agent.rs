@@ -47,6 +47,17 @@ impl TestAgent {
         Self::configure(cgroup, None, extra_args, true, None)
     }
 
+    /// Like [`TestAgent::start_with`], with the DNS responder on `dns` (e.g. a test host's
+    /// bridge address, with `--dns-allow-remote` in `extra_args`).
+    pub fn start_with_dns(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+        dns: SocketAddrV4,
+    ) -> anyhow::Result<TestAgent> {
+        Self::configure_with(cgroup, netns, extra_args, false, None, Some(dns))
+    }
+
     /// Like [`TestAgent::start`], with soft and hard `RLIMIT_NOFILE` set to `limit`.
     pub fn start_with_fd_limit(cgroup: &Path, limit: u64) -> anyhow::Result<TestAgent> {
         Self::configure(cgroup, None, Vec::new(), false, Some(limit))
@@ -68,6 +79,17 @@ impl TestAgent {
         inside_cgroup: bool,
         fd_limit: Option<u64>,
     ) -> anyhow::Result<TestAgent> {
+        Self::configure_with(cgroup, netns, extra_args, inside_cgroup, fd_limit, None)
+    }
+
+    fn configure_with(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+        inside_cgroup: bool,
+        fd_limit: Option<u64>,
+        dns: Option<SocketAddrV4>,
+    ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
             .prefix("hms-test-agent-")
@@ -78,7 +100,7 @@ impl TestAgent {
             cgroup: cgroup.to_path_buf(),
             socket: dir.path().join("agent.sock"),
             outbound: ports::free_addr(),
-            dns: ports::free_addr(),
+            dns: dns.unwrap_or_else(ports::free_addr),
             metrics: ports::free_addr(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/hms-test-{}-{n}", std::process::id())),
             vip_cidr: "127.77.0.0/16".into(),

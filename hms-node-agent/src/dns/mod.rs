@@ -9,9 +9,10 @@
 pub mod answer;
 pub mod upstream;
 
-use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
@@ -69,6 +70,51 @@ pub struct DnsResponder {
     pub upstream: Upstream,
     pub stats: DnsStats,
     pub caps: Arc<crate::limits::Caps>,
+    /// Set when `--dns` is bound off loopback (`--dns-allow-remote`): queries from
+    /// anywhere but this host's own addresses are dropped, never answered.
+    pub local_only: Option<LocalClients>,
+}
+
+/// This host's own addresses (loopback and every interface's), to tell local clients from
+/// remote ones. Addresses come and go: the list is read again at most every 5 s.
+#[derive(Default)]
+pub struct LocalClients {
+    cache: Mutex<Option<(Instant, Vec<IpAddr>)>>,
+    /// Queries and connections from other hosts, dropped.
+    pub refused: AtomicU64,
+}
+
+const LOCAL_ADDRS_TTL: Duration = Duration::from_secs(5);
+
+impl LocalClients {
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        if ip.is_loopback() {
+            return true;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = cache
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() > LOCAL_ADDRS_TTL);
+        if stale {
+            let addrs = nix::ifaddrs::getifaddrs()
+                .map(|ifs| {
+                    ifs.filter_map(|i| i.address)
+                        .filter_map(|a| {
+                            a.as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            *cache = Some((Instant::now(), addrs));
+        }
+        let local = cache.as_ref().is_some_and(|(_, a)| a.contains(&ip));
+        if !local {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        local
+    }
 }
 
 impl DnsResponder {
@@ -92,6 +138,12 @@ impl DnsResponder {
                 },
                 _ = drain.signaled() => return Ok(()),
             };
+            if let Some(local) = &self.local_only
+                && !local.is_local(peer.ip())
+            {
+                tracing::debug!(%peer, "DNS query from another host dropped (--dns-allow-remote answers this host only)");
+                continue;
+            }
             let query = buf[..n].to_vec();
             let this = self.clone();
             let sock = sock.clone();
@@ -206,6 +258,12 @@ impl DnsResponder {
                 },
                 _ = drain.signaled() => return Ok(()),
             };
+            if let Some(local) = &self.local_only
+                && !local.is_local(peer.ip())
+            {
+                tracing::debug!(%peer, "DNS TCP connection from another host closed (--dns-allow-remote answers this host only)");
+                continue;
+            }
             let Some(slot) = self.caps.dns_tcp.admit() else {
                 tracing::warn!(%peer, "DNS TCP connection cap reached with none idle; closing");
                 continue;
