@@ -174,9 +174,19 @@ const KEYS: &[Key] = &[
         default: "127.0.0.1:15053",
     },
     Key {
+        name: "dns-allow-remote",
+        doc: "Let dns bind off loopback; even then only this host's own addresses are answered.",
+        default: "false",
+    },
+    Key {
         name: "inbound",
         doc: "Inbound mTLS listener for other hosts (also in hms-node-agent-inbound.socket).",
         default: "0.0.0.0:15008",
+    },
+    Key {
+        name: "advertise",
+        doc: "Inbound address other hosts dial, published in the node record.",
+        default: "inbound; 0.0.0.0 becomes the address of the interface that reaches the registry",
     },
     Key {
         name: "metrics",
@@ -230,7 +240,9 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "vip-cidr" => args.vip_cidr.as_ref().map(s),
         "outbound" => args.outbound.as_ref().map(s),
         "dns" => args.dns.as_ref().map(s),
+        "dns-allow-remote" => args.dns_allow_remote.map(|b| b.to_string()),
         "inbound" => args.inbound.as_ref().map(s),
+        "advertise" => args.advertise.as_ref().map(s),
         "metrics" => args.metrics.as_ref().map(s),
         "registry" => args.registry.as_ref().map(s),
         "dns-mark" => args.dns_mark.map(|m| format!("{m:#x}")),
@@ -1240,6 +1252,9 @@ mod tests {
             "--join-token",
             "hms1.abc",
             "--sk-msg-bypass=false",
+            "--dns-allow-remote",
+            "--advertise",
+            "10.0.0.7:25008",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
