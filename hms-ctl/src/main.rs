@@ -10,6 +10,13 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo, TapFilter};
 use hms_ctl::client;
 
+/// `println!` for everything hms-ctl shows: what the agent reports may carry a caller's or
+/// another host's bytes, so control characters are escaped (newlines hms-ctl wrote stay).
+macro_rules! say {
+    () => { println!() };
+    ($($t:tt)*) => { println!("{}", hms_ctl::escape::lines(&format!($($t)*))) };
+}
+
 mod run;
 mod tap;
 use hms_ctl::spec::{RateLimit, RouteSpec};
@@ -260,7 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let data = client::call(&socket, &Request::Upgrade).await?;
             let successor = data["successor_pid"].as_u64().unwrap_or(0);
             if *no_wait {
-                println!("upgrade started: successor pid {successor}");
+                say!("upgrade started: successor pid {successor}");
                 return Ok(());
             }
             // Done when the socket answers from the successor.
@@ -270,9 +277,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     && let Ok(now) = serde_json::from_value::<AgentStatus>(v)
                     && now.pid != before.pid
                 {
-                    println!(
+                    say!(
                         "upgraded: agent pid {} -> {} (listeners handed over; the old agent drains and exits)",
-                        before.pid, now.pid
+                        before.pid,
+                        now.pid
                     );
                     return Ok(());
                 }
@@ -293,18 +301,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            println!(
+            say!(
                 "this host is the mesh's CA for trust domain `{trust_domain}`; its identity is {}",
                 v["spiffe_id"].as_str().unwrap_or("?")
             );
-            println!(
+            say!(
                 "next, for each other host: `hms-ctl node token create --node NAME` here, then start that host's agent with --registry (the same etcd) and --join-token TOKEN"
             );
             return Ok(());
         }
         Command::Ca(CaCommand::Rotate) => {
             client::call(&socket, &Request::CaRotate).await?;
-            println!(
+            say!(
                 "rotation started: a new root is trusted beside the old one; every host renews onto it, then the old root is retired (watch `hms-ctl status`)"
             );
             return Ok(());
@@ -319,9 +327,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{}", v["token"].as_str().unwrap_or_default());
+                say!("{}", v["token"].as_str().unwrap_or_default());
                 eprintln!(
                     "single use, valid for {}s{}; start the joining host's agent with --join-token <the line above>",
                     ttl.as_secs(),
@@ -378,21 +386,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let data = client::call(&socket, &request).await?;
     if cli.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
+        say!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
     match cli.command {
         Command::Deploy { .. } => {
             let r: DeployResult = serde_json::from_value(data)?;
             let verb = if r.replaced { "updated" } else { "deployed" };
-            println!(
+            say!(
                 "{verb} {name}: callers reach it as http://{name}.svc/ (VIP {vip}, port 80 or {port})",
                 name = r.service.spec.name,
                 vip = r.service.vip,
                 port = r.service.spec.port
             );
         }
-        Command::Undeploy { name } => println!("undeployed {name}"),
+        Command::Undeploy { name } => say!("undeployed {name}"),
         Command::List => {
             let services: Vec<ServiceInfo> = serde_json::from_value(data)?;
             print_list(&services);
@@ -400,12 +408,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Describe { .. } => {
             let d: ServiceDetail = serde_json::from_value(data)?;
             print_service(&d.service);
-            println!(
+            say!(
                 "runs in:   {} (start instances there with `hms-ctl run {} -- CMD`)",
-                d.cgroup_dir, d.service.spec.name
+                d.cgroup_dir,
+                d.service.spec.name
             );
             if !d.health.is_empty() {
-                println!("instance health:");
+                say!("instance health:");
                 for h in &d.health {
                     let ejected = h
                         .ejected_for_ms
@@ -416,9 +425,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .as_deref()
                         .map(|c| format!(", health check {c}"))
                         .unwrap_or_default();
-                    println!(
+                    say!(
                         "  {}  circuit {} ({} consecutive failures, {} ejections{ejected}{check})",
-                        h.addr, h.state, h.consecutive_failures, h.ejections_total
+                        h.addr,
+                        h.state,
+                        h.consecutive_failures,
+                        h.ejections_total
                     );
                 }
             }
@@ -433,7 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Route(_) | Command::Limit(_) => {
             let s: ServiceInfo = serde_json::from_value(data)?;
-            println!("updated {}; takes effect on the next request", s.spec.name);
+            say!("updated {}; takes effect on the next request", s.spec.name);
             print_service(&s);
         }
     }
@@ -442,7 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn print_list(services: &[ServiceInfo]) {
     if services.is_empty() {
-        println!("no services deployed; add one with `hms-ctl deploy FILE`");
+        say!("no services deployed; add one with `hms-ctl deploy FILE`");
         return;
     }
     let rows: Vec<[String; 6]> = services
@@ -465,8 +477,17 @@ fn print_list(services: &[ServiceInfo]) {
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    // Cells may carry a caller's or another host's bytes: escaped before measuring.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|c| hms_ctl::escape::cell(c).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: [usize; N] = header.map(str::len);
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
@@ -477,36 +498,37 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        say!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
 
 fn print_service(s: &ServiceInfo) {
-    println!("name:      {}", s.spec.name);
-    println!("dns:       {}.svc -> {}", s.spec.name, s.vip);
-    println!(
+    say!("name:      {}", s.spec.name);
+    say!("dns:       {}.svc -> {}", s.spec.name, s.vip);
+    say!(
         "port:      {} (callers may use :80 or :{})",
-        s.spec.port, s.spec.port
+        s.spec.port,
+        s.spec.port
     );
-    println!("policy:    {}", s.spec.policy);
+    say!("policy:    {}", s.spec.policy);
     match &s.spec.limit {
-        Some(l) => println!("limit:     {l}"),
-        None => println!("limit:     none"),
+        Some(l) => say!("limit:     {l}"),
+        None => say!("limit:     none"),
     }
     if let Some(c) = &s.spec.cgroup {
-        println!("cgroup:    {c}");
+        say!("cgroup:    {c}");
     }
     if let Some(h) = &s.spec.health {
-        println!("health:    {h}");
+        say!("health:    {h}");
     }
     if s.spec.routes.is_empty() {
-        println!("routes:    none (defaults apply)");
+        say!("routes:    none (defaults apply)");
     } else {
-        println!("routes:");
+        say!("routes:");
         for r in &s.spec.routes {
             let timeout = r
                 .timeout
@@ -520,30 +542,33 @@ fn print_service(s: &ServiceInfo) {
                 .per_try_timeout
                 .map(|t| format!(" per_try_timeout={}ms", t.as_millis()))
                 .unwrap_or_default();
-            println!("  {}  timeout={timeout}{per_try} retries={retries}", r.path);
+            say!("  {}  timeout={timeout}{per_try} retries={retries}", r.path);
         }
     }
-    println!("instances:");
+    say!("instances:");
     for i in &s.instances {
-        println!("  {}  on {}", i.addr, i.node);
+        say!("  {}  on {}", i.addr, i.node);
     }
 }
 
 fn print_status(s: &AgentStatus) {
-    println!("node:        {}", s.node);
-    println!(
+    say!("node:        {}", s.node);
+    say!(
         "agent:       v{} pid {} up {}s",
-        s.version, s.pid, s.uptime_seconds
+        s.version,
+        s.pid,
+        s.uptime_seconds
     );
-    println!("registry:    {}", s.registry);
-    println!("services:    {}", s.services);
-    println!(
+    say!("registry:    {}", s.registry);
+    say!("services:    {}", s.services);
+    say!(
         "outbound:    {} (listeners: {})",
-        s.listeners.outbound, s.listeners_from
+        s.listeners.outbound,
+        s.listeners_from
     );
-    println!("dns:         {}", s.listeners.dns);
-    println!("admin:       {}", s.listeners.admin_socket);
-    println!(
+    say!("dns:         {}", s.listeners.dns);
+    say!("admin:       {}", s.listeners.admin_socket);
+    say!(
         "redirect:    cgroup {} (VIPs {}), pinned at {}{}",
         s.redirect.cgroup,
         s.redirect.vip_cidr,
@@ -554,32 +579,42 @@ fn print_status(s: &AgentStatus) {
             ""
         }
     );
-    println!("programs:    {}", s.redirect.programs.join(", "));
+    say!("programs:    {}", s.redirect.programs.join(", "));
     let b = &s.sk_msg;
     if b.enabled {
-        println!(
+        say!(
             "sk_msg:      on: {} sends ({} bytes) bypassed TCP, {} went through TCP",
-            b.redirected, b.redirected_bytes, b.passed
+            b.redirected,
+            b.redirected_bytes,
+            b.passed
         );
     } else if !b.agent_in_cgroup {
-        println!(
+        say!(
             "sk_msg:      off: the agent runs outside the redirected cgroup, so the bypass cannot see the proxy's sockets"
         );
     } else {
-        println!("sk_msg:      off (--sk-msg-bypass=false)");
+        say!("sk_msg:      off (--sk-msg-bypass=false)");
     }
     let d = &s.dns;
-    println!(
+    say!(
         "dns answers: {} vip, {} nodata, {} nxdomain, {} forwarded, {} formerr, {} servfail",
-        d.vip, d.nodata, d.nxdomain, d.forwarded, d.formerr, d.servfail
+        d.vip,
+        d.nodata,
+        d.nxdomain,
+        d.forwarded,
+        d.formerr,
+        d.servfail
     );
     let p = &s.proxy;
-    println!(
+    say!(
         "connections: {} accepted, {} proxied, {} refused, {} active",
-        p.accepted, p.proxied, p.refused, p.active
+        p.accepted,
+        p.proxied,
+        p.refused,
+        p.active
     );
     let h = &s.http;
-    println!(
+    say!(
         "http:        {} requests, {} retries, {} denied, {} rate limited, {} timed out, {} mesh errors, {} bad requests, {} sent again after connection rotation",
         h.requests,
         h.retries,
@@ -590,9 +625,10 @@ fn print_status(s: &AgentStatus) {
         h.bad_requests,
         h.unprocessed
     );
-    println!(
+    say!(
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",
-        s.ringbuf_records_lost, s.tap_events_lost
+        s.ringbuf_records_lost,
+        s.tap_events_lost
     );
     if let Some(l) = &s.limits {
         let per: Vec<String> = l
@@ -605,7 +641,7 @@ fn print_status(s: &AgentStatus) {
                 )
             })
             .collect();
-        println!(
+        say!(
             "limits:      fd limit {}; connections open/cap: {}; DNS forwards {} at once, {} dropped",
             l.fd_limit,
             per.join(", "),
@@ -615,13 +651,13 @@ fn print_status(s: &AgentStatus) {
     }
     let id = &s.identity;
     match (&id.spiffe_id, id.cert_not_after_unix) {
-        (Some(spiffe), Some(exp)) => println!(
+        (Some(spiffe), Some(exp)) => say!(
             "identity:    {spiffe}, certificate expires in {}{}, {} trusted root(s)",
             human_secs(exp.saturating_sub(now_unix())),
             if id.holds_ca { ", holds the CA" } else { "" },
             id.trust_bundle_roots
         ),
-        _ => println!(
+        _ => say!(
             "identity:    none yet{}",
             id.waiting_for
                 .as_ref()
@@ -630,7 +666,7 @@ fn print_status(s: &AgentStatus) {
         ),
     }
     if let Some(h) = &s.registry_health {
-        println!(
+        say!(
             "registry:    {} {} (revision {}){}",
             h.backend,
             if h.connected {
@@ -646,9 +682,9 @@ fn print_status(s: &AgentStatus) {
         );
     }
     if !s.peers.is_empty() {
-        println!("peers:");
+        say!("peers:");
         for p in &s.peers {
-            println!(
+            say!(
                 "  {}  {}  last seen {} ago  cert {}  tunnel {}",
                 p.name,
                 p.inbound,

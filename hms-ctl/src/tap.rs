@@ -38,7 +38,7 @@ impl Printer {
             line.push('\t');
             line.push_str(h);
         }
-        println!("{line}");
+        println!("{}", hms_ctl::escape::lines(&line));
     }
 
     /// Prints one message; false ends the stream.
@@ -121,7 +121,12 @@ impl Printer {
                     .unwrap_or_else(|| "-".into()),
             );
         }
-        cols.join("\t")
+        // Every cell may carry a caller's bytes (comm, path, headers): escaped, so none can
+        // drive the terminal or add a column.
+        cols.iter()
+            .map(|c| hms_ctl::escape::cell(c))
+            .collect::<Vec<_>>()
+            .join("\t")
     }
 }
 

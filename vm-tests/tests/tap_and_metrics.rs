@@ -350,3 +350,33 @@ fn a_tap_reader_that_never_reads_loses_events_is_told_and_does_not_slow_traffic(
     assert!(err.contains("missed"), "the reader was told: {err}");
     assert_eq!(backend.seen_count(), base_n + n + 1);
 }
+
+/// A process may name itself anything (`prctl(PR_SET_NAME)`), terminal escapes included;
+/// `tap -o wide` shows its `comm` escaped, so it cannot drive the operator's terminal.
+#[test]
+fn a_callers_process_name_with_terminal_escapes_is_shown_escaped() {
+    let cg = TestCgroup::new("tap-escape").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start("escape-svc", 0).unwrap();
+    agent.deploy("escape-svc", backend.addr.port()).unwrap();
+    let script = r#"
+import ctypes, urllib.request
+ctypes.CDLL(None).prctl(15, b"\x1b[2Jx\x1b]0;t\x07", 0, 0, 0)
+print(urllib.request.urlopen("http://escape-svc.svc/hello", timeout=10).status)
+"#;
+    let out = cg.command("python3").args(["-c", script]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tap = agent.ctl(&["tap", "escape-svc", "--last", "5", "-o", "wide"]);
+    assert!(tap.status.success());
+    let text = String::from_utf8_lossy(&tap.stdout);
+    assert!(
+        !tap.stdout.iter().any(|b| *b == 0x1b || *b == 0x07),
+        "raw control bytes reached the terminal: {text:?}"
+    );
+    assert!(text.contains("\\x1b[2Jx\\x1b]0;t\\x07["), "{text}");
+}
