@@ -246,10 +246,9 @@ pub async fn run(
                 }
             };
             let td = tls.spiffe_id().trust_domain().to_string();
-            outbound
-                .http
-                .pool
-                .set_tunnels(Arc::new(crate::tunnel::PeerPool::new(tls.clone())), td);
+            let peers = Arc::new(crate::tunnel::PeerPool::new(tls.clone()));
+            outbound.http.pool.set_tunnels(peers.clone(), td.clone());
+            tokio::spawn(prune_peers(peers, store.clone(), td, drain.clone()));
             let policy = Arc::new(crate::proxy::inbound::MeshInbound {
                 store,
                 http: outbound.http.clone(),
@@ -334,4 +333,36 @@ pub async fn run(
         "agent stopped; redirect programs stay pinned (run `hms-node-agent cleanup` to remove them)"
     );
     Ok(())
+}
+
+/// How often the tunnel pool is checked against the registry's node records.
+const PEER_PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Forgets pooled peers whose node record is gone from the registry (the host left, or its
+/// record now names another address), so the pool does not only grow.
+async fn prune_peers(
+    peers: Arc<crate::tunnel::PeerPool>,
+    store: Arc<dyn Store>,
+    trust_domain: String,
+    drain: drain::Drain,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PEER_PRUNE_INTERVAL) => {}
+            _ = drain.signaled() => return,
+        }
+        let snapshot = store.snapshot();
+        let present: Vec<(std::net::SocketAddr, crate::identity::SpiffeId)> = snapshot
+            .nodes()
+            .filter_map(|n| {
+                let id = crate::identity::SpiffeId::node(&trust_domain, &n.name).ok()?;
+                Some((n.inbound, id))
+            })
+            .collect();
+        let gone =
+            peers.retain_peers(|addr, id| present.iter().any(|(a, i)| *a == addr && i == id));
+        if gone > 0 {
+            tracing::info!(gone, "forgot tunnel peers that left the registry");
+        }
+    }
 }

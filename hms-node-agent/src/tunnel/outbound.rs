@@ -563,6 +563,21 @@ impl PeerPool {
         out
     }
 
+    /// Forgets every peer `keep` rejects (it left the mesh, or moved to another address):
+    /// its connections close once their streams end and `status` no longer lists it.
+    /// Returns how many were forgotten.
+    pub fn retain_peers(&self, keep: impl Fn(SocketAddr, &SpiffeId) -> bool) -> usize {
+        let gone: Vec<PeerKey> = lock(&self.peers)
+            .keys()
+            .filter(|k| !keep(k.addr, &k.node))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.remove_peer(k.addr, &k.node);
+        }
+        gone.len()
+    }
+
     /// Forgets a peer (it left the mesh): its connections close once their streams end.
     pub fn remove_peer(&self, peer: SocketAddr, peer_node: &SpiffeId) {
         let key = PeerKey {

@@ -729,3 +729,23 @@ async fn a_broken_tunnel_connection_counts_once_and_a_drained_one_not_at_all() {
         "a drain is no failure"
     );
 }
+
+#[tokio::test]
+async fn peers_that_left_are_forgotten() {
+    let mesh = Mesh::new();
+    let (server_tls, client_tls) = (mesh.node("b"), mesh.node("a"));
+    let policy = TestPolicy::new().await;
+    let pool = PeerPool::new(client_tls);
+    let node = server_tls.spiffe_id().clone();
+    let server = start_server(&server_tls, policy.clone(), None).await;
+    let mut s = pool
+        .open(server.addr, &node, &echo(), "host")
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut s, b"hi").await, b"hi");
+    drop(s);
+    assert_eq!(pool.retain_peers(|a, n| a == server.addr && n == &node), 0);
+    assert_eq!(pool.peer_status().len(), 1);
+    assert_eq!(pool.retain_peers(|_, _| false), 1, "its record is gone");
+    assert!(pool.peer_status().is_empty());
+}
