@@ -43,9 +43,9 @@ mod programs {
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        AGENT_ALIVE_WINDOW_NS, BypassBytes, DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent,
-        FlowKey, FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst, RedirectConfig, SockKey, byte_order,
-        sk_msg_stat,
+        AGENT_ALIVE_WINDOW_NS, BypassBytes, DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
+        FLOW_OPEN, FlowEvent, FlowKey, FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst,
+        RedirectConfig, SockKey, byte_order, sk_msg_stat,
     };
 
     /// cgroup sock_addr programs: 1 lets the syscall proceed (0 would fail it with EPERM).

@@ -283,8 +283,7 @@ pub async fn run(
     // resolvers and VIP connects are refused at once, instead of in 3 s when the heartbeat
     // lapses. A successor (hand-over) beats on; with sockets held by systemd, queries queue
     // for the restarted agent and the lapse decides only if it does not come back.
-    if !handed_over_to_successor.load(std::sync::atomic::Ordering::SeqCst) && origin != "systemd"
-    {
+    if !handed_over_to_successor.load(std::sync::atomic::Ordering::SeqCst) && origin != "systemd" {
         redirector.stand_aside();
     }
     if let Some(r) = failed {
