@@ -188,7 +188,8 @@ fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-const HMS_PROGRAMS: [&str; 4] = [
+const HMS_PROGRAMS: [&str; 5] = [
+    "hms_sock_release",
     "hms_connect4",
     "hms_sendmsg4",
     "hms_recvmsg4",
@@ -441,7 +442,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 10, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 12, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 

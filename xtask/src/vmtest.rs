@@ -42,6 +42,7 @@ const VM_SUITE: &[&str] = &[
     "http_grpc",
     "http_policy_trace",
     "sk_msg_bypass",
+    "safe_host",
 ];
 
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.

@@ -35,11 +35,18 @@ const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
 /// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
 /// redirected without its follow-up in place.
-pub(crate) const HOOKS: [Hook; 4] = [
+pub(crate) const HOOKS: [Hook; 5] = [
+    Hook {
+        program: program_names::SOCK_RELEASE,
+        attach: "cgroup_inet_sock_release",
+        attach_type: BPF_CGROUP_INET_SOCK_RELEASE,
+        link_file: "link_sock_release",
+    },
     Hook {
         program: program_names::SOCK_OPS,
         attach: "sock_ops",
@@ -65,6 +72,10 @@ pub(crate) const HOOKS: [Hook; 4] = [
         link_file: "link_connect4",
     },
 ];
+
+/// Maps added after the first release: an agent started over an older pin dir creates them
+/// (the old programs it adopts do not use them), so they are not required beside its links.
+pub(crate) const LATER_MAPS: [&str; 2] = [map_names::AGENT_ALIVE, map_names::DNS_UDP_ORIG];
 
 pub(crate) const MAPS: [&str; 10] = [
     map_names::CONFIG,
@@ -182,7 +193,7 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
             detach_pinned_link(&path)?;
             remove_pin(&path)?;
             report.detached_links.push(name);
-        } else if MAPS.contains(&name.as_str()) {
+        } else if MAPS.contains(&name.as_str()) || LATER_MAPS.contains(&name.as_str()) {
             remove_pin(&path)?;
             report.unpinned_maps.push(name);
         } else {
