@@ -117,41 +117,45 @@ pub fn collector(
         read: Box::new(move || o.http.stats.bad_requests.load(Ordering::Relaxed)),
     });
     let limits = dns.caps.clone();
-    for (i, cap) in limits.listeners().iter().enumerate() {
-        let listener = labels(&[("listener", cap.name)]);
-        let l = limits.clone();
-        readings.push(ReadingSpec {
-            name: "listener_connections".into(),
-            help: "Connections a listener holds now, under its cap (hms_listener_connection_cap)"
-                .into(),
-            counter: false,
-            labels: listener.clone(),
-            read: Box::new(move || l.listeners()[i].open() as u64),
-        });
-        let l = limits.clone();
-        readings.push(ReadingSpec {
-            name: "listener_connection_cap".into(),
-            help: "Connections a listener may hold (a share of the fd limit)".into(),
-            counter: false,
-            labels: listener.clone(),
-            read: Box::new(move || l.listeners()[i].max() as u64),
-        });
-        let l = limits.clone();
-        readings.push(ReadingSpec {
-            name: "listener_connections_shed".into(),
-            help: "Idle connections a listener at its cap closed to admit a new one".into(),
-            counter: true,
-            labels: listener.clone(),
-            read: Box::new(move || l.listeners()[i].shed.load(Ordering::Relaxed)),
-        });
-        let l = limits.clone();
-        readings.push(ReadingSpec {
-            name: "listener_connections_refused".into(),
-            help: "New connections a listener at its cap closed at once (none idle to shed)".into(),
-            counter: true,
-            labels: listener,
-            read: Box::new(move || l.listeners()[i].refused.load(Ordering::Relaxed)),
-        });
+    // One family after another (the text format wants each family's series together).
+    type Read = fn(&crate::limits::ConnCap) -> u64;
+    let families: [(&str, &str, bool, Read); 4] = [
+        (
+            "listener_connections",
+            "Connections a listener holds now, under its cap (hms_listener_connection_cap)",
+            false,
+            |c| c.open() as u64,
+        ),
+        (
+            "listener_connection_cap",
+            "Connections a listener may hold (a share of the fd limit)",
+            false,
+            |c| c.max() as u64,
+        ),
+        (
+            "listener_connections_shed",
+            "Idle connections a listener at its cap closed to admit a new one",
+            true,
+            |c| c.shed.load(Ordering::Relaxed),
+        ),
+        (
+            "listener_connections_refused",
+            "New connections a listener at its cap closed at once (none idle to shed)",
+            true,
+            |c| c.refused.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, counter, read) in families {
+        for (i, cap) in limits.listeners().iter().enumerate() {
+            let l = limits.clone();
+            readings.push(ReadingSpec {
+                name: name.into(),
+                help: help.into(),
+                counter,
+                labels: labels(&[("listener", cap.name)]),
+                read: Box::new(move || read(l.listeners()[i])),
+            });
+        }
     }
     let d = dns.clone();
     readings.push(ReadingSpec {
