@@ -12,6 +12,9 @@
 //!      methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE): a POST that was sent may have
 //!      taken effect and is never retried;
 //!    - anything else (a response the app meant, 500, 429, 4xx) → no retry;
+//!    - (not a retry at all, and never classified here: an attempt the instance did not
+//!      process — a refused HTTP/2 stream, an HTTP/1.1 request handed back unwritten — is
+//!      sent again by the proxy for any method, outside the count and the budget);
 //!    - and a sent request is retried only if its body is still in the replay buffer:
 //!      bodies over [`MAX_REPLAY_BODY_BYTES`] (64 KiB) are streamed, not kept.
 //! 2. Wait before retry `n` (0-based) a uniformly random time in `[0, min(cap, base·2ⁿ)]`

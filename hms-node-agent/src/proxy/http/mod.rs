@@ -12,7 +12,10 @@
 //! 6. a failed attempt (connect failure, reset, 502/503/504, gRPC UNAVAILABLE) counts against
 //!    the instance's breaker and is retried when the method and body allow it and the retry
 //!    budget has room, after a jittered exponential backoff;
-//! 7. the whole exchange up to the response headers is bounded by the route timeout (504).
+//! 7. the whole exchange up to the response headers is bounded by the route timeout (504);
+//! 8. an attempt the instance did not process (connection rotation: see `upstream`) is
+//!    neither a failure nor a retry: it is sent again at once on a fresh connection, for
+//!    any method, up to [`MAX_UNPROCESSED_REPLAYS`] times.
 //!
 //! Errors the mesh produces carry `x-hms-error` (see `errors`). This module never dials a VIP.
 //!

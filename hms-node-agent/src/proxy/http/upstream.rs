@@ -191,6 +191,9 @@ enum Sender {
 
 type Key = (Via, SocketAddrV4);
 
+/// An idle pooled HTTP/1.1 connection and its breakage record.
+type IdleH1 = (http1::SendRequest<ProxyBody>, Arc<ConnFault>);
+
 /// The shared HTTP/2 connection to one instance.
 struct SharedH2 {
     sender: http2::SendRequest<ProxyBody>,
@@ -199,7 +202,7 @@ struct SharedH2 {
 
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle_h1: Mutex<HashMap<Key, Vec<(http1::SendRequest<ProxyBody>, Arc<ConnFault>)>>>,
+    idle_h1: Mutex<HashMap<Key, Vec<IdleH1>>>,
     shared_h2: Mutex<HashMap<Key, SharedH2>>,
     /// One HTTP/2 dial per instance at a time: when a connection goes away, the requests it
     /// refused share the one new connection instead of each dialling its own.
