@@ -527,18 +527,56 @@ fn a_listener_in_another_namespace_on_the_proxys_tuple_receives_none_of_a_meshed
     app_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "connected");
 
-    let inner = format!(
-        "{} link set lo up && exec {} -c \"$0\" \"$@\"",
-        vm_tests::tools::path_of("ip").display(),
-        vm_tests::tools::path_of("python3").display()
-    );
-    let mut thief = cg
+    // The thief as an unprivileged user (nobody) in a network namespace of its own, still in
+    // the meshed cgroup. Any user can make one with `unshare -Urn`; where user namespaces
+    // are refused (the kernel refuses them inside a chroot, as in CI's fresh Debian root), a
+    // namespace made by root stands in, with the thief still running as nobody inside it.
+    let userns_ok = cg
         .command("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(vm_tests::tools::path_of("unshare"))
         .args(["-Urn", "--"])
         .arg(vm_tests::tools::path_of("sh"))
-        .args(["-c", &inner, THIEF])
+        .args(["-c", "true"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let root_ns = (!userns_ok).then(|| {
+        eprintln!(
+            "NOTE: user namespaces are refused here (chroot?); the thief runs as nobody in a \
+             network namespace made by root instead"
+        );
+        Netns::new("thief")
+    });
+    let as_nobody = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    let mut thief_cmd = match &root_ns {
+        None => {
+            let inner = format!(
+                "{} link set lo up && exec {} -c \"$0\" \"$@\"",
+                vm_tests::tools::path_of("ip").display(),
+                vm_tests::tools::path_of("python3").display()
+            );
+            let mut c = cg.command("setpriv");
+            c.args(as_nobody)
+                .arg(vm_tests::tools::path_of("unshare"))
+                .args(["-Urn", "--"])
+                .arg(vm_tests::tools::path_of("sh"))
+                .args(["-c", &inner, THIEF]);
+            c
+        }
+        Some(ns) => {
+            let mut c = cg.command("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.name))
+                .arg("--")
+                .arg(vm_tests::tools::path_of("setpriv"))
+                .args(as_nobody)
+                .arg(vm_tests::tools::path_of("python3"))
+                .args(["-c", THIEF]);
+            c
+        }
+    };
+    let mut thief = thief_cmd
         .arg(agent.outbound.port().to_string())
         .arg(src.to_string())
         .stdout(Stdio::piped())
