@@ -167,14 +167,45 @@ fn a_process_of_the_meshed_cgroup_in_another_netns_keeps_its_own_dns_and_svc_nam
     );
 }
 
+/// An agent on a test cgroup serving `svc`, and the resolver the cgroup's programs ask
+/// (on 127.0.<net>.x, answering 192.0.2.<net> for every name).
+struct MeshedHost {
+    cg: TestCgroup,
+    agent: TestAgent,
+    _backend: Backend,
+    vip: Ipv4Addr,
+    ip: Ipv4Addr,
+    resolver: TestResolver,
+}
+
+fn meshed_host(tag: &str, svc: &str, net: u8) -> MeshedHost {
+    let cg = TestCgroup::new(tag).unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start(svc, 0).unwrap();
+    let vip = agent.deploy(svc, backend.addr.port()).unwrap();
+    let ip = Ipv4Addr::new(127, 0, net, 10 + (ports::unique() % 200) as u8);
+    let resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, net)).unwrap();
+    MeshedHost {
+        cg,
+        agent,
+        _backend: backend,
+        vip,
+        ip,
+        resolver,
+    }
+}
+
 #[test]
 fn a_stopped_agent_leaves_dns_to_the_callers_resolver_and_vip_connects_fail_at_once() {
-    let cg = TestCgroup::new("failopen").unwrap();
-    let mut agent = TestAgent::start(cg.path()).unwrap();
-    let backend = Backend::start("gone-svc", 0).unwrap();
-    let vip = agent.deploy("gone-svc", backend.addr.port()).unwrap();
-    let ip = Ipv4Addr::new(127, 0, 83, 10 + (ports::unique() % 200) as u8);
-    let resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, 83)).unwrap();
+    // Every field bound: one left to `..` would be dropped (and stop serving) right here.
+    let MeshedHost {
+        cg,
+        mut agent,
+        _backend,
+        vip,
+        ip,
+        resolver,
+    } = meshed_host("failopen", "gone-svc", 83);
 
     // While the agent runs, .svc is the agent's and anything else is forwarded.
     assert_eq!(dig(&cg, None, Some(ip), "gone-svc.svc"), vip.to_string());
@@ -225,12 +256,14 @@ fn a_stopped_agent_leaves_dns_to_the_callers_resolver_and_vip_connects_fail_at_o
 
 #[test]
 fn a_crashed_agent_stops_holding_dns_once_its_heartbeat_lapses() {
-    let cg = TestCgroup::new("crashdns").unwrap();
-    let mut agent = TestAgent::start(cg.path()).unwrap();
-    let backend = Backend::start("crash-svc", 0).unwrap();
-    let vip = agent.deploy("crash-svc", backend.addr.port()).unwrap();
-    let ip = Ipv4Addr::new(127, 0, 84, 10 + (ports::unique() % 200) as u8);
-    let _resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, 84)).unwrap();
+    let MeshedHost {
+        cg,
+        mut agent,
+        _backend,
+        vip,
+        ip,
+        resolver: _resolver,
+    } = meshed_host("crashdns", "crash-svc", 84);
     assert_eq!(dig(&cg, None, Some(ip), "crash-svc.svc"), vip.to_string());
 
     agent.kill9().unwrap();
