@@ -1088,6 +1088,19 @@ fn purge_state(
         );
     }
     let full = under(root, &state.to_string_lossy());
+    // The mesh's CA keys are never lost to a purge: on the CA's host they move to a backup
+    // directory first, and the report says where (purging the last copy of the root keys
+    // would end every host's trust in the mesh).
+    let ca = full.join(crate::identity::CA_DIR);
+    if ca.is_dir() {
+        let kept = backup_ca(root, &ca)?;
+        report.notes.push(format!(
+            "kept the mesh CA's keys (this host is the CA) at {kept}: move them back to \
+             {}/{} to restore, or delete them yourself once another host holds the CA",
+            state.display(),
+            crate::identity::CA_DIR
+        ));
+    }
     match std::fs::remove_dir_all(&full) {
         Ok(()) => report.removed.push(format!("{}/", state.display())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1105,6 +1118,54 @@ fn purge_state(
         && std::fs::remove_dir(under(root, &dir.to_string_lossy())).is_ok()
     {
         report.removed.push(format!("{}/", dir.display()));
+    }
+    Ok(())
+}
+
+/// Where a purge moves the CA's directory: `/var/backups/hms-ca-<unix seconds>`, mode 0700.
+const CA_BACKUP_DIR: &str = "/var/backups";
+
+/// Moves the CA directory `ca` into a new backup directory (under `root`); its path as the
+/// host sees it.
+fn backup_ca(root: &Path, ca: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let parent = under(root, CA_BACKUP_DIR);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let (mut name, mut n) = (format!("hms-ca-{stamp}"), 1);
+    while parent.join(&name).exists() {
+        name = format!("hms-ca-{stamp}-{n}");
+        n += 1;
+    }
+    let dest = parent.join(&name);
+    if std::fs::rename(ca, &dest).is_err() {
+        // Another file system: copy, then the purge removes the original with the state.
+        copy_tree(ca, &dest).with_context(|| {
+            format!(
+                "backing up the CA from {} to {}",
+                ca.display(),
+                dest.display()
+            )
+        })?;
+    }
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dest.display()))?;
+    Ok(format!("{CA_BACKUP_DIR}/{name}"))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dst = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &dst)?;
+        } else {
+            std::fs::copy(entry.path(), &dst)?;
+        }
     }
     Ok(())
 }
