@@ -815,7 +815,20 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
     }
     w.link(SVC_LINK, "hms-ctl")?;
     let old_hash = w.old.hash_of(CONFIG_PATH);
-    let action = w.file(CONFIG_PATH, config_text.as_bytes(), 0o644)?;
+    // A join token is a secret: a config that holds one is readable by root only (and stays
+    // so when an unchanged file is kept).
+    let config_mode = if settings.join_token.is_some() {
+        0o600
+    } else {
+        0o644
+    };
+    let action = w.file(CONFIG_PATH, config_text.as_bytes(), config_mode)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = under(root, CONFIG_PATH);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config_mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
     changed |= action == FileAction::Wrote;
     if config_action == Some(FileAction::Kept) {
         // An existing config left as it is: edited by the user unless it is what install

@@ -339,6 +339,24 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     let out = agent_ok(&["uninstall", "--root", r, "--purge"]);
     assert_eq!(walk(root.path()), ["var/", "var/lib/"], "{out}");
 
+    // A join token is a secret: the config holding it is root's alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    agent_ok(&["install", "--root", r, "--node-name", "node-t"]);
+    assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o644);
+    agent_ok(&[
+        "install",
+        "--root",
+        r,
+        "--node-name",
+        "node-t",
+        "--join-token",
+        "hms1.secret",
+        "--force",
+    ]);
+    assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o600);
+    agent_ok(&["uninstall", "--root", r, "--purge"]);
+
     // On the CA's host, a purge keeps the CA's keys: moved to a backup it names, 0700.
     agent_ok(&["install", "--root", r, "--node-name", "node-ca"]);
     let ca = root.path().join("var/lib/hms/ca");
@@ -356,12 +374,7 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     );
     let kept = root.path().join(&backups[1]);
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the only copy");
-    let dir = kept.parent().unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(
-        std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
+    assert_eq!(mode(kept.parent().unwrap()), 0o700);
     let named = format!("/{}", backups[0].trim_end_matches('/'));
     assert!(
         out.contains(&named) && out.contains("kept the mesh CA's keys"),
