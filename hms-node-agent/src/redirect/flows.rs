@@ -326,7 +326,7 @@ mod tests {
                 port: 80,
                 protocol: hms_ebpf::IPPROTO_TCP,
                 pid: 1234,
-                _pad: 0,
+                flags: 0,
                 cgroup_id: 99,
                 comm,
                 connect_ns: 1_500_000,

@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
-    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, SockKey,
-    map_names, program_names, sk_msg_stat,
+    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState, OrigDst, OrigDst6,
+    RedirectConfig, RedirectConfig6, SockKey, map_names, program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 10] {
+fn expected_maps() -> [ExpectedMap; 13] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -183,6 +183,24 @@ fn expected_maps() -> [ExpectedMap; 10] {
                 size_of::<u64>(),
             )
         },
+        map(
+            map_names::CONFIG6,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<RedirectConfig6>(),
+        ),
+        map(
+            map_names::ORIG6_BY_COOKIE,
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<OrigDst6>(),
+        ),
+        map(
+            map_names::ORIG6_BY_FLOW,
+            MapType::LruHash,
+            size_of::<FlowKey6>(),
+            size_of::<OrigDst6>(),
+        ),
         ExpectedMap {
             max_entries: Some(FLOW_EVENTS_BYTES),
             ..map(map_names::FLOW_EVENTS, MapType::RingBuf, 0, 0)

@@ -152,7 +152,10 @@ impl Redirector {
         let any_link = pin::HOOKS
             .iter()
             .any(|h| opts.pin_dir.join(h.link_file).exists());
-        let missing_map = pin::MAPS.iter().find(|m| !opts.pin_dir.join(m).exists());
+        let missing_map = pin::MAPS
+            .iter()
+            .filter(|m| !pin::ADDED_MAPS.contains(m))
+            .find(|m| !opts.pin_dir.join(m).exists());
         if let (true, Some(map)) = (any_link, missing_map) {
             bail!(
                 "pin dir {} has pinned links but no map {map}; run `hms-node-agent cleanup` \

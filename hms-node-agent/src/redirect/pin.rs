@@ -33,13 +33,19 @@ pub(crate) struct Hook {
 // Values of `enum bpf_attach_type` (include/uapi/linux/bpf.h); stable kernel ABI.
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
 
 /// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
 /// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
 /// redirected without its follow-up in place.
-pub(crate) const HOOKS: [Hook; 4] = [
+///
+/// A pin dir made by a build before IPv6 support lacks the `*6` links: the agent attaches
+/// what is missing and adopts the rest.
+pub(crate) const HOOKS: [Hook; 7] = [
     Hook {
         program: program_names::SOCK_OPS,
         attach: "sock_ops",
@@ -53,10 +59,22 @@ pub(crate) const HOOKS: [Hook; 4] = [
         link_file: "link_recvmsg4",
     },
     Hook {
+        program: program_names::RECVMSG6,
+        attach: "cgroup_udp6_recvmsg",
+        attach_type: BPF_CGROUP_UDP6_RECVMSG,
+        link_file: "link_recvmsg6",
+    },
+    Hook {
         program: program_names::SENDMSG4,
         attach: "cgroup_udp4_sendmsg",
         attach_type: BPF_CGROUP_UDP4_SENDMSG,
         link_file: "link_sendmsg4",
+    },
+    Hook {
+        program: program_names::SENDMSG6,
+        attach: "cgroup_udp6_sendmsg",
+        attach_type: BPF_CGROUP_UDP6_SENDMSG,
+        link_file: "link_sendmsg6",
     },
     Hook {
         program: program_names::CONNECT4,
@@ -64,9 +82,15 @@ pub(crate) const HOOKS: [Hook; 4] = [
         attach_type: BPF_CGROUP_INET4_CONNECT,
         link_file: "link_connect4",
     },
+    Hook {
+        program: program_names::CONNECT6,
+        attach: "cgroup_inet6_connect",
+        attach_type: BPF_CGROUP_INET6_CONNECT,
+        link_file: "link_connect6",
+    },
 ];
 
-pub(crate) const MAPS: [&str; 10] = [
+pub(crate) const MAPS: [&str; 13] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
@@ -77,6 +101,18 @@ pub(crate) const MAPS: [&str; 10] = [
     map_names::SK_MSG_STATS,
     map_names::BYPASS_BYTES,
     map_names::BYPASS_PENDING,
+    map_names::CONFIG6,
+    map_names::ORIG6_BY_COOKIE,
+    map_names::ORIG6_BY_FLOW,
+];
+
+/// Maps added after the first pinned layout: a pin dir an older agent made lacks them, and
+/// the agent creates them beside the adopted ones (only the programs it attaches itself use
+/// them).
+pub(crate) const ADDED_MAPS: [&str; 3] = [
+    map_names::CONFIG6,
+    map_names::ORIG6_BY_COOKIE,
+    map_names::ORIG6_BY_FLOW,
 ];
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.

