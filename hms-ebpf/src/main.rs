@@ -80,8 +80,7 @@ mod programs {
     /// Sockets that dialled a real IPv6 VIP or resolver, by cookie (IPv4 and mapped
     /// destinations are in `HMS_ORIG_BY_COOKIE`).
     #[map(name = "HMS_ORIG6_BY_COOKIE")]
-    static HMS_ORIG6_BY_COOKIE: LruHashMap<u64, OrigDst6> =
-        LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+    static HMS_ORIG6_BY_COOKIE: LruHashMap<u64, OrigDst6> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
     /// Those connections once established, by the client's IPv6 4-tuple.
     #[map(name = "HMS_ORIG6_BY_FLOW")]
@@ -154,13 +153,12 @@ mod programs {
         // readable in the IPv4 hooks and user_ip6 (4-byte words) in the IPv6 ones.
         unsafe {
             let sa = ctx.sock_addr;
-            let port = byte_order::sock_addr_port_from_kernel(core::ptr::read_volatile(
-                &(*sa).user_port,
-            ));
+            let port =
+                byte_order::sock_addr_port_from_kernel(core::ptr::read_volatile(&(*sa).user_port));
             let addr = match family {
-                Family::Inet => {
-                    Addr::V4(byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip4)))
-                }
+                Family::Inet => Addr::V4(byte_order::ip_from_kernel(core::ptr::read_volatile(
+                    &(*sa).user_ip4,
+                ))),
                 Family::Inet6 => Addr::from_v6_words([
                     byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[0])),
                     byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[1])),
@@ -189,10 +187,22 @@ mod programs {
                 (Family::Inet, Addr::V6(_)) => return,
                 (Family::Inet6, addr) => {
                     let w = addr.v6_words();
-                    core::ptr::write_volatile(&mut (*sa).user_ip6[0], byte_order::ip_to_kernel(w[0]));
-                    core::ptr::write_volatile(&mut (*sa).user_ip6[1], byte_order::ip_to_kernel(w[1]));
-                    core::ptr::write_volatile(&mut (*sa).user_ip6[2], byte_order::ip_to_kernel(w[2]));
-                    core::ptr::write_volatile(&mut (*sa).user_ip6[3], byte_order::ip_to_kernel(w[3]));
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[0],
+                        byte_order::ip_to_kernel(w[0]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[1],
+                        byte_order::ip_to_kernel(w[1]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[2],
+                        byte_order::ip_to_kernel(w[2]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[3],
+                        byte_order::ip_to_kernel(w[3]),
+                    );
                 }
             }
             core::ptr::write_volatile(

@@ -202,25 +202,40 @@ mod tests {
     fn a_mapped_vip_goes_to_the_ipv4_listener_in_mapped_form() {
         let to = Addr::from_v6_words([0, 0, 0xffff, VIP]);
         let (c, c6) = (cfg(), cfg6());
-        assert_eq!(decide(&c, None, to, 80, IPPROTO_TCP, false), Some(Target::Outbound));
+        assert_eq!(
+            decide(&c, None, to, 80, IPPROTO_TCP, false),
+            Some(Target::Outbound)
+        );
         let (addr, port) = target_addr(&c, Some(&c6), to, Target::Outbound).unwrap();
-        assert_eq!((addr.v6_words(), port), ([0, 0, 0xffff, 0x7f00_0001], 15001));
+        assert_eq!(
+            (addr.v6_words(), port),
+            ([0, 0, 0xffff, 0x7f00_0001], 15001)
+        );
     }
 
     #[test]
     fn a_v6_vip_goes_to_the_ipv6_listener_only_when_ipv6_is_on() {
         let to = Addr::V6([PREFIX[0], PREFIX[1], PREFIX[2], VIP]);
         let (c, mut c6) = (cfg(), cfg6());
-        assert_eq!(decide(&c, Some(&c6), to, 8080, IPPROTO_TCP, false), Some(Target::Outbound));
+        assert_eq!(
+            decide(&c, Some(&c6), to, 8080, IPPROTO_TCP, false),
+            Some(Target::Outbound)
+        );
         assert_eq!(
             target_addr(&c, Some(&c6), to, Target::Outbound),
             Some((Addr::V6([0, 0, 0, 1]), 15001))
         );
         // Outside the IPv4 range in the low bits, or another prefix: not a VIP.
         let low_outside = Addr::V6([PREFIX[0], 0, 0, 0x0a00_0001]);
-        assert_eq!(decide(&c, Some(&c6), low_outside, 80, IPPROTO_TCP, false), None);
+        assert_eq!(
+            decide(&c, Some(&c6), low_outside, 80, IPPROTO_TCP, false),
+            None
+        );
         let other_prefix = Addr::V6([0xfd00_0000, 0, 0, VIP]);
-        assert_eq!(decide(&c, Some(&c6), other_prefix, 80, IPPROTO_TCP, false), None);
+        assert_eq!(
+            decide(&c, Some(&c6), other_prefix, 80, IPPROTO_TCP, false),
+            None
+        );
         c6.enabled = 0;
         assert_eq!(decide(&c, Some(&c6), to, 80, IPPROTO_TCP, false), None);
         assert_eq!(decide(&c, None, to, 80, IPPROTO_TCP, false), None);
@@ -232,8 +247,14 @@ mod tests {
         let v6_resolver = Addr::V6([0xfd00_0000, 0, 0, 0x53]);
         let mapped_resolver = Addr::from_v6_words([0, 0, 0xffff, 0x7f00_0035]);
         for to in [v6_resolver, mapped_resolver, Addr::V4(0x0a00_0001)] {
-            assert_eq!(decide(&c, Some(&c6), to, 53, IPPROTO_UDP, true), Some(Target::Dns));
-            assert_eq!(decide(&c, Some(&c6), to, 53, IPPROTO_TCP, false), Some(Target::Dns));
+            assert_eq!(
+                decide(&c, Some(&c6), to, 53, IPPROTO_UDP, true),
+                Some(Target::Dns)
+            );
+            assert_eq!(
+                decide(&c, Some(&c6), to, 53, IPPROTO_TCP, false),
+                Some(Target::Dns)
+            );
             // sendmsg never sees TCP, and never redirects it.
             assert_eq!(decide(&c, Some(&c6), to, 53, IPPROTO_TCP, true), None);
         }
@@ -246,6 +267,16 @@ mod tests {
         assert!(!is_responder(&c, None, Addr::V6([0, 0, 0, 1]), 15053));
         // A resolver that listens on 53 at the responder's address is still redirected:
         // only the responder's own port is exempt.
-        assert_eq!(decide(&c, Some(&c6), Addr::V4(0x7f00_0001), 15053, IPPROTO_UDP, true), None);
+        assert_eq!(
+            decide(
+                &c,
+                Some(&c6),
+                Addr::V4(0x7f00_0001),
+                15053,
+                IPPROTO_UDP,
+                true
+            ),
+            None
+        );
     }
 }

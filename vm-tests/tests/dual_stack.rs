@@ -88,7 +88,12 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
     let (cg, agent, backend, vip) = world("mapped-svc");
     let mapped = format!("::ffff:{vip}");
     let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/mapped"]);
-    assert!(o.status.success(), "{}\nagent log:\n{}", text(&o), agent.log());
+    assert!(
+        o.status.success(),
+        "{}\nagent log:\n{}",
+        text(&o),
+        agent.log()
+    );
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "HTTP/1.1 200 OK\nmapped-svc saw GET /mapped\n",
@@ -101,8 +106,103 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
     assert_eq!(events[0]["status"], 200);
     assert_eq!(events[0]["caller"], "host");
     assert!(
-        events[0]["caller_process"].as_str().unwrap().starts_with("python3["),
+        events[0]["caller_process"]
+            .as_str()
+            .unwrap()
+            .starts_with("python3["),
         "{}",
         events[0]
+    );
+}
+
+/// The IPv6 links and maps, absent from a pin dir made by a build before IPv6 support.
+const V6_LINKS: [&str; 3] = ["link_connect6", "link_sendmsg6", "link_recvmsg6"];
+const V6_MAPS: [&str; 3] = ["HMS_CONFIG6", "HMS_ORIG6_BY_COOKIE", "HMS_ORIG6_BY_FLOW"];
+
+#[test]
+fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_removes_them() {
+    let (cg, mut agent, _backend, vip) = world("oldpins-svc");
+    let mapped = format!("::ffff:{vip}");
+    // "hms_connect4 (cgroup_inet4_connect, link 42)": the same line after a restart means the
+    // link was adopted, a new link id that it was attached again.
+    let programs = |agent: &TestAgent| -> Vec<String> {
+        let status = agent.ctl_json(&["status"]).unwrap();
+        status["redirect"]["programs"]
+            .as_array()
+            .expect("programs in status")
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    };
+    let line_of = |lines: &[String], program: &str| -> String {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{program} ")))
+            .unwrap_or_else(|| panic!("{program} in {lines:#?}"))
+            .clone()
+    };
+    let before = programs(&agent);
+    agent.stop().unwrap();
+    // What an IPv4-only build leaves: its links and maps, none of the IPv6 ones. With the
+    // agent stopped the pin is the link's last reference, so unpinning detaches it.
+    for name in V6_LINKS.iter().chain(V6_MAPS.iter()) {
+        std::fs::remove_file(agent.pin_dir.join(name)).unwrap();
+    }
+    assert!(agent.pin_dir.join("link_connect4").exists());
+    // Without connect6 the mapped VIP is plain loopback space: refused, nothing else.
+    let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/before"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Connection refused"),
+        "{}",
+        text(&o)
+    );
+
+    agent.start_again().unwrap();
+    let after = programs(&agent);
+    for program in [
+        "hms_sock_ops",
+        "hms_connect4",
+        "hms_sendmsg4",
+        "hms_recvmsg4",
+    ] {
+        assert_eq!(
+            line_of(&before, program),
+            line_of(&after, program),
+            "adopted"
+        );
+    }
+    for program in ["hms_connect6", "hms_sendmsg6", "hms_recvmsg6"] {
+        assert_ne!(
+            line_of(&before, program),
+            line_of(&after, program),
+            "attached again"
+        );
+    }
+    for name in V6_LINKS.iter().chain(V6_MAPS.iter()) {
+        assert!(agent.pin_dir.join(name).exists(), "{name} pinned again");
+    }
+    let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/after"]);
+    assert!(
+        o.status.success(),
+        "{}\nagent log:\n{}",
+        text(&o),
+        agent.log()
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).ends_with("oldpins-svc saw GET /after\n"));
+
+    agent.stop().unwrap();
+    let o = agent.cleanup();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !agent.pin_dir.exists(),
+        "cleanup removed the pin dir: {}",
+        text(&o)
+    );
+    let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/cleaned"]);
+    assert!(
+        !o.status.success(),
+        "connect6 is gone after cleanup: {}",
+        text(&o)
     );
 }
