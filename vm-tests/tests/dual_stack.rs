@@ -206,3 +206,168 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
         text(&o)
     );
 }
+
+/// The default IPv6 VIP prefix (`--vip6-prefix`): the service's IPv4 VIP in the low 32 bits.
+fn vip6(vip: Ipv4Addr) -> std::net::Ipv6Addr {
+    let o = vip.octets();
+    std::net::Ipv6Addr::new(
+        0xfd48,
+        0x4d53,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    )
+}
+
+fn dig_in(cg: &TestCgroup, args: &[&str]) -> Output {
+    let child = cg
+        .command("dig")
+        .args(["+time=3", "+tries=1", "+short"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dig (run `cargo xtask setup` to install dnsutils)");
+    vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20)))
+        .expect("dig finished")
+}
+
+#[test]
+fn aaaa_a_and_any_agree_and_dns_over_ipv6_gets_its_reply_from_the_resolver_it_asked() {
+    let (cg, agent, _backend, vip) = world("dns6-svc");
+    let v6 = vip6(vip);
+    // Over IPv6 to [::1]:53, where nothing listens: sendmsg6/connect6 take the query to the
+    // agent's [::1] responder and recvmsg6 makes the reply come from [::1]:53 (dig checks).
+    for (server, family) in [("@::1", "IPv6"), ("@127.0.0.1", "IPv4")] {
+        let o = dig_in(&cg, &[server, "dns6-svc.svc", "AAAA"]);
+        assert!(
+            o.status.success(),
+            "{family}: {}\n{}",
+            text(&o),
+            agent.log()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            v6.to_string(),
+            "{family}"
+        );
+        let o = dig_in(&cg, &[server, "dns6-svc.svc", "A"]);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            vip.to_string(),
+            "{family}"
+        );
+        let o = dig_in(&cg, &[server, "dns6-svc.svc", "ANY"]);
+        let mut any: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        any.sort();
+        assert_eq!(
+            any,
+            [vip.to_string(), v6.to_string()],
+            "{family}: {}",
+            text(&o)
+        );
+    }
+    // And over TCP on IPv6 (connect6 to port 53).
+    let o = dig_in(&cg, &["@::1", "+tcp", "dns6-svc.svc", "AAAA"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        v6.to_string(),
+        "{}",
+        text(&o)
+    );
+}
+
+/// One DNS A query over UDP from an `AF_INET6` socket to argv[1]:53 (e.g. a mapped IPv4
+/// resolver); prints the reply's source and the first answer's address.
+const MAPPED_DNS_QUERY: &str = r#"
+import socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+for label in name.split("."):
+    q += bytes([len(label)]) + label.encode()
+q += b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, (server, 53))
+data, src = s.recvfrom(4096)
+print(src[0], src[1])
+print(".".join(str(b) for b in data[-4:]))
+"#;
+
+#[test]
+fn a_dns_query_to_a_mapped_resolver_is_answered_and_comes_back_from_that_resolver() {
+    let (cg, agent, _backend, vip) = world("mapdns-svc");
+    let o = python_in(
+        &cg,
+        MAPPED_DNS_QUERY,
+        &["::ffff:127.0.0.53", "mapdns-svc.svc"],
+    );
+    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("::ffff:127.0.0.53 53\n{vip}\n"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn ipv6_only_and_dual_stack_sockets_reach_the_service_at_its_ipv6_vip() {
+    let (cg, agent, backend, vip) = world("v6-svc");
+    let v6 = vip6(vip).to_string();
+    for (v6only, path) in [("1", "/v6only"), ("0", "/dualstack")] {
+        let o = python_in(&cg, RAW_GET6, &[&v6, "80", v6only, path]);
+        assert!(
+            o.status.success(),
+            "{}\nagent log:\n{}",
+            text(&o),
+            agent.log()
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("HTTP/1.1 200 OK\nv6-svc saw GET {path}\n")
+        );
+        let events = tap_events_for(&agent, "v6-svc", path);
+        assert_eq!(events.len(), 1, "{events:#?}");
+        assert_eq!(events[0]["caller"], "host");
+        assert!(
+            events[0]["caller_process"]
+                .as_str()
+                .unwrap()
+                .starts_with("python3[")
+        );
+    }
+    // curl by name over IPv6 (its resolver asks AAAA; -6 only takes IPv6 answers) and by the
+    // literal, on the service's own port too.
+    let port = backend.addr.port();
+    for url in [
+        "http://v6-svc.svc/curl6".to_string(),
+        format!("http://[{v6}]:{port}/curl6-literal"),
+    ] {
+        let child = cg
+            .command("curl")
+            .args(["-6", "-sS", "--max-time", "10", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let o =
+            vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20))).unwrap();
+        assert!(o.status.success(), "{url}: {}\n{}", text(&o), agent.log());
+        let path = url.rsplit('/').next().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("v6-svc saw GET /{path}\n")
+        );
+        assert_eq!(
+            tap_events_for(&agent, "v6-svc", &format!("/{path}")).len(),
+            1
+        );
+    }
+}

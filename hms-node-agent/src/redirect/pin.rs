@@ -115,6 +115,27 @@ pub(crate) const ADDED_MAPS: [&str; 3] = [
     map_names::ORIG6_BY_FLOW,
 ];
 
+/// Removes the loopback route of the IPv6 VIP prefix recorded in the pinned `HMS_CONFIG6`, if
+/// IPv6 was on. The route is shared by every agent on the host using that prefix; a cleanup
+/// is for taking HMS off the host (or this pin dir's agent off for good).
+fn remove_v6_route(config6: &Path) -> anyhow::Result<Option<String>> {
+    let data = aya::maps::MapData::from_pin(config6)
+        .with_context(|| format!("opening pinned map {}", config6.display()))?;
+    let array: aya::maps::Array<_, hms_ebpf::RedirectConfig6> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .with_context(|| format!("{} is not the IPv6 config array", config6.display()))?;
+    let cfg = array
+        .get(&0, 0)
+        .with_context(|| format!("reading {}", config6.display()))?;
+    if cfg.enabled == 0 {
+        return Ok(None);
+    }
+    let w = cfg.vip_prefix;
+    let prefix = crate::original_dst::ipv6_from_words([w[0], w[1], w[2], 0]);
+    super::local_route::remove(prefix)?;
+    Ok(Some(format!("{prefix}/96")))
+}
+
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CgroupLinkInfo {
@@ -153,6 +174,9 @@ pub struct CleanupReport {
     /// Link files found, detached and unpinned.
     pub detached_links: Vec<String>,
     pub unpinned_maps: Vec<String>,
+    /// The IPv6 VIP prefix whose loopback route was removed (`prefix/96`), if IPv6 was on.
+    #[serde(default)]
+    pub removed_route: Option<String>,
     pub removed_dir: bool,
     /// Files in the pin dir that are not ours; left in place (so the dir stays too).
     pub left_behind: Vec<String>,
@@ -170,6 +194,9 @@ impl std::fmt::Display for CleanupReport {
                 self.detached_links.len(),
                 self.unpinned_maps.len()
             )?;
+            if let Some(route) = &self.removed_route {
+                write!(f, ", removed the loopback route of {route}")?;
+            }
             if self.removed_dir {
                 write!(f, ", removed the directory")?;
             }
@@ -211,6 +238,10 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     names.sort();
+    // The route's prefix is only recorded in HMS_CONFIG6, so it goes before the maps do.
+    if names.iter().any(|n| n == map_names::CONFIG6) {
+        report.removed_route = remove_v6_route(&pin_dir.join(map_names::CONFIG6))?;
+    }
 
     for name in names {
         let path = pin_dir.join(&name);
