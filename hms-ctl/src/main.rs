@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use hms_ctl::api::{AgentStatus, DeployResult, Request, ServiceDetail, ServiceInfo, TapFilter};
 use hms_ctl::client;
 
@@ -186,13 +186,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let name = invoked_as(std::env::args_os().next());
+    // The seed chapter's users type `hms-svc deploy ...`: one binary, two names, and help,
+    // usage and errors speak with the name the user typed.
+    let matches = Cli::command().name(name).bin_name(name).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hms-ctl: {e:#}");
+            eprintln!("{name}: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `hms-svc` when called through that name (the link `install` and the build put next to
+/// hms-ctl), else `hms-ctl`.
+fn invoked_as(argv0: Option<std::ffi::OsString>) -> &'static str {
+    let called = argv0
+        .as_deref()
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if called == "hms-svc" {
+        "hms-svc"
+    } else {
+        "hms-ctl"
     }
 }
 

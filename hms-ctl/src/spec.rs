@@ -19,6 +19,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// A validated service spec.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -186,31 +187,18 @@ impl fmt::Display for SpecError {
 
 impl std::error::Error for SpecError {}
 
-/// What the YAML may contain, before validation. Unknown keys are errors.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSpec {
-    name: Option<serde_yaml::Value>,
-    port: Option<serde_yaml::Value>,
-    replicas: Option<Vec<serde_yaml::Value>>,
-    policy: Option<serde_yaml::Value>,
-    limit: Option<serde_yaml::Value>,
-    routes: Option<Vec<RawRoute>>,
-    cgroup: Option<String>,
-    health: Option<String>,
-    image: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    path: Option<String>,
-    timeout: Option<serde_yaml::Value>,
-    per_try_timeout: Option<serde_yaml::Value>,
-    retries: Option<serde_yaml::Value>,
-}
+/// The keys a spec may have, in the order the README documents them.
+const SPEC_KEYS: &[&str] = &[
+    "name", "port", "replicas", "policy", "limit", "routes", "cgroup", "health", "image",
+];
+/// The keys one entry of `routes:` may have.
+const ROUTE_KEYS: &[&str] = &["path", "timeout", "per_try_timeout", "retries"];
 
 /// Parses and validates a spec. `file` names the source in error messages.
+///
+/// The YAML crate only turns text into a tree (its errors are syntax errors, with their
+/// line); every shape and value rule is checked here on that tree, so each message names the
+/// field, its line and what to write instead, whatever the YAML crate's own wording is.
 pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     let err = |field: Option<&str>, line: Option<usize>, message: String| SpecError {
         file: file.to_string(),
@@ -218,22 +206,47 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         field: field.map(str::to_string),
         message,
     };
-    let raw: RawSpec = serde_yaml::from_str(yaml).map_err(|e| {
-        let line = e.location().map(|l| l.line());
-        let mut message = e.to_string();
-        // serde_yaml appends " at line X column Y"; we already print the line.
-        if let Some(idx) = message.find(" at line ") {
-            message.truncate(idx);
-        }
-        if message.contains("unknown field") {
-            message.push_str(" (remove it or fix its spelling)");
-        }
+    let doc: Value = serde_saphyr::from_str(yaml).map_err(|e| {
+        let (line, message) = syntax_error(&e);
         err(None, line, message)
     })?;
+    let mut top = match doc {
+        Value::Object(map) => map,
+        // An empty file: every required field is reported missing below.
+        Value::Null => Map::new(),
+        other => {
+            return Err(err(
+                None,
+                Some(1),
+                format!(
+                    "a spec is a mapping of fields such as `name: payments-svc` and `port: 7000`, got {}",
+                    describe(&other)
+                ),
+            ));
+        }
+    };
+    if let Some((line, key)) = first_unknown_key(yaml, &top, SPEC_KEYS, 0) {
+        return Err(err(
+            None,
+            line,
+            unknown_key_message(&key, SPEC_KEYS, "a spec's", top_level_hint(&key)),
+        ));
+    }
+    let raw = RawSpec {
+        name: top.remove("name"),
+        port: top.remove("port"),
+        replicas: top.remove("replicas"),
+        policy: top.remove("policy"),
+        limit: top.remove("limit"),
+        routes: top.remove("routes"),
+        cgroup: top.remove("cgroup"),
+        health: top.remove("health"),
+        image: top.remove("image"),
+    };
     let line_of = |key: &str| key_line(yaml, key, 0);
 
     let name = match raw.name {
-        Some(serde_yaml::Value::String(s)) => s,
+        Some(Value::String(s)) => s,
         Some(other) => {
             return Err(err(
                 Some("name"),
@@ -251,9 +264,18 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     };
     validate_dns_label(&name)
         .map_err(|m| err(Some("name"), line_of("name"), format!("`{name}` {m}")))?;
+    if RESERVED_NAMES.contains(&name.as_str()) {
+        return Err(err(
+            Some("name"),
+            line_of("name"),
+            format!(
+                "`{name}` is reserved: the mesh uses it for callers that are no service (`host`) and for its door (`gateway`); pick another name"
+            ),
+        ));
+    }
 
     let port = match raw.port {
-        Some(serde_yaml::Value::Number(n)) => match n.as_i64() {
+        Some(Value::Number(n)) => match n.as_i64() {
             Some(p) if (1..=65535).contains(&p) => p as u16,
             _ => {
                 return Err(err(
@@ -280,7 +302,21 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     };
 
     let mut replicas = Vec::new();
-    for v in raw.replicas.unwrap_or_default() {
+    let replica_list = match raw.replicas {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(err(
+                Some("replicas"),
+                line_of("replicas"),
+                format!(
+                    "must be a list of ports like `[7001, 7002]`, got {}",
+                    describe(&other)
+                ),
+            ));
+        }
+    };
+    for v in replica_list {
         match v.as_i64() {
             Some(p) if (1..=65535).contains(&p) && p as u16 != port => {
                 if !replicas.contains(&(p as u16)) {
@@ -307,7 +343,7 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
 
     let limit = match raw.limit {
         None => None,
-        Some(serde_yaml::Value::String(s)) => {
+        Some(Value::String(s)) => {
             Some(RateLimit::parse(&s).map_err(|m| err(Some("limit"), line_of("limit"), m))?)
         }
         Some(other) => {
@@ -323,16 +359,63 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     };
 
     let mut routes = Vec::new();
-    for (i, r) in raw.routes.unwrap_or_default().into_iter().enumerate() {
+    let route_list = match raw.routes {
+        None => Vec::new(),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(err(
+                Some("routes"),
+                line_of("routes"),
+                format!(
+                    "must be a list of routes like `- path: /check` (with `timeout:`, `retries:` below it), got {}",
+                    describe(&other)
+                ),
+            ));
+        }
+    };
+    for (i, entry) in route_list.into_iter().enumerate() {
         let line = nth_key_line(yaml, "path", i).or_else(|| line_of("routes"));
         let field = |f: &str| format!("routes[{i}].{f}");
-        let path = r.path.ok_or_else(|| {
-            err(
-                Some(&field("path")),
-                line_of("routes"),
-                "is missing; each route needs `path: /prefix`".into(),
-            )
-        })?;
+        let mut r = match entry {
+            Value::Object(map) => map,
+            other => {
+                return Err(err(
+                    Some(&format!("routes[{i}]")),
+                    line_of("routes"),
+                    format!(
+                        "must be a mapping like `- path: /check`, got {}",
+                        describe(&other)
+                    ),
+                ));
+            }
+        };
+        if let Some((key_line, key)) = first_unknown_key(yaml, &r, ROUTE_KEYS, 2) {
+            return Err(err(
+                Some(&format!("routes[{i}]")),
+                key_line.or(line),
+                unknown_key_message(&key, ROUTE_KEYS, "a route's", route_hint(&key)),
+            ));
+        }
+        let path = match r.remove("path") {
+            Some(Value::String(p)) => p,
+            Some(other) => {
+                return Err(err(
+                    Some(&field("path")),
+                    line,
+                    format!(
+                        "must be a path prefix like `/check`, got {}",
+                        describe(&other)
+                    ),
+                ));
+            }
+            None => {
+                return Err(err(
+                    Some(&field("path")),
+                    line_of("routes"),
+                    "is missing; each route needs `path: /prefix`".into(),
+                ));
+            }
+        };
         if !path.starts_with('/') {
             return Err(err(
                 Some(&field("path")),
@@ -340,9 +423,9 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
                 format!("`{path}` must start with `/`"),
             ));
         }
-        let duration_field = |name: &str, v: Option<serde_yaml::Value>| match v {
+        let duration_field = |name: &str, v: Option<Value>| match v {
             None => Ok(None),
-            Some(serde_yaml::Value::String(s)) => parse_duration(&s)
+            Some(Value::String(s)) => parse_duration(&s)
                 .map(Some)
                 .map_err(|m| err(Some(&field(name)), line, m)),
             Some(other) => Err(err(
@@ -354,11 +437,11 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
                 ),
             )),
         };
-        let timeout = duration_field("timeout", r.timeout)?;
-        let per_try_timeout = duration_field("per_try_timeout", r.per_try_timeout)?;
-        let retries = match r.retries {
+        let timeout = duration_field("timeout", r.remove("timeout"))?;
+        let per_try_timeout = duration_field("per_try_timeout", r.remove("per_try_timeout"))?;
+        let retries = match r.remove("retries") {
             None => None,
-            Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
+            Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if v <= 10 => Some(v as u32),
                 _ => {
                     return Err(err(
@@ -384,7 +467,19 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         });
     }
 
-    if let Some(h) = &raw.health
+    let text_field = |name: &str, v: Option<Value>, example: &str| match v {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(err(
+            Some(name),
+            line_of(name),
+            format!("must be text like `{example}`, got {}", describe(&other)),
+        )),
+    };
+    let cgroup = text_field("cgroup", raw.cgroup, "payments.service")?;
+    let health = text_field("health", raw.health, "/healthz")?;
+    let image = text_field("image", raw.image, "hms/eligibility:latest")?;
+    if let Some(h) = &health
         && h != "tcp"
         && !h.starts_with('/')
     {
@@ -402,21 +497,21 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         policy,
         limit,
         routes,
-        cgroup: raw.cgroup,
-        health: raw.health,
-        image: raw.image,
+        cgroup,
+        health,
+        image,
     })
 }
 
-fn parse_policy(v: &serde_yaml::Value) -> Result<Policy, String> {
+fn parse_policy(v: &Value) -> Result<Policy, String> {
     const HINT: &str = "use `allow_from_any`, `deny_all`, or `{allow_from: [service, ...]}`";
     match v {
-        serde_yaml::Value::String(s) => match s.as_str() {
+        Value::String(s) => match s.as_str() {
             "allow_from_any" => Ok(Policy::AllowFromAny),
             "deny_all" => Ok(Policy::DenyAll),
             other => Err(format!("`{other}` is not a policy; {HINT}")),
         },
-        serde_yaml::Value::Mapping(m) => {
+        Value::Object(m) => {
             if m.len() != 1 {
                 return Err(format!("has {} keys; {HINT}", m.len()));
             }
@@ -424,7 +519,7 @@ fn parse_policy(v: &serde_yaml::Value) -> Result<Policy, String> {
                 .get("allow_from")
                 .ok_or_else(|| format!("only `allow_from` may appear here; {HINT}"))?;
             let seq = list
-                .as_sequence()
+                .as_array()
                 .ok_or_else(|| format!("`allow_from` must be a list of service names; {HINT}"))?;
             let mut names = Vec::new();
             for item in seq {
@@ -441,6 +536,144 @@ fn parse_policy(v: &serde_yaml::Value) -> Result<Policy, String> {
         }
         other => Err(format!("got {}; {HINT}", describe(other))),
     }
+}
+
+/// The top-level fields of a spec, taken out of the YAML tree for validation.
+struct RawSpec {
+    name: Option<Value>,
+    port: Option<Value>,
+    replicas: Option<Value>,
+    policy: Option<Value>,
+    limit: Option<Value>,
+    routes: Option<Value>,
+    cgroup: Option<Value>,
+    health: Option<Value>,
+    image: Option<Value>,
+}
+
+/// Names a spec may not take: `host` is how taps, policies and logs name a caller in no
+/// service's cgroup, and `gateway` is the mesh's door; a service with either name would be
+/// indistinguishable from them.
+pub const RESERVED_NAMES: &[&str] = &["host", "gateway"];
+
+/// The line and message of a YAML syntax error, without the crate's own "line X column Y"
+/// prefix and source snippet (we print `file:line:` ourselves).
+fn syntax_error(e: &serde_saphyr::Error) -> (Option<usize>, String) {
+    let line = e.location().map(|l| l.line() as usize).filter(|&l| l > 0);
+    let text = e.without_snippet().to_string();
+    let mut message = text.lines().next().unwrap_or_default().trim();
+    message = message
+        .strip_prefix("error:")
+        .unwrap_or(message)
+        .trim_start();
+    if let Some(rest) = message.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ")
+    {
+        message = after;
+    }
+    (line, format!("not valid YAML: {message}"))
+}
+
+/// The unknown key that comes first in the file (with its line), if any.
+fn first_unknown_key(
+    yaml: &str,
+    map: &Map<String, Value>,
+    known: &[&str],
+    indent: usize,
+) -> Option<(Option<usize>, String)> {
+    map.keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .map(|k| (line_of_key_anywhere(yaml, k, indent), k.clone()))
+        .min_by_key(|(line, _)| line.unwrap_or(usize::MAX))
+}
+
+/// 1-based line of `key:` at `indent` or deeper (route keys sit under `- `).
+fn line_of_key_anywhere(yaml: &str, key: &str, indent: usize) -> Option<usize> {
+    yaml.lines()
+        .position(|l| {
+            let lead = l.len() - l.trim_start().len();
+            let t = l.trim_start().trim_start_matches("- ");
+            lead >= indent && t.starts_with(key) && t[key.len()..].trim_start().starts_with(':')
+        })
+        .map(|i| i + 1)
+}
+
+/// "unknown field `x`" with the likeliest intended field, else the list of known ones.
+/// `whose` names the owner of the fields in the message ("a spec's", "a route's").
+fn unknown_key_message(key: &str, known: &[&str], whose: &str, hint: Option<String>) -> String {
+    let advice = hint
+        .or_else(|| closest(key, known).map(|k| format!("did you mean `{k}`?")))
+        .unwrap_or_else(|| "remove it or fix its spelling".to_string());
+    let list = known
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("unknown field `{key}` ({advice}); {whose} fields are {list}")
+}
+
+/// Mistakes people make at the top level, with what they meant.
+fn top_level_hint(key: &str) -> Option<String> {
+    let hint = match key {
+        "allow_from" => "did you mean `policy: {allow_from: [...]}`?",
+        "allow_from_any" | "deny_all" => "a policy goes under `policy:`, e.g. `policy: deny_all`",
+        "timeout" | "per_try_timeout" | "retries" | "path" => {
+            "that belongs to a route: `routes: [{path: /, timeout: 2s, retries: 1}]`"
+        }
+        "rate" | "rate_limit" | "ratelimit" | "rps" => "did you mean `limit: 50rps`?",
+        "healthcheck" | "health_check" | "healthz" => "did you mean `health: /healthz`?",
+        "ports" | "instances" => {
+            "did you mean `port: 7000` and, for more instances, `replicas: [7001, 7002]`?"
+        }
+        "service" | "svc" | "service_name" => "did you mean `name: payments-svc`?",
+        "route" => "did you mean `routes:` (a list)?",
+        "replica" => "did you mean `replicas: [7001, 7002]`?",
+        "container" | "images" => "did you mean `image:` (informational only)?",
+        _ => return None,
+    };
+    Some(hint.to_string())
+}
+
+/// Mistakes people make inside a route.
+fn route_hint(key: &str) -> Option<String> {
+    let hint = match key {
+        "prefix" | "path_prefix" | "match" => "did you mean `path: /prefix`?",
+        "timeout_ms" | "timeout_seconds" => {
+            "did you mean `timeout: 2s` (a duration with its unit)?"
+        }
+        "retry" | "max_retries" | "attempts" => "did you mean `retries: 1`?",
+        "per_try" | "try_timeout" => "did you mean `per_try_timeout: 1s`?",
+        _ => return None,
+    };
+    Some(hint.to_string())
+}
+
+/// The known key within two edits of `key`, if exactly one is closest.
+fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    for k in known {
+        let d = edit_distance(key, k);
+        if d <= 2 && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, k));
+        }
+    }
+    best.map(|(_, k)| k)
+}
+
+/// Levenshtein distance; spec keys are short, so the quadratic table is fine. (No crate: a
+/// dozen lines, and the one use is this hint.)
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// The rules a route must satisfy, for routes set with `hms-ctl route set` (spec files go
@@ -504,15 +737,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis((v * unit_ms).round() as u64))
 }
 
-fn describe(v: &serde_yaml::Value) -> String {
+fn describe(v: &Value) -> String {
     match v {
-        serde_yaml::Value::Null => "nothing".into(),
-        serde_yaml::Value::Bool(b) => format!("`{b}`"),
-        serde_yaml::Value::Number(n) => format!("the number {n}"),
-        serde_yaml::Value::String(s) => format!("`{s}`"),
-        serde_yaml::Value::Sequence(_) => "a list".into(),
-        serde_yaml::Value::Mapping(_) => "a mapping".into(),
-        serde_yaml::Value::Tagged(_) => "a tagged value".into(),
+        Value::Null => "nothing".into(),
+        Value::Bool(b) => format!("`{b}`"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("`{s}`"),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a mapping".into(),
     }
 }
 
@@ -579,6 +811,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.image.as_deref(), Some("hms/eligibility:latest"));
+    }
+
+    #[test]
+    fn the_seed_chapter_spec_deploys_as_printed() {
+        // Section 5 of the seed chapter, byte for byte.
+        let seed = "# services/eligibility-svc.yaml\nname: eligibility-svc\nport: 7000\nimage: hms/eligibility:latest\npolicy: allow_from_any   # mesh ACL; refine later\n";
+        let spec = parse(seed, "services/eligibility-svc.yaml").unwrap();
+        assert_eq!((spec.name.as_str(), spec.port), ("eligibility-svc", 7000));
+        assert_eq!(spec.policy, Policy::AllowFromAny);
     }
 
     #[test]
@@ -664,6 +905,78 @@ mod tests {
     }
 
     #[test]
+    fn near_misses_get_a_hint_naming_what_was_meant() {
+        let cases = [
+            (
+                "name: a\nport: 1\nallow_from: [payments-svc]\n",
+                3,
+                "did you mean `policy: {allow_from: [...]}`?",
+            ),
+            ("name: a\nport: 1\ndeny_all: true\n", 3, "under `policy:`"),
+            ("name: a\nport: 1\ntimeout: 2s\n", 3, "belongs to a route"),
+            ("name: a\nport: 1\nrate_limit: 5rps\n", 3, "`limit: 50rps`"),
+            (
+                "name: a\nport: 1\nreplica: [2]\n",
+                3,
+                "`replicas: [7001, 7002]`",
+            ),
+            ("name: a\nport: 1\nhelth: /h\n", 3, "did you mean `health`?"),
+            (
+                "name: a\nport: 1\nroutes:\n  - path: /a\n    timeout_ms: 200\n",
+                5,
+                "`timeout: 2s`",
+            ),
+            (
+                "name: a\nport: 1\nroutes:\n  - path: /a\n    retires: 2\n",
+                5,
+                "did you mean `retries`?",
+            ),
+        ];
+        for (yaml, line, hint) in cases {
+            let e = reject(yaml);
+            assert_eq!(e.line, Some(line), "{yaml:?}: {e}");
+            assert!(e.message.contains(hint), "{yaml:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_say_what_shape_is_wanted() {
+        let e = reject("name: a\nport: 1\nroutes: 5\n");
+        assert_eq!(
+            (e.field.as_deref(), e.line),
+            (Some("routes"), Some(3)),
+            "{e}"
+        );
+        assert!(e.message.contains("must be a list of routes"), "{e}");
+        let e = reject("- a\n- b\n");
+        assert!(e.message.contains("a spec is a mapping"), "{e}");
+        let e = reject("name: a\nport: 1\ncgroup: [x]\n");
+        assert_eq!(e.field.as_deref(), Some("cgroup"), "{e}");
+        let e = reject("name: a\nport: 1\nreplicas: 7001\n");
+        assert!(e.message.contains("list of ports"), "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_carry_their_line() {
+        let e = reject("name: a\nport: 1\npolicy: [\n");
+        assert!(e.line.is_some(), "{e}");
+        assert!(e.message.starts_with("not valid YAML: "), "{e}");
+        assert!(!e.message.contains('\n'), "one line, no snippet: {e}");
+        let e = reject("name: a\nport: 1\nport: 2\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn host_and_gateway_are_not_service_names() {
+        for name in ["host", "gateway"] {
+            let e = reject(&format!("name: {name}\nport: 7000\n"));
+            assert_eq!(e.field.as_deref(), Some("name"));
+            assert!(e.message.contains("reserved"), "{e}");
+        }
+    }
+
+    #[test]
     fn durations_and_rates() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
@@ -671,5 +984,78 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert_eq!(RateLimit::parse("3000rpm").unwrap().per_second(), 50.0);
         assert!(RateLimit::parse("0rps").is_err());
+    }
+}
+
+/// Every rejection a user is likely to meet, with the whole message `hms-ctl deploy` prints.
+/// Pinned before the move from serde_yaml to serde-saphyr so the switch could not make any of
+/// them worse; a change here must keep the file, the line and the field.
+#[cfg(test)]
+mod pinned_messages {
+    use super::parse;
+
+    const CASES: &[(&str, &str)] = &[
+        (
+            "name: a\nport: 7000\nprot: 8\n",
+            "svc.yaml:3: unknown field `prot` (did you mean `port`?); a spec's fields are `name`, `port`, `replicas`, `policy`, `limit`, `routes`, `cgroup`, `health`, `image`",
+        ),
+        (
+            "port: 7000\nname: Payments_Svc\n",
+            "svc.yaml:2: field `name`: `Payments_Svc` may only contain lower-case letters, digits and `-` (it becomes `<name>.svc`)",
+        ),
+        (
+            "name: a\nport: 70000\n",
+            "svc.yaml:2: field `port`: 70000 is not a TCP port; use a number from 1 to 65535",
+        ),
+        (
+            "name: a\nport: http\n",
+            "svc.yaml:2: field `port`: must be a number from 1 to 65535, got `http`",
+        ),
+        (
+            "name: a\n",
+            "svc.yaml: field `port`: is missing; say where the instances listen, e.g. `port: 7000`",
+        ),
+        (
+            "port: 1\n",
+            "svc.yaml: field `name`: is missing; every spec needs `name: <dns-label>`",
+        ),
+        (
+            "name: a\nport: 1\npolicy: allow_some\n",
+            "svc.yaml:3: field `policy`: `allow_some` is not a policy; use `allow_from_any`, `deny_all`, or `{allow_from: [service, ...]}`",
+        ),
+        (
+            "name: a\nport: 1\nlimit: fast\n",
+            "svc.yaml:3: field `limit`: `fast` is not a rate; write it like `50rps` or `3000rpm`",
+        ),
+        (
+            "name: a\nport: 1\nroutes:\n  - path: /a\n  - path: /b\n    timeout: soon\n",
+            "svc.yaml:5: field `routes[1].timeout`: `soon` is not a duration; write it like `2s`, `500ms` or `1m`",
+        ),
+        (
+            "name: a\nport: 1\nroutes:\n  - path: /a\n    retries: 11\n",
+            "svc.yaml:4: field `routes[0].retries`: 11 is out of range; use 0 to 10",
+        ),
+        (
+            "name: a\nport: 1\nhealth: healthz\n",
+            "svc.yaml:3: field `health`: `healthz` must be an HTTP path like `/healthz` or the word `tcp`",
+        ),
+        (
+            "name: a\nport: 7000\nreplicas: [7000]\n",
+            "svc.yaml:3: field `replicas`: the number 7000 is not a further instance port; list TCP ports (1-65535) other than `port`",
+        ),
+    ];
+
+    #[test]
+    fn spec_errors_keep_their_file_line_field_and_advice() {
+        let mut wrong = Vec::new();
+        for (yaml, want) in CASES {
+            let got = parse(yaml, "svc.yaml")
+                .expect_err("spec should be rejected")
+                .to_string();
+            if got != *want {
+                wrong.push(format!("{yaml:?}\n  want: {want}\n  got:  {got}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }

@@ -250,7 +250,7 @@ impl AgentConfig {
 fn load_file(path: &Path) -> anyhow::Result<RunArgs> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| {
+    serde_saphyr::from_str(&text).with_context(|| {
         format!(
             "{}: not a valid agent config (keys are the `run` flags without dashes, e.g. `node-name:`)",
             path.display()

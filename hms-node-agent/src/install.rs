@@ -35,6 +35,8 @@ use crate::config::{AgentConfig, RunArgs};
 pub const BIN_DIR: &str = "/usr/local/bin";
 pub const AGENT_BIN: &str = "/usr/local/bin/hms-node-agent";
 pub const CTL_BIN: &str = "/usr/local/bin/hms-ctl";
+/// The seed chapter's name for the CLI: a link to hms-ctl, which reads the name it was called by.
+pub const SVC_LINK: &str = "/usr/local/bin/hms-svc";
 pub const CONFIG_DIR: &str = "/etc/hms";
 pub const CONFIG_PATH: &str = "/etc/hms/agent.yaml";
 pub const MANIFEST_PATH: &str = "/etc/hms/.installed";
@@ -289,7 +291,7 @@ pub fn render_config(args: &RunArgs) -> String {
 
 /// Parses agent.yaml the way `run --config` does.
 pub fn parse_config(text: &str, path: &Path) -> anyhow::Result<RunArgs> {
-    serde_yaml::from_str::<Option<RunArgs>>(text)
+    serde_saphyr::from_str::<Option<RunArgs>>(text)
         .map(Option::unwrap_or_default)
         .with_context(|| {
             format!(
@@ -679,6 +681,27 @@ impl Writer<'_> {
         self.report.files.push((path.to_string(), action));
         Ok(action)
     }
+
+    /// A relative symlink `path -> target` (a file name in the same directory).
+    fn link(&mut self, path: &str, target: &str) -> anyhow::Result<FileAction> {
+        let full = under(self.root, path);
+        let action = match std::fs::read_link(&full) {
+            Ok(t) if t == Path::new(target) => FileAction::Unchanged,
+            _ => {
+                let tmp = full.with_file_name(".hms-svc.hms-install-tmp");
+                let _ = std::fs::remove_file(&tmp);
+                std::os::unix::fs::symlink(target, &tmp)
+                    .and_then(|()| std::fs::rename(&tmp, &full))
+                    .with_context(|| format!("linking {} -> {target}", full.display()))?;
+                FileAction::Wrote
+            }
+        };
+        self.new
+            .files
+            .push((path.to_string(), fnv1a(target.as_bytes())));
+        self.report.files.push((path.to_string(), action));
+        Ok(action)
+    }
 }
 
 fn write_atomic(path: &Path, content: &[u8], mode: u32) -> anyhow::Result<()> {
@@ -802,6 +825,7 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
         let bytes = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
         changed |= w.file(dst, &bytes, 0o755)? == FileAction::Wrote;
     }
+    w.link(SVC_LINK, "hms-ctl")?;
     let old_hash = w.old.hash_of(CONFIG_PATH);
     let action = w.file(CONFIG_PATH, config_text.as_bytes(), 0o644)?;
     changed |= action == FileAction::Wrote;
@@ -998,6 +1022,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<UninstallReport> {
     let mut files: Vec<String> = vec![
         AGENT_BIN.into(),
         CTL_BIN.into(),
+        SVC_LINK.into(),
         CONFIG_PATH.into(),
         format!("{UNIT_DIR}/{SERVICE_UNIT}"),
     ];

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -107,19 +107,11 @@ impl TestAgent {
             .open(self.log_path())
             .context("agent log")?;
         let mut cmd = match &self.netns {
-            Some(ns) => {
-                // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup
-                // and bpf filesystems.
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(bins::path("hms-node-agent"));
-                c
-            }
+            Some(ns) => crate::tools::binary_in_netns(ns, bins::path("hms-node-agent")),
             None if self.inside_cgroup => {
-                crate::cgroup::TestCgroup::command_in(&self.cgroup, bins::path("hms-node-agent"))
+                crate::cgroup::TestCgroup::binary_in(&self.cgroup, bins::path("hms-node-agent"))
             }
-            None => Command::new(bins::path("hms-node-agent")),
+            None => crate::tools::workspace_binary(bins::path("hms-node-agent")),
         };
         let child = cmd
             .args(["run", "--cgroup"])
@@ -169,9 +161,20 @@ impl TestAgent {
         }
     }
 
+    /// Runs `hms-svc --socket <ours> ARGS`: the seed chapter's name for hms-ctl (a link the
+    /// build puts next to it).
+    pub fn svc(&self, args: &[&str]) -> Output {
+        crate::tools::workspace_binary(bins::path("hms-svc"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running hms-svc")
+    }
+
     /// Runs `hms-ctl --socket <ours> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bins::path("hms-ctl"))
+        crate::tools::workspace_binary(bins::path("hms-ctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -270,7 +273,7 @@ impl TestAgent {
 
     /// Runs `hms-node-agent cleanup` for this agent's pin dir.
     pub fn cleanup(&self) -> Output {
-        Command::new(bins::path("hms-node-agent"))
+        crate::tools::workspace_binary(bins::path("hms-node-agent"))
             .args(["cleanup", "--pin-dir"])
             .arg(&self.pin_dir)
             .output()

@@ -61,17 +61,35 @@ impl TestCgroup {
         hms_node_agent::cgroup::cgroup_id(&self.path)
     }
 
-    /// A command whose process starts inside this cgroup, before it execs `program`, so even
-    /// its first syscall runs under the cgroup's hooks.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        Self::command_in(&self.path, program)
+    /// The listed program `name` (`crate::tools`), started inside this cgroup before it
+    /// execs, so even its first syscall runs under the cgroup's hooks.
+    pub fn command(&self, name: &str) -> Command {
+        Self::command_in(&self.path, name)
+    }
+
+    /// One of the workspace's own binaries, started inside this cgroup.
+    pub fn binary(&self, path: impl AsRef<Path>) -> Command {
+        Self::binary_in(&self.path, path)
     }
 
     /// Like [`TestCgroup::command`], for any cgroup directory (e.g. a child of a test cgroup).
-    pub fn command_in(dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    pub fn command_in(dir: &Path, name: &str) -> Command {
+        let mut cmd = crate::tools::command(name);
+        Self::enter_at_exec(&mut cmd, dir);
+        cmd
+    }
+
+    /// Like [`TestCgroup::binary`], for any cgroup directory.
+    pub fn binary_in(dir: &Path, path: impl AsRef<Path>) -> Command {
+        let mut cmd = crate::tools::workspace_binary(path);
+        Self::enter_at_exec(&mut cmd, dir);
+        cmd
+    }
+
+    /// Makes `cmd`'s process join cgroup `dir` between fork and exec.
+    fn enter_at_exec(cmd: &mut Command, dir: &Path) {
         let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
             .expect("cgroup path has no NUL");
-        let mut cmd = Command::new(program);
         // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close) on
         // memory prepared before fork.
         unsafe {
@@ -90,7 +108,6 @@ impl TestCgroup {
                 Ok(())
             });
         }
-        cmd
     }
 
     /// Pids currently in the cgroup.

@@ -251,9 +251,9 @@ impl ChildCgroup {
         &self.path
     }
 
-    /// A command whose process starts inside this cgroup.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        crate::cgroup::TestCgroup::command_in(&self.path, program)
+    /// The listed program `name`, started inside this cgroup.
+    pub fn command(&self, name: &str) -> Command {
+        crate::cgroup::TestCgroup::command_in(&self.path, name)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -39,14 +39,6 @@ impl Etcd {
     }
 
     fn start_at(netns: Option<String>, ip: Ipv4Addr) -> anyhow::Result<Etcd> {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(BINARY).is_file()))
-            .unwrap_or(false);
-        if !found {
-            bail!(
-                "`{BINARY}` is not installed; run `cargo xtask setup` (it installs the Debian package etcd-server)"
-            );
-        }
         let mut etcd = Etcd {
             dir: tempfile::Builder::new()
                 .prefix("hms-etcd-")
@@ -88,14 +80,8 @@ impl Etcd {
             .open(self.log_path())
             .context("opening etcd's log")?;
         let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(BINARY);
-                c
-            }
-            None => Command::new(BINARY),
+            Some(ns) => crate::tools::in_netns(ns, "etcd"),
+            None => crate::tools::command("etcd"),
         };
         let child = cmd
             .args(["--name", "hms-test"])
@@ -147,9 +133,8 @@ impl Etcd {
     fn healthy(&self) -> bool {
         if let Some(ns) = &self.netns {
             let url = format!("http://{}/health", self.endpoint());
-            return Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{ns}"))
-                .args(["--", "curl", "-s", "--max-time", "1", &url])
+            return crate::tools::in_netns(ns, "curl")
+                .args(["-s", "--max-time", "1", &url])
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""));
         }
@@ -272,7 +257,7 @@ impl Drop for Partition {
 
 /// Runs `etcdctl` (v3 API) against `etcd` with `args`; its stdout, or an error with stderr.
 pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("etcdctl")
+    let out = crate::tools::command("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(etcd.endpoint())

@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod netns;
 pub mod ports;
 pub mod resolver;
+pub mod tools;
 
 /// True inside `cargo xtask vm-test`'s VM, where software emulation makes everything several
 /// times slower.

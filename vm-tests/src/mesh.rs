@@ -4,7 +4,7 @@
 //! capture of a host's link.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::TestAgent;
@@ -162,7 +162,9 @@ impl Mesh {
         self.cgs[i]
             .command("nsenter")
             .arg(format!("--net=/run/netns/{}", self.net.hosts[i].netns))
-            .args(["--", "curl", "-sS", "--max-time", "5"])
+            .arg("--")
+            .arg(crate::tools::path_of("curl"))
+            .args(["-sS", "--max-time", "5"])
             .args(args)
             .output()
             .unwrap()
@@ -197,9 +199,8 @@ with open(sys.argv[2], 'wb') as f:
         except socket.timeout:
             pass
 "#;
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{switch}"))
-        .args(["--", "python3", "-c", script, &port])
+    crate::tools::in_netns(&switch, "python3")
+        .args(["-c", script, &port])
         .arg(out)
         .arg("15")
         .spawn()

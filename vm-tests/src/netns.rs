@@ -23,7 +23,7 @@ pub struct TestHost {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
+    let out = crate::tools::command("ip")
         .args(args)
         .output()
         .context("running `ip` (iproute2; run `cargo xtask setup`)")?;
@@ -88,14 +88,8 @@ impl TestNet {
 
 impl TestHost {
     /// A command that runs inside this host's namespace.
-    pub fn command(&self, program: &str) -> Command {
-        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding the cgroup and
-        // bpf filesystems the agent needs.
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.netns))
-            .arg("--")
-            .arg(program);
-        c
+    pub fn command(&self, name: &str) -> Command {
+        crate::tools::in_netns(&self.netns, name)
     }
 }
 
@@ -111,7 +105,10 @@ impl Drop for TestNet {
 }
 
 fn kill_all_in(netns: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
+    if let Ok(out) = crate::tools::command("ip")
+        .args(["netns", "pids", netns])
+        .output()
+    {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
                 // SAFETY: plain kill(2) of processes inside our own test namespace.

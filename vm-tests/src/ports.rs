@@ -1,18 +1,14 @@
-//! Free loopback ports and unique names, so tests in one binary can run in parallel.
+//! Loopback ports and unique names, so tests in one binary can run in parallel. The port
+//! rule (never from the kernel's ephemeral range) lives in xtask's `loopback_ports.rs`,
+//! included here as it is, so the bench and the tests share it.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// A port free for both TCP and UDP on 127.0.0.1 at the time of asking.
-pub fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-        let port = tcp.local_addr().expect("local_addr").port();
-        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-}
+#[path = "../../xtask/src/loopback_ports.rs"]
+mod loopback_ports;
+
+pub use loopback_ports::free_port;
 
 pub fn free_addr() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_port())

@@ -11,8 +11,6 @@
 //!   of them;
 //! - the bench cleaned up: no cgroup or pin dir of its own is left.
 
-use std::process::Command;
-
 use vm_tests::bins;
 
 fn runs(report: &serde_json::Value, scenario: &str) -> Vec<serde_json::Value> {
@@ -34,7 +32,7 @@ fn runs(report: &serde_json::Value, scenario: &str) -> Vec<serde_json::Value> {
 fn bench_scenarios_go_through_the_paths_they_claim() {
     let xtask = bins::path("xtask");
     let bin_dir = xtask.parent().unwrap().to_path_buf();
-    let out = Command::new(&xtask)
+    let out = vm_tests::tools::workspace_binary(&xtask)
         .args(["bench", "--quick", "--scenario", "hms-one-host"])
         .args(["--scenario", "hms-one-host-sk-msg"])
         .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])

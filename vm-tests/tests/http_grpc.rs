@@ -12,7 +12,7 @@ use vm_tests::grpc::GrpcBackend;
 
 fn probe(cg: &TestCgroup, url: &str) -> (bool, String) {
     let child = cg
-        .command(bins::path("grpc-probe"))
+        .binary(bins::path("grpc-probe"))
         .arg(url)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

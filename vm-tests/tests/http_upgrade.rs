@@ -42,7 +42,7 @@ print(got.decode())
 fn a_websocket_upgrade_passes_through_and_carries_bytes_both_ways() {
     let cg = TestCgroup::new("upgrade-ws").unwrap();
     let agent = TestAgent::start(cg.path()).unwrap();
-    let mut server = std::process::Command::new("python3")
+    let mut server = vm_tests::tools::command("python3")
         .args(["-c", SERVER])
         .stdout(std::process::Stdio::piped())
         .spawn()

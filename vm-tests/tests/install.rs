@@ -5,7 +5,7 @@
 //! this host's /usr or /etc.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use vm_tests::agent::TestAgent;
@@ -49,7 +49,7 @@ fn describe(out: &Output) -> String {
 }
 
 fn agent(args: &[&str]) -> Output {
-    Command::new(bins::path("hms-node-agent"))
+    vm_tests::tools::workspace_binary(bins::path("hms-node-agent"))
         .args(args)
         .output()
         .expect("running hms-node-agent")
@@ -145,7 +145,7 @@ fn generated_units_pass_systemd_analyze_verify() {
         // give it this host's unit library.
         let lib = root.path().join("usr/lib/systemd");
         std::fs::create_dir_all(&lib).unwrap();
-        let cp = Command::new("cp")
+        let cp = vm_tests::tools::command("cp")
             .args(["-a", "/usr/lib/systemd/system"])
             .arg(&lib)
             .output()
@@ -156,7 +156,7 @@ fn generated_units_pass_systemd_analyze_verify() {
             describe(&cp)
         );
 
-        let out = Command::new("systemd-analyze")
+        let out = vm_tests::tools::command("systemd-analyze")
             .arg("verify")
             .arg(format!("--root={}", s(root.path())))
             .args(UNITS)
@@ -181,7 +181,7 @@ fn generated_units_pass_systemd_analyze_verify() {
 
 /// `bpftool cgroup show` ids of the programs attached to `cg`.
 fn attached_ids(cg: &Path) -> Vec<u64> {
-    let out = Command::new("bpftool")
+    let out = vm_tests::tools::command("bpftool")
         .args(["-j", "cgroup", "show"])
         .arg(cg)
         .output()
@@ -202,7 +202,7 @@ fn attached_ids(cg: &Path) -> Vec<u64> {
 }
 
 fn prog_exists(id: u64) -> bool {
-    Command::new("bpftool")
+    vm_tests::tools::command("bpftool")
         .args(["prog", "show", "id", &id.to_string()])
         .output()
         .map(|o| o.status.success())
@@ -252,8 +252,23 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
         "usr/local/bin/",
         "usr/local/bin/hms-ctl",
         "usr/local/bin/hms-node-agent",
+        "usr/local/bin/hms-svc",
     ];
     assert_eq!(walk(root.path()), expected, "install output:\n{first}");
+    // The seed chapter's name for the CLI: a link, so both names run the same binary.
+    assert_eq!(
+        std::fs::read_link(root.path().join("usr/local/bin/hms-svc")).unwrap(),
+        std::path::Path::new("hms-ctl")
+    );
+    let svc_help = vm_tests::tools::workspace_binary(root.path().join("usr/local/bin/hms-svc"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&svc_help.stdout).contains("Usage: hms-svc"),
+        "{}",
+        describe(&svc_help)
+    );
     assert!(first.contains("not enabled: --root is not /"), "{first}");
     let config = root.path().join("etc/hms/agent.yaml");
     let text = std::fs::read_to_string(&config).unwrap();
@@ -264,7 +279,10 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     );
     // The installed binary runs and reads the installed config.
     let installed = root.path().join("usr/local/bin/hms-node-agent");
-    let help = Command::new(&installed).arg("--version").output().unwrap();
+    let help = vm_tests::tools::workspace_binary(&installed)
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(help.status.success(), "{}", describe(&help));
 
     // Idempotent: the same install again rewrites nothing.

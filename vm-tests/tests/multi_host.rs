@@ -107,9 +107,9 @@ fn allow_from_denies_a_caller_on_another_host_with_403_and_the_backend_never_see
     std::fs::create_dir_all(&dir).unwrap();
     let child = vm_tests::cgroup::TestCgroup::command_in(&dir, "nsenter")
         .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+        .arg("--")
+        .arg(vm_tests::tools::path_of("curl"))
         .args([
-            "--",
-            "curl",
             "-sS",
             "-i",
             "--max-time",

@@ -570,7 +570,9 @@ fn a_ca_rotation_while_a_client_makes_steady_requests_fails_zero_requests() {
     let mut client: Child = m.cgs[2]
         .command("nsenter")
         .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
-        .args(["--", "python3", "-c", STEADY_CLIENT, "quotes-svc.svc", "50"])
+        .arg("--")
+        .arg(vm_tests::tools::path_of("python3"))
+        .args(["-c", STEADY_CLIENT, "quotes-svc.svc", "50"])
         .arg(&stop)
         .arg(&log)
         .arg("120")

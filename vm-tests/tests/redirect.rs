@@ -5,7 +5,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -160,7 +160,7 @@ fn assert_vip_connect_is_redirected(cg: &TestCgroup, r: &Redirector, listener: &
 
 /// `bpftool cgroup show` as (program name, attach type) pairs.
 fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
-    let output = Command::new("bpftool")
+    let output = vm_tests::tools::command("bpftool")
         .args(["-j", "cgroup", "show"])
         .arg(cg.path())
         .output()
@@ -453,7 +453,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
     assert!(!pin.path().exists(), "pin dir still exists");
 
     assert_eq!(attached_programs(&cg), Vec::<(String, String)>::new());
-    let tree = Command::new("bpftool")
+    let tree = vm_tests::tools::command("bpftool")
         .args(["cgroup", "tree"])
         .output()
         .expect("bpftool");
@@ -712,7 +712,7 @@ fn a_pinned_flow_map_of_another_size_is_refused_with_the_cleanup_hint() {
         let cg = TestCgroup::new("old-abi").expect("test cgroup");
         let pin = PinDir::new("old-abi");
         std::fs::create_dir(pin.path()).expect("create pin dir");
-        let output = Command::new("bpftool")
+        let output = vm_tests::tools::command("bpftool")
             .args(["map", "create"])
             .arg(pin.path().join(name))
             .args([

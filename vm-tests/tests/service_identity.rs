@@ -1,8 +1,6 @@
 //! A caller's identity is the service whose cgroup it runs in: `hms-ctl run NAME -- CMD`
 //! starts a command there, and access policy decides on that identity.
 
-use std::process::Command;
-
 use vm_tests::agent::TestAgent;
 use vm_tests::backend::Backend;
 use vm_tests::bins;
@@ -40,7 +38,7 @@ fn hms_ctl_run_starts_a_command_as_the_service_and_policy_uses_that_identity() {
     assert_eq!(detail["cgroup_dir"], dir.display().to_string());
 
     // As payments-svc: allowed.
-    let out = Command::new(bins::path("hms-ctl"))
+    let out = vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
         .arg("--socket")
         .arg(&agent.socket)
         .args(["run", "payments-svc", "--"])
@@ -81,10 +79,12 @@ fn hms_ctl_run_starts_a_command_as_the_service_and_policy_uses_that_identity() {
     assert_eq!(eligibility.seen().len(), 1, "only the allowed call arrived");
 
     // The exit code of the command is hms-ctl's.
-    let out = Command::new(bins::path("hms-ctl"))
+    let out = vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
         .arg("--socket")
         .arg(&agent.socket)
-        .args(["run", "payments-svc", "--", "sh", "-c", "exit 7"])
+        .args(["run", "payments-svc", "--"])
+        .arg(vm_tests::tools::path_of("sh"))
+        .args(["-c", "exit 7"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));

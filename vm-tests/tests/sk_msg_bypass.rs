@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::Command;
 use std::time::Duration;
 
 use vm_tests::agent::TestAgent;
@@ -215,7 +214,7 @@ fn cleanup_leaves_no_sk_msg_program_or_sockhash() {
         .expect("curl");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bpftool = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new("bpftool")
+        let out = vm_tests::tools::command("bpftool")
             .arg("-j")
             .args(args)
             .output()

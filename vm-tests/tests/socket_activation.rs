@@ -3,7 +3,7 @@
 //! before the agent exists: a connection made before the agent starts waits in the held
 //! listener and is served once the agent is up, instead of failing.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use vm_tests::backend::Backend;
@@ -20,7 +20,7 @@ struct Activated {
 
 impl Activated {
     fn ctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bins::path("hms-ctl"))
+        vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -31,7 +31,7 @@ impl Activated {
 
 impl Drop for Activated {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new(bins::path("hms-ctl"))
+        if let Ok(out) = vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(["-o", "json", "status"])
@@ -46,7 +46,7 @@ impl Drop for Activated {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new(bins::path("hms-node-agent"))
+        let _ = vm_tests::tools::workspace_binary(bins::path("hms-node-agent"))
             .args(["cleanup", "--pin-dir"])
             .arg(&self.pin_dir)
             .output();
@@ -56,7 +56,7 @@ impl Drop for Activated {
 #[test]
 fn the_agent_serves_on_sockets_passed_by_systemd_and_a_connection_made_before_it_started_is_served()
 {
-    if Command::new("systemd-socket-activate")
+    if vm_tests::tools::command("systemd-socket-activate")
         .arg("--version")
         .output()
         .is_err()
@@ -73,7 +73,7 @@ fn the_agent_serves_on_sockets_passed_by_systemd_and_a_connection_made_before_it
     ));
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     // TCP listeners held by the socket manager; the DNS UDP socket the agent binds itself.
-    let child = Command::new("systemd-socket-activate")
+    let child = vm_tests::tools::command("systemd-socket-activate")
         .args(["-l", &outbound.to_string()])
         .args(["-l", &dns.to_string()])
         .args(["-l", &metrics.to_string()])
@@ -110,7 +110,7 @@ fn the_agent_serves_on_sockets_passed_by_systemd_and_a_connection_made_before_it
         "the agent starts only on the first connection"
     );
     let t = Instant::now();
-    let out = Command::new("curl")
+    let out = vm_tests::tools::command("curl")
         .args([
             "-sS",
             "--max-time",

@@ -2,7 +2,7 @@
 //! what the clients did.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use vm_tests::agent::TestAgent;
@@ -122,7 +122,7 @@ fn tap_follow_sees_a_request_made_after_it_started() {
     let agent = TestAgent::start(cg.path()).unwrap();
     let backend = Backend::start("notify-svc", 0).unwrap();
     agent.deploy("notify-svc", backend.addr.port()).unwrap();
-    let mut tap = Command::new(bins::path("hms-ctl"))
+    let mut tap = vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
         .arg("--socket")
         .arg(&agent.socket)
         .args(["tap", "notify-svc", "--follow", "-o", "json"])
@@ -171,7 +171,7 @@ fn metrics_pass_promtool_and_count_the_requests_made() {
     let (o, _) = curl(&cg, &["http://vault-svc.svc/"]);
     assert!(o.status.success());
     let url = format!("http://{}/metrics", agent.metrics);
-    let body = std::process::Command::new("curl")
+    let body = vm_tests::tools::command("curl")
         .args(["-sS", "--max-time", "5", &url])
         .output()
         .unwrap();
@@ -195,7 +195,7 @@ fn metrics_pass_promtool_and_count_the_requests_made() {
         "{text}"
     );
     // promtool (Debian package `prometheus`, installed by `cargo xtask setup`).
-    let mut check = Command::new("promtool")
+    let mut check = vm_tests::tools::command("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -313,7 +313,7 @@ fn a_tap_reader_that_never_reads_loses_events_is_told_and_does_not_slow_traffic(
     let baseline = p99_of_requests(&cg, "busy-svc", base_n);
     // A follower whose stdout nobody reads: its pipe fills, then its socket, then the hub
     // has to drop its events.
-    let mut tap = Command::new(bins::path("hms-ctl"))
+    let mut tap = vm_tests::tools::workspace_binary(bins::path("hms-ctl"))
         .arg("--socket")
         .arg(&agent.socket)
         .args(["tap", "busy-svc", "--follow", "-o", "json"])

@@ -74,7 +74,7 @@ fn unmodified_curl_in_the_cgroup_reaches_a_service_by_name_on_port_80_and_on_its
 #[test]
 fn the_same_call_from_outside_the_cgroup_does_not_reach_the_service() {
     let w = world("eligibility-svc");
-    let o = std::process::Command::new("curl")
+    let o = vm_tests::tools::command("curl")
         .args(["-sS", "--max-time", "5", "http://eligibility-svc.svc/"])
         .output()
         .expect("curl");
@@ -84,7 +84,7 @@ fn the_same_call_from_outside_the_cgroup_does_not_reach_the_service() {
         .as_str()
         .unwrap()
         .to_string();
-    let o = std::process::Command::new("curl")
+    let o = vm_tests::tools::command("curl")
         .args(["-sS", "--max-time", "5", &format!("http://{vip}/")])
         .output()
         .expect("curl");
@@ -179,7 +179,7 @@ fn a_restarted_agent_adopts_the_pinned_redirect_and_keeps_serving() {
     let o = curl_in(&w.cg, "http://payments-svc.svc/pay");
     assert!(o.status.success(), "{}\n{}", text(&o), w.agent.log());
     // Exactly one copy of each program stays attached.
-    let out = std::process::Command::new("bpftool")
+    let out = vm_tests::tools::command("bpftool")
         .args(["cgroup", "show"])
         .arg(&w.agent.cgroup)
         .output()
@@ -205,7 +205,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
     w.agent.stop().unwrap();
     let o = w.agent.cleanup();
     assert!(o.status.success(), "{}", text(&o));
-    let out = std::process::Command::new("bpftool")
+    let out = vm_tests::tools::command("bpftool")
         .args(["cgroup", "tree"])
         .output()
         .expect("bpftool");

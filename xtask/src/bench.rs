@@ -17,7 +17,7 @@ use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,6 +27,7 @@ use crate::bench_env::{
     self, Agent, AgentSpec, BenchCgroup, Bins, CLIENT_CORE, HOST_A, Place, Proc, SERVER_CORE,
     SERVICE, TwoNs,
 };
+use crate::tools;
 use crate::{interrupt, workspace};
 
 pub const CONNECTIONS: usize = 16;
@@ -229,7 +230,7 @@ pub fn run(mut opts: Options) -> anyhow::Result<()> {
     let plan = plan(&opts)?;
     let two = plan.scenarios.contains(&Scenario::DirectTwoHosts);
     for tool in ["taskset", "nsenter", "ip", "curl"] {
-        if (tool == "taskset" || two) && bench_env::which(tool).is_none() {
+        if (tool == "taskset" || two) && !tools::installed(tool) {
             bail!("`{tool}` is missing; run `cargo xtask setup`");
         }
     }
@@ -893,7 +894,7 @@ fn machine() -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
-    let haproxy = Command::new("haproxy")
+    let haproxy = tools::command("haproxy")
         .arg("-v")
         .output()
         .ok()

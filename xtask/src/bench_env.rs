@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::tools;
 use crate::{cgroup, proc};
 
 /// Core the load generator is pinned to; everything on the server side gets the other.
@@ -53,11 +54,11 @@ pub fn command(place: &Place, program: &Path) -> anyhow::Result<Command> {
     }
     let mut cmd = match argv.first() {
         Some(first) => {
-            let mut c = Command::new(first);
+            let mut c = tools::command(first);
             c.args(&argv[1..]).arg(program);
             c
         }
-        None => Command::new(program),
+        None => tools::workspace_binary(program),
     };
     if let Some(cg) = place.cgroup {
         proc::join_cgroup_at_exec(&mut cmd, cg)?;
@@ -186,11 +187,9 @@ pub struct Bins {
     pub xtask: PathBuf,
 }
 
-/// A loopback port free right now.
+/// A loopback port outside the kernel's ephemeral range (see `loopback_ports`).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    Ok(crate::loopback_ports::free_port())
 }
 
 /// Waits until `addr` accepts a TCP connection (in our own namespace).
@@ -228,9 +227,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// The same inside a namespace, through curl.
 pub fn http_get_in(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let out = Command::new("nsenter")
+    let out = tools::command("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
-        .args(["--", "curl", "-sS", "--max-time", "5"])
+        .arg("--")
+        .arg(tools::path_of("curl"))
+        .args(["-sS", "--max-time", "5"])
         .arg(format!("http://{addr}{path}"))
         .output()
         .context("running curl in a namespace")?;
@@ -264,8 +265,7 @@ pub fn start_backend(
 
 /// HAProxy 2.x in HTTP mode, one thread, one hop in front of the backend.
 pub fn start_haproxy(work: &Path, listen: u16, backend: SocketAddr) -> anyhow::Result<Proc> {
-    let haproxy = which("haproxy")
-        .context("haproxy is not installed; run `cargo xtask setup` (Debian package haproxy)")?;
+    let haproxy = tools::path_of("haproxy");
     let cfg = work.join("haproxy.cfg");
     std::fs::write(
         &cfg,
@@ -287,14 +287,6 @@ pub fn start_haproxy(work: &Path, listen: u16, backend: SocketAddr) -> anyhow::R
     let mut p = Proc::spawn("haproxy", cmd, &work.join("haproxy.log"))?;
     wait_for_port(&mut p, SocketAddr::from((Ipv4Addr::LOCALHOST, listen)))?;
     Ok(p)
-}
-
-pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(program))
-            .find(|p| p.is_file())
-    })
 }
 
 /// A real `hms-node-agent run` with everything of its own; stopped and cleaned up on drop.
@@ -409,7 +401,7 @@ impl Agent {
 
     /// `hms-ctl --socket S ARGS`: stdout, or an error with stderr.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.bins.ctl)
+        let out = tools::workspace_binary(&self.bins.ctl)
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -459,7 +451,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.proc.stop();
-        let out = Command::new(&self.bins.agent)
+        let out = tools::workspace_binary(&self.bins.agent)
             .args(["cleanup", "--pin-dir"])
             .arg(&self.pin_dir)
             .output();
@@ -483,7 +475,7 @@ pub struct TwoNs {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
+    let out = tools::command("ip")
         .args(args)
         .output()
         .context("running ip (iproute2; run `cargo xtask setup`)")?;
@@ -528,7 +520,7 @@ impl TwoNs {
 }
 
 fn delete_netns(name: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+    if let Ok(out) = tools::command("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {
                 // SAFETY: plain kill(2) of a process inside our own namespace.
@@ -548,8 +540,7 @@ impl Drop for TwoNs {
 
 /// A one-member etcd inside namespace `netns` on `ip`, data in `dir`.
 pub fn start_etcd(netns: &str, ip: Ipv4Addr, dir: &Path) -> anyhow::Result<Proc> {
-    let etcd = which("etcd")
-        .context("etcd is not installed; run `cargo xtask setup` (Debian etcd-server)")?;
+    let etcd = tools::path_of("etcd");
     let data = dir.join("etcd-data");
     let _ = std::fs::remove_dir_all(&data);
     let client = format!("http://{ip}:2379");
@@ -600,7 +591,7 @@ pub fn remove_leftovers(agent: &Path) {
             let name = e.file_name().to_string_lossy().into_owned();
             if dead(&name, "hms-bench-") {
                 eprintln!("bench: removing leftover pins {}", e.path().display());
-                let _ = Command::new(agent)
+                let _ = tools::workspace_binary(agent)
                     .args(["cleanup", "--pin-dir"])
                     .arg(e.path())
                     .output();

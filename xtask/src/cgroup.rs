@@ -171,7 +171,7 @@ mod tests {
     /// Real cgroups, real processes: needs root, like the demo itself.
     #[test]
     fn teardown_kills_what_runs_in_the_demo_cgroup_and_removes_it() {
-        use std::process::Command;
+        use crate::tools;
 
         use crate::proc::{Echo, Supervised, join_cgroup_at_exec};
 
@@ -183,13 +183,13 @@ mod tests {
         let cgroup = OwnedCgroup::create(&v2_root().unwrap(), &name).unwrap();
         let service_dir = cgroup.child("svc").unwrap();
 
-        let mut cmd = Command::new("sleep");
+        let mut cmd = tools::command("sleep");
         cmd.arg("600");
         join_cgroup_at_exec(&mut cmd, &service_dir).unwrap();
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let supervised = Supervised::spawn("sleep", cmd, &log, Echo::LogOnly).unwrap();
         // A process nobody supervises, as a service's own child would be.
-        let mut stray = Command::new("sleep");
+        let mut stray = tools::command("sleep");
         stray.arg("600");
         join_cgroup_at_exec(&mut stray, cgroup.path()).unwrap();
         let mut stray = stray.spawn().unwrap();

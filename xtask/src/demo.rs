@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -17,6 +17,7 @@ use anyhow::{Context, bail};
 use crate::cgroup::{self, OwnedCgroup};
 use crate::interrupt;
 use crate::proc::{self, Echo, Supervised};
+use crate::tools;
 use crate::{setup, workspace};
 
 const CGROUP_NAME: &str = "hms-demo";
@@ -301,7 +302,7 @@ fn prepare_work_dir(paths: &Paths) -> anyhow::Result<()> {
 }
 
 fn start_agent(paths: &Paths, cgroup: &Path) -> anyhow::Result<Supervised> {
-    let mut cmd = Command::new(&paths.agent);
+    let mut cmd = tools::workspace_binary(&paths.agent);
     cmd.arg("run")
         .arg("--cgroup")
         .arg(cgroup)
@@ -355,7 +356,7 @@ fn wait_for_agent(agent: &mut Supervised, paths: &Paths) -> anyhow::Result<()> {
 }
 
 fn start_service(paths: &Paths, svc: &DemoService, cgroup: &Path) -> anyhow::Result<Supervised> {
-    let mut cmd = Command::new(&paths.demo_svc);
+    let mut cmd = tools::workspace_binary(&paths.demo_svc);
     cmd.args(["--role", svc.role, "--listen"])
         .arg(format!("127.0.0.1:{}", svc.port));
     proc::join_cgroup_at_exec(&mut cmd, cgroup)?;
@@ -394,7 +395,7 @@ fn wait_for_port(child: &mut Supervised, port: u16) -> anyhow::Result<()> {
 
 /// Runs `hms-ctl --socket S ARGS...`, returning its stdout, or an error carrying its stderr.
 fn ctl(paths: &Paths, args: &[&std::ffi::OsStr]) -> anyhow::Result<String> {
-    let mut cmd = Command::new(&paths.ctl);
+    let mut cmd = tools::workspace_binary(&paths.ctl);
     cmd.arg("--socket").arg(&paths.socket).args(args);
     let line = proc::describe(&cmd);
     let out = cmd
@@ -414,7 +415,7 @@ fn ctl(paths: &Paths, args: &[&std::ffi::OsStr]) -> anyhow::Result<String> {
 /// Informative only: `getent hosts` uses the system resolver exactly as any program would, so
 /// its answer shows the VIP the agent's DNS responder handed out.
 fn show_name_resolution(cgroup: &Path) {
-    let mut cmd = Command::new("getent");
+    let mut cmd = tools::command("getent");
     cmd.args(["hosts", "payments-svc.svc"]);
     if proc::join_cgroup_at_exec(&mut cmd, cgroup).is_err() {
         return;
@@ -432,7 +433,7 @@ fn show_name_resolution(cgroup: &Path) {
 
 /// One story call: curl inside the demo cgroup. Returns whether it got a 2xx.
 fn call(cgroup: &Path, url: &str, body: &str) -> anyhow::Result<bool> {
-    let mut cmd = Command::new("curl");
+    let mut cmd = tools::command("curl");
     cmd.args([
         "-sS",
         "-X",
@@ -470,7 +471,7 @@ fn call(cgroup: &Path, url: &str, body: &str) -> anyhow::Result<bool> {
 /// curl from the demo cgroup itself (the host, not payments-svc) to eligibility-svc: the
 /// mesh answers 403 with `x-hms-error: denied` and the service never sees the call.
 fn show_denied_call(cgroup: &Path) -> anyhow::Result<()> {
-    let mut cmd = Command::new("curl");
+    let mut cmd = tools::command("curl");
     cmd.args(["-sS", "-i", "--max-time", "15"]);
     let url = "http://eligibility-svc.svc/check?userId=HUD123";
     println!("   $ {} {url}", proc::describe(&cmd));
@@ -527,7 +528,7 @@ struct PinnedObjects {
 
 impl PinnedObjects {
     fn cleanup(&self) {
-        let mut cmd = Command::new(&self.agent);
+        let mut cmd = tools::workspace_binary(&self.agent);
         cmd.args(["cleanup", "--pin-dir", PIN_DIR]);
         let line = proc::describe(&cmd);
         println!("   $ {line}");

@@ -8,9 +8,13 @@ mod bench_load;
 mod cgroup;
 mod demo;
 mod interrupt;
+mod loopback_ports;
 mod proc;
 mod setup;
 mod test;
+mod tools;
+#[cfg(test)]
+mod tools_guard;
 mod vm_cpio;
 mod vm_init;
 mod vm_kernel;

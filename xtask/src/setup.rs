@@ -1,47 +1,16 @@
 //! `cargo xtask setup`: installs what building and running HMS needs and skips what is
-//! present. Owns the list of prerequisites and how each is checked and installed. Checks are
+//! present. Owns how each prerequisite is checked and installed; the list of them is
+//! `tools.rs` (Debian packages, rustup's toolchain, bpf-linker). Checks are
 //! cheap (dpkg-query, rustup, `bpf-linker --version`) so a no-op run takes about a second.
 //! Where it cannot install (not root, no apt-get, no rustup) it prints the exact commands and
 //! fails; it never installs anything not listed here. It also mounts bpffs at /sys/fs/bpf
 //! when no one has (the agent pins there).
 
-use std::process::Command;
-
 use anyhow::{Context, bail};
 
 use crate::proc;
+use crate::tools;
 use crate::workspace;
-
-/// Debian packages: LLVM 22 and its link dependencies for bpf-linker; bpftool, dig, curl and
-/// ip for the demo, the tests and debugging; qemu, the static busybox (the VM's /init and
-/// coreutils), binutils (`strip`) and python3 (a raw-bytes test client) for `vm-test`;
-/// prometheus for `promtool check metrics` in the metrics test; systemd for
-/// `systemd-analyze verify` of the units `hms-node-agent install` writes.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-    "libxml2-dev",
-    "bpftool",
-    "dnsutils",
-    "curl",
-    "iproute2",
-    "qemu-system-x86",
-    "busybox-static",
-    "binutils",
-    "python3",
-    "prometheus",
-    "systemd",
-    // The etcd registry: a real etcd in the multi-host tests, and protoc for etcd-client's
-    // build script.
-    "etcd-server",
-    "etcd-client",
-    "protobuf-compiler",
-    // `cargo xtask bench`: the peer proxy the mesh is compared with. (Its load generator is
-    // xtask's own, so there is nothing else to install.)
-    "haproxy",
-];
 
 /// The eBPF programs build with nightly's `-Z build-std`, which needs rust-src.
 const NIGHTLY: &str = "nightly";
@@ -76,20 +45,23 @@ fn is_root() -> bool {
 }
 
 fn apt(manual: &mut Vec<String>) -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    // Exactly the packages of the tool list (tools.rs), which the tools_guard test checks
+    // against what the build, the demo and the tests really run.
+    let packages = tools::debian_packages();
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
     if missing.is_empty() {
-        println!("setup: apt packages present: {}", APT_PACKAGES.join(" "));
+        println!("setup: apt packages present: {}", packages.join(" "));
         return Ok(());
     }
     let install = format!(
         "apt-get install -y --no-install-recommends {}",
         missing.join(" ")
     );
-    let have_apt = proc::probe(Command::new("apt-get").arg("--version")).is_some();
+    let have_apt = tools::installed("apt-get");
     if !is_root() || !have_apt {
         let why = if have_apt { "not root" } else { "no apt-get" };
         println!("setup: missing apt packages ({why}): {}", missing.join(" "));
@@ -99,9 +71,9 @@ fn apt(manual: &mut Vec<String>) -> anyhow::Result<()> {
     }
     println!("setup: installing apt packages: {}", missing.join(" "));
     // Only refresh the package lists when we actually install: it is the slow part.
-    proc::run(Command::new("apt-get").args(["update", "-q"]))?;
+    proc::run(tools::command("apt-get").args(["update", "-q"]))?;
     proc::run(
-        Command::new("apt-get")
+        tools::command("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -110,12 +82,12 @@ fn apt(manual: &mut Vec<String>) -> anyhow::Result<()> {
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
-    proc::probe(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+    proc::probe(tools::command("dpkg-query").args(["-W", "-f=${Status}", pkg]))
         .is_some_and(|status| status.trim() == "install ok installed")
 }
 
 fn nightly_rust_src(manual: &mut Vec<String>) -> anyhow::Result<()> {
-    let Some(toolchains) = proc::probe(Command::new("rustup").args(["toolchain", "list"])) else {
+    let Some(toolchains) = proc::probe(tools::command("rustup").args(["toolchain", "list"])) else {
         println!("setup: rustup not found; the eBPF build needs a nightly toolchain with rust-src");
         manual.push("curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh".to_owned());
         manual.push(format!("rustup toolchain install {NIGHTLY}"));
@@ -131,7 +103,7 @@ fn nightly_rust_src(manual: &mut Vec<String>) -> anyhow::Result<()> {
         println!("setup: {NIGHTLY} toolchain present");
     } else {
         println!("setup: installing the {NIGHTLY} toolchain");
-        proc::run(Command::new("rustup").args([
+        proc::run(tools::command("rustup").args([
             "toolchain",
             "install",
             NIGHTLY,
@@ -139,7 +111,7 @@ fn nightly_rust_src(manual: &mut Vec<String>) -> anyhow::Result<()> {
             "minimal",
         ]))?;
     }
-    let components = proc::probe(Command::new("rustup").args([
+    let components = proc::probe(tools::command("rustup").args([
         "component",
         "list",
         "--installed",
@@ -151,7 +123,7 @@ fn nightly_rust_src(manual: &mut Vec<String>) -> anyhow::Result<()> {
         println!("setup: {NIGHTLY} rust-src present");
     } else {
         println!("setup: installing {NIGHTLY} rust-src");
-        proc::run(Command::new("rustup").args([
+        proc::run(tools::command("rustup").args([
             "component",
             "add",
             "rust-src",
@@ -180,7 +152,7 @@ fn bpffs(manual: &mut Vec<String>) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: mounting bpffs at {BPFFS}");
-    proc::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+    proc::run(tools::command("mount").args(["-t", "bpf", "bpf", BPFFS]))
 }
 
 /// Whether a `bpf` filesystem is mounted exactly at BPFFS (fields as in `cgroup`).
@@ -209,7 +181,7 @@ fn bpf_linker_install_line() -> String {
 }
 
 fn bpf_linker(manual: &mut Vec<String>) -> anyhow::Result<()> {
-    match proc::probe(Command::new("bpf-linker").arg("--version")) {
+    match proc::probe(tools::command("bpf-linker").arg("--version")) {
         Some(version) if bpf_linker_version_ok(&version) => {
             println!("setup: {} present", version.trim());
             return Ok(());
@@ -232,7 +204,7 @@ fn bpf_linker(manual: &mut Vec<String>) -> anyhow::Result<()> {
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )?;
-    match proc::probe(Command::new("bpf-linker").arg("--version")) {
+    match proc::probe(tools::command("bpf-linker").arg("--version")) {
         Some(version) if bpf_linker_version_ok(&version) => {
             println!("setup: installed {}", version.trim());
         }

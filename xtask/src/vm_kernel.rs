@@ -9,11 +9,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, bail};
 
 use crate::proc;
+use crate::tools;
 
 /// The metapackage whose dependency names the current bookworm 6.1 image.
 const META_PACKAGE: &str = "linux-image-amd64";
@@ -58,7 +58,7 @@ pub fn prepare(vm_dir: &Path) -> anyhow::Result<Kernel> {
         }
         std::fs::create_dir_all(&root)?;
         println!("vm-test: unpacking {}", deb.display());
-        proc::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
+        proc::run(tools::command("dpkg-deb").arg("-x").arg(&deb).arg(&root))
             .context("unpacking the kernel package (dpkg-deb comes with dpkg)")?;
         std::fs::write(&done, "")?;
     }
@@ -95,7 +95,7 @@ fn deb(debs: &Path) -> anyhow::Result<PathBuf> {
     }
     println!("vm-test: downloading {wanted} (about 70 MB, once)");
     let download = proc::run(
-        Command::new("apt-get")
+        tools::command("apt-get")
             .args(["download", "-q"])
             .arg(&wanted)
             .current_dir(debs),
@@ -124,7 +124,7 @@ fn deb(debs: &Path) -> anyhow::Result<PathBuf> {
 /// `linux-image-6.1.0-56-amd64-unsigned`: what `linux-image-amd64` currently depends on, in
 /// its unsigned flavour (same image, no Secure Boot signature, which QEMU does not need).
 fn package_name() -> anyhow::Result<String> {
-    let out = proc::probe(Command::new("apt-cache").args(["depends", META_PACKAGE]))
+    let out = proc::probe(tools::command("apt-cache").args(["depends", META_PACKAGE]))
         .with_context(|| format!("`apt-cache depends {META_PACKAGE}` failed; is apt installed?"))?;
     pick_image(&out).with_context(|| {
         format!(

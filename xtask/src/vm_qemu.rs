@@ -13,13 +13,14 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::interrupt;
+use crate::tools;
 
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -65,7 +66,7 @@ pub struct Outcome {
 /// Boots the VM and waits for qemu to exit (the guest powers off) or the time limit. Each
 /// console line goes to `on_line` as it arrives.
 pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome> {
-    let mut cmd = Command::new(QEMU);
+    let mut cmd = tools::command(QEMU);
     cmd.args(["-accel", vm.accel.name()]);
     if vm.accel == Accel::Kvm {
         cmd.args(["-cpu", "host"]);
@@ -273,13 +274,10 @@ fn host_release() -> String {
 
 /// Where qemu is, for a clear error before building anything.
 pub fn check_installed() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(QEMU))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!("{QEMU} is not installed: run `cargo xtask setup` (installs qemu-system-x86)")
-        })
+    if !tools::installed(QEMU) {
+        bail!("{QEMU} is not installed: run `cargo xtask setup` (installs qemu-system-x86)");
+    }
+    Ok(tools::path_of(QEMU))
 }
 
 #[cfg(test)]

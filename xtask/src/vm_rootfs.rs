@@ -9,10 +9,10 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, bail};
 
+use crate::tools;
 use crate::vm_cpio::{Member, Writer};
 
 enum Entry {
@@ -172,7 +172,7 @@ impl Rootfs {
     /// already occupies (so `bash`, `curl` etc. stay the real ones). Call it last.
     pub fn busybox(&mut self, busybox: &Path) -> anyhow::Result<()> {
         self.elf_at(Path::new("/usr/bin/busybox"), busybox)?;
-        let list = Command::new(busybox)
+        let list = tools::command("busybox")
             .arg("--list-full")
             .output()
             .with_context(|| format!("running `{} --list-full`", busybox.display()))?;
@@ -226,7 +226,7 @@ impl Rootfs {
 /// The libraries (and the dynamic loader) `ldd` says `elf` loads, by the path the loader
 /// will look them up under. Statically linked files have none.
 fn shared_libs(elf: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let out = Command::new("ldd")
+    let out = tools::command("ldd")
         .arg(elf)
         .output()
         .context("running ldd (it comes with libc-bin)")?;

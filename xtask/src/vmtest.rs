@@ -11,32 +11,18 @@
 //! the initramfs near 200 MB instead of over 1 GB.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::test::{Counts, parse_result_line};
+use crate::tools;
 use crate::vm_init::{EXIT_PREFIX, InitSpec, RESULT_PREFIX, TestBinary};
 use crate::vm_qemu::{self, Accel, Vm};
 use crate::vm_rootfs::Rootfs;
 use crate::{interrupt, proc, setup, vm_init, vm_kernel, workspace};
 
-/// Host programs the tests run (`grep -rn 'command(\|Command::new' vm-tests/`), by their
-/// Debian paths: PATH may hold shims (pyenv's python3 is a shell script).
-const TOOLS: &[&str] = &[
-    "/usr/bin/bash",
-    "/usr/bin/curl",
-    "/usr/bin/dig",
-    "/usr/sbin/bpftool",
-    "/usr/bin/python3",
-    "/usr/bin/promtool",
-    "/usr/bin/etcd",
-    "/usr/bin/etcdctl",
-    "/usr/sbin/ip",
-    "/usr/bin/nsenter",
-    "/usr/bin/systemd-socket-activate",
-];
 /// Where the workspace's binaries live inside the guest (their host paths below it).
 const GUEST_WORKSPACE: &str = "/hms-workspace";
 
@@ -319,7 +305,7 @@ fn initramfs(
     }
 
     // Tools the tests call, with their libraries.
-    for tool in TOOLS {
+    for tool in tools::vm_programs() {
         let path = Path::new(tool);
         let real = std::fs::canonicalize(path).with_context(|| {
             format!("{tool} is missing (the vm-tests run it): run `cargo xtask setup`")
@@ -380,7 +366,7 @@ fn strip(src: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         _ => false,
     };
     if !fresh {
-        let status = Command::new("strip")
+        let status = tools::command("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&dst)

@@ -30,8 +30,7 @@ pub fn target_dir() -> PathBuf {
 /// A `cargo` command run from the workspace root. Uses the cargo that launched xtask (`CARGO`)
 /// so a pinned toolchain stays pinned in nested builds.
 pub fn cargo() -> Command {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = crate::tools::command("cargo");
     cmd.current_dir(root());
     cmd
 }
