@@ -371,3 +371,311 @@ fn ipv6_only_and_dual_stack_sockets_reach_the_service_at_its_ipv6_vip() {
         );
     }
 }
+
+/// Whether `/proc/net/ipv6_route` (all tables) has `local PREFIX/96 dev lo`.
+fn has_local_route(prefix: std::net::Ipv6Addr) -> bool {
+    let want: String = prefix.octets().iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::read_to_string("/proc/net/ipv6_route")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 10 && f[0] == want && f[1] == "60" && f[9] == "lo"
+        })
+}
+
+#[test]
+fn an_ipv6_vip_dialled_outside_the_cgroup_is_refused_on_this_host_and_cleanup_removes_the_route() {
+    let cg = TestCgroup::new("route6").unwrap();
+    // A prefix of this test's own: the default one is shared by every test agent.
+    let n = vm_tests::ports::unique() as u16;
+    let prefix = std::net::Ipv6Addr::new(0xfd48, 0x4d53, 0x7e57, n, 0, 0, 0, 0);
+    let mut agent = TestAgent::start_with(
+        cg.path(),
+        None,
+        vec!["--vip6-prefix".into(), format!("{prefix}/96")],
+    )
+    .unwrap();
+    let backend = Backend::start("route6-svc", 0).unwrap();
+    let vip = agent.deploy("route6-svc", backend.addr.port()).unwrap();
+    assert!(has_local_route(prefix), "route local {prefix}/96 dev lo");
+    let o = vip.octets();
+    let v6 = std::net::Ipv6Addr::new(
+        0xfd48,
+        0x4d53,
+        0x7e57,
+        n,
+        0,
+        0,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    )
+    .to_string();
+    // Inside the cgroup: the service, at the VIP under the configured prefix.
+    let o = python_in(&cg, RAW_GET6, &[&v6, "80", "1", "/inside"]);
+    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    // Outside: no hook, and the local route answers with a reset, here, at once.
+    let outside = vm_tests::tools::command("python3")
+        .args(["-c", RAW_GET6, &v6, "80", "1", "/outside"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o =
+        vm_tests::client::wait_output(outside, vm_tests::slack(Duration::from_secs(20))).unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Connection refused"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(backend.seen_count(), 1);
+    agent.stop().unwrap();
+    let o = agent.cleanup();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("loopback route of {prefix}/96")),
+        "{}",
+        text(&o)
+    );
+    assert!(!has_local_route(prefix), "cleanup removed the route");
+}
+
+/// A service's own cgroup (a child of the hooked one) makes its processes that service.
+fn service_cgroup(cg: &TestCgroup, service: &str) -> std::path::PathBuf {
+    let dir = cg.path().join(service);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `curl -i` (IPv4 socket), a mapped `AF_INET6` socket and an IPv6 socket, from `dir`.
+fn three_callers(dir: &std::path::Path, vip: Ipv4Addr, path: &str) -> Vec<(String, Output)> {
+    let run = |mut c: std::process::Command| {
+        let child = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20))).unwrap()
+    };
+    let mut curl = TestCgroup::command_in(dir, "curl");
+    curl.args([
+        "-sS",
+        "-i",
+        "--max-time",
+        "10",
+        &format!("http://{vip}{path}/v4"),
+    ]);
+    let mut mapped = TestCgroup::command_in(dir, "python3");
+    mapped.args([
+        "-c",
+        RAW_GET6,
+        &format!("::ffff:{vip}"),
+        "80",
+        "0",
+        &format!("{path}/mapped"),
+    ]);
+    let mut v6 = TestCgroup::command_in(dir, "python3");
+    v6.args([
+        "-c",
+        RAW_GET6,
+        &vip6(vip).to_string(),
+        "80",
+        "1",
+        &format!("{path}/v6"),
+    ]);
+    vec![
+        ("v4".to_string(), run(curl)),
+        ("mapped".to_string(), run(mapped)),
+        ("v6".to_string(), run(v6)),
+    ]
+}
+
+#[test]
+fn policy_sees_the_same_caller_over_ipv4_mapped_and_ipv6() {
+    let cg = TestCgroup::new("pol6").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start("ledger-svc", 0).unwrap();
+    let vip = agent
+        .deploy_yaml(&format!(
+            "name: ledger-svc\nport: {}\npolicy:\n  allow_from: [payments-svc]\n",
+            backend.addr.port()
+        ))
+        .unwrap();
+    agent.deploy("payments-svc", 1).unwrap();
+    let payments = service_cgroup(&cg, "payments-svc");
+    for (family, o) in three_callers(&payments, vip, "/allowed") {
+        let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+        assert!(
+            out.starts_with("http/1.1 200"),
+            "{family}: {}\n{}",
+            text(&o),
+            agent.log()
+        );
+        let path = format!("/allowed/{family}");
+        let events = tap_events_for(&agent, "ledger-svc", &path);
+        assert_eq!(events.len(), 1, "{family}: {events:#?}");
+        assert_eq!(
+            events[0]["caller"], "payments-svc",
+            "{family}: {}",
+            events[0]
+        );
+    }
+    for (family, o) in three_callers(cg.path(), vip, "/denied") {
+        let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+        assert!(out.starts_with("http/1.1 403"), "{family}: {}", text(&o));
+        // curl -i shows the headers; the raw clients print the status line and body.
+        assert!(
+            out.contains("x-hms-error: denied") || out.contains("not allowed to call ledger-svc"),
+            "{family}: {out}"
+        );
+        let events = tap_events_for(&agent, "ledger-svc", &format!("/denied/{family}"));
+        assert_eq!(events.len(), 1, "{family}: {events:#?}");
+        assert_eq!(events[0]["caller"], "host", "{family}");
+        assert_eq!(events[0]["status"], 403, "{family}");
+    }
+    let seen: Vec<String> = backend.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(seen, ["/allowed/v4", "/allowed/mapped", "/allowed/v6"]);
+}
+
+/// getaddrinfo(name, AF_UNSPEC) with and without AI_ADDRCONFIG, as "family address" lines.
+const GETADDRINFO: &str = r#"
+import socket, sys
+for flags in (0, socket.AI_ADDRCONFIG):
+    got = sorted({(f.name, a[0]) for f, _, _, _, a in
+                  socket.getaddrinfo(sys.argv[1], 80, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)})
+    print(flags, " ".join(f"{f}={a}" for f, a in got))
+"#;
+
+/// Whether this host has an IPv6 address other than loopback (glibc's AI_ADDRCONFIG test).
+fn has_non_loopback_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().last() != Some("lo"))
+}
+
+#[test]
+fn getaddrinfo_unspec_returns_both_families_and_ai_addrconfig_follows_the_hosts_addresses() {
+    let (cg, agent, _backend, vip) = world("gai-svc");
+    let o = python_in(&cg, GETADDRINFO, &["gai-svc.svc"]);
+    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    let both = format!("AF_INET={vip} AF_INET6={}", vip6(vip));
+    // With AI_ADDRCONFIG (glibc's default when a program passes no hints), glibc asks for
+    // AAAA only if the host has an IPv6 address besides ::1: on a host whose only IPv6 is
+    // loopback, callers see the IPv4 VIP alone, and keep working over IPv4.
+    let with_addrconfig = if has_non_loopback_ipv6() {
+        both.clone()
+    } else {
+        format!("AF_INET={vip}")
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("0 {both}\n{} {with_addrconfig}\n", libc::AI_ADDRCONFIG),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn on_a_host_with_ipv6_disabled_the_agent_says_so_once_and_ipv4_keeps_working() {
+    let net = vm_tests::netns::TestNet::new(1).unwrap();
+    let host = &net.hosts[0];
+    let o = host
+        .command("sh")
+        .args([
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && \
+             echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let cg = TestCgroup::new("noipv6").unwrap();
+    let agent = TestAgent::start_with(cg.path(), Some(&host.netns), vec![]).unwrap();
+    let backend_port = {
+        // The instance lives in the host's namespace, like the agent.
+        let port = vm_tests::ports::free_port();
+        let mut server = host.command("python3");
+        server.args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ]);
+        (
+            port,
+            server
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (port, mut server) = backend_port;
+    let vip = agent.deploy("nov6-svc", port).unwrap();
+    let in_host = |program: &str| {
+        let mut c = TestCgroup::command_in(cg.path(), "nsenter");
+        c.arg(format!("--net=/run/netns/{}", host.netns))
+            .arg("--")
+            .arg(vm_tests::tools::path_of(program));
+        c
+    };
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    let o = loop {
+        let o = in_host("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .arg("http://nov6-svc.svc/")
+            .output()
+            .unwrap();
+        // 502 until python's http.server listens (the mesh answers for a dead instance).
+        if o.stdout == b"200" || Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "200",
+        "{}\n{}",
+        text(&o),
+        agent.log()
+    );
+    // AAAA stays NODATA: no client is offered an address nobody listens on.
+    let o = in_host("dig")
+        .args([
+            "+time=3",
+            "+tries=1",
+            "+short",
+            "@127.0.0.1",
+            "nov6-svc.svc",
+            "AAAA",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "",
+        "{}",
+        text(&o)
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("IPv6 is disabled on this host").count(),
+        1,
+        "said once:\n{log}"
+    );
+    let _ = vip;
+}

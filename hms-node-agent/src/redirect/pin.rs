@@ -132,7 +132,13 @@ fn remove_v6_route(config6: &Path) -> anyhow::Result<Option<String>> {
     }
     let w = cfg.vip_prefix;
     let prefix = crate::original_dst::ipv6_from_words([w[0], w[1], w[2], 0]);
-    super::local_route::remove(prefix)?;
+    // Not fatal: the links and maps still go, which is what stops the redirect.
+    if let Err(e) = super::local_route::remove(prefix) {
+        tracing::warn!(
+            "{e:#}; remove it with `ip -6 route del local {prefix}/96 dev lo table local`"
+        );
+        return Ok(None);
+    }
     Ok(Some(format!("{prefix}/96")))
 }
 
