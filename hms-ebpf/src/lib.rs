@@ -42,6 +42,10 @@ pub mod map_names {
     /// `LRU_HASH` [`FlowKey6`](super::FlowKey6) -> [`OrigDst6`](super::OrigDst6): those
     /// connections once established, for the proxy's IPv6 listener.
     pub const ORIG6_BY_FLOW: &str = "HMS_ORIG6_BY_FLOW";
+    /// `SOCKHASH` [`SockKey6`](super::SockKey6) -> socket: the sk_msg bypass for real IPv6
+    /// connections (IPv4-mapped ones are IPv4 and use `HMS_SOCKS`). `hms_sk_msg` is attached
+    /// to both.
+    pub const SOCKS6: &str = "HMS_SOCKS6";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -112,6 +116,29 @@ impl SockKey {
     #[inline(always)]
     pub fn peer(&self) -> SockKey {
         SockKey {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// [`SockKey`] for a real IPv6 connection (host-order words, most significant first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey6 {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockKey6 {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey6 {
+        SockKey6 {
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
             local_port: self.remote_port,
@@ -314,6 +341,7 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectConfig6 {}
     unsafe impl aya::Pod for super::OrigDst6 {}
     unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::SockKey6 {}
 }
 
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
@@ -326,6 +354,7 @@ const _: () = {
     assert!(size_of::<RedirectConfig6>() == 48);
     assert!(size_of::<OrigDst6>() == 64);
     assert!(size_of::<FlowKey6>() == 40);
+    assert!(size_of::<SockKey6>() == 36);
     assert!(size_of::<FlowState>() == 80);
     assert!(size_of::<FlowEvent>() == 120);
     assert!(align_of::<FlowEvent>() == 8);

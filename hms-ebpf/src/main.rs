@@ -46,7 +46,7 @@ mod programs {
     use hms_ebpf::{
         BypassBytes, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN,
         FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP, ORIG_FLAG_V6, OrigDst,
-        OrigDst6, RedirectConfig, RedirectConfig6, SockKey, byte_order,
+        OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6, byte_order,
         rule::{self, Addr},
         sk_msg_stat,
     };
@@ -107,6 +107,10 @@ mod programs {
     /// take the TCP path.
     #[map(name = "HMS_SOCKS")]
     static HMS_SOCKS: SockHash<SockKey> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// `HMS_SOCKS` for real IPv6 connections.
+    #[map(name = "HMS_SOCKS6")]
+    static HMS_SOCKS6: SockHash<SockKey6> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
 
     /// Payload the bypass carried per tracked connection (by the app side's 4-tuple), until
     /// its close record takes it.
@@ -459,8 +463,12 @@ mod programs {
             }
         }
         emit(ctx, FLOW_OPEN, 0, cookie, &state, 0, BypassBytes::default());
-        // The bypass keys sockets by IPv4 4-tuple; real IPv6 connections take the TCP path.
-        if state.flags & (FLOW_FLAG_DNS | FLOW_FLAG_V6) == 0 && join_bypass(ctx) {
+        let joined = if state.flags & FLOW_FLAG_V6 != 0 {
+            join_bypass6(ctx)
+        } else {
+            join_bypass(ctx)
+        };
+        if state.flags & FLOW_FLAG_DNS == 0 && joined {
             let _ = HMS_BYPASS_BYTES.insert(flow, BypassBytes::default(), 0);
         }
     }
@@ -475,6 +483,13 @@ mod programs {
     fn on_proxy_accepted(ctx: &SockOpsContext) {
         let Some(cfg) = config() else { return };
         if is_real_v6(ctx) {
+            // The proxy's end on its [::1] listener.
+            if let Some(c6) = config6() {
+                let key = sock_key6(ctx);
+                if key.local_ip == c6.outbound_ip && key.local_port == cfg.outbound_port {
+                    join_bypass6(ctx);
+                }
+            }
             return;
         }
         let key = sock_key(ctx);
@@ -541,13 +556,45 @@ mod programs {
         HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0).is_ok()
     }
 
+    #[inline(always)]
+    fn sock_key6(ctx: &SockOpsContext) -> SockKey6 {
+        SockKey6 {
+            local_ip: local_ip6(ctx),
+            remote_ip: remote_ip6(ctx),
+            local_port: byte_order::sock_ops_local_port(ctx.local_port()),
+            remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
+        }
+    }
+
+    /// `join_bypass` for a real IPv6 socket, into `HMS_SOCKS6`.
+    #[inline(always)]
+    fn join_bypass6(ctx: &SockOpsContext) -> bool {
+        match config() {
+            Some(cfg) if cfg.sk_msg_bypass != 0 => {}
+            _ => return false,
+        }
+        let key = sock_key6(ctx);
+        // SAFETY: `ops` is this invocation's valid context, which the helper takes as is.
+        let ops = unsafe { &mut *ctx.ops };
+        HMS_SOCKS6.update(key, ops as &mut bpf_sock_ops, 0).is_ok()
+    }
+
     /// Runs on every send of a socket in `HMS_SOCKS`: the bytes go straight into the peer
     /// socket's receive queue. Must never drop: a peer that is not in the map (one end joined,
     /// the other could not) means "send it through TCP as usual".
     #[sk_msg]
     pub fn hms_sk_msg(ctx: SkMsgContext) -> u32 {
-        // SAFETY: the kernel hands every sk_msg program a valid `sk_msg_md`; each field is read
-        // with its own width, as the verifier demands for ctx fields.
+        // SAFETY: the kernel hands every sk_msg program a valid `sk_msg_md`.
+        let family = unsafe { core::ptr::read_volatile(&(*ctx.msg).family) };
+        if family == AF_INET6 {
+            let key6 = sk_msg_key6(&ctx);
+            // Dual-stack sockets talking IPv4 (mapped) are keyed by their IPv4 addresses in
+            // HMS_SOCKS, as sock_ops put them there.
+            if matches!(Addr::from_v6_words(key6.remote_ip), Addr::V6(_)) {
+                return sk_msg_v6(&ctx, &key6);
+            }
+        }
+        // SAFETY: each field is read with its own width, as the verifier demands.
         let key = unsafe {
             let md = ctx.msg;
             SockKey {
@@ -574,6 +621,66 @@ mod programs {
         SK_PASS
     }
 
+    #[inline(always)]
+    fn sk_msg_key6(ctx: &SkMsgContext) -> SockKey6 {
+        // SAFETY: valid context; each word is read with its own 4-byte width.
+        unsafe {
+            let md = ctx.msg;
+            let w = |p: *const u32| byte_order::ip_from_kernel(core::ptr::read_volatile(p));
+            SockKey6 {
+                local_ip: [
+                    w(&(*md).local_ip6[0]),
+                    w(&(*md).local_ip6[1]),
+                    w(&(*md).local_ip6[2]),
+                    w(&(*md).local_ip6[3]),
+                ],
+                remote_ip: [
+                    w(&(*md).remote_ip6[0]),
+                    w(&(*md).remote_ip6[1]),
+                    w(&(*md).remote_ip6[2]),
+                    w(&(*md).remote_ip6[3]),
+                ],
+                local_port: byte_order::sock_ops_local_port(core::ptr::read_volatile(
+                    &(*md).local_port,
+                )),
+                remote_port: byte_order::sock_ops_remote_port(core::ptr::read_volatile(
+                    &(*md).remote_port,
+                )),
+            }
+        }
+    }
+
+    /// The IPv6 half of `hms_sk_msg`: the same move through `HMS_SOCKS6`, and the same
+    /// counters (the connection's `HMS_BYPASS_BYTES` key holds the addresses' low 32 bits,
+    /// as its flow record does).
+    #[inline(always)]
+    fn sk_msg_v6(ctx: &SkMsgContext, key: &SockKey6) -> u32 {
+        let size = u64::from(ctx.size());
+        if HMS_SOCKS6.redirect_msg(ctx, key.peer(), u64::from(BPF_F_INGRESS)) == SK_PASS as i64 {
+            count(sk_msg_stat::REDIRECTED, 1);
+            count(sk_msg_stat::REDIRECTED_BYTES, size);
+            if let (Some(cfg), Some(c6)) = (config(), config6()) {
+                let from_proxy =
+                    key.local_ip == c6.outbound_ip && key.local_port == cfg.outbound_port;
+                let app = if from_proxy { key.peer() } else { *key };
+                add_flow_bytes(
+                    FlowKey {
+                        client_ip: app.local_ip[3],
+                        listener_ip: app.remote_ip[3],
+                        client_port: app.local_port,
+                        listener_port: app.remote_port,
+                        _pad: 0,
+                    },
+                    from_proxy,
+                    size,
+                );
+            }
+        } else {
+            count(sk_msg_stat::PASSED, 1);
+        }
+        SK_PASS
+    }
+
     /// Adds a bypassed send to its connection's `HMS_BYPASS_BYTES` entry, found by the app
     /// side's 4-tuple: the sender's own key when the app sent, the peer's when the proxy did.
     #[inline(always)]
@@ -588,6 +695,11 @@ mod programs {
             listener_port: app.remote_port,
             _pad: 0,
         };
+        add_flow_bytes(flow, from_proxy, size);
+    }
+
+    #[inline(always)]
+    fn add_flow_bytes(flow: FlowKey, from_proxy: bool, size: u64) {
         if let Some(bytes) = HMS_BYPASS_BYTES.get_ptr_mut(&flow) {
             // SAFETY: a live map value. Not atomic: each direction is only ever written by
             // sends on one socket, which the kernel serializes under that socket's lock.

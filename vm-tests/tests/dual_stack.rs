@@ -117,7 +117,12 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
 
 /// The IPv6 links and maps, absent from a pin dir made by a build before IPv6 support.
 const V6_LINKS: [&str; 3] = ["link_connect6", "link_sendmsg6", "link_recvmsg6"];
-const V6_MAPS: [&str; 3] = ["HMS_CONFIG6", "HMS_ORIG6_BY_COOKIE", "HMS_ORIG6_BY_FLOW"];
+const V6_MAPS: [&str; 4] = [
+    "HMS_CONFIG6",
+    "HMS_ORIG6_BY_COOKIE",
+    "HMS_ORIG6_BY_FLOW",
+    "HMS_SOCKS6",
+];
 
 #[test]
 fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_removes_them() {

@@ -27,7 +27,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use hms_ebpf::{
     BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState, OrigDst, OrigDst6,
-    RedirectConfig, RedirectConfig6, SockKey, map_names, program_names, sk_msg_stat,
+    RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names, program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 13] {
+fn expected_maps() -> [ExpectedMap; 14] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -200,6 +200,12 @@ fn expected_maps() -> [ExpectedMap; 13] {
             MapType::LruHash,
             size_of::<FlowKey6>(),
             size_of::<OrigDst6>(),
+        ),
+        map(
+            map_names::SOCKS6,
+            MapType::SockHash,
+            size_of::<SockKey6>(),
+            size_of::<u32>(),
         ),
         ExpectedMap {
             max_entries: Some(FLOW_EVENTS_BYTES),
@@ -369,16 +375,21 @@ fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLink> 
 /// last pin and fd are gone (`hms-node-agent cleanup`). Attaching again replaces the program a
 /// previous agent attached.
 pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let map_fd = {
+    let map_fd = |ebpf: &Ebpf, name: &str| -> anyhow::Result<_> {
         let map = ebpf
-            .map(map_names::SOCKS)
-            .context("map HMS_SOCKS missing from the eBPF object")?;
-        let socks: SockHash<_, SockKey> = SockHash::try_from(map)?;
-        socks
-            .fd()
-            .try_clone()
-            .context("duplicating the HMS_SOCKS fd")?
+            .map(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        let fd = if name == map_names::SOCKS6 {
+            let socks: SockHash<_, SockKey6> = SockHash::try_from(map)?;
+            socks.fd().try_clone()
+        } else {
+            let socks: SockHash<_, SockKey> = SockHash::try_from(map)?;
+            socks.fd().try_clone()
+        };
+        fd.with_context(|| format!("duplicating the {name} fd"))
     };
+    let socks = map_fd(ebpf, map_names::SOCKS)?;
+    let socks6 = map_fd(ebpf, map_names::SOCKS6)?;
     let program: &mut SkMsg = ebpf
         .program_mut(program_names::SK_MSG)
         .ok_or_else(|| {
@@ -391,10 +402,13 @@ pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     program
         .load()
         .context("loading hms_sk_msg (verifier; sk_msg needs Linux 4.17+)")?;
-    let id = program
-        .attach(&map_fd)
-        .context("attaching hms_sk_msg to HMS_SOCKS")?;
-    std::mem::forget(program.take_link(id)?);
+    // One program on both sockhashes: it picks the map by the socket's family.
+    for (fd, name) in [(&socks, map_names::SOCKS), (&socks6, map_names::SOCKS6)] {
+        let id = program
+            .attach(fd)
+            .with_context(|| format!("attaching hms_sk_msg to {name}"))?;
+        std::mem::forget(program.take_link(id)?);
+    }
     Ok(())
 }
 

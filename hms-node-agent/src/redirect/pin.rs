@@ -90,7 +90,7 @@ pub(crate) const HOOKS: [Hook; 7] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 13] = [
+pub(crate) const MAPS: [&str; 14] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
@@ -104,15 +104,17 @@ pub(crate) const MAPS: [&str; 13] = [
     map_names::CONFIG6,
     map_names::ORIG6_BY_COOKIE,
     map_names::ORIG6_BY_FLOW,
+    map_names::SOCKS6,
 ];
 
 /// Maps added after the first pinned layout: a pin dir an older agent made lacks them, and
 /// the agent creates them beside the adopted ones (only the programs it attaches itself use
 /// them).
-pub(crate) const ADDED_MAPS: [&str; 3] = [
+pub(crate) const ADDED_MAPS: [&str; 4] = [
     map_names::CONFIG6,
     map_names::ORIG6_BY_COOKIE,
     map_names::ORIG6_BY_FLOW,
+    map_names::SOCKS6,
 ];
 
 /// Removes the loopback route of the IPv6 VIP prefix recorded in the pinned `HMS_CONFIG6`, if
