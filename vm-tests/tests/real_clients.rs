@@ -182,7 +182,7 @@ fn grpcio_unary_and_server_streaming_reach_a_svc_name() {
         text(&o),
         vm_tests::client::tail(&agent.log(), 40)
     );
-    let watch = vec!["'0801'"; WATCH_MESSAGES].join(", ");
+    let watch = ["'0801'"; WATCH_MESSAGES].join(", ");
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         format!("check 0801\nwatch [{watch}]\n"),
