@@ -125,6 +125,7 @@ pub async fn run(
         cgroup: config.cgroup.display().to_string(),
         pin_dir: config.pin_dir.display().to_string(),
         vip_cidr: config.vip_cidr.to_string(),
+        vip6_range: described.vip6_range.clone(),
         adopted: described.adopted,
         programs: described
             .hooks

@@ -244,6 +244,11 @@ fn dig_in(cg: &TestCgroup, args: &[&str]) -> Output {
 fn aaaa_a_and_any_agree_and_dns_over_ipv6_gets_its_reply_from_the_resolver_it_asked() {
     let (cg, agent, _backend, vip) = world("dns6-svc");
     let v6 = vip6(vip);
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert_eq!(
+        status["redirect"]["vip6_range"], "fd48:4d53::/96",
+        "{status}"
+    );
     // Over IPv6 to [::1]:53, where nothing listens: sendmsg6/connect6 take the query to the
     // agent's [::1] responder and recvmsg6 makes the reply come from [::1]:53 (dig checks).
     for (server, family) in [("@::1", "IPv6"), ("@127.0.0.1", "IPv4")] {
@@ -682,5 +687,7 @@ fn on_a_host_with_ipv6_disabled_the_agent_says_so_once_and_ipv4_keeps_working() 
         1,
         "said once:\n{log}"
     );
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert!(status["redirect"]["vip6_range"].is_null(), "{status}");
     let _ = vip;
 }
