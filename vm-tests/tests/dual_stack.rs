@@ -691,3 +691,56 @@ fn on_a_host_with_ipv6_disabled_the_agent_says_so_once_and_ipv4_keeps_working() 
     assert!(status["redirect"]["vip6_range"].is_null(), "{status}");
     let _ = vip;
 }
+
+#[test]
+fn an_instance_listening_on_ipv6_loopback_only_is_reached_from_both_families() {
+    let cg = TestCgroup::new("inst6").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let port = vm_tests::ports::free_port();
+    let docs = tempfile::tempdir().unwrap();
+    for name in ["hello4", "hello6"] {
+        std::fs::write(docs.path().join(name), "served from [::1]\n").unwrap();
+    }
+    // Python's http.server, bound to ::1 only: nothing answers on 127.0.0.1.
+    let mut server = vm_tests::tools::command("python3")
+        .args(["-m", "http.server", "--bind", "::1", "--directory"])
+        .arg(docs.path())
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    while std::net::TcpStream::connect(("::1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "http.server did not listen on [::1]:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vip = agent.deploy("inst6-svc", port).unwrap();
+    for (path, url) in [
+        ("/hello4", format!("http://{vip}/hello4")),
+        ("/hello6", format!("http://[{}]/hello6", vip6(vip))),
+    ] {
+        let child = cg
+            .command("curl")
+            .args(["-sS", "--max-time", "10", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o =
+            vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20))).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "served from [::1]\n",
+            "{url}: {}\n{}",
+            text(&o),
+            agent.log()
+        );
+        assert_eq!(tap_events_for(&agent, "inst6-svc", path).len(), 1, "{path}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
