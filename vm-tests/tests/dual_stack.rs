@@ -744,3 +744,73 @@ fn an_instance_listening_on_ipv6_loopback_only_is_reached_from_both_families() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn a_raw_tcp_flow_over_ipv6_shows_in_the_tap_with_its_bytes_like_an_ipv4_one() {
+    let cg = TestCgroup::new("tcp6").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    // A raw TCP service: reads 1000 bytes, answers 300, closes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for _ in 0..2 {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 1000];
+            c.read_exact(&mut buf).unwrap();
+            c.write_all(&[b'y'; 300]).unwrap();
+        }
+    });
+    let vip = agent.deploy("ledger6-db", port).unwrap();
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.connect((sys.argv[1], 80))
+s.sendall(b'x' * 1000)
+got = b''
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    got += d
+print(len(got))
+"#;
+    for (n, addr) in [vip.to_string(), vip6(vip).to_string()].iter().enumerate() {
+        let o = python_in(&cg, script, &[addr]);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "300",
+            "{addr}: {}",
+            text(&o)
+        );
+        let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+        let tcp = loop {
+            let out = agent.ctl(&["tap", "ledger6-db", "--last", "5", "-o", "json"]);
+            let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|e| e["kind"] == "tcp")
+                .collect();
+            if lines.len() > n {
+                break lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no TCP line for {addr} in the tap"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let e = tcp.last().unwrap();
+        assert_eq!(e["request_bytes"], 1000, "{addr}: {e}");
+        assert_eq!(e["response_bytes"], 300, "{addr}: {e}");
+        assert_eq!(e["caller"], "host", "{addr}");
+        assert!(
+            e["caller_process"]
+                .as_str()
+                .unwrap()
+                .starts_with("python3["),
+            "{e}"
+        );
+    }
+    server.join().unwrap();
+}
