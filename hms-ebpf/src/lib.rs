@@ -11,6 +11,14 @@ pub mod rule;
 
 /// Names of the maps, as declared in `main.rs` and pinned under the agent's pin directory.
 pub mod map_names {
+    /// `ARRAY<u64>`, one entry: when the agent last said it is alive (CLOCK_MONOTONIC ns, the
+    /// clock of `bpf_ktime_get_ns`); 0 once it stopped for good. The hooks redirect only
+    /// while it is younger than [`AGENT_ALIVE_WINDOW_NS`](super::AGENT_ALIVE_WINDOW_NS).
+    pub const AGENT_ALIVE: &str = "HMS_AGENT_ALIVE";
+    /// `LRU_HASH` socket cookie -> [`OrigDst`](super::OrigDst): the resolver a UDP DNS socket
+    /// asked, kept apart from the TCP records so UDP churn cannot evict them, and removed
+    /// when the socket is released.
+    pub const DNS_UDP_ORIG: &str = "HMS_DNS_UDP_ORIG";
     pub const CONFIG: &str = "HMS_CONFIG";
     pub const ORIG_BY_COOKIE: &str = "HMS_ORIG_BY_COOKIE";
     pub const ORIG_BY_FLOW: &str = "HMS_ORIG_BY_FLOW";
@@ -50,6 +58,8 @@ pub mod map_names {
 
 /// Names of the programs (the functions in `main.rs`).
 pub mod program_names {
+    /// `cgroup/sock_release`: drops a socket's DNS record when the socket goes away.
+    pub const SOCK_RELEASE: &str = "hms_sock_release";
     pub const CONNECT4: &str = "hms_connect4";
     pub const SENDMSG4: &str = "hms_sendmsg4";
     pub const RECVMSG4: &str = "hms_recvmsg4";
@@ -82,8 +92,21 @@ pub struct RedirectConfig {
     /// and `hms_sk_msg` moves what one end sends straight into the other's receive queue,
     /// skipping the loopback TCP/IP stack. 0: nothing enters the map.
     pub sk_msg_bypass: u32,
+    /// The network namespace the agent serves (its netns cookie): sockets in any other
+    /// namespace (containers, `ip netns exec`, sandboxes) are left alone, since the agent's
+    /// listeners do not exist there. 0 disables the check.
+    pub netns_cookie: u64,
 }
 
+/// How long after the agent's last heartbeat (written every
+/// [`AGENT_HEARTBEAT_NS`]) the hooks still redirect. Past it the agent counts as gone: DNS
+/// goes to the resolver the caller asked and a VIP connect is refused at once. Long enough
+/// that a restart under socket activation (connections and queries wait in the socket
+/// manager's queue) is served by the new agent; short enough that a crash loop does not hold
+/// the host's DNS.
+pub const AGENT_ALIVE_WINDOW_NS: u64 = 3_000_000_000;
+/// How often the agent writes its heartbeat: twelve missed beats make it gone.
+pub const AGENT_HEARTBEAT_NS: u64 = 250_000_000;
 /// The IPv6 settings (index 0 of `HMS_CONFIG6`), host-order words most significant first.
 /// Absent or `enabled == 0`: real IPv6 destinations are left alone (IPv4-mapped ones are IPv4
 /// and follow [`RedirectConfig`]).
@@ -105,10 +128,15 @@ pub struct RedirectConfig6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
+    /// The socket's network namespace cookie: the same 4-tuple in another namespace (any
+    /// user can `unshare -Urn` and listen on the proxy's address) is another key.
+    pub netns: u64,
     pub local_ip: u32,
     pub remote_ip: u32,
     pub local_port: u16,
     pub remote_port: u16,
+    /// Explicit tail padding: a map key is hashed byte for byte.
+    pub _pad: u32,
 }
 
 impl SockKey {
@@ -116,10 +144,12 @@ impl SockKey {
     #[inline(always)]
     pub fn peer(&self) -> SockKey {
         SockKey {
+            netns: self.netns,
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            _pad: 0,
         }
     }
 }
@@ -128,10 +158,14 @@ impl SockKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey6 {
+    /// The socket's network namespace cookie, as in [`SockKey`].
+    pub netns: u64,
     pub local_ip: [u32; 4],
     pub remote_ip: [u32; 4],
     pub local_port: u16,
     pub remote_port: u16,
+    /// Explicit tail padding: a map key is hashed byte for byte.
+    pub _pad: u32,
 }
 
 impl SockKey6 {
@@ -139,10 +173,12 @@ impl SockKey6 {
     #[inline(always)]
     pub fn peer(&self) -> SockKey6 {
         SockKey6 {
+            netns: self.netns,
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            _pad: 0,
         }
     }
 }
@@ -349,12 +385,12 @@ mod pod {
 const _: () = {
     assert!(size_of::<OrigDst>() == 48);
     assert!(size_of::<FlowKey>() == 16);
-    assert!(size_of::<SockKey>() == 12);
-    assert!(size_of::<RedirectConfig>() == 32);
+    assert!(size_of::<SockKey>() == 24);
+    assert!(size_of::<RedirectConfig>() == 40);
     assert!(size_of::<RedirectConfig6>() == 48);
     assert!(size_of::<OrigDst6>() == 64);
     assert!(size_of::<FlowKey6>() == 40);
-    assert!(size_of::<SockKey6>() == 36);
+    assert!(size_of::<SockKey6>() == 48);
     assert!(size_of::<FlowState>() == 80);
     assert!(size_of::<FlowEvent>() == 120);
     assert!(align_of::<FlowEvent>() == 8);

@@ -36,17 +36,21 @@ mod programs {
         },
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid,
-            generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+            generated::{
+                bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+                bpf_ktime_get_ns,
+            },
         },
-        macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+        macros::{cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
         maps::{Array, LruHashMap, PerCpuArray, RingBuf, SockHash},
-        programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+        programs::{SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        BypassBytes, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN,
-        FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP, ORIG_FLAG_V6, OrigDst,
-        OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6, byte_order,
+        AGENT_ALIVE_WINDOW_NS, BypassBytes, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
+        FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP,
+        ORIG_FLAG_V6, OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6,
+        byte_order,
         rule::{self, Addr},
         sk_msg_stat,
     };
@@ -69,6 +73,16 @@ mod programs {
 
     #[map(name = "HMS_ORIG_BY_COOKIE")]
     static HMS_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// The agent's heartbeat (`AGENT_ALIVE_WINDOW_NS`): written by the agent only.
+    #[map(name = "HMS_AGENT_ALIVE")]
+    static HMS_AGENT_ALIVE: Array<u64> = Array::pinned(1, 0);
+
+    /// The resolver each redirected UDP DNS socket asked, by cookie; `hms_sock_release`
+    /// removes a socket's record when the socket goes away. LRU as a backstop for sockets
+    /// whose release we never see (the hook attached after they were created).
+    #[map(name = "HMS_DNS_UDP_ORIG")]
+    static HMS_DNS_UDP_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
     #[map(name = "HMS_ORIG_BY_FLOW")]
     static HMS_ORIG_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
@@ -237,6 +251,30 @@ mod programs {
         mark == cfg.skip_mark
     }
 
+    /// Whether the socket behind `ctx` lives in the network namespace the agent serves. The
+    /// agent's listeners exist only there: a socket in a container or another netns that was
+    /// rewritten to 127.0.0.1:<agent port> would reach nothing (or whatever listens there
+    /// in its namespace), so such sockets are left exactly as they are.
+    #[inline(always)]
+    fn in_agent_netns(cfg: &RedirectConfig, ctx: *mut core::ffi::c_void) -> bool {
+        // SAFETY: bpf_get_netns_cookie takes the program's own context (sock_addr, sock_ops
+        // and sk_msg programs are allowed to call it).
+        cfg.netns_cookie == 0 || unsafe { bpf_get_netns_cookie(ctx) } == cfg.netns_cookie
+    }
+
+    /// Whether the agent's heartbeat is recent (`AGENT_ALIVE_WINDOW_NS`). A stopped agent
+    /// writes 0, a crashed one stops writing: either way DNS then goes to the resolver the
+    /// caller asked and a VIP connect to its own (loopback) address, refused at once.
+    #[inline(always)]
+    fn agent_alive() -> bool {
+        let Some(beat) = HMS_AGENT_ALIVE.get(0) else {
+            return false;
+        };
+        // SAFETY: no arguments; available to every program type.
+        let now = unsafe { bpf_ktime_get_ns() };
+        *beat != 0 && now.saturating_sub(*beat) < AGENT_ALIVE_WINDOW_NS
+    }
+
     #[inline(always)]
     fn socket_cookie(ctx: &SockAddrContext) -> u64 {
         // SAFETY: bpf_get_socket_cookie is allowed for sock_addr programs with their ctx.
@@ -268,7 +306,7 @@ mod programs {
     #[inline(always)]
     fn redirect(ctx: &SockAddrContext, family: Family, udp_only: bool) {
         let Some(cfg) = config() else { return };
-        if carries_skip_mark(ctx, cfg) {
+        if carries_skip_mark(ctx, cfg) || !in_agent_netns(cfg, ctx.as_ptr()) || !agent_alive() {
             return;
         }
         let cfg6 = config6();
@@ -284,7 +322,12 @@ mod programs {
         let pid = match to {
             Addr::V4(ip) => {
                 let record = orig_dst(ip, port, protocol, 0);
-                let _ = HMS_ORIG_BY_COOKIE.insert(cookie, record, 0);
+                let records = if protocol == IPPROTO_UDP {
+                    &HMS_DNS_UDP_ORIG
+                } else {
+                    &HMS_ORIG_BY_COOKIE
+                };
+                let _ = records.insert(cookie, record, 0);
                 record.pid
             }
             Addr::V6(w) => {
@@ -347,7 +390,7 @@ mod programs {
         let Some(cfg) = config() else { return };
         let cfg6 = config6();
         let (from, port) = dest(ctx, family);
-        if !rule::is_responder(cfg, cfg6, from, port) {
+        if !rule::is_responder(cfg, cfg6, from, port) || !in_agent_netns(cfg, ctx.as_ptr()) {
             return;
         }
         let cookie = socket_cookie(ctx);
@@ -355,9 +398,9 @@ mod programs {
         // with us can at worst give a stale record for this very cookie.
         let (addr, port) = match from {
             // The IPv4 responder answered: the query went to an IPv4 (or mapped) resolver.
-            Addr::V4(_) => match unsafe { HMS_ORIG_BY_COOKIE.get(cookie) } {
-                Some(orig) if orig.protocol == IPPROTO_UDP => (Addr::V4(orig.ip), orig.port),
-                _ => return,
+            Addr::V4(_) => match unsafe { HMS_DNS_UDP_ORIG.get(cookie) } {
+                Some(orig) => (Addr::V4(orig.ip), orig.port),
+                None => return,
             },
             Addr::V6(_) => match unsafe { HMS_ORIG6_BY_COOKIE.get(cookie) } {
                 Some(orig) if orig.orig.protocol == IPPROTO_UDP => {
@@ -369,8 +412,27 @@ mod programs {
         set_dest(ctx, family, addr, port);
     }
 
+    /// A socket of the cgroup goes away: its DNS record (if it asked a resolver) goes with it.
+    /// A connected UDP socket gets several answers (glibc asks A and AAAA on one socket), so
+    /// "answered" is only certain once the socket is released.
+    #[cgroup_sock(sock_release)]
+    pub fn hms_sock_release(ctx: SockContext) -> i32 {
+        // SAFETY: bpf_get_socket_cookie takes the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = HMS_DNS_UDP_ORIG.remove(&cookie);
+        // IPv6 resolvers' records (and any IPv6 TCP record never promoted) live here.
+        let _ = HMS_ORIG6_BY_COOKIE.remove(&cookie);
+        SOCK_ADDR_ALLOW
+    }
+
     #[sock_ops]
     pub fn hms_sock_ops(ctx: SockOpsContext) -> u32 {
+        // Sockets of other network namespaces never join anything: a listener there on the
+        // proxy's tuple must not receive a meshed app's bytes through the bypass.
+        match config() {
+            Some(cfg) if in_agent_netns(cfg, ctx.as_ptr()) => {}
+            _ => return SOCK_OPS_OK,
+        }
         match ctx.op() {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_proxy_accepted(&ctx),
@@ -535,10 +597,13 @@ mod programs {
     #[inline(always)]
     fn sock_key(ctx: &SockOpsContext) -> SockKey {
         SockKey {
+            // SAFETY: sock_ops programs may call bpf_get_netns_cookie with their context.
+            netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
             local_ip: byte_order::ip_from_kernel(ctx.local_ip4()),
             remote_ip: byte_order::ip_from_kernel(ctx.remote_ip4()),
             local_port: byte_order::sock_ops_local_port(ctx.local_port()),
             remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
+            _pad: 0,
         }
     }
 
@@ -559,10 +624,13 @@ mod programs {
     #[inline(always)]
     fn sock_key6(ctx: &SockOpsContext) -> SockKey6 {
         SockKey6 {
+            // SAFETY: sock_ops programs may call bpf_get_netns_cookie with their context.
+            netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
             local_ip: local_ip6(ctx),
             remote_ip: remote_ip6(ctx),
             local_port: byte_order::sock_ops_local_port(ctx.local_port()),
             remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
+            _pad: 0,
         }
     }
 
@@ -598,6 +666,8 @@ mod programs {
         let key = unsafe {
             let md = ctx.msg;
             SockKey {
+                // The sender's namespace: its peer in HMS_SOCKS must be in the same one.
+                netns: bpf_get_netns_cookie(ctx.as_ptr()),
                 local_ip: byte_order::ip_from_kernel(core::ptr::read_volatile(&(*md).local_ip4)),
                 remote_ip: byte_order::ip_from_kernel(core::ptr::read_volatile(&(*md).remote_ip4)),
                 local_port: byte_order::sock_ops_local_port(core::ptr::read_volatile(
@@ -606,6 +676,7 @@ mod programs {
                 remote_port: byte_order::sock_ops_remote_port(core::ptr::read_volatile(
                     &(*md).remote_port,
                 )),
+                _pad: 0,
             }
         };
         let size = u64::from(ctx.size());
@@ -628,6 +699,8 @@ mod programs {
             let md = ctx.msg;
             let w = |p: *const u32| byte_order::ip_from_kernel(core::ptr::read_volatile(p));
             SockKey6 {
+                // The sender's namespace: its peer in HMS_SOCKS6 must be in the same one.
+                netns: bpf_get_netns_cookie(ctx.as_ptr()),
                 local_ip: [
                     w(&(*md).local_ip6[0]),
                     w(&(*md).local_ip6[1]),
@@ -646,6 +719,7 @@ mod programs {
                 remote_port: byte_order::sock_ops_remote_port(core::ptr::read_volatile(
                     &(*md).remote_port,
                 )),
+                _pad: 0,
             }
         }
     }

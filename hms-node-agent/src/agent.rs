@@ -292,6 +292,13 @@ pub async fn run(
             r = tasks.join_next() => break r,
         }
     };
+    // Nobody takes over: let the hooks stand aside now, so the host's DNS goes to its own
+    // resolvers and VIP connects are refused at once, instead of in 3 s when the heartbeat
+    // lapses. A successor (hand-over) beats on; with sockets held by systemd, queries queue
+    // for the restarted agent and the lapse decides only if it does not come back.
+    if !handed_over_to_successor.load(std::sync::atomic::Ordering::SeqCst) && origin != "systemd" {
+        redirector.stand_aside();
+    }
     if let Some(r) = failed {
         // A serving loop only returns on drain; anything else is a bug worth stopping for.
         match r {

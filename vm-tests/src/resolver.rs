@@ -19,7 +19,33 @@ pub struct TestResolver {
 impl TestResolver {
     /// Binds `ip:53` (ip in 127/8) and answers A queries with `answer`.
     pub fn start(ip: Ipv4Addr, answer: Ipv4Addr) -> std::io::Result<TestResolver> {
-        let sock = UdpSocket::bind((ip, 53))?;
+        Self::serve(UdpSocket::bind((ip, 53))?, ip, answer)
+    }
+
+    /// Like [`TestResolver::start`], inside network namespace `netns` (`/run/netns/NAME`),
+    /// as a container's own resolver would be: the socket is bound from a thread that joined
+    /// the namespace, and keeps it.
+    pub fn start_in_netns(
+        netns: &str,
+        ip: Ipv4Addr,
+        answer: Ipv4Addr,
+    ) -> std::io::Result<TestResolver> {
+        let path = format!("/run/netns/{netns}");
+        let sock = thread::spawn(move || -> std::io::Result<UdpSocket> {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(&path)?;
+            // SAFETY: setns on a valid namespace fd; it affects only this short-lived thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            UdpSocket::bind((ip, 53))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("resolver thread panicked"))??;
+        Self::serve(sock, ip, answer)
+    }
+
+    fn serve(sock: UdpSocket, ip: Ipv4Addr, answer: Ipv4Addr) -> std::io::Result<TestResolver> {
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let queries = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));

@@ -190,7 +190,8 @@ fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-const HMS_PROGRAMS: [&str; 7] = [
+const HMS_PROGRAMS: [&str; 8] = [
+    "hms_sock_release",
     "hms_connect4",
     "hms_sendmsg4",
     "hms_recvmsg4",
@@ -448,7 +449,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 14, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 16, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 

@@ -207,6 +207,7 @@ fn a_restarted_agent_adopts_the_pinned_redirect_and_keeps_serving() {
         .expect("bpftool (run `cargo xtask setup`)");
     let listing = String::from_utf8_lossy(&out.stdout);
     for prog in [
+        "hms_sock_release",
         "hms_connect4",
         "hms_sendmsg4",
         "hms_recvmsg4",

@@ -46,6 +46,7 @@ const VM_SUITE: &[&str] = &[
     // IPv6, adopting IPv4-only pins (python3, curl and dig only; the heavy runtimes of
     // real_clients stay on the host).
     "dual_stack",
+    "safe_host",
 ];
 
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.

@@ -22,7 +22,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, MapType, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 14] {
+fn expected_maps() -> [ExpectedMap; 16] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -134,6 +134,18 @@ fn expected_maps() -> [ExpectedMap; 14] {
         ),
         map(
             map_names::ORIG_BY_COOKIE,
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<OrigDst>(),
+        ),
+        map(
+            map_names::AGENT_ALIVE,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u64>(),
+        ),
+        map(
+            map_names::DNS_UDP_ORIG,
             MapType::LruHash,
             size_of::<u64>(),
             size_of::<OrigDst>(),
@@ -356,7 +368,12 @@ fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLink> 
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
-    if hook.program == hms_ebpf::program_names::SOCK_OPS {
+    if hook.program == hms_ebpf::program_names::SOCK_RELEASE {
+        let program: &mut CgroupSock = program.try_into()?;
+        program.load().context("loading (verifier)")?;
+        let id = program.attach(cgroup, LINK_ATTACH_MODE)?;
+        Ok(program.take_link(id)?.try_into()?)
+    } else if hook.program == hms_ebpf::program_names::SOCK_OPS {
         let program: &mut SockOps = program.try_into()?;
         program.load().context("loading (verifier)")?;
         let id = program.attach(cgroup, LINK_ATTACH_MODE)?;

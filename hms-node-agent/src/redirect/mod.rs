@@ -9,12 +9,15 @@
 //! - `loader`: load, attach or adopt, eBPF logs.
 //! - `pin`: the pin dir layout, raw link queries, `cleanup`.
 //! - `sockdiag`: socket cookie of a UDP client from its 4-tuple.
+//! - `liveness`: the heartbeat that tells the hooks the agent is alive, and the agent's
+//!   network namespace cookie (sockets of other namespaces are left alone).
 //! - `flows`: the flow records (open/close of each redirected TCP connection) from the
 //!   kernel's ring buffer.
 //! - `local_route`: the IPv6 VIP prefix routed to loopback, so a connect that misses the
 //!   hooks fails on this host instead of leaving it.
 
 pub mod flows;
+mod liveness;
 mod loader;
 mod local_route;
 mod pin;
@@ -76,6 +79,10 @@ pub struct RedirectOptions6 {
 pub struct Redirector {
     status: RedirectStatus,
     orig_by_cookie: Mutex<HashMap<MapData, u64, OrigDst>>,
+    dns_udp_orig: Mutex<HashMap<MapData, u64, OrigDst>>,
+    heartbeat: Mutex<liveness::Heartbeat>,
+    /// The agent's network namespace cookie (0: unknown, not compared).
+    netns_cookie: u64,
     orig_by_flow: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
     orig6_by_cookie: Mutex<HashMap<MapData, u64, OrigDst6>>,
     orig6_by_flow: Mutex<HashMap<MapData, FlowKey6, OrigDst6>>,
@@ -170,6 +177,13 @@ impl Redirector {
         }
         let mut config = redirect_config(opts)?;
         config.sk_msg_bypass = u32::from(sk_msg_bypass);
+        config.netns_cookie = liveness::own_netns_cookie().unwrap_or_else(|| {
+            tracing::warn!(
+                "this kernel does not tell the agent its network namespace (SO_NETNS_COOKIE, \
+                 Linux 5.14): processes of the cgroup in other namespaces are redirected too"
+            );
+            0
+        });
         let cgroup_id = crate::cgroup::cgroup_id(&opts.cgroup)?;
         loader::prepare_pin_dir(&opts.pin_dir)?;
         // Links without their maps would leave adopted programs writing to maps we cannot
@@ -177,10 +191,7 @@ impl Redirector {
         let any_link = pin::HOOKS
             .iter()
             .any(|h| opts.pin_dir.join(h.link_file).exists());
-        let missing_map = pin::MAPS
-            .iter()
-            .filter(|m| !pin::ADDED_MAPS.contains(m))
-            .find(|m| !opts.pin_dir.join(m).exists());
+        let missing_map = pin::MAPS.iter().find(|m| !opts.pin_dir.join(m).exists());
         if let (true, Some(map)) = (any_link, missing_map) {
             bail!(
                 "pin dir {} has pinned links but no map {map}; run `hms-node-agent cleanup` \
@@ -224,6 +235,12 @@ impl Redirector {
             }
         }
 
+        // Alive before any hook can act: a hook attached without a beat would stand aside.
+        let heartbeat = liveness::Heartbeat::start(Array::try_from(
+            ebpf.take_map(map_names::AGENT_ALIVE)
+                .context("map HMS_AGENT_ALIVE missing from the eBPF object")?,
+        )?)?;
+
         let mut hooks = Vec::with_capacity(pin::HOOKS.len());
         for hook in pin::HOOKS {
             hooks.push(loader::attach_or_adopt(
@@ -250,6 +267,10 @@ impl Redirector {
         let orig_by_cookie = HashMap::try_from(
             ebpf.take_map(map_names::ORIG_BY_COOKIE)
                 .context("map HMS_ORIG_BY_COOKIE missing from the eBPF object")?,
+        )?;
+        let dns_udp_orig = HashMap::try_from(
+            ebpf.take_map(map_names::DNS_UDP_ORIG)
+                .context("map HMS_DNS_UDP_ORIG missing from the eBPF object")?,
         )?;
         let orig_by_flow = HashMap::try_from(
             ebpf.take_map(map_names::ORIG_BY_FLOW)
@@ -330,6 +351,9 @@ impl Redirector {
         Ok(Redirector {
             status,
             orig_by_cookie: Mutex::new(orig_by_cookie),
+            dns_udp_orig: Mutex::new(dns_udp_orig),
+            heartbeat: Mutex::new(heartbeat),
+            netns_cookie: config.netns_cookie,
             orig_by_flow: Mutex::new(orig_by_flow),
             orig6_by_cookie: Mutex::new(orig6_by_cookie),
             orig6_by_flow: Mutex::new(orig6_by_flow),
@@ -424,15 +448,13 @@ impl Redirector {
 
     /// Original destination (resolver the caller asked) of a UDP DNS query received on the
     /// responder at `responder` from `client`. The record stays: recvmsg needs it to restore
-    /// the reply's source, and the LRU map ages it out.
+    /// the reply's source (a socket may get several answers); the kernel removes it when the
+    /// socket is released.
     pub fn udp_orig_dst(&self, client: SocketAddr, responder: SocketAddr) -> Option<Original> {
         let cookie = self.cookie_of(sockdiag::Transport::Udp, client, responder)?;
         if client.is_ipv4() {
-            let cookies = self
-                .orig_by_cookie
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE").map(Original::v4)
+            let records = self.dns_udp_orig.lock().unwrap_or_else(|p| p.into_inner());
+            lookup(&records, &cookie, "HMS_DNS_UDP_ORIG").map(Original::v4)
         } else {
             let cookies = self
                 .orig6_by_cookie
@@ -440,6 +462,16 @@ impl Redirector {
                 .unwrap_or_else(|p| p.into_inner());
             lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE").map(original6)
         }
+    }
+
+    /// The agent stops and no successor takes over: the hooks stand aside now (DNS to each
+    /// caller's own resolver, VIP connects refused at once) rather than when the heartbeat
+    /// lapses. Not for hand-overs or socket-activated restarts, which keep the redirect.
+    pub fn stand_aside(&self) {
+        self.heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop_for_good();
     }
 
     /// The reader of the kernel's flow records (one open and one close record per redirected
@@ -499,10 +531,12 @@ impl Redirector {
             return;
         };
         let ours = SockKey {
+            netns: self.netns_cookie,
             local_ip: u32::from(*local.ip()),
             remote_ip: u32::from(*instance.ip()),
             local_port: local.port(),
             remote_port: instance.port(),
+            _pad: 0,
         };
         let theirs = ours.peer();
         let mut leg = leg.lock().unwrap_or_else(|p| p.into_inner());
@@ -590,6 +624,7 @@ fn redirect_config(opts: &RedirectOptions) -> anyhow::Result<RedirectConfig> {
         skip_mark: opts.skip_mark,
         enabled: 1,
         sk_msg_bypass: u32::from(opts.sk_msg_bypass),
+        netns_cookie: 0,
     })
 }
 

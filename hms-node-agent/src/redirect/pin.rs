@@ -38,14 +38,21 @@ const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
 const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
 /// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
 /// redirected without its follow-up in place.
 ///
-/// A pin dir made by a build before IPv6 support lacks the `*6` links: the agent attaches
-/// what is missing and adopts the rest.
-pub(crate) const HOOKS: [Hook; 7] = [
+/// A pin dir made by an older build lacks the later links (`sock_release`, the `*6` hooks):
+/// the agent attaches what is missing and adopts the rest.
+pub(crate) const HOOKS: [Hook; 8] = [
+    Hook {
+        program: program_names::SOCK_RELEASE,
+        attach: "cgroup_inet_sock_release",
+        attach_type: BPF_CGROUP_INET_SOCK_RELEASE,
+        link_file: "link_sock_release",
+    },
     Hook {
         program: program_names::SOCK_OPS,
         attach: "sock_ops",
@@ -90,7 +97,18 @@ pub(crate) const HOOKS: [Hook; 7] = [
     },
 ];
 
-pub(crate) const MAPS: [&str; 14] = [
+/// Maps added after the first release: an agent started over an older pin dir creates them
+/// (the old programs it adopts do not use them), so they are not required beside its links.
+pub(crate) const LATER_MAPS: [&str; 6] = [
+    map_names::AGENT_ALIVE,
+    map_names::DNS_UDP_ORIG,
+    map_names::CONFIG6,
+    map_names::ORIG6_BY_COOKIE,
+    map_names::ORIG6_BY_FLOW,
+    map_names::SOCKS6,
+];
+
+pub(crate) const MAPS: [&str; 10] = [
     map_names::CONFIG,
     map_names::ORIG_BY_COOKIE,
     map_names::ORIG_BY_FLOW,
@@ -101,20 +119,6 @@ pub(crate) const MAPS: [&str; 14] = [
     map_names::SK_MSG_STATS,
     map_names::BYPASS_BYTES,
     map_names::BYPASS_PENDING,
-    map_names::CONFIG6,
-    map_names::ORIG6_BY_COOKIE,
-    map_names::ORIG6_BY_FLOW,
-    map_names::SOCKS6,
-];
-
-/// Maps added after the first pinned layout: a pin dir an older agent made lacks them, and
-/// the agent creates them beside the adopted ones (only the programs it attaches itself use
-/// them).
-pub(crate) const ADDED_MAPS: [&str; 4] = [
-    map_names::CONFIG6,
-    map_names::ORIG6_BY_COOKIE,
-    map_names::ORIG6_BY_FLOW,
-    map_names::SOCKS6,
 ];
 
 /// Removes the loopback route of the IPv6 VIP prefix recorded in the pinned `HMS_CONFIG6`, if
@@ -257,7 +261,7 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
             detach_pinned_link(&path)?;
             remove_pin(&path)?;
             report.detached_links.push(name);
-        } else if MAPS.contains(&name.as_str()) {
+        } else if MAPS.contains(&name.as_str()) || LATER_MAPS.contains(&name.as_str()) {
             remove_pin(&path)?;
             report.unpinned_maps.push(name);
         } else {
