@@ -178,6 +178,7 @@ mod tests {
             skip_mark: 0x4853,
             enabled: 1,
             sk_msg_bypass: 0,
+            netns_cookie: 0,
         }
     }
 
