@@ -817,3 +817,60 @@ print(len(got))
     }
     server.join().unwrap();
 }
+
+#[test]
+fn a_failed_get_is_retried_once_for_ipv4_mapped_and_ipv6_callers_alike() {
+    let cg = TestCgroup::new("retry6").unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let families: [(&str, fn(Ipv4Addr) -> (String, &'static str)); 3] = [
+        ("v4", |vip| (vip.to_string(), "0")),
+        ("mapped", |vip| (format!("::ffff:{vip}"), "0")),
+        ("v6", |vip| (vip6(vip).to_string(), "1")),
+    ];
+    for (family, addr) in families {
+        let name = format!("flaky-{family}-svc");
+        let flaky = vm_tests::backend::Backend::start_with(
+            &name,
+            0,
+            vm_tests::backend::Behavior::fail_first(1, 503),
+        )
+        .unwrap();
+        let vip = agent.deploy(&name, flaky.addr.port()).unwrap();
+        let (host, v6only) = addr(vip);
+        let o = if family == "v4" {
+            let child = cg
+                .command("curl")
+                .args([
+                    "-sS",
+                    "-i",
+                    "--max-time",
+                    "10",
+                    &format!("http://{host}/once"),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            vm_tests::client::wait_output(child, vm_tests::slack(Duration::from_secs(20))).unwrap()
+        } else {
+            python_in(&cg, RAW_GET6, &[&host, "80", v6only, "/once"])
+        };
+        let out = String::from_utf8_lossy(&o.stdout).to_lowercase();
+        assert!(
+            out.starts_with("http/1.1 200"),
+            "{family}: {}\n{}",
+            text(&o),
+            agent.log()
+        );
+        let paths: Vec<String> = flaky.seen().into_iter().map(|s| s.path).collect();
+        assert_eq!(
+            paths,
+            ["/once", "/once"],
+            "{family}: first attempt 503, one retry"
+        );
+        let events = tap_events_for(&agent, &name, "/once");
+        assert_eq!(events.len(), 1, "{family}: {events:#?}");
+        assert_eq!(events[0]["retries"], 1, "{family}: {}", events[0]);
+        assert_eq!(events[0]["status"], 200, "{family}");
+    }
+}
