@@ -818,11 +818,14 @@ print(len(got))
     server.join().unwrap();
 }
 
+/// The address a family dials for a VIP, and the `IPV6_V6ONLY` value its socket sets.
+type DialAs = fn(Ipv4Addr) -> (String, &'static str);
+
 #[test]
 fn a_failed_get_is_retried_once_for_ipv4_mapped_and_ipv6_callers_alike() {
     let cg = TestCgroup::new("retry6").unwrap();
     let agent = TestAgent::start(cg.path()).unwrap();
-    let families: [(&str, fn(Ipv4Addr) -> (String, &'static str)); 3] = [
+    let families: [(&str, DialAs); 3] = [
         ("v4", |vip| (vip.to_string(), "0")),
         ("mapped", |vip| (format!("::ffff:{vip}"), "0")),
         ("v6", |vip| (vip6(vip).to_string(), "1")),
