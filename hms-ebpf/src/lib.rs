@@ -66,6 +66,9 @@ pub mod program_names {
     pub const CONNECT6: &str = "hms_connect6";
     pub const SENDMSG6: &str = "hms_sendmsg6";
     pub const RECVMSG6: &str = "hms_recvmsg6";
+    /// `getpeername()` of a redirected connection answers the address the app dialled.
+    pub const GETPEERNAME4: &str = "hms_getpeername4";
+    pub const GETPEERNAME6: &str = "hms_getpeername6";
     pub const SOCK_OPS: &str = "hms_sock_ops";
     /// Attached to `HMS_SOCKS` (not to a cgroup): runs on every send of a socket in it.
     pub const SK_MSG: &str = "hms_sk_msg";

@@ -385,6 +385,55 @@ mod programs {
         SOCK_ADDR_ALLOW
     }
 
+    /// An app asking its connected socket who the peer is gets the VIP it dialled, not the
+    /// proxy's listener (clients log it, some compare it with what they resolved).
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn hms_getpeername4(ctx: SockAddrContext) -> i32 {
+        restore_peer(&ctx, Family::Inet);
+        SOCK_ADDR_ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn hms_getpeername6(ctx: SockAddrContext) -> i32 {
+        restore_peer(&ctx, Family::Inet6);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// Only sockets connected to the outbound listener by the redirect, found in `HMS_FLOWS`
+    /// (kept from established to close); an IPv6 VIP is rebuilt from the prefix and the
+    /// record's low 32 bits, which is what an IPv6 VIP is.
+    #[inline(always)]
+    fn restore_peer(ctx: &SockAddrContext, family: Family) {
+        let Some(cfg) = config() else { return };
+        let cfg6 = config6();
+        let (peer, port) = dest(ctx, family);
+        let to_outbound = port == cfg.outbound_port
+            && match peer {
+                Addr::V4(ip) => ip == cfg.outbound_ip,
+                Addr::V6(w) => cfg6.is_some_and(|c6| w == c6.outbound_ip),
+            };
+        if !to_outbound || !in_agent_netns(cfg, ctx.as_ptr()) {
+            return;
+        }
+        // SAFETY: copied out immediately (see restore_reply_source).
+        let Some(state) = (unsafe { HMS_FLOWS.get(socket_cookie(ctx)) }) else {
+            return;
+        };
+        let orig = state.orig;
+        let dialled = if orig.flags & ORIG_FLAG_V6 != 0 {
+            let Some(c6) = cfg6 else { return };
+            Addr::V6([
+                c6.vip_prefix[0],
+                c6.vip_prefix[1],
+                c6.vip_prefix[2],
+                orig.ip,
+            ])
+        } else {
+            Addr::V4(orig.ip)
+        };
+        set_dest(ctx, family, dialled, orig.port);
+    }
+
     #[inline(always)]
     fn restore_reply_source(ctx: &SockAddrContext, family: Family) {
         let Some(cfg) = config() else { return };

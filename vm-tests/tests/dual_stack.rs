@@ -115,8 +115,14 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
     );
 }
 
-/// The IPv6 links and maps, absent from a pin dir made by a build before IPv6 support.
-const V6_LINKS: [&str; 3] = ["link_connect6", "link_sendmsg6", "link_recvmsg6"];
+/// The links and maps absent from a pin dir made by a build before IPv6 support.
+const V6_LINKS: [&str; 5] = [
+    "link_connect6",
+    "link_sendmsg6",
+    "link_recvmsg6",
+    "link_getpeername4",
+    "link_getpeername6",
+];
 const V6_MAPS: [&str; 4] = [
     "HMS_CONFIG6",
     "HMS_ORIG6_BY_COOKIE",
@@ -177,7 +183,13 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
             "adopted"
         );
     }
-    for program in ["hms_connect6", "hms_sendmsg6", "hms_recvmsg6"] {
+    for program in [
+        "hms_connect6",
+        "hms_sendmsg6",
+        "hms_recvmsg6",
+        "hms_getpeername4",
+        "hms_getpeername6",
+    ] {
         assert_ne!(
             line_of(&before, program),
             line_of(&after, program),
@@ -875,5 +887,40 @@ fn a_failed_get_is_retried_once_for_ipv4_mapped_and_ipv6_callers_alike() {
         assert_eq!(events.len(), 1, "{family}: {events:#?}");
         assert_eq!(events[0]["retries"], 1, "{family}: {}", events[0]);
         assert_eq!(events[0]["status"], 200, "{family}");
+    }
+}
+
+/// Connects to argv[1]:argv[2] (family from the address; IPV6_V6ONLY argv[3]) and prints
+/// what getpeername() says, then sends a request so the connection is really used.
+const PEERNAME: &str = r#"
+import socket, sys
+host, port, v6only = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+s.settimeout(10)
+s.connect((host, port))
+print(s.getpeername()[0], s.getpeername()[1])
+s.sendall(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+print(s.recv(100).split(b"\r\n")[0].decode())
+"#;
+
+#[test]
+fn getpeername_answers_the_vip_the_app_dialled_in_every_family() {
+    let (cg, agent, _backend, vip) = world("peer-svc");
+    for (dialled, v6only) in [
+        (vip.to_string(), "0"),
+        (format!("::ffff:{vip}"), "0"),
+        (vip6(vip).to_string(), "1"),
+    ] {
+        let o = python_in(&cg, PEERNAME, &[&dialled, "80", v6only]);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("{dialled} 80\nHTTP/1.1 200 OK\n"),
+            "{}\n{}",
+            text(&o),
+            agent.log()
+        );
     }
 }

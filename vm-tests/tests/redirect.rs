@@ -190,8 +190,10 @@ fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-const HMS_PROGRAMS: [&str; 8] = [
+const HMS_PROGRAMS: [&str; 10] = [
     "hms_sock_release",
+    "hms_getpeername4",
+    "hms_getpeername6",
     "hms_connect4",
     "hms_sendmsg4",
     "hms_recvmsg4",

@@ -38,15 +38,18 @@ const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
 const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
 /// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
 /// redirected without its follow-up in place.
 ///
-/// A pin dir made by an older build lacks the later links (`sock_release`, the `*6` hooks):
+/// A pin dir made by an older build lacks the later links (`sock_release`, the `*6` and
+/// getpeername hooks):
 /// the agent attaches what is missing and adopts the rest.
-pub(crate) const HOOKS: [Hook; 8] = [
+pub(crate) const HOOKS: [Hook; 10] = [
     Hook {
         program: program_names::SOCK_RELEASE,
         attach: "cgroup_inet_sock_release",
@@ -70,6 +73,18 @@ pub(crate) const HOOKS: [Hook; 8] = [
         attach: "cgroup_udp6_recvmsg",
         attach_type: BPF_CGROUP_UDP6_RECVMSG,
         link_file: "link_recvmsg6",
+    },
+    Hook {
+        program: program_names::GETPEERNAME4,
+        attach: "cgroup_inet4_getpeername",
+        attach_type: BPF_CGROUP_INET4_GETPEERNAME,
+        link_file: "link_getpeername4",
+    },
+    Hook {
+        program: program_names::GETPEERNAME6,
+        attach: "cgroup_inet6_getpeername",
+        attach_type: BPF_CGROUP_INET6_GETPEERNAME,
+        link_file: "link_getpeername6",
     },
     Hook {
         program: program_names::SENDMSG4,
