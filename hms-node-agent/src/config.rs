@@ -522,4 +522,22 @@ mod tests {
         );
         assert!("consul://x".parse::<RegistryUrl>().is_err());
     }
+
+    #[test]
+    fn the_ipv6_vip_prefix_is_a_unique_local_96_and_carries_the_ipv4_vip() {
+        let p: Ipv6Prefix96 = "fd48:4d53::/96".parse().unwrap();
+        assert_eq!(p, Ipv6Prefix96::default());
+        assert_eq!(
+            p.vip6(Ipv4Addr::new(127, 77, 3, 4)),
+            "fd48:4d53::7f4d:304".parse::<Ipv6Addr>().unwrap()
+        );
+        // Host bits are dropped, like an IPv4 CIDR's.
+        assert_eq!(
+            "fd00:1::9/96".parse::<Ipv6Prefix96>().unwrap().to_string(),
+            "fd00:1::/96"
+        );
+        for bad in ["fd48::/64", "fd48::", "::ffff:0:0/96", "::/96", "nope/96"] {
+            assert!(bad.parse::<Ipv6Prefix96>().is_err(), "{bad}");
+        }
+    }
 }

@@ -39,9 +39,7 @@ pub enum Outcome {
 
 /// The IPv6 VIP of IPv4 VIP `vip` under `prefix` (a /96): the prefix, then the IPv4 VIP.
 pub fn vip6(prefix: Ipv6Addr, vip: Ipv4Addr) -> Ipv6Addr {
-    let mut b = prefix.octets();
-    b[12..].copy_from_slice(&vip.octets());
-    Ipv6Addr::from(b)
+    crate::config::Ipv6Prefix96(prefix).vip6(vip)
 }
 
 /// `vip6_prefix`: answer AAAA (and the AAAA half of ANY) from it; `None` means IPv6 callers
