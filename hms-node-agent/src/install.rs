@@ -213,6 +213,16 @@ const KEYS: &[Key] = &[
         doc: "App <-> proxy bytes through sk_msg/sockhash instead of loopback TCP, when the agent runs inside the redirected cgroup (docs/bench.md).",
         default: "true",
     },
+    Key {
+        name: "ipv6",
+        doc: "Serve IPv6 callers: AAAA answers, listeners on [::1] (the IPv4 listeners' ports), the IPv6 VIP range routed to loopback.",
+        default: "true",
+    },
+    Key {
+        name: "vip6-prefix",
+        doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
+        default: "fd48:4d53::/96",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -240,6 +250,8 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
             .log_format
             .map(|f| s(format!("{f:?}").to_ascii_lowercase())),
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
+        "ipv6" => args.ipv6.map(|b| b.to_string()),
+        "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
         _ => None,
     }
 }
@@ -1311,6 +1323,9 @@ mod tests {
             "--join-token",
             "hms1.abc",
             "--sk-msg-bypass=false",
+            "--ipv6=false",
+            "--vip6-prefix",
+            "fd00:1234::/96",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
@@ -1326,6 +1341,8 @@ mod tests {
         assert_eq!(back.dns_mark, Some(0x1234));
         assert_eq!(back.inbound, Some("[::]:25008".parse().unwrap()));
         assert_eq!(back.sk_msg_bypass, Some(false));
+        assert_eq!(back.ipv6, Some(false));
+        assert_eq!(back.vip6_prefix, Some("fd00:1234::/96".parse().unwrap()));
     }
 
     #[test]

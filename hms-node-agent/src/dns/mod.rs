@@ -2,11 +2,13 @@
 //! `*.svc` is answered from the registry, everything else is forwarded verbatim to the
 //! resolver the caller asked. Nothing a caller sends may stop it: every message is handled in
 //! its own task and every failure is logged and answered (SERVFAIL/FORMERR) or dropped.
+//! The same responder serves the IPv4 listener and, with IPv6 on, the `[::1]` one; AAAA
+//! answers come from the IPv6 VIP prefix only when IPv6 callers can be served.
 
 pub mod answer;
 pub mod upstream;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::drain::Drain;
-use crate::original_dst::{self, OriginalDestinations};
+use crate::original_dst::OriginalDestinations;
 use crate::registry::Store;
 use answer::{Decision, Outcome};
 use upstream::Upstream;
@@ -65,16 +67,16 @@ pub struct DnsResponder {
     pub origins: Arc<dyn OriginalDestinations>,
     pub upstream: Upstream,
     pub stats: DnsStats,
+    /// The IPv6 VIP prefix when IPv6 callers are served (AAAA answers); `None`: AAAA is
+    /// NODATA, so no client tries an address nobody listens for.
+    pub vip6_prefix: Option<Ipv6Addr>,
 }
 
 impl DnsResponder {
     /// Serves UDP until drained.
     pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket, drain: Drain) -> anyhow::Result<()> {
         let sock = Arc::new(sock);
-        let local = match sock.local_addr().context("DNS UDP socket address")? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(a) => anyhow::bail!("DNS listener {a} must be IPv4"),
-        };
+        let local = sock.local_addr().context("DNS UDP socket address")?;
         let mut buf = vec![0u8; 65535];
         loop {
             let (n, peer) = tokio::select! {
@@ -107,21 +109,15 @@ impl DnsResponder {
         &self,
         query: &[u8],
         peer: SocketAddr,
-        local: SocketAddrV4,
+        local: SocketAddr,
     ) -> Option<Vec<u8>> {
-        let (decision, outcome) = answer::decide(query, &self.store.snapshot());
+        let (decision, outcome) = answer::decide(query, &self.store.snapshot(), self.vip6_prefix);
         self.stats.count(outcome);
         match decision {
             Decision::Reply(r) => Some(r),
             Decision::Drop => None,
             Decision::Forward => {
-                let upstream = match peer {
-                    SocketAddr::V4(p) => self
-                        .origins
-                        .udp(p, local)
-                        .map(|o| original_dst::addr(&o).into()),
-                    SocketAddr::V6(_) => None,
-                };
+                let upstream = self.origins.udp(peer, local).map(|o| o.wanted());
                 let max_udp = Message::from_vec(query)
                     .map(|m| usize::from(m.max_payload()))
                     .unwrap_or(512);
@@ -140,17 +136,13 @@ impl DnsResponder {
     }
 
     /// The caller's resolver, else the system's, never ourselves.
-    fn resolve_upstream(
-        &self,
-        asked: Option<SocketAddr>,
-        local: SocketAddrV4,
-    ) -> Option<SocketAddr> {
+    fn resolve_upstream(&self, asked: Option<SocketAddr>, local: SocketAddr) -> Option<SocketAddr> {
         let server = asked.or_else(|| {
             let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             upstream::system_resolver(&conf)
         });
         match server {
-            Some(s) if s != SocketAddr::V4(local) => Some(s),
+            Some(s) if s != local => Some(s),
             _ => {
                 tracing::warn!("no upstream resolver known for a forwarded query");
                 None
@@ -200,17 +192,7 @@ impl DnsResponder {
 
     async fn handle_tcp(&self, mut stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
         let local = stream.local_addr()?;
-        let upstream = match (peer, local) {
-            (SocketAddr::V4(p), SocketAddr::V4(l)) => self
-                .origins
-                .tcp(p, l)
-                .map(|o| SocketAddr::from(original_dst::addr(&o))),
-            _ => None,
-        };
-        let local_v4 = match local {
-            SocketAddr::V4(l) => l,
-            SocketAddr::V6(_) => anyhow::bail!("IPv6 DNS listener"),
-        };
+        let upstream = self.origins.tcp(peer, local).map(|o| o.wanted());
         // An idle or slow client must not hold a task forever.
         let idle = std::time::Duration::from_secs(10);
         loop {
@@ -225,12 +207,13 @@ impl DnsResponder {
             tokio::time::timeout(idle, stream.read_exact(&mut query))
                 .await
                 .context("client too slow sending its query")??;
-            let (decision, outcome) = answer::decide(&query, &self.store.snapshot());
+            let (decision, outcome) =
+                answer::decide(&query, &self.store.snapshot(), self.vip6_prefix);
             self.stats.count(outcome);
             let reply = match decision {
                 Decision::Reply(r) => Some(r),
                 Decision::Drop => None,
-                Decision::Forward => match self.resolve_upstream(upstream, local_v4) {
+                Decision::Forward => match self.resolve_upstream(upstream, local) {
                     Some(server) => match self.upstream.forward_tcp(server, &query).await {
                         Ok(r) => Some(r),
                         Err(e) => {
