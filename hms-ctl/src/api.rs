@@ -410,6 +410,10 @@ pub struct RedirectInfo {
     pub cgroup: String,
     pub pin_dir: String,
     pub vip_cidr: String,
+    /// The IPv6 VIP range (`prefix/96`) when IPv6 callers are served; `None` with IPv6 off
+    /// or disabled on the host (then only IPv4 and IPv4-mapped callers are).
+    #[serde(default)]
+    pub vip6_range: Option<String>,
     /// True when this agent took over programs pinned by an earlier run.
     pub adopted: bool,
     pub programs: Vec<String>,

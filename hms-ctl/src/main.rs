@@ -569,9 +569,13 @@ fn print_status(s: &AgentStatus) {
     say!("dns:         {}", s.listeners.dns);
     say!("admin:       {}", s.listeners.admin_socket);
     say!(
-        "redirect:    cgroup {} (VIPs {}), pinned at {}{}",
+        "redirect:    cgroup {} (VIPs {}{}), pinned at {}{}",
         s.redirect.cgroup,
         s.redirect.vip_cidr,
+        match &s.redirect.vip6_range {
+            Some(v6) => format!(" and {v6}"),
+            None => ", IPv6 off".to_string(),
+        },
         s.redirect.pin_dir,
         if s.redirect.adopted {
             ", adopted from an earlier run"

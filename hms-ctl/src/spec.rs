@@ -301,21 +301,22 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         }
     };
 
-    let mut replicas = Vec::new();
-    let replica_list = match raw.replicas {
-        None => Vec::new(),
-        Some(Value::Array(list)) => list,
-        Some(other) => {
-            return Err(err(
-                Some("replicas"),
-                line_of("replicas"),
-                format!(
-                    "must be a list of ports like `[7001, 7002]`, got {}",
-                    describe(&other)
-                ),
-            ));
-        }
+    // `replicas:` and `routes:` are lists; anything else is named with what to write.
+    let list_field = |name: &str, v: Option<Value>, shape: &str| match v {
+        None => Ok(Vec::new()),
+        Some(Value::Array(list)) => Ok(list),
+        Some(other) => Err(err(
+            Some(name),
+            line_of(name),
+            format!("must be {shape}, got {}", describe(&other)),
+        )),
     };
+    let mut replicas = Vec::new();
+    let replica_list = list_field(
+        "replicas",
+        raw.replicas,
+        "a list of ports like `[7001, 7002]`",
+    )?;
     for v in replica_list {
         match v.as_i64() {
             Some(p) if (1..=65535).contains(&p) && p as u16 != port => {
@@ -359,20 +360,11 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     };
 
     let mut routes = Vec::new();
-    let route_list = match raw.routes {
-        None => Vec::new(),
-        Some(Value::Array(list)) => list,
-        Some(other) => {
-            return Err(err(
-                Some("routes"),
-                line_of("routes"),
-                format!(
-                    "must be a list of routes like `- path: /check` (with `timeout:`, `retries:` below it), got {}",
-                    describe(&other)
-                ),
-            ));
-        }
-    };
+    let route_list = list_field(
+        "routes",
+        raw.routes,
+        "a list of routes like `- path: /check` (with `timeout:`, `retries:` below it)",
+    )?;
     for (i, entry) in route_list.into_iter().enumerate() {
         let line = nth_key_line(yaml, "path", i).or_else(|| line_of("routes"));
         let field = |f: &str| format!("routes[{i}].{f}");

@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod byte_order;
+pub mod rule;
 
 /// Names of the maps, as declared in `main.rs` and pinned under the agent's pin directory.
 pub mod map_names {
@@ -40,6 +41,19 @@ pub mod map_names {
     /// `LRU_HASH` [`SockKey`](super::SockKey) -> u8: the instance's end of an agent ->
     /// local instance connection, expected to join the bypass.
     pub const BYPASS_PENDING: &str = "HMS_BYPASS_PENDING";
+    /// `ARRAY`, one [`RedirectConfig6`](super::RedirectConfig6): the IPv6 settings. Its own
+    /// map so that maps pinned by an IPv4-only agent keep their layout.
+    pub const CONFIG6: &str = "HMS_CONFIG6";
+    /// `LRU_HASH` socket cookie -> [`OrigDst6`](super::OrigDst6): sockets that dialled a real
+    /// IPv6 destination (IPv4 and mapped ones use `HMS_ORIG_BY_COOKIE`).
+    pub const ORIG6_BY_COOKIE: &str = "HMS_ORIG6_BY_COOKIE";
+    /// `LRU_HASH` [`FlowKey6`](super::FlowKey6) -> [`OrigDst6`](super::OrigDst6): those
+    /// connections once established, for the proxy's IPv6 listener.
+    pub const ORIG6_BY_FLOW: &str = "HMS_ORIG6_BY_FLOW";
+    /// `SOCKHASH` [`SockKey6`](super::SockKey6) -> socket: the sk_msg bypass for real IPv6
+    /// connections (IPv4-mapped ones are IPv4 and use `HMS_SOCKS`). `hms_sk_msg` is attached
+    /// to both.
+    pub const SOCKS6: &str = "HMS_SOCKS6";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -49,6 +63,12 @@ pub mod program_names {
     pub const CONNECT4: &str = "hms_connect4";
     pub const SENDMSG4: &str = "hms_sendmsg4";
     pub const RECVMSG4: &str = "hms_recvmsg4";
+    pub const CONNECT6: &str = "hms_connect6";
+    pub const SENDMSG6: &str = "hms_sendmsg6";
+    pub const RECVMSG6: &str = "hms_recvmsg6";
+    /// `getpeername()` of a redirected connection answers the address the app dialled.
+    pub const GETPEERNAME4: &str = "hms_getpeername4";
+    pub const GETPEERNAME6: &str = "hms_getpeername6";
     pub const SOCK_OPS: &str = "hms_sock_ops";
     /// Attached to `HMS_SOCKS` (not to a cgroup): runs on every send of a socket in it.
     pub const SK_MSG: &str = "hms_sk_msg";
@@ -90,6 +110,21 @@ pub struct RedirectConfig {
 pub const AGENT_ALIVE_WINDOW_NS: u64 = 3_000_000_000;
 /// How often the agent writes its heartbeat: twelve missed beats make it gone.
 pub const AGENT_HEARTBEAT_NS: u64 = 250_000_000;
+/// The IPv6 settings (index 0 of `HMS_CONFIG6`), host-order words most significant first.
+/// Absent or `enabled == 0`: real IPv6 destinations are left alone (IPv4-mapped ones are IPv4
+/// and follow [`RedirectConfig`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectConfig6 {
+    /// The IPv6 VIP range is this /96 followed by the service's IPv4 VIP, so every host
+    /// derives the same IPv6 VIP from the registry's IPv4 one.
+    pub vip_prefix: [u32; 3],
+    /// The outbound listener's IPv6 address (its port is `RedirectConfig::outbound_port`).
+    pub outbound_ip: [u32; 4],
+    /// The DNS responder's IPv6 address (port `RedirectConfig::dns_port`).
+    pub dns_ip: [u32; 4],
+    pub enabled: u32,
+}
 
 /// A socket in `HMS_SOCKS`, as that socket sees its connection (host order). The peer of a
 /// socket is found under the same key with local and remote swapped.
@@ -112,6 +147,35 @@ impl SockKey {
     #[inline(always)]
     pub fn peer(&self) -> SockKey {
         SockKey {
+            netns: self.netns,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// [`SockKey`] for a real IPv6 connection (host-order words, most significant first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey6 {
+    /// The socket's network namespace cookie, as in [`SockKey`].
+    pub netns: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Explicit tail padding: a map key is hashed byte for byte.
+    pub _pad: u32,
+}
+
+impl SockKey6 {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey6 {
+        SockKey6 {
             netns: self.netns,
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
@@ -156,12 +220,38 @@ pub struct OrigDst {
     pub protocol: u16,
     /// Caller's thread-group id (the user-visible pid) at connect time.
     pub pid: u32,
-    pub _pad: u32,
+    /// `ORIG_FLAG_*`. Written as 0 by agents before IPv6 support.
+    pub flags: u32,
     pub cgroup_id: u64,
     /// Caller's `comm`, NUL-padded.
     pub comm: [u8; 16],
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC, ns since boot) when connect4/sendmsg4 ran.
     pub connect_ns: u64,
+}
+
+/// [`OrigDst::flags`]: the caller dialled a real IPv6 address; `ip` holds its low 32 bits
+/// (for an IPv6 VIP, the service's IPv4 VIP) and [`OrigDst6::ip6`] the whole address.
+pub const ORIG_FLAG_V6: u32 = 1;
+
+/// What connect6/sendmsg6 remember about a socket that dialled a real IPv6 destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst6 {
+    /// Everything but the address, as for IPv4 (`flags` has `ORIG_FLAG_V6`).
+    pub orig: OrigDst,
+    /// The destination, host-order words most significant first.
+    pub ip6: [u32; 4],
+}
+
+/// [`FlowKey`] for an IPv6 connection (client and the proxy's IPv6 listener).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    pub client_ip: [u32; 4],
+    pub listener_ip: [u32; 4],
+    pub client_port: u16,
+    pub listener_port: u16,
+    pub _pad: u32,
 }
 
 /// A TCP connection as the client sees it: its own address and the (rewritten) peer, which is
@@ -190,6 +280,11 @@ pub const FLOW_CLOSE: u8 = 2;
 /// [`FlowEvent::flags`]: the connection was redirected to the DNS responder (DNS over TCP to
 /// port 53), not to the outbound proxy.
 pub const FLOW_FLAG_DNS: u8 = 1;
+
+/// [`FlowEvent::flags`]: an IPv6 connection (to an IPv6 VIP or resolver). The record's
+/// `flow` then holds the low 32 bits of the client and listener addresses (`::1` is 1), and
+/// `orig` has `ORIG_FLAG_V6`.
+pub const FLOW_FLAG_V6: u8 = 2;
 
 /// Linux TCP states (`BPF_TCP_*` in include/uapi/linux/bpf.h, the same numbers as
 /// `TCP_*` in include/net/tcp_states.h), as [`FlowEvent::state_before_close`] reports them.
@@ -282,6 +377,10 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::BypassBytes {}
+    unsafe impl aya::Pod for super::RedirectConfig6 {}
+    unsafe impl aya::Pod for super::OrigDst6 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::SockKey6 {}
 }
 
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
@@ -291,6 +390,10 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<SockKey>() == 24);
     assert!(size_of::<RedirectConfig>() == 40);
+    assert!(size_of::<RedirectConfig6>() == 48);
+    assert!(size_of::<OrigDst6>() == 64);
+    assert!(size_of::<FlowKey6>() == 40);
+    assert!(size_of::<SockKey6>() == 48);
     assert!(size_of::<FlowState>() == 80);
     assert!(size_of::<FlowEvent>() == 120);
     assert!(align_of::<FlowEvent>() == 8);

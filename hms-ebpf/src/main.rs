@@ -1,7 +1,11 @@
 //! HMS kernel programs: the cgroup socket hooks that steer an unmodified app's traffic to the
 //! node agent, and remember where it really wanted to go.
 //!
-//! Owns: the redirect decisions (VIP -> outbound listener, port 53 -> DNS responder), the
+//! Owns: applying the redirect decisions of `hms_ebpf::rule` (VIP -> outbound listener,
+//! port 53 -> DNS responder) in both families: `connect4`/`sendmsg4`/`recvmsg4` for
+//! `AF_INET` sockets and `connect6`/`sendmsg6`/`recvmsg6` for `AF_INET6` ones (dual-stack
+//! sockets dialling IPv4-mapped addresses are IPv4 callers and share the IPv4 maps; real IPv6
+//! destinations have maps of their own), the
 //! original-destination records (by socket cookie, promoted to a 4-tuple in sock_ops), the
 //! restoration of a DNS reply's source address, and the flow records (open/close of every
 //! redirected TCP connection, client side) sent to the agent through a ring buffer, and,
@@ -43,10 +47,16 @@ mod programs {
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        AGENT_ALIVE_WINDOW_NS, BypassBytes, DNS_PORT, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
-        FLOW_OPEN, FlowEvent, FlowKey, FlowState, IPPROTO_TCP, IPPROTO_UDP, OrigDst,
-        RedirectConfig, SockKey, byte_order, sk_msg_stat,
+        AGENT_ALIVE_WINDOW_NS, BypassBytes, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
+        FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP,
+        ORIG_FLAG_V6, OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6,
+        byte_order,
+        rule::{self, Addr},
+        sk_msg_stat,
     };
+
+    /// `AF_INET6` (include/linux/socket.h), as `bpf_sock_ops.family` reports it.
+    const AF_INET6: u32 = 10;
 
     /// cgroup sock_addr programs: 1 lets the syscall proceed (0 would fail it with EPERM).
     const SOCK_ADDR_ALLOW: i32 = 1;
@@ -77,6 +87,20 @@ mod programs {
     #[map(name = "HMS_ORIG_BY_FLOW")]
     static HMS_ORIG_BY_FLOW: LruHashMap<FlowKey, OrigDst> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
 
+    /// The IPv6 settings; missing or disabled means real IPv6 is left alone.
+    #[map(name = "HMS_CONFIG6")]
+    static HMS_CONFIG6: Array<RedirectConfig6> = Array::pinned(1, 0);
+
+    /// Sockets that dialled a real IPv6 VIP or resolver, by cookie (IPv4 and mapped
+    /// destinations are in `HMS_ORIG_BY_COOKIE`).
+    #[map(name = "HMS_ORIG6_BY_COOKIE")]
+    static HMS_ORIG6_BY_COOKIE: LruHashMap<u64, OrigDst6> = LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
+    /// Those connections once established, by the client's IPv6 4-tuple.
+    #[map(name = "HMS_ORIG6_BY_FLOW")]
+    static HMS_ORIG6_BY_FLOW: LruHashMap<FlowKey6, OrigDst6> =
+        LruHashMap::pinned(ORIG_DST_ENTRIES, 0);
+
     /// Open/close records for the agent. Lossy by design: see `emit`.
     #[map(name = "HMS_FLOW_EVENTS")]
     static HMS_FLOW_EVENTS: RingBuf = RingBuf::pinned(FLOW_EVENTS_BYTES, 0);
@@ -98,6 +122,10 @@ mod programs {
     #[map(name = "HMS_SOCKS")]
     static HMS_SOCKS: SockHash<SockKey> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
 
+    /// `HMS_SOCKS` for real IPv6 connections.
+    #[map(name = "HMS_SOCKS6")]
+    static HMS_SOCKS6: SockHash<SockKey6> = SockHash::pinned(ORIG_DST_ENTRIES, 0);
+
     /// Payload the bypass carried per tracked connection (by the app side's 4-tuple), until
     /// its close record takes it.
     #[map(name = "HMS_BYPASS_BYTES")]
@@ -115,11 +143,13 @@ mod programs {
     #[map(name = "HMS_SK_MSG_STATS")]
     static HMS_SK_MSG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sk_msg_stat::COUNT, 0);
 
-    /// A socket address as the hook sees it, in host order.
+    /// Which `bpf_sock_addr` address fields a hook reads and writes.
     #[derive(Clone, Copy)]
-    struct Dest {
-        ip: u32,
-        port: u16,
+    enum Family {
+        /// `user_ip4` (connect4, sendmsg4, recvmsg4).
+        Inet,
+        /// `user_ip6` (connect6, sendmsg6, recvmsg6).
+        Inet6,
     }
 
     #[inline(always)]
@@ -128,33 +158,74 @@ mod programs {
         if cfg.enabled == 0 { None } else { Some(cfg) }
     }
 
+    /// `None` unless the agent turned IPv6 on (an agent before IPv6 support never writes it).
     #[inline(always)]
-    fn dest(ctx: &SockAddrContext) -> Dest {
-        // SAFETY: the kernel hands every sock_addr program a valid context.
-        let (ip, port) = unsafe {
+    fn config6() -> Option<&'static RedirectConfig6> {
+        rule::v6_enabled(HMS_CONFIG6.get(0))
+    }
+
+    /// The socket address the syscall carries, in host order.
+    #[inline(always)]
+    fn dest(ctx: &SockAddrContext, family: Family) -> (Addr, u16) {
+        // SAFETY: the kernel hands every sock_addr program a valid context; user_ip4 is
+        // readable in the IPv4 hooks and user_ip6 (4-byte words) in the IPv6 ones.
+        unsafe {
             let sa = ctx.sock_addr;
-            (
-                core::ptr::read_volatile(&(*sa).user_ip4),
-                core::ptr::read_volatile(&(*sa).user_port),
-            )
-        };
-        Dest {
-            ip: byte_order::ip_from_kernel(ip),
-            port: byte_order::sock_addr_port_from_kernel(port),
+            let port =
+                byte_order::sock_addr_port_from_kernel(core::ptr::read_volatile(&(*sa).user_port));
+            let addr = match family {
+                Family::Inet => Addr::V4(byte_order::ip_from_kernel(core::ptr::read_volatile(
+                    &(*sa).user_ip4,
+                ))),
+                Family::Inet6 => Addr::from_v6_words([
+                    byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[0])),
+                    byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[1])),
+                    byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[2])),
+                    byte_order::ip_from_kernel(core::ptr::read_volatile(&(*sa).user_ip6[3])),
+                ]),
+            };
+            (addr, port)
         }
     }
 
+    /// Rewrites the socket address. On an `AF_INET6` socket an IPv4 address is written in
+    /// mapped form; an `AF_INET` socket is only ever given IPv4 (the rule keeps the family of
+    /// the destination).
     #[inline(always)]
-    fn set_dest(ctx: &SockAddrContext, to: Dest) {
-        // SAFETY: user_ip4/user_port are writable with 4-byte stores in connect4, sendmsg4 and
-        // recvmsg4 (the verifier enforces the width; read_volatile/write_volatile keep LLVM
-        // from narrowing them).
+    fn set_dest(ctx: &SockAddrContext, family: Family, addr: Addr, port: u16) {
+        // SAFETY: user_ip4/user_ip6 words/user_port are writable with 4-byte stores in the
+        // connect, sendmsg and recvmsg hooks of their family (the verifier enforces the width;
+        // write_volatile keeps LLVM from narrowing or merging them).
         unsafe {
             let sa = ctx.sock_addr;
-            core::ptr::write_volatile(&mut (*sa).user_ip4, byte_order::ip_to_kernel(to.ip));
+            match (family, addr) {
+                (Family::Inet, Addr::V4(ip)) => {
+                    core::ptr::write_volatile(&mut (*sa).user_ip4, byte_order::ip_to_kernel(ip))
+                }
+                (Family::Inet, Addr::V6(_)) => return,
+                (Family::Inet6, addr) => {
+                    let w = addr.v6_words();
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[0],
+                        byte_order::ip_to_kernel(w[0]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[1],
+                        byte_order::ip_to_kernel(w[1]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[2],
+                        byte_order::ip_to_kernel(w[2]),
+                    );
+                    core::ptr::write_volatile(
+                        &mut (*sa).user_ip6[3],
+                        byte_order::ip_to_kernel(w[3]),
+                    );
+                }
+            }
             core::ptr::write_volatile(
                 &mut (*sa).user_port,
-                byte_order::sock_addr_port_to_kernel(to.port),
+                byte_order::sock_addr_port_to_kernel(port),
             );
         }
     }
@@ -213,13 +284,13 @@ mod programs {
     /// Who is calling and where it wanted to go. Runs in the caller's process context
     /// (connect/sendmsg syscalls), so "current" is the caller.
     #[inline(always)]
-    fn orig_dst(to: Dest, protocol: u16) -> OrigDst {
+    fn orig_dst(ip: u32, port: u16, protocol: u16, flags: u32) -> OrigDst {
         OrigDst {
-            ip: to.ip,
-            port: to.port,
+            ip,
+            port,
             protocol,
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            _pad: 0,
+            flags,
             // SAFETY: no arguments; allowed in cgroup sock_addr programs.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
@@ -228,74 +299,75 @@ mod programs {
         }
     }
 
-    /// What a socket's destination should become, if anything.
-    #[derive(Clone, Copy)]
-    enum Redirect {
-        ToOutbound,
-        ToDns,
-    }
-
+    /// Shared by the connect and sendmsg hooks of both families: record the original
+    /// destination under the socket's cookie, then rewrite. If the record cannot be stored we
+    /// still redirect: the proxy then sees an unknown connection and refuses it, which is
+    /// louder than silently bypassing it.
     #[inline(always)]
-    fn decide(cfg: &RedirectConfig, to: Dest, protocol: u16, udp_only: bool) -> Option<Redirect> {
-        if !udp_only && protocol == IPPROTO_TCP && to.ip & cfg.vip_mask == cfg.vip_net {
-            return Some(Redirect::ToOutbound);
-        }
-        let dns_proto = protocol == IPPROTO_UDP || (!udp_only && protocol == IPPROTO_TCP);
-        let is_responder = to.ip == cfg.dns_ip && to.port == cfg.dns_port;
-        if dns_proto && to.port == DNS_PORT && !is_responder {
-            return Some(Redirect::ToDns);
-        }
-        None
-    }
-
-    /// Shared by connect4 and sendmsg4: record the original destination under the socket's
-    /// cookie, then rewrite. If the record cannot be stored we still redirect: the proxy then
-    /// sees an unknown connection and refuses it, which is louder than silently bypassing it.
-    #[inline(always)]
-    fn redirect(ctx: &SockAddrContext, udp_only: bool) {
+    fn redirect(ctx: &SockAddrContext, family: Family, udp_only: bool) {
         let Some(cfg) = config() else { return };
         if carries_skip_mark(ctx, cfg) || !in_agent_netns(cfg, ctx.as_ptr()) || !agent_alive() {
             return;
         }
-        let to = dest(ctx);
+        let cfg6 = config6();
+        let (to, port) = dest(ctx, family);
         let protocol = protocol(ctx);
-        let Some(decision) = decide(cfg, to, protocol, udp_only) else {
+        let Some(target) = rule::decide(cfg, cfg6, to, port, protocol, udp_only) else {
             return;
         };
-        let record = orig_dst(to, protocol);
-        let records = if protocol == IPPROTO_UDP {
-            &HMS_DNS_UDP_ORIG
-        } else {
-            &HMS_ORIG_BY_COOKIE
+        let Some((new, new_port)) = rule::target_addr(cfg, cfg6, to, target) else {
+            return;
         };
-        let _ = records.insert(socket_cookie(ctx), record, 0);
-        let new = match decision {
-            Redirect::ToOutbound => Dest {
-                ip: cfg.outbound_ip,
-                port: cfg.outbound_port,
-            },
-            Redirect::ToDns => Dest {
-                ip: cfg.dns_ip,
-                port: cfg.dns_port,
-            },
+        let cookie = socket_cookie(ctx);
+        let pid = match to {
+            Addr::V4(ip) => {
+                let record = orig_dst(ip, port, protocol, 0);
+                let records = if protocol == IPPROTO_UDP {
+                    &HMS_DNS_UDP_ORIG
+                } else {
+                    &HMS_ORIG_BY_COOKIE
+                };
+                let _ = records.insert(cookie, record, 0);
+                record.pid
+            }
+            Addr::V6(w) => {
+                let record = OrigDst6 {
+                    orig: orig_dst(w[3], port, protocol, ORIG_FLAG_V6),
+                    ip6: w,
+                };
+                let _ = HMS_ORIG6_BY_COOKIE.insert(cookie, record, 0);
+                record.orig.pid
+            }
         };
-        set_dest(ctx, new);
-        debug!(
-            ctx,
-            "hms: pid {} {:i}:{} -> {:i}:{}", record.pid, to.ip, to.port, new.ip, new.port
-        );
+        set_dest(ctx, family, new, new_port);
+        debug!(ctx, "hms: pid {} port {} -> port {}", pid, port, new_port);
     }
 
     #[cgroup_sock_addr(connect4)]
     pub fn hms_connect4(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, false);
+        redirect(&ctx, Family::Inet, false);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// `AF_INET6` sockets: dual-stack ones dialling mapped VIPs (JVMs, gRPC C-core, .NET do
+    /// this for every IPv4 address) and real IPv6 VIPs.
+    #[cgroup_sock_addr(connect6)]
+    pub fn hms_connect6(ctx: SockAddrContext) -> i32 {
+        redirect(&ctx, Family::Inet6, false);
         SOCK_ADDR_ALLOW
     }
 
     /// Unconnected UDP (sendto with an address). Connected UDP went through connect4 already.
     #[cgroup_sock_addr(sendmsg4)]
     pub fn hms_sendmsg4(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, true);
+        redirect(&ctx, Family::Inet, true);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// Unconnected UDP on `AF_INET6` sockets, to a mapped or real IPv6 resolver.
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn hms_sendmsg6(ctx: SockAddrContext) -> i32 {
+        redirect(&ctx, Family::Inet6, true);
         SOCK_ADDR_ALLOW
     }
 
@@ -303,28 +375,90 @@ mod programs {
     /// responder's address is swapped back for the one recorded at send time.
     #[cgroup_sock_addr(recvmsg4)]
     pub fn hms_recvmsg4(ctx: SockAddrContext) -> i32 {
-        restore_reply_source(&ctx);
+        restore_reply_source(&ctx, Family::Inet);
         SOCK_ADDR_ALLOW
     }
 
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn hms_recvmsg6(ctx: SockAddrContext) -> i32 {
+        restore_reply_source(&ctx, Family::Inet6);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// An app asking its connected socket who the peer is gets the VIP it dialled, not the
+    /// proxy's listener (clients log it, some compare it with what they resolved).
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn hms_getpeername4(ctx: SockAddrContext) -> i32 {
+        restore_peer(&ctx, Family::Inet);
+        SOCK_ADDR_ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn hms_getpeername6(ctx: SockAddrContext) -> i32 {
+        restore_peer(&ctx, Family::Inet6);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// Only sockets connected to the outbound listener by the redirect, found in `HMS_FLOWS`
+    /// (kept from established to close); an IPv6 VIP is rebuilt from the prefix and the
+    /// record's low 32 bits, which is what an IPv6 VIP is.
     #[inline(always)]
-    fn restore_reply_source(ctx: &SockAddrContext) {
+    fn restore_peer(ctx: &SockAddrContext, family: Family) {
         let Some(cfg) = config() else { return };
-        let from = dest(ctx);
-        if from.ip != cfg.dns_ip || from.port != cfg.dns_port || !in_agent_netns(cfg, ctx.as_ptr())
-        {
+        let cfg6 = config6();
+        let (peer, port) = dest(ctx, family);
+        let to_outbound = port == cfg.outbound_port
+            && match peer {
+                Addr::V4(ip) => ip == cfg.outbound_ip,
+                Addr::V6(w) => cfg6.is_some_and(|c6| w == c6.outbound_ip),
+            };
+        if !to_outbound || !in_agent_netns(cfg, ctx.as_ptr()) {
             return;
         }
-        // SAFETY: the value is copied out immediately; an LRU eviction racing with us can at
-        // worst give a stale record for this very cookie.
-        let Some(orig) = (unsafe { HMS_DNS_UDP_ORIG.get(socket_cookie(ctx)) }) else {
+        // SAFETY: copied out immediately (see restore_reply_source).
+        let Some(state) = (unsafe { HMS_FLOWS.get(socket_cookie(ctx)) }) else {
             return;
         };
-        let orig = Dest {
-            ip: orig.ip,
-            port: orig.port,
+        let orig = state.orig;
+        let dialled = if orig.flags & ORIG_FLAG_V6 != 0 {
+            let Some(c6) = cfg6 else { return };
+            Addr::V6([
+                c6.vip_prefix[0],
+                c6.vip_prefix[1],
+                c6.vip_prefix[2],
+                orig.ip,
+            ])
+        } else {
+            Addr::V4(orig.ip)
         };
-        set_dest(ctx, orig);
+        set_dest(ctx, family, dialled, orig.port);
+    }
+
+    #[inline(always)]
+    fn restore_reply_source(ctx: &SockAddrContext, family: Family) {
+        let Some(cfg) = config() else { return };
+        let cfg6 = config6();
+        let (from, port) = dest(ctx, family);
+        if !rule::is_responder(cfg, cfg6, from, port) || !in_agent_netns(cfg, ctx.as_ptr()) {
+            return;
+        }
+        let cookie = socket_cookie(ctx);
+        // SAFETY (both lookups): the value is copied out immediately; an LRU eviction racing
+        // with us can at worst give a stale record for this very cookie.
+        let (addr, port) = match from {
+            // The IPv4 responder answered: the query went to an IPv4 (or mapped) resolver.
+            Addr::V4(_) => match unsafe { HMS_DNS_UDP_ORIG.get(cookie) } {
+                Some(orig) => (Addr::V4(orig.ip), orig.port),
+                None => return,
+            },
+            Addr::V6(_) => match unsafe { HMS_ORIG6_BY_COOKIE.get(cookie) } {
+                Some(orig) if orig.orig.protocol == IPPROTO_UDP => {
+                    (Addr::V6(orig.ip6), orig.orig.port)
+                }
+                _ => return,
+            },
+        };
+        set_dest(ctx, family, addr, port);
     }
 
     /// A socket of the cgroup goes away: its DNS record (if it asked a resolver) goes with it.
@@ -335,6 +469,8 @@ mod programs {
         // SAFETY: bpf_get_socket_cookie takes the program's own context.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = HMS_DNS_UDP_ORIG.remove(&cookie);
+        // IPv6 resolvers' records (and any IPv6 TCP record never promoted) live here.
+        let _ = HMS_ORIG6_BY_COOKIE.remove(&cookie);
         SOCK_ADDR_ALLOW
     }
 
@@ -364,24 +500,69 @@ mod programs {
         unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
     }
 
+    /// Whether the socket speaks real IPv6. A dual-stack `AF_INET6` socket connected to a
+    /// mapped address runs IPv4 underneath: its `*_ip4` fields are the IPv4 addresses (the
+    /// kernel's `tcp_v4_connect` set them), so it is handled exactly like an `AF_INET` one.
+    #[inline(always)]
+    fn is_real_v6(ctx: &SockOpsContext) -> bool {
+        ctx.family() == AF_INET6 && matches!(Addr::from_v6_words(remote_ip6(ctx)), Addr::V6(_))
+    }
+
+    #[inline(always)]
+    fn remote_ip6(ctx: &SockOpsContext) -> [u32; 4] {
+        // SAFETY: valid context; each word is read with its own 4-byte width, as the verifier
+        // demands for ctx fields.
+        unsafe {
+            let ops = ctx.ops;
+            [
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).remote_ip6[0])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).remote_ip6[1])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).remote_ip6[2])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).remote_ip6[3])),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    fn local_ip6(ctx: &SockOpsContext) -> [u32; 4] {
+        // SAFETY: as remote_ip6.
+        unsafe {
+            let ops = ctx.ops;
+            [
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).local_ip6[0])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).local_ip6[1])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).local_ip6[2])),
+                byte_order::ip_from_kernel(core::ptr::read_volatile(&(*ops).local_ip6[3])),
+            ]
+        }
+    }
+
     /// The client side of a redirected connection is established: make its record findable by
     /// the proxy, start tracking it for the close record, and say it opened.
     #[inline(always)]
     fn on_established(ctx: &SockOpsContext) {
         let cookie = sock_ops_cookie(ctx);
-        // SAFETY: copied out immediately (see restore_reply_source).
-        let Some(orig) = (unsafe { HMS_ORIG_BY_COOKIE.get(cookie) }) else {
-            join_instance_leg(ctx);
-            return;
+        let (orig, flow, flags) = if is_real_v6(ctx) {
+            match promote_v6(ctx, cookie) {
+                Some(found) => found,
+                None => return,
+            }
+        } else {
+            // SAFETY: copied out immediately (see restore_reply_source).
+            let Some(orig) = (unsafe { HMS_ORIG_BY_COOKIE.get(cookie) }) else {
+                join_instance_leg(ctx);
+                return;
+            };
+            let orig = *orig;
+            let flow = promote_to_flow(ctx, cookie, &orig);
+            (orig, flow, flow_flags(&flow))
         };
-        let orig = *orig;
-        let flow = promote_to_flow(ctx, cookie, &orig);
         let state = FlowState {
             orig,
             flow,
             // SAFETY: no arguments; available to every program type.
             established_ns: unsafe { bpf_ktime_get_ns() },
-            flags: flow_flags(&flow),
+            flags,
             _pad: [0; 7],
         };
         if HMS_FLOWS.insert(cookie, state, 0).is_ok() {
@@ -393,7 +574,12 @@ mod programs {
             }
         }
         emit(ctx, FLOW_OPEN, 0, cookie, &state, 0, BypassBytes::default());
-        if state.flags & FLOW_FLAG_DNS == 0 && join_bypass(ctx) {
+        let joined = if state.flags & FLOW_FLAG_V6 != 0 {
+            join_bypass6(ctx)
+        } else {
+            join_bypass(ctx)
+        };
+        if state.flags & FLOW_FLAG_DNS == 0 && joined {
             let _ = HMS_BYPASS_BYTES.insert(flow, BypassBytes::default(), 0);
         }
     }
@@ -407,6 +593,16 @@ mod programs {
     #[inline(always)]
     fn on_proxy_accepted(ctx: &SockOpsContext) {
         let Some(cfg) = config() else { return };
+        if is_real_v6(ctx) {
+            // The proxy's end on its [::1] listener.
+            if let Some(c6) = config6() {
+                let key = sock_key6(ctx);
+                if key.local_ip == c6.outbound_ip && key.local_port == cfg.outbound_port {
+                    join_bypass6(ctx);
+                }
+            }
+            return;
+        }
         let key = sock_key(ctx);
         if key.local_ip == cfg.outbound_ip && key.local_port == cfg.outbound_port {
             join_bypass(ctx);
@@ -474,13 +670,48 @@ mod programs {
         HMS_SOCKS.update(key, ops as &mut bpf_sock_ops, 0).is_ok()
     }
 
+    #[inline(always)]
+    fn sock_key6(ctx: &SockOpsContext) -> SockKey6 {
+        SockKey6 {
+            // SAFETY: sock_ops programs may call bpf_get_netns_cookie with their context.
+            netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            local_ip: local_ip6(ctx),
+            remote_ip: remote_ip6(ctx),
+            local_port: byte_order::sock_ops_local_port(ctx.local_port()),
+            remote_port: byte_order::sock_ops_remote_port(ctx.remote_port()),
+            _pad: 0,
+        }
+    }
+
+    /// `join_bypass` for a real IPv6 socket, into `HMS_SOCKS6`.
+    #[inline(always)]
+    fn join_bypass6(ctx: &SockOpsContext) -> bool {
+        match config() {
+            Some(cfg) if cfg.sk_msg_bypass != 0 => {}
+            _ => return false,
+        }
+        let key = sock_key6(ctx);
+        // SAFETY: `ops` is this invocation's valid context, which the helper takes as is.
+        let ops = unsafe { &mut *ctx.ops };
+        HMS_SOCKS6.update(key, ops as &mut bpf_sock_ops, 0).is_ok()
+    }
+
     /// Runs on every send of a socket in `HMS_SOCKS`: the bytes go straight into the peer
     /// socket's receive queue. Must never drop: a peer that is not in the map (one end joined,
     /// the other could not) means "send it through TCP as usual".
     #[sk_msg]
     pub fn hms_sk_msg(ctx: SkMsgContext) -> u32 {
-        // SAFETY: the kernel hands every sk_msg program a valid `sk_msg_md`; each field is read
-        // with its own width, as the verifier demands for ctx fields.
+        // SAFETY: the kernel hands every sk_msg program a valid `sk_msg_md`.
+        let family = unsafe { core::ptr::read_volatile(&(*ctx.msg).family) };
+        if family == AF_INET6 {
+            let key6 = sk_msg_key6(&ctx);
+            // Dual-stack sockets talking IPv4 (mapped) are keyed by their IPv4 addresses in
+            // HMS_SOCKS, as sock_ops put them there.
+            if matches!(Addr::from_v6_words(key6.remote_ip), Addr::V6(_)) {
+                return sk_msg_v6(&ctx, &key6);
+            }
+        }
+        // SAFETY: each field is read with its own width, as the verifier demands.
         let key = unsafe {
             let md = ctx.msg;
             SockKey {
@@ -510,6 +741,69 @@ mod programs {
         SK_PASS
     }
 
+    #[inline(always)]
+    fn sk_msg_key6(ctx: &SkMsgContext) -> SockKey6 {
+        // SAFETY: valid context; each word is read with its own 4-byte width.
+        unsafe {
+            let md = ctx.msg;
+            let w = |p: *const u32| byte_order::ip_from_kernel(core::ptr::read_volatile(p));
+            SockKey6 {
+                // The sender's namespace: its peer in HMS_SOCKS6 must be in the same one.
+                netns: bpf_get_netns_cookie(ctx.as_ptr()),
+                local_ip: [
+                    w(&(*md).local_ip6[0]),
+                    w(&(*md).local_ip6[1]),
+                    w(&(*md).local_ip6[2]),
+                    w(&(*md).local_ip6[3]),
+                ],
+                remote_ip: [
+                    w(&(*md).remote_ip6[0]),
+                    w(&(*md).remote_ip6[1]),
+                    w(&(*md).remote_ip6[2]),
+                    w(&(*md).remote_ip6[3]),
+                ],
+                local_port: byte_order::sock_ops_local_port(core::ptr::read_volatile(
+                    &(*md).local_port,
+                )),
+                remote_port: byte_order::sock_ops_remote_port(core::ptr::read_volatile(
+                    &(*md).remote_port,
+                )),
+                _pad: 0,
+            }
+        }
+    }
+
+    /// The IPv6 half of `hms_sk_msg`: the same move through `HMS_SOCKS6`, and the same
+    /// counters (the connection's `HMS_BYPASS_BYTES` key holds the addresses' low 32 bits,
+    /// as its flow record does).
+    #[inline(always)]
+    fn sk_msg_v6(ctx: &SkMsgContext, key: &SockKey6) -> u32 {
+        let size = u64::from(ctx.size());
+        if HMS_SOCKS6.redirect_msg(ctx, key.peer(), u64::from(BPF_F_INGRESS)) == SK_PASS as i64 {
+            count(sk_msg_stat::REDIRECTED, 1);
+            count(sk_msg_stat::REDIRECTED_BYTES, size);
+            if let (Some(cfg), Some(c6)) = (config(), config6()) {
+                let from_proxy =
+                    key.local_ip == c6.outbound_ip && key.local_port == cfg.outbound_port;
+                let app = if from_proxy { key.peer() } else { *key };
+                add_flow_bytes(
+                    FlowKey {
+                        client_ip: app.local_ip[3],
+                        listener_ip: app.remote_ip[3],
+                        client_port: app.local_port,
+                        listener_port: app.remote_port,
+                        _pad: 0,
+                    },
+                    from_proxy,
+                    size,
+                );
+            }
+        } else {
+            count(sk_msg_stat::PASSED, 1);
+        }
+        SK_PASS
+    }
+
     /// Adds a bypassed send to its connection's `HMS_BYPASS_BYTES` entry, found by the app
     /// side's 4-tuple: the sender's own key when the app sent, the peer's when the proxy did.
     #[inline(always)]
@@ -524,6 +818,11 @@ mod programs {
             listener_port: app.remote_port,
             _pad: 0,
         };
+        add_flow_bytes(flow, from_proxy, size);
+    }
+
+    #[inline(always)]
+    fn add_flow_bytes(flow: FlowKey, from_proxy: bool, size: u64) {
         if let Some(bytes) = HMS_BYPASS_BYTES.get_ptr_mut(&flow) {
             // SAFETY: a live map value. Not atomic: each direction is only ever written by
             // sends on one socket, which the kernel serializes under that socket's lock.
@@ -562,6 +861,43 @@ mod programs {
             let _ = HMS_ORIG_BY_COOKIE.remove(cookie);
         }
         key
+    }
+
+    /// `promote_to_flow` for a socket that dialled a real IPv6 VIP or resolver: the record
+    /// moves to the IPv6 4-tuple the proxy's IPv6 listener rebuilds. The flow record carries
+    /// the low 32 bits of both addresses and `FLOW_FLAG_V6`.
+    #[inline(always)]
+    fn promote_v6(ctx: &SockOpsContext, cookie: u64) -> Option<(OrigDst, FlowKey, u8)> {
+        // SAFETY: copied out immediately (see restore_reply_source).
+        let orig6 = *unsafe { HMS_ORIG6_BY_COOKIE.get(cookie) }?;
+        let (local, remote) = (local_ip6(ctx), remote_ip6(ctx));
+        let client_port = byte_order::sock_ops_local_port(ctx.local_port());
+        let listener_port = byte_order::sock_ops_remote_port(ctx.remote_port());
+        let key = FlowKey6 {
+            client_ip: local,
+            listener_ip: remote,
+            client_port,
+            listener_port,
+            _pad: 0,
+        };
+        if HMS_ORIG6_BY_FLOW.insert(key, orig6, 0).is_ok() && orig6.orig.protocol == IPPROTO_TCP {
+            let _ = HMS_ORIG6_BY_COOKIE.remove(cookie);
+        }
+        let flow = FlowKey {
+            client_ip: local[3],
+            listener_ip: remote[3],
+            client_port,
+            listener_port,
+            _pad: 0,
+        };
+        let to_dns = match (config(), config6()) {
+            (Some(cfg), Some(_)) => {
+                rule::is_responder(cfg, config6(), Addr::V6(remote), listener_port)
+            }
+            _ => false,
+        };
+        let flags = FLOW_FLAG_V6 | if to_dns { FLOW_FLAG_DNS } else { 0 };
+        Some((orig6.orig, flow, flags))
     }
 
     /// DNS over TCP lands on the DNS responder, everything else on the outbound listener.

@@ -5,6 +5,7 @@
 //! restart, and `hms-node-agent cleanup` is what removes it.
 
 use std::collections::HashMap;
+use std::net::{Ipv6Addr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::listeners::DataListeners;
 use crate::mesh_identity::MeshIdentity;
 use crate::metrics::Metrics;
 use crate::proxy::Outbound;
-use crate::redirect::{RedirectOptions, Redirector};
+use crate::redirect::{RedirectOptions, RedirectOptions6, Redirector};
 use crate::registry::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use crate::tap::TapHub;
 
@@ -116,6 +117,11 @@ pub async fn run(
             dns: config.dns,
             skip_mark: config.dns_mark,
             sk_msg_bypass: config.sk_msg_bypass,
+            v6: listeners.v6.as_ref().map(|_| RedirectOptions6 {
+                vip_prefix: config.vip6_prefix.0,
+                outbound: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.outbound.port(), 0, 0),
+                dns: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.dns.port(), 0, 0),
+            }),
         })
         .context("setting up the eBPF redirect")?,
     );
@@ -137,6 +143,7 @@ pub async fn run(
         cgroup: config.cgroup.display().to_string(),
         pin_dir: config.pin_dir.display().to_string(),
         vip_cidr: config.vip_cidr.to_string(),
+        vip6_range: described.vip6_range.clone(),
         adopted: described.adopted,
         programs: described
             .hooks
@@ -171,6 +178,7 @@ pub async fn run(
         stats: Default::default(),
         caps: caps.clone(),
         local_only: (!config.dns.ip().is_loopback()).then(crate::dns::LocalClients::default),
+        vip6_prefix: listeners.v6.as_ref().map(|_| config.vip6_prefix.0),
     });
     let admin = Arc::new(Admin {
         store: store.clone(),
@@ -200,6 +208,11 @@ pub async fn run(
     tasks.spawn(outbound.clone().serve(listeners.outbound, drain.clone()));
     tasks.spawn(dns.clone().serve_udp(listeners.dns_udp, drain.clone()));
     tasks.spawn(dns.clone().serve_tcp(listeners.dns_tcp, drain.clone()));
+    if let Some(v6) = listeners.v6 {
+        tasks.spawn(outbound.clone().serve(v6.outbound, drain.clone()));
+        tasks.spawn(dns.clone().serve_udp(v6.dns_udp, drain.clone()));
+        tasks.spawn(dns.clone().serve_tcp(v6.dns_tcp, drain.clone()));
+    }
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
     tasks.spawn(crate::metrics::serve(
         metrics.clone(),

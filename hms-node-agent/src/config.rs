@@ -3,7 +3,7 @@
 //! validation of settings; never opens sockets or files other than the config file.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -96,6 +96,16 @@ pub struct RunArgs {
     /// the measurements [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub sk_msg_bypass: Option<bool>,
+    /// Serve IPv6 callers: AAAA answers from --vip6-prefix, listeners on [::1] (same ports as
+    /// --outbound and --dns), the prefix routed to loopback. On a host with IPv6 disabled the
+    /// agent says so once and serves IPv4 only [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ipv6: Option<bool>,
+    /// The IPv6 VIP range, a /96 (not `::ffff:0:0/96`): a service's IPv6 VIP is this prefix
+    /// followed by its IPv4 VIP, so every host agrees [default: fd48:4d53::/96].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_from_str")]
+    pub vip6_prefix: Option<Ipv6Prefix96>,
 }
 
 fn parse_u32_auto(s: &str) -> Result<u32, String> {
@@ -141,6 +151,8 @@ impl RunArgs {
             join_token: self.join_token.or(base.join_token),
             log_format: self.log_format.or(base.log_format),
             sk_msg_bypass: self.sk_msg_bypass.or(base.sk_msg_bypass),
+            ipv6: self.ipv6.or(base.ipv6),
+            vip6_prefix: self.vip6_prefix.or(base.vip6_prefix),
         }
     }
 }
@@ -167,6 +179,8 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     pub log_format: LogFormat,
     pub sk_msg_bypass: bool,
+    pub ipv6: bool,
+    pub vip6_prefix: Ipv6Prefix96,
 }
 
 impl AgentConfig {
@@ -214,6 +228,8 @@ impl AgentConfig {
             join_token: args.join_token,
             log_format: args.log_format.unwrap_or_default(),
             sk_msg_bypass: args.sk_msg_bypass.unwrap_or(true),
+            ipv6: args.ipv6.unwrap_or(true),
+            vip6_prefix: args.vip6_prefix.unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -283,6 +299,62 @@ fn hostname() -> String {
         "node".into()
     } else {
         label.chars().take(63).collect()
+    }
+}
+
+/// The IPv6 VIP range: a /96 whose low 32 bits are filled with the service's IPv4 VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Prefix96(pub Ipv6Addr);
+
+/// "HMS" in ASCII after the ULA `fd`: unique-local space, never routed beyond a site, and
+/// the agent routes it to loopback on top.
+pub const DEFAULT_VIP6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd48, 0x4d53, 0, 0, 0, 0, 0, 0);
+
+impl Default for Ipv6Prefix96 {
+    fn default() -> Self {
+        Ipv6Prefix96(DEFAULT_VIP6_PREFIX)
+    }
+}
+
+impl Ipv6Prefix96 {
+    /// The IPv6 VIP of the service whose IPv4 VIP is `vip`.
+    pub fn vip6(&self, vip: Ipv4Addr) -> Ipv6Addr {
+        let mut b = self.0.octets();
+        b[12..].copy_from_slice(&vip.octets());
+        Ipv6Addr::from(b)
+    }
+}
+
+impl fmt::Display for Ipv6Prefix96 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/96", self.0)
+    }
+}
+
+impl FromStr for Ipv6Prefix96 {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a prefix; write it like fd48:4d53::/96"))?;
+        if len != "96" {
+            return Err(format!(
+                "`{s}`: the IPv6 VIP range must be a /96 (its low 32 bits carry the IPv4 VIP)"
+            ));
+        }
+        let addr: Ipv6Addr = addr
+            .parse()
+            .map_err(|e| format!("`{addr}` is not an IPv6 address: {e}"))?;
+        let mut b = addr.octets();
+        b[12..].fill(0);
+        let net = Ipv6Addr::from(b);
+        if net.to_ipv4_mapped().is_some() || net.is_unspecified() || net.is_loopback() {
+            return Err(format!(
+                "`{s}` overlaps IPv4-mapped, unspecified or loopback space; pick a unique-local \
+                 /96 such as fd48:4d53::/96"
+            ));
+        }
+        Ok(Ipv6Prefix96(net))
     }
 }
 
@@ -471,5 +543,23 @@ mod tests {
             RegistryUrl::Etcd(vec!["10.0.0.1:2379".into(), "10.0.0.2:2379".into()])
         );
         assert!("consul://x".parse::<RegistryUrl>().is_err());
+    }
+
+    #[test]
+    fn the_ipv6_vip_prefix_is_a_unique_local_96_and_carries_the_ipv4_vip() {
+        let p: Ipv6Prefix96 = "fd48:4d53::/96".parse().unwrap();
+        assert_eq!(p, Ipv6Prefix96::default());
+        assert_eq!(
+            p.vip6(Ipv4Addr::new(127, 77, 3, 4)),
+            "fd48:4d53::7f4d:304".parse::<Ipv6Addr>().unwrap()
+        );
+        // Host bits are dropped, like an IPv4 CIDR's.
+        assert_eq!(
+            "fd00:1::9/96".parse::<Ipv6Prefix96>().unwrap().to_string(),
+            "fd00:1::/96"
+        );
+        for bad in ["fd48::/64", "fd48::", "::ffff:0:0/96", "::/96", "nope/96"] {
+            assert!(bad.parse::<Ipv6Prefix96>().is_err(), "{bad}");
+        }
     }
 }

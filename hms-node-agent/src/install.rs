@@ -223,6 +223,16 @@ const KEYS: &[Key] = &[
         doc: "App <-> proxy bytes through sk_msg/sockhash instead of loopback TCP, when the agent runs inside the redirected cgroup (docs/bench.md).",
         default: "true",
     },
+    Key {
+        name: "ipv6",
+        doc: "Serve IPv6 callers: AAAA answers, listeners on [::1] (the IPv4 listeners' ports), the IPv6 VIP range routed to loopback.",
+        default: "true",
+    },
+    Key {
+        name: "vip6-prefix",
+        doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
+        default: "fd48:4d53::/96",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -252,6 +262,8 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
             .log_format
             .map(|f| s(format!("{f:?}").to_ascii_lowercase())),
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
+        "ipv6" => args.ipv6.map(|b| b.to_string()),
+        "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
         _ => None,
     }
 }
@@ -830,7 +842,20 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
     }
     w.link(SVC_LINK, "hms-ctl")?;
     let old_hash = w.old.hash_of(CONFIG_PATH);
-    let action = w.file(CONFIG_PATH, config_text.as_bytes(), 0o644)?;
+    // A join token is a secret: a config that holds one is readable by root only (and stays
+    // so when an unchanged file is kept).
+    let config_mode = if settings.join_token.is_some() {
+        0o600
+    } else {
+        0o644
+    };
+    let action = w.file(CONFIG_PATH, config_text.as_bytes(), config_mode)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = under(root, CONFIG_PATH);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config_mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
     changed |= action == FileAction::Wrote;
     if config_action == Some(FileAction::Kept) {
         // An existing config left as it is: edited by the user unless it is what install
@@ -1103,6 +1128,19 @@ fn purge_state(
         );
     }
     let full = under(root, &state.to_string_lossy());
+    // The mesh's CA keys are never lost to a purge: on the CA's host they move to a backup
+    // directory first, and the report says where (purging the last copy of the root keys
+    // would end every host's trust in the mesh).
+    let ca = full.join(crate::identity::CA_DIR);
+    if ca.is_dir() {
+        let kept = backup_ca(root, &ca)?;
+        report.notes.push(format!(
+            "kept the mesh CA's keys (this host is the CA) at {kept}: move them back to \
+             {}/{} to restore, or delete them yourself once another host holds the CA",
+            state.display(),
+            crate::identity::CA_DIR
+        ));
+    }
     match std::fs::remove_dir_all(&full) {
         Ok(()) => report.removed.push(format!("{}/", state.display())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1120,6 +1158,54 @@ fn purge_state(
         && std::fs::remove_dir(under(root, &dir.to_string_lossy())).is_ok()
     {
         report.removed.push(format!("{}/", dir.display()));
+    }
+    Ok(())
+}
+
+/// Where a purge moves the CA's directory: `/var/backups/hms-ca-<unix seconds>`, mode 0700.
+const CA_BACKUP_DIR: &str = "/var/backups";
+
+/// Moves the CA directory `ca` into a new backup directory (under `root`); its path as the
+/// host sees it.
+fn backup_ca(root: &Path, ca: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let parent = under(root, CA_BACKUP_DIR);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let (mut name, mut n) = (format!("hms-ca-{stamp}"), 1);
+    while parent.join(&name).exists() {
+        name = format!("hms-ca-{stamp}-{n}");
+        n += 1;
+    }
+    let dest = parent.join(&name);
+    if std::fs::rename(ca, &dest).is_err() {
+        // Another file system: copy, then the purge removes the original with the state.
+        copy_tree(ca, &dest).with_context(|| {
+            format!(
+                "backing up the CA from {} to {}",
+                ca.display(),
+                dest.display()
+            )
+        })?;
+    }
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dest.display()))?;
+    Ok(format!("{CA_BACKUP_DIR}/{name}"))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dst = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &dst)?;
+        } else {
+            std::fs::copy(entry.path(), &dst)?;
+        }
     }
     Ok(())
 }
@@ -1255,6 +1341,9 @@ mod tests {
             "--dns-allow-remote",
             "--advertise",
             "10.0.0.7:25008",
+            "--ipv6=false",
+            "--vip6-prefix",
+            "fd00:1234::/96",
         ]);
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
@@ -1270,6 +1359,8 @@ mod tests {
         assert_eq!(back.dns_mark, Some(0x1234));
         assert_eq!(back.inbound, Some("[::]:25008".parse().unwrap()));
         assert_eq!(back.sk_msg_bypass, Some(false));
+        assert_eq!(back.ipv6, Some(false));
+        assert_eq!(back.vip6_prefix, Some("fd00:1234::/96".parse().unwrap()));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! dials an instance (the HTTP pool, opaque TCP, tunnels from other hosts, health checks);
 //! a global avoids threading it through each of their constructors.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -34,8 +34,28 @@ pub fn set_mark(mark: u32) {
 
 /// Connects to an instance, with the agent's mark on the socket. A mark the kernel refuses
 /// (no CAP_NET_ADMIN) only costs the bypass of this connection, so it is not an error.
+///
+/// Instances are registered as `127.0.0.1:PORT`; one that listens on `[::1]:PORT` only (many
+/// servers bind `localhost`, which may resolve to `::1` first) is reached there when
+/// 127.0.0.1 refuses. Refusal on loopback is immediate, so this costs nothing when the
+/// instance is down, and the IPv4 error is the one reported.
 pub async fn connect(addr: impl Into<SocketAddr>) -> std::io::Result<TcpStream> {
     let addr = addr.into();
+    match connect_once(addr).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && is_v4_loopback(&addr) => {
+            connect_once(SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port())))
+                .await
+                .map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
+fn is_v4_loopback(addr: &SocketAddr) -> bool {
+    matches!(addr, SocketAddr::V4(a) if *a.ip() == std::net::Ipv4Addr::LOCALHOST)
+}
+
+async fn connect_once(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -73,5 +93,23 @@ mod tests {
             assert_eq!(mark, 0x4853);
         }
         set_mark(0);
+    }
+
+    #[tokio::test]
+    async fn an_instance_on_ipv6_loopback_only_is_reached_by_its_ipv4_registration() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = connect(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect falls back to [::1]");
+        assert_eq!(
+            stream.peer_addr().unwrap(),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+        );
+        drop(listener);
+        let err = connect(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

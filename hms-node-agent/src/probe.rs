@@ -128,6 +128,24 @@ pub fn run(cgroup: Option<&Path>, pin_dir: &Path) -> Vec<FeatureCheck> {
         BPF_CGROUP_UDP4_RECVMSG,
         bpf_ok,
     );
+    // AF_INET6 sockets: dual-stack callers of IPv4 VIPs (JVMs, gRPC C-core) and IPv6 ones.
+    for (name, min_kernel, attach_type) in [
+        ("cgroup/connect6 hook", "4.17", BPF_CGROUP_INET6_CONNECT),
+        ("cgroup/sendmsg6 hook", "4.18", BPF_CGROUP_UDP6_SENDMSG),
+        ("cgroup/recvmsg6 hook", "5.2", BPF_CGROUP_UDP6_RECVMSG),
+        (
+            "cgroup/getpeername4 hook",
+            "5.8",
+            BPF_CGROUP_INET4_GETPEERNAME,
+        ),
+        (
+            "cgroup/getpeername6 hook",
+            "5.8",
+            BPF_CGROUP_INET6_GETPEERNAME,
+        ),
+    ] {
+        sock_addr_hook(&mut checks, name, min_kernel, attach_type, bpf_ok);
+    }
     checks.push(sock_ops(bpf_ok));
     checks.push(ringbuf(bpf_ok));
     checks.push(sk_msg(bpf_ok));
@@ -513,6 +531,11 @@ const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
 /// `union bpf_attr`, large enough for every command used here; unused bytes stay zero, which
 /// is what the kernel requires of them.

@@ -155,7 +155,7 @@ impl TapHeaders {
 #[derive(Default)]
 pub struct TapHub {
     recent: Mutex<HashMap<String, VecDeque<Arc<Recorded>>>>,
-    http_flows: Mutex<std::collections::HashSet<std::net::SocketAddrV4>>,
+    http_flows: Mutex<std::collections::HashSet<std::net::SocketAddr>>,
     subscribers: Mutex<Vec<Subscriber>>,
     /// Events all subscribers together lost, for metrics.
     pub lost_total: AtomicU64,
@@ -255,7 +255,7 @@ impl TapHub {
     }
 
     /// The proxy saw HTTP on the connection from `client`.
-    pub fn mark_http_flow(&self, client: std::net::SocketAddrV4) {
+    pub fn mark_http_flow(&self, client: std::net::SocketAddr) {
         let mut flows = self.http_flows.lock().unwrap_or_else(|p| p.into_inner());
         if flows.len() >= MAX_HTTP_FLOWS {
             flows.clear();
@@ -264,7 +264,7 @@ impl TapHub {
     }
 
     /// Whether the connection from `client` carried HTTP; forgets it (its close arrived).
-    pub fn take_http_flow(&self, client: std::net::SocketAddrV4) -> bool {
+    pub fn take_http_flow(&self, client: std::net::SocketAddr) -> bool {
         self.http_flows
             .lock()
             .unwrap_or_else(|p| p.into_inner())

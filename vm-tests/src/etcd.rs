@@ -4,7 +4,7 @@
 //! data directory's parent and is printed when a start fails.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -23,22 +23,22 @@ pub struct Etcd {
     child: Option<Child>,
     /// Network namespace and address it serves on (a `TestNet` host), else loopback here.
     netns: Option<String>,
-    ip: Ipv4Addr,
+    ip: IpAddr,
 }
 
 impl Etcd {
     /// Starts a fresh single-member etcd. Fails (does not skip) when the binary is missing:
     /// `cargo xtask setup` installs it.
     pub fn start() -> anyhow::Result<Etcd> {
-        Self::start_at(None, Ipv4Addr::LOCALHOST)
+        Self::start_at(None, Ipv4Addr::LOCALHOST.into())
     }
 
     /// Like [`Etcd::start`], inside network namespace `netns`, serving on `ip`.
-    pub fn start_in(netns: &str, ip: Ipv4Addr) -> anyhow::Result<Etcd> {
+    pub fn start_in(netns: &str, ip: IpAddr) -> anyhow::Result<Etcd> {
         Self::start_at(Some(netns.to_string()), ip)
     }
 
-    fn start_at(netns: Option<String>, ip: Ipv4Addr) -> anyhow::Result<Etcd> {
+    fn start_at(netns: Option<String>, ip: IpAddr) -> anyhow::Result<Etcd> {
         let mut etcd = Etcd {
             dir: tempfile::Builder::new()
                 .prefix("hms-etcd-")
@@ -54,9 +54,9 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// `IP:PORT`, what `--registry etcd://` takes.
+    /// `IP:PORT` (`[IPv6]:PORT`), what `--registry etcd://` takes.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}", self.ip, self.client_port)
+        SocketAddr::new(self.ip, self.client_port).to_string()
     }
 
     /// Kills the server (like a crash) and waits for it to exit; the data stays.
@@ -72,8 +72,8 @@ impl Etcd {
         if self.child.is_some() {
             return Ok(());
         }
-        let client = format!("http://{}:{}", self.ip, self.client_port);
-        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let client = format!("http://{}", SocketAddr::new(self.ip, self.client_port));
+        let peer = format!("http://{}", SocketAddr::new(self.ip, self.peer_port));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -33,15 +33,27 @@ impl Health for FlakyHealth {
         }))
     }
 
-    type WatchStream = tokio_stream::Empty<Result<HealthCheckResponse, Status>>;
+    type WatchStream = tokio_stream::Iter<std::vec::IntoIter<Result<HealthCheckResponse, Status>>>;
 
+    /// Server streaming: `WATCH_MESSAGES` SERVING answers, then the stream ends (tests check
+    /// every message of a streamed answer crossed the mesh).
     async fn watch(
         &self,
         _request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("watch is not part of these tests"))
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let serving = HealthCheckResponse {
+            status: health_check_response::ServingStatus::Serving as i32,
+        };
+        Ok(Response::new(tokio_stream::iter(vec![
+            Ok(serving);
+            WATCH_MESSAGES
+        ])))
     }
 }
+
+/// How many messages a `Watch` call streams.
+pub const WATCH_MESSAGES: usize = 3;
 
 pub struct GrpcBackend {
     pub addr: SocketAddrV4,

@@ -89,7 +89,15 @@ impl Mesh {
     // No `Default`: building a mesh starts namespaces, etcd and three agents.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Mesh {
-        let net = TestNet::new(3).expect("test network");
+        Self::on(TestNet::new(3).expect("test network"))
+    }
+
+    /// The same mesh on links that carry IPv6 only (etcd, :15008 and the tunnels over IPv6).
+    pub fn ipv6_only() -> Mesh {
+        Self::on(TestNet::ipv6_only(3).expect("IPv6-only test network"))
+    }
+
+    fn on(net: TestNet) -> Mesh {
         let etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).expect("etcd");
         let registry = format!("etcd://{}", etcd.endpoint());
         let mut cgs = Vec::new();
@@ -100,7 +108,7 @@ impl Mesh {
                 "--registry".to_string(),
                 registry.clone(),
                 "--inbound".into(),
-                format!("{}:15008", net.hosts[i].addr),
+                std::net::SocketAddr::new(net.hosts[i].addr, 15008).to_string(),
                 "--node-name".into(),
                 name.to_string(),
             ];

@@ -2,9 +2,11 @@
 //! per host joined to it by a veth pair, each with loopback up and an address in a private
 //! test subnet that exists only inside these namespaces. Nothing is configured in the
 //! caller's own namespace, so traffic can never leave the machine. Dropping the network
-//! deletes every namespace it made (which also removes their interfaces).
+//! deletes every namespace it made (which also removes their interfaces). The links carry
+//! IPv4 (`new`) or IPv6 only (`ipv6_only`: no IPv4 address on any link; loopback keeps
+//! 127.0.0.1 and ::1 as on every host).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -19,7 +21,8 @@ pub struct TestNet {
 pub struct TestHost {
     /// The namespace name (`ip netns exec NAME ...`).
     pub netns: String,
-    pub addr: Ipv4Addr,
+    /// The host's address on its link (10.98.0.i, or fd98::i on an IPv6-only network).
+    pub addr: IpAddr,
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -40,6 +43,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl TestNet {
     /// `n` hosts with addresses 10.98.0.1 .. 10.98.0.n/24.
     pub fn new(n: usize) -> anyhow::Result<TestNet> {
+        Self::build(n, false)
+    }
+
+    /// `n` hosts with addresses fd98::1 .. fd98::n/64 and no IPv4 on their links.
+    pub fn ipv6_only(n: usize) -> anyhow::Result<TestNet> {
+        Self::build(n, true)
+    }
+
+    fn build(n: usize, ipv6: bool) -> anyhow::Result<TestNet> {
         let tag = format!("hms{}x{}", std::process::id() % 100_000, ports::unique());
         let switch = format!("{tag}-sw");
         let mut net = TestNet {
@@ -52,9 +64,14 @@ impl TestNet {
         for i in 1..=n {
             let netns = format!("{tag}-h{i}");
             ip(&["netns", "add", &netns])?;
+            let addr = if ipv6 {
+                IpAddr::V6(Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, i as u16))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(10, 98, 0, i as u8))
+            };
             net.hosts.push(TestHost {
                 netns: netns.clone(),
-                addr: Ipv4Addr::new(10, 98, 0, i as u8),
+                addr,
             });
             // Create the pair inside the switch namespace, then move one end to the host.
             let (sw_end, host_end) = (format!("s{i}"), format!("h{i}"));
@@ -66,15 +83,14 @@ impl TestNet {
             ip(&["-n", &switch, "link", "set", &sw_end, "up"])?;
             ip(&["-n", &netns, "link", "set", "lo", "up"])?;
             ip(&["-n", &netns, "link", "set", &host_end, "name", "eth0"])?;
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("10.98.0.{i}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            if ipv6 {
+                // nodad: usable at once instead of after duplicate address detection.
+                let cidr = format!("{addr}/64");
+                ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+            } else {
+                let cidr = format!("{addr}/24");
+                ip(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"])?;
+            }
             ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         }
         Ok(net)
@@ -87,6 +103,14 @@ impl TestNet {
 }
 
 impl TestHost {
+    /// The host's IPv4 address; panics on an IPv6-only network.
+    pub fn ipv4(&self) -> Ipv4Addr {
+        match self.addr {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => panic!("host {} is IPv6-only ({a})", self.netns),
+        }
+    }
+
     /// A command that runs inside this host's namespace.
     pub fn command(&self, name: &str) -> Command {
         crate::tools::in_netns(&self.netns, name)

@@ -339,6 +339,49 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     let out = agent_ok(&["uninstall", "--root", r, "--purge"]);
     assert_eq!(walk(root.path()), ["var/", "var/lib/"], "{out}");
 
+    // A join token is a secret: the config holding it is root's alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    agent_ok(&["install", "--root", r, "--node-name", "node-t"]);
+    assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o644);
+    agent_ok(&[
+        "install",
+        "--root",
+        r,
+        "--node-name",
+        "node-t",
+        "--join-token",
+        "hms1.secret",
+        "--force",
+    ]);
+    assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o600);
+    agent_ok(&["uninstall", "--root", r, "--purge"]);
+
+    // On the CA's host, a purge keeps the CA's keys: moved to a backup it names, 0700.
+    agent_ok(&["install", "--root", r, "--node-name", "node-ca"]);
+    let ca = root.path().join("var/lib/hms/ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    std::fs::write(ca.join("root-key.pem"), "the only copy").unwrap();
+    let out = agent_ok(&["uninstall", "--root", r, "--purge"]);
+    let backups: Vec<String> = walk(root.path())
+        .into_iter()
+        .filter(|p| p.starts_with("var/backups/hms-ca-"))
+        .collect();
+    assert_eq!(
+        backups.len(),
+        2,
+        "a directory and the key: {backups:?}\n{out}"
+    );
+    let kept = root.path().join(&backups[1]);
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "the only copy");
+    assert_eq!(mode(kept.parent().unwrap()), 0o700);
+    let named = format!("/{}", backups[0].trim_end_matches('/'));
+    assert!(
+        out.contains(&named) && out.contains("kept the mesh CA's keys"),
+        "the purge says where the keys went ({named}):\n{out}"
+    );
+    assert!(!root.path().join("var/lib/hms").exists(), "{out}");
+
     // Nothing attached, nothing pinned, and the programs themselves are gone.
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     assert!(attached_ids(cg.path()).is_empty());

@@ -173,3 +173,77 @@ fn a_dead_hosts_instances_vanish_within_the_lease_ttl_and_calls_go_to_the_other_
     assert_eq!(failures, 0, "calls kept succeeding via host-b");
     assert!(b.seen().contains("GET /sms"));
 }
+
+#[test]
+fn over_ipv6_only_links_a_client_on_c_reaches_instances_on_a_and_b_through_the_tunnels() {
+    let m = Mesh::ipv6_only();
+    // No IPv4 on any link: etcd, :15008 and the tunnels can only be using IPv6.
+    for h in &m.net.hosts {
+        let o = h
+            .command("ip")
+            .args(["-4", "-o", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "", "{}", h.netns);
+    }
+    let _a = Backend::start(&m.net, 0, "payments-svc", 7000, m.dir.path());
+    let _b = Backend::start(&m.net, 1, "payments-svc", 7000, m.dir.path());
+    m.deploy(0, "name: payments-svc\nport: 7000\n");
+    m.deploy(1, "name: payments-svc\nport: 7000\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = m.agents[2].ctl_json(&["describe", "payments-svc"]).unwrap();
+        if d["instances"].as_array().is_some_and(|i| i.len() == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = m.agents[2].ctl_json(&["status"]).unwrap();
+    for p in s["peers"].as_array().unwrap() {
+        assert!(
+            p["inbound"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("[fd98::")),
+            "peers are reached over IPv6: {s}"
+        );
+    }
+    // Both hosts answer through the mesh (python starts in the background, and the balancer
+    // may favour one host for a while): bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = std::collections::HashSet::new();
+    while ready.len() < 2 {
+        let o = m.curl(2, &["http://payments-svc.svc/ready"]);
+        let body = String::from_utf8_lossy(&o.stdout).to_string();
+        if body.starts_with("payments-svc on host-") {
+            ready.insert(body.split_whitespace().nth(2).unwrap().to_string());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backends not ready: {}",
+            text(&o)
+        );
+    }
+    // The client itself by IPv4 and by IPv6 (-4/-6 pick the VIP's family on C).
+    for n in 0..20 {
+        let family = if n % 2 == 0 { "-4" } else { "-6" };
+        let o = m.curl(2, &[family, "http://payments-svc.svc/pay"]);
+        let body = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            body.starts_with("payments-svc on host-"),
+            "{family}: {}\nC:\n{}",
+            text(&o),
+            m.agents[2].log()
+        );
+    }
+    let tunnels: Vec<String> = m.agents[2].ctl_json(&["status"]).unwrap()["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["tunnel"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        tunnels.iter().all(|t| t.starts_with("connected")),
+        "{tunnels:?}"
+    );
+}

@@ -147,7 +147,7 @@ fn try_peer_connection(addr: SocketAddrV4, config: Arc<ClientConfig>) -> Result<
 #[test]
 fn a_connection_to_15008_without_a_valid_certificate_is_refused() {
     let m = Mesh::new();
-    let a_inbound = SocketAddrV4::new(m.net.hosts[0].addr, 15008);
+    let a_inbound = SocketAddrV4::new(m.net.hosts[0].ipv4(), 15008);
     let tmp = tempfile::tempdir().unwrap();
     let dir = |name: &str| {
         let d = tmp.path().join(name);
@@ -521,7 +521,7 @@ fn probe_handshakes(
                                     NAMES[to],
                                 ) {
                                     Some(config) => try_peer_connection(
-                                        SocketAddrV4::new(m.net.hosts[to].addr, 15008),
+                                        SocketAddrV4::new(m.net.hosts[to].ipv4(), 15008),
                                         config,
                                     ),
                                     None => Err("no usable identity on disk".into()),

@@ -77,6 +77,7 @@ fn options(
         dns,
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
+        v6: None,
     }
 }
 
@@ -141,8 +142,9 @@ fn assert_vip_connect_is_redirected(cg: &TestCgroup, r: &Redirector, listener: &
         accept_within(listener, WAIT).expect("the outbound listener got no connection");
     let listener_addr = v4(stream.local_addr().expect("local_addr"));
     let orig = r
-        .take_tcp_orig_dst(v4(peer), listener_addr)
-        .expect("no original destination recorded for the accepted connection");
+        .take_tcp_orig_dst(peer, listener_addr.into())
+        .expect("no original destination recorded for the accepted connection")
+        .orig;
     assert_eq!(Ipv4Addr::from(orig.ip), VIP);
     assert_eq!(orig.port, VIP_PORT);
     assert_eq!(orig.protocol, IPPROTO_TCP);
@@ -150,7 +152,7 @@ fn assert_vip_connect_is_redirected(cg: &TestCgroup, r: &Redirector, listener: &
     assert_eq!(comm(&orig), "bash");
     assert_eq!(orig.cgroup_id, cg.id().expect("cgroup id"));
     assert_eq!(
-        r.take_tcp_orig_dst(v4(peer), listener_addr),
+        r.take_tcp_orig_dst(peer, listener_addr.into()),
         None,
         "taking the original destination removes it"
     );
@@ -188,11 +190,16 @@ fn attached_programs(cg: &TestCgroup) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-const HMS_PROGRAMS: [&str; 5] = [
+const HMS_PROGRAMS: [&str; 10] = [
     "hms_sock_release",
+    "hms_getpeername4",
+    "hms_getpeername6",
     "hms_connect4",
     "hms_sendmsg4",
     "hms_recvmsg4",
+    "hms_connect6",
+    "hms_sendmsg6",
+    "hms_recvmsg6",
     "hms_sock_ops",
 ];
 
@@ -333,15 +340,17 @@ fn udp_port_53_queries_are_redirected_and_the_replys_source_is_restored() {
         .expect("the responder got no query: port 53 was not redirected");
     let client = v4(client);
     let orig = r
-        .udp_orig_dst(client, responder_addr)
-        .expect("no original destination for the DNS query");
+        .udp_orig_dst(client.into(), responder_addr.into())
+        .expect("no original destination for the DNS query")
+        .orig;
     assert_eq!(SocketAddrV4::new(orig.ip.into(), orig.port), resolver);
     assert_eq!(orig.protocol, IPPROTO_UDP);
     assert_eq!(orig.pid, dig_pid, "caller pid");
     assert_eq!(orig.cgroup_id, cg.id().expect("cgroup id"));
     assert!(!comm(&orig).is_empty(), "caller comm recorded");
     assert_eq!(
-        r.udp_orig_dst(client, responder_addr),
+        r.udp_orig_dst(client.into(), responder_addr.into())
+            .map(|o| o.orig),
         Some(orig),
         "asking does not consume the record: recvmsg4 still needs it for the reply"
     );
@@ -442,7 +451,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 12, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 16, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 
@@ -486,6 +495,7 @@ fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
         dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
+        v6: None,
     };
     let err = Redirector::start(&opts).err().expect("start must fail");
     let msg = format!("{err:#}");
@@ -567,8 +577,8 @@ fn a_redirected_connection_emits_an_open_and_a_close_record_with_the_caller_the_
         SocketAddrV4::new(VIP, VIP_PORT),
         "{open:?}"
     );
-    assert_eq!(open.client, v4(peer), "the client's own address");
-    assert_eq!(open.listener, outbound);
+    assert_eq!(open.client, peer, "the client's own address");
+    assert_eq!(open.listener, std::net::SocketAddr::from(outbound));
     assert_eq!(open.pid, client_pid, "caller pid");
     assert_eq!(open.comm, "python3");
     assert_eq!(open.cgroup_id, cg.id().expect("cgroup id"));
@@ -779,5 +789,5 @@ fn dns_over_tcp_to_port_53_is_tracked_and_marked_as_dns() {
     assert_eq!(open.kind, FlowKind::Open, "{open:?}");
     assert!(open.dns, "{open:?}");
     assert_eq!(open.original_dst, resolver);
-    assert_eq!(open.listener, responder_addr);
+    assert_eq!(open.listener, std::net::SocketAddr::from(responder_addr));
 }

@@ -167,14 +167,45 @@ fn a_process_of_the_meshed_cgroup_in_another_netns_keeps_its_own_dns_and_svc_nam
     );
 }
 
+/// An agent on a test cgroup serving `svc`, and the resolver the cgroup's programs ask
+/// (on 127.0.<net>.x, answering 192.0.2.<net> for every name).
+struct MeshedHost {
+    cg: TestCgroup,
+    agent: TestAgent,
+    _backend: Backend,
+    vip: Ipv4Addr,
+    ip: Ipv4Addr,
+    resolver: TestResolver,
+}
+
+fn meshed_host(tag: &str, svc: &str, net: u8) -> MeshedHost {
+    let cg = TestCgroup::new(tag).unwrap();
+    let agent = TestAgent::start(cg.path()).unwrap();
+    let backend = Backend::start(svc, 0).unwrap();
+    let vip = agent.deploy(svc, backend.addr.port()).unwrap();
+    let ip = Ipv4Addr::new(127, 0, net, 10 + (ports::unique() % 200) as u8);
+    let resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, net)).unwrap();
+    MeshedHost {
+        cg,
+        agent,
+        _backend: backend,
+        vip,
+        ip,
+        resolver,
+    }
+}
+
 #[test]
 fn a_stopped_agent_leaves_dns_to_the_callers_resolver_and_vip_connects_fail_at_once() {
-    let cg = TestCgroup::new("failopen").unwrap();
-    let mut agent = TestAgent::start(cg.path()).unwrap();
-    let backend = Backend::start("gone-svc", 0).unwrap();
-    let vip = agent.deploy("gone-svc", backend.addr.port()).unwrap();
-    let ip = Ipv4Addr::new(127, 0, 83, 10 + (ports::unique() % 200) as u8);
-    let resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, 83)).unwrap();
+    // Every field bound: one left to `..` would be dropped (and stop serving) right here.
+    let MeshedHost {
+        cg,
+        mut agent,
+        _backend,
+        vip,
+        ip,
+        resolver,
+    } = meshed_host("failopen", "gone-svc", 83);
 
     // While the agent runs, .svc is the agent's and anything else is forwarded.
     assert_eq!(dig(&cg, None, Some(ip), "gone-svc.svc"), vip.to_string());
@@ -225,12 +256,14 @@ fn a_stopped_agent_leaves_dns_to_the_callers_resolver_and_vip_connects_fail_at_o
 
 #[test]
 fn a_crashed_agent_stops_holding_dns_once_its_heartbeat_lapses() {
-    let cg = TestCgroup::new("crashdns").unwrap();
-    let mut agent = TestAgent::start(cg.path()).unwrap();
-    let backend = Backend::start("crash-svc", 0).unwrap();
-    let vip = agent.deploy("crash-svc", backend.addr.port()).unwrap();
-    let ip = Ipv4Addr::new(127, 0, 84, 10 + (ports::unique() % 200) as u8);
-    let _resolver = TestResolver::start(ip, Ipv4Addr::new(192, 0, 2, 84)).unwrap();
+    let MeshedHost {
+        cg,
+        mut agent,
+        _backend,
+        vip,
+        ip,
+        resolver: _resolver,
+    } = meshed_host("crashdns", "crash-svc", 84);
     assert_eq!(dig(&cg, None, Some(ip), "crash-svc.svc"), vip.to_string());
 
     agent.kill9().unwrap();
@@ -527,18 +560,56 @@ fn a_listener_in_another_namespace_on_the_proxys_tuple_receives_none_of_a_meshed
     app_out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "connected");
 
-    let inner = format!(
-        "{} link set lo up && exec {} -c \"$0\" \"$@\"",
-        vm_tests::tools::path_of("ip").display(),
-        vm_tests::tools::path_of("python3").display()
-    );
-    let mut thief = cg
+    // The thief as an unprivileged user (nobody) in a network namespace of its own, still in
+    // the meshed cgroup. Any user can make one with `unshare -Urn`; where user namespaces
+    // are refused (the kernel refuses them inside a chroot, as in CI's fresh Debian root), a
+    // namespace made by root stands in, with the thief still running as nobody inside it.
+    let userns_ok = cg
         .command("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(vm_tests::tools::path_of("unshare"))
         .args(["-Urn", "--"])
         .arg(vm_tests::tools::path_of("sh"))
-        .args(["-c", &inner, THIEF])
+        .args(["-c", "true"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let root_ns = (!userns_ok).then(|| {
+        eprintln!(
+            "NOTE: user namespaces are refused here (chroot?); the thief runs as nobody in a \
+             network namespace made by root instead"
+        );
+        Netns::new("thief")
+    });
+    let as_nobody = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    let mut thief_cmd = match &root_ns {
+        None => {
+            let inner = format!(
+                "{} link set lo up && exec {} -c \"$0\" \"$@\"",
+                vm_tests::tools::path_of("ip").display(),
+                vm_tests::tools::path_of("python3").display()
+            );
+            let mut c = cg.command("setpriv");
+            c.args(as_nobody)
+                .arg(vm_tests::tools::path_of("unshare"))
+                .args(["-Urn", "--"])
+                .arg(vm_tests::tools::path_of("sh"))
+                .args(["-c", &inner, THIEF]);
+            c
+        }
+        Some(ns) => {
+            let mut c = cg.command("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.name))
+                .arg("--")
+                .arg(vm_tests::tools::path_of("setpriv"))
+                .args(as_nobody)
+                .arg(vm_tests::tools::path_of("python3"))
+                .args(["-c", THIEF]);
+            c
+        }
+    };
+    let mut thief = thief_cmd
         .arg(agent.outbound.port().to_string())
         .arg(src.to_string())
         .stdout(Stdio::piped())

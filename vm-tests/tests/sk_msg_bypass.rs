@@ -324,3 +324,49 @@ fn an_instance_in_the_cgroup_is_reached_through_the_bypass_too() {
     );
     assert_eq!(moved("passed"), 0, "before {before}, after {after}");
 }
+
+#[test]
+fn mapped_and_ipv6_callers_take_the_bypass_like_ipv4_ones() {
+    let cg = TestCgroup::new("skmsg6").expect("test cgroup");
+    let agent = TestAgent::start_inside(cg.path(), vec![]).expect("agent");
+    let backend = Backend::start("upload6-svc", 0).expect("backend");
+    let vip = agent
+        .deploy("upload6-svc", backend.addr.port())
+        .expect("deploy");
+    let [a, b, c, d] = vip.octets();
+    let v6 = format!(
+        "fd48:4d53::{:x}:{:x}",
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d])
+    );
+    let body = payload(256 << 10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("body");
+    std::fs::write(&file, &body).expect("write body");
+    // curl dials an IPv6 literal with an AF_INET6 socket: the mapped VIP is an IPv4
+    // connection underneath (HMS_SOCKS), the IPv6 VIP a real IPv6 one (HMS_SOCKS6).
+    for (family, host) in [
+        ("ipv4", vip.to_string()),
+        ("mapped", format!("[::ffff:{vip}]")),
+        ("ipv6", format!("[{v6}]")),
+    ] {
+        let before = sk_msg_status(&agent)["redirected"].as_u64().unwrap_or(0);
+        let o = curl_post(&cg, &format!("http://{host}/upload/{family}"), &file);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "200",
+            "{family}: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            agent.log()
+        );
+        let seen = backend.seen();
+        let last = seen.last().expect("the backend saw it");
+        assert_eq!(last.path, format!("/upload/{family}"));
+        assert!(last.body == body, "{family}: the upload arrived altered");
+        let s = sk_msg_status(&agent);
+        assert!(
+            s["redirected"].as_u64().unwrap_or(0) > before,
+            "{family} did not go through the bypass: {s}"
+        );
+    }
+}

@@ -145,19 +145,40 @@ fn a_deployed_name_resolves_within_the_seeds_three_seconds() {
 }
 
 #[test]
-fn aaaa_for_a_service_is_empty_and_unknown_services_are_nxdomain() {
+fn aaaa_for_a_service_is_its_ipv6_vip_empty_with_ipv6_off_and_unknown_services_are_nxdomain() {
     let w = world("payments-svc");
-    let o = dig_in(&w.cg, &["@127.0.0.1", "payments-svc.svc", "AAAA"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
-        "{out}"
+    let vip = w.agent.ctl_json(&["describe", "payments-svc"]).unwrap()["vip"]
+        .as_str()
+        .unwrap()
+        .parse::<Ipv4Addr>()
+        .unwrap();
+    let o = dig_in(&w.cg, &["@127.0.0.1", "payments-svc.svc", "AAAA", "+short"]);
+    let [a, b, c, d] = vip.octets();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!(
+            "fd48:4d53::{:x}:{:x}",
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d])
+        ),
+        "{}",
+        text(&o)
     );
     let o = dig_in(&w.cg, &["@127.0.0.1", "nope-svc.svc", "A"]);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("status: NXDOMAIN"),
         "{}",
         text(&o)
+    );
+    // With IPv6 off, the name exists and has no IPv6 address.
+    let cg = TestCgroup::new("svc").expect("test cgroup");
+    let agent = TestAgent::start_with(cg.path(), None, vec!["--ipv6=false".into()]).unwrap();
+    agent.deploy("payments-svc", w.backend.addr.port()).unwrap();
+    let o = dig_in(&cg, &["@127.0.0.1", "payments-svc.svc", "AAAA"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("status: NOERROR") && out.contains("ANSWER: 0"),
+        "{out}"
     );
 }
 

@@ -42,6 +42,10 @@ const VM_SUITE: &[&str] = &[
     "http_grpc",
     "http_policy_trace",
     "sk_msg_bypass",
+    // connect6/sendmsg6/recvmsg6 on Debian's 6.1 kernel: mapped VIPs, IPv6 VIPs, DNS over
+    // IPv6, adopting IPv4-only pins (python3, curl and dig only; the heavy runtimes of
+    // real_clients stay on the host).
+    "dual_stack",
     "safe_host",
 ];
 

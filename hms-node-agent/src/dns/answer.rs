@@ -3,7 +3,9 @@
 //! is unit-tested.
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 
 use crate::registry::Snapshot;
@@ -35,7 +37,18 @@ pub enum Outcome {
     Dropped,
 }
 
-pub fn decide(query: &[u8], snapshot: &Snapshot) -> (Decision, Outcome) {
+/// The IPv6 VIP of IPv4 VIP `vip` under `prefix` (a /96): the prefix, then the IPv4 VIP.
+pub fn vip6(prefix: Ipv6Addr, vip: Ipv4Addr) -> Ipv6Addr {
+    crate::config::Ipv6Prefix96(prefix).vip6(vip)
+}
+
+/// `vip6_prefix`: answer AAAA (and the AAAA half of ANY) from it; `None` means IPv6 callers
+/// are not served, so AAAA is NODATA.
+pub fn decide(
+    query: &[u8],
+    snapshot: &Snapshot,
+    vip6_prefix: Option<Ipv6Addr>,
+) -> (Decision, Outcome) {
     let msg = match Message::from_vec(query) {
         Ok(m) => m,
         Err(_) => return formerr(query),
@@ -72,16 +85,33 @@ pub fn decide(query: &[u8], snapshot: &Snapshot) -> (Decision, Outcome) {
             reply.set_response_code(ResponseCode::NXDomain);
             Outcome::NxDomain
         }
-        Some(svc) if q.query_type() == RecordType::A => {
-            reply.add_answer(Record::from_rdata(
-                q.name().clone(),
-                SVC_TTL,
-                RData::A(A(svc.vip)),
-            ));
-            Outcome::Vip
+        Some(svc) => {
+            // A, AAAA and ANY say the same thing: one VIP per family. ANY is answered
+            // rather than refused (RFC 8482 allows either) so it stays consistent with both.
+            let t = q.query_type();
+            let with_a = matches!(t, RecordType::A | RecordType::ANY);
+            let with_aaaa = matches!(t, RecordType::AAAA | RecordType::ANY);
+            if with_a {
+                reply.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    SVC_TTL,
+                    RData::A(A(svc.vip)),
+                ));
+            }
+            if let (true, Some(prefix)) = (with_aaaa, vip6_prefix) {
+                reply.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    SVC_TTL,
+                    RData::AAAA(AAAA(vip6(prefix, svc.vip))),
+                ));
+            }
+            // Every other type (and AAAA without IPv6): the name exists, with no such data.
+            if reply.answers().is_empty() {
+                Outcome::NoData
+            } else {
+                Outcome::Vip
+            }
         }
-        // AAAA and every other type for a known name: the name exists, with no such data.
-        Some(_) => Outcome::NoData,
     };
     match reply.to_vec() {
         Ok(bytes) => (Decision::Reply(bytes), outcome),
@@ -108,7 +138,6 @@ fn formerr(query: &[u8]) -> (Decision, Outcome) {
 mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
-    use std::net::Ipv4Addr;
 
     use hms_ctl::api::ServiceInfo;
 
@@ -121,6 +150,41 @@ mod tests {
             vip: Ipv4Addr::new(127, 77, 1, 2),
             instances: vec![],
         }])
+    }
+
+    const PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd48, 0x4d53, 0, 0, 0, 0, 0, 0);
+
+    fn decide_v4(query: &[u8], snapshot: &Snapshot) -> (Decision, Outcome) {
+        decide(query, snapshot, None)
+    }
+
+    #[test]
+    fn with_ipv6_a_aaaa_and_any_answer_the_same_service_in_both_families() {
+        let v6: Ipv6Addr = "fd48:4d53::7f4d:102".parse().unwrap();
+        let q = |t| reply(decide(&query("payments-svc.svc.", t), &snapshot(), Some(PREFIX)).0);
+        let m = q(RecordType::AAAA);
+        assert_eq!(m.answers().len(), 1);
+        assert!(matches!(m.answers()[0].data(), RData::AAAA(a) if a.0 == v6));
+        let m = q(RecordType::A);
+        assert_eq!(m.answers().len(), 1);
+        assert!(
+            matches!(m.answers()[0].data(), RData::A(a) if a.0 == Ipv4Addr::new(127, 77, 1, 2))
+        );
+        let m = q(RecordType::ANY);
+        assert_eq!(m.answers().len(), 2);
+        assert!(
+            m.answers()
+                .iter()
+                .any(|r| matches!(r.data(), RData::AAAA(a) if a.0 == v6))
+        );
+        assert!(m.answers().iter().any(|r| matches!(r.data(), RData::A(_))));
+        // Other types stay NODATA.
+        let (_, o) = decide(
+            &query("payments-svc.svc.", RecordType::MX),
+            &snapshot(),
+            Some(PREFIX),
+        );
+        assert_eq!(o, Outcome::NoData);
     }
 
     fn query(name: &str, t: RecordType) -> Vec<u8> {
@@ -140,7 +204,7 @@ mod tests {
 
     #[test]
     fn a_known_service_answers_its_vip() {
-        let (d, o) = decide(&query("payments-svc.svc.", RecordType::A), &snapshot());
+        let (d, o) = decide_v4(&query("payments-svc.svc.", RecordType::A), &snapshot());
         assert_eq!(o, Outcome::Vip);
         let m = reply(d);
         assert_eq!(m.id(), 4242);
@@ -153,13 +217,13 @@ mod tests {
 
     #[test]
     fn names_are_case_insensitive() {
-        let (_, o) = decide(&query("Payments-SVC.svc.", RecordType::A), &snapshot());
+        let (_, o) = decide_v4(&query("Payments-SVC.svc.", RecordType::A), &snapshot());
         assert_eq!(o, Outcome::Vip);
     }
 
     #[test]
     fn aaaa_of_a_known_service_is_nodata() {
-        let (d, o) = decide(&query("payments-svc.svc.", RecordType::AAAA), &snapshot());
+        let (d, o) = decide_v4(&query("payments-svc.svc.", RecordType::AAAA), &snapshot());
         assert_eq!(o, Outcome::NoData);
         let m = reply(d);
         assert_eq!(m.response_code(), ResponseCode::NoError);
@@ -169,7 +233,7 @@ mod tests {
     #[test]
     fn unknown_svc_names_are_nxdomain() {
         for name in ["nope.svc.", "a.b.svc.", "svc."] {
-            let (d, o) = decide(&query(name, RecordType::A), &snapshot());
+            let (d, o) = decide_v4(&query(name, RecordType::A), &snapshot());
             assert_eq!(o, Outcome::NxDomain, "{name}");
             assert_eq!(reply(d).response_code(), ResponseCode::NXDomain);
         }
@@ -177,21 +241,21 @@ mod tests {
 
     #[test]
     fn other_names_are_forwarded() {
-        let (d, _) = decide(&query("example.com.", RecordType::A), &snapshot());
+        let (d, _) = decide_v4(&query("example.com.", RecordType::A), &snapshot());
         assert_eq!(d, Decision::Forward);
-        let (d, _) = decide(&query("svc.example.com.", RecordType::A), &snapshot());
+        let (d, _) = decide_v4(&query("svc.example.com.", RecordType::A), &snapshot());
         assert_eq!(d, Decision::Forward);
     }
 
     #[test]
     fn garbage_gets_formerr_or_is_dropped() {
-        let (d, o) = decide(&[0x12, 0x34, 0x01, 0x00, 0xff], &snapshot());
+        let (d, o) = decide_v4(&[0x12, 0x34, 0x01, 0x00, 0xff], &snapshot());
         assert_eq!(o, Outcome::FormErr);
         let m = reply(d);
         assert_eq!(m.id(), 0x1234);
         assert_eq!(m.response_code(), ResponseCode::FormErr);
-        assert_eq!(decide(&[7], &snapshot()).0, Decision::Drop);
-        assert_eq!(decide(&[], &snapshot()).0, Decision::Drop);
+        assert_eq!(decide_v4(&[7], &snapshot()).0, Decision::Drop);
+        assert_eq!(decide_v4(&[], &snapshot()).0, Decision::Drop);
         // Random bytes never panic.
         let mut seed = 0x9e37_79b9u32;
         for len in 0..300 {
@@ -203,7 +267,7 @@ mod tests {
                     seed as u8
                 })
                 .collect();
-            let _ = decide(&buf, &snapshot());
+            let _ = decide(&buf, &snapshot(), Some(PREFIX));
         }
     }
 }

@@ -5,11 +5,13 @@
 //! What it may hold is bounded (`limits`): DNS-over-TCP connections by a cap that sheds the
 //! oldest idle one, forwarded queries by a pool (a query without a slot is dropped and
 //! counted, as a lost datagram would be).
+//! The same responder serves the IPv4 listener and, with IPv6 on, the `[::1]` one; AAAA
+//! answers come from the IPv6 VIP prefix only when IPv6 callers can be served.
 
 pub mod answer;
 pub mod upstream;
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::drain::Drain;
-use crate::original_dst::{self, OriginalDestinations};
+use crate::original_dst::OriginalDestinations;
 use crate::registry::Store;
 use answer::{Decision, Outcome};
 use upstream::Upstream;
@@ -73,6 +75,9 @@ pub struct DnsResponder {
     /// Set when `--dns` is bound off loopback (`--dns-allow-remote`): queries from
     /// anywhere but this host's own addresses are dropped, never answered.
     pub local_only: Option<LocalClients>,
+    /// The IPv6 VIP prefix when IPv6 callers are served (AAAA answers); `None`: AAAA is
+    /// NODATA, so no client tries an address nobody listens for.
+    pub vip6_prefix: Option<Ipv6Addr>,
 }
 
 /// This host's own addresses (loopback and every interface's), to tell local clients from
@@ -121,10 +126,7 @@ impl DnsResponder {
     /// Serves UDP until drained.
     pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket, drain: Drain) -> anyhow::Result<()> {
         let sock = Arc::new(sock);
-        let local = match sock.local_addr().context("DNS UDP socket address")? {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(a) => anyhow::bail!("DNS listener {a} must be IPv4"),
-        };
+        let local = sock.local_addr().context("DNS UDP socket address")?;
         let mut buf = vec![0u8; 65535];
         loop {
             let (n, peer) = tokio::select! {
@@ -163,21 +165,15 @@ impl DnsResponder {
         &self,
         query: &[u8],
         peer: SocketAddr,
-        local: SocketAddrV4,
+        local: SocketAddr,
     ) -> Option<Vec<u8>> {
-        let (decision, outcome) = answer::decide(query, &self.store.snapshot());
+        let (decision, outcome) = answer::decide(query, &self.store.snapshot(), self.vip6_prefix);
         self.stats.count(outcome);
         match decision {
             Decision::Reply(r) => Some(r),
             Decision::Drop => None,
             Decision::Forward => {
-                let upstream = match peer {
-                    SocketAddr::V4(p) => self
-                        .origins
-                        .udp(p, local)
-                        .map(|o| original_dst::addr(&o).into()),
-                    SocketAddr::V6(_) => None,
-                };
+                let upstream = self.origins.udp(peer, local).map(|o| o.wanted());
                 let max_udp = Message::from_vec(query)
                     .map(|m| usize::from(m.max_payload()))
                     .unwrap_or(512);
@@ -211,17 +207,13 @@ impl DnsResponder {
     }
 
     /// The caller's resolver, else the system's, never ourselves.
-    fn resolve_upstream(
-        &self,
-        asked: Option<SocketAddr>,
-        local: SocketAddrV4,
-    ) -> Option<SocketAddr> {
+    fn resolve_upstream(&self, asked: Option<SocketAddr>, local: SocketAddr) -> Option<SocketAddr> {
         let server = asked.or_else(|| {
             let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             upstream::system_resolver(&conf)
         });
         match server {
-            Some(s) if s != SocketAddr::V4(local) => Some(s),
+            Some(s) if s != local => Some(s),
             _ => {
                 tracing::warn!("no upstream resolver known for a forwarded query");
                 None
@@ -289,17 +281,7 @@ impl DnsResponder {
         slot: &crate::limits::ConnSlot,
     ) -> anyhow::Result<()> {
         let local = stream.local_addr()?;
-        let upstream = match (peer, local) {
-            (SocketAddr::V4(p), SocketAddr::V4(l)) => self
-                .origins
-                .tcp(p, l)
-                .map(|o| SocketAddr::from(original_dst::addr(&o))),
-            _ => None,
-        };
-        let local_v4 = match local {
-            SocketAddr::V4(l) => l,
-            SocketAddr::V6(_) => anyhow::bail!("IPv6 DNS listener"),
-        };
+        let upstream = self.origins.tcp(peer, local).map(|o| o.wanted());
         // An idle or slow client must not hold a task forever.
         let idle = std::time::Duration::from_secs(10);
         loop {
@@ -316,14 +298,15 @@ impl DnsResponder {
             tokio::time::timeout(idle, stream.read_exact(&mut query))
                 .await
                 .context("client too slow sending its query")??;
-            let (decision, outcome) = answer::decide(&query, &self.store.snapshot());
+            let (decision, outcome) =
+                answer::decide(&query, &self.store.snapshot(), self.vip6_prefix);
             self.stats.count(outcome);
             let reply = match decision {
                 Decision::Reply(r) => Some(r),
                 Decision::Drop => None,
                 Decision::Forward => match self
                     .forward_slot()
-                    .and_then(|slot| Some((slot, self.resolve_upstream(upstream, local_v4)?)))
+                    .and_then(|slot| Some((slot, self.resolve_upstream(upstream, local)?)))
                 {
                     Some((_slot, server)) => {
                         match self.upstream.forward_tcp(server, &query).await {

@@ -177,12 +177,10 @@ impl Outbound {
         let protocol = detect::detect(&client, DETECT_TIMEOUT).await;
         let name = placement.service.spec.name.clone();
         tracing::debug!(%peer, service = %name, caller = %placement.caller, process = %placement.process, ?protocol, "accepted");
-        if protocol != Protocol::Opaque
-            && let SocketAddr::V4(client) = peer
-        {
+        if protocol != Protocol::Opaque {
             // Its requests are tapped one by one; the kernel's close record of this
             // connection then only feeds metrics, not a second tap line.
-            self.http.tap.mark_http_flow(client);
+            self.http.tap.mark_http_flow(peer);
         }
         let version = match protocol {
             Protocol::Http1 => Version::Http1,
@@ -248,12 +246,16 @@ impl Outbound {
         }
     }
 
+    /// Both listeners land here: IPv4 (and IPv4-mapped) callers on the IPv4 one, IPv6 callers
+    /// on `[::1]`. An IPv6 VIP carries its service's IPv4 VIP in its low 32 bits, so from here
+    /// on both families are the same caller to the same service.
     fn place(&self, client: &TcpStream, peer: SocketAddr) -> Result<Placement, Refusal> {
-        let (SocketAddr::V4(peer), Ok(SocketAddr::V4(local))) = (peer, client.local_addr()) else {
+        let Ok(local) = client.local_addr() else {
             return Err(Refusal::NoRecord);
         };
-        let orig = self.origins.tcp(peer, local).ok_or(Refusal::NoRecord)?;
-        let wanted = original_dst::addr(&orig);
+        let found = self.origins.tcp(peer, local).ok_or(Refusal::NoRecord)?;
+        let orig = found.orig;
+        let wanted = found.vip();
         let snapshot = self.store.snapshot();
         let service = snapshot
             .by_vip(*wanted.ip())

@@ -13,12 +13,12 @@
 //! [`FlowRecord::dns`]) to the DNS responder.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
-use hms_ebpf::{FLOW_CLOSE, FLOW_FLAG_DNS, FLOW_OPEN, FlowEvent, tcp_state};
+use hms_ebpf::{FLOW_CLOSE, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, tcp_state};
 use tokio::io::unix::AsyncFd;
 
 /// One flow record. Field names follow the client's view: it connected from `client` to
@@ -28,11 +28,17 @@ pub struct FlowRecord {
     pub kind: FlowKind,
     /// The client socket's cookie; an open and its close carry the same one.
     pub cookie: u64,
-    pub client: SocketAddrV4,
+    /// For an IPv6 connection (`FLOW_FLAG_V6`) the kernel record carries only the low 32
+    /// bits of the addresses, which is exact for `::1` (what a connection redirected to the
+    /// `[::1]` listeners comes from) and `::a.b.c.d` otherwise.
+    pub client: SocketAddr,
     /// Where the connection really went: the outbound proxy, or the DNS responder.
-    pub listener: SocketAddrV4,
-    /// Where the client asked to go (a VIP and port, or a resolver at port 53).
+    pub listener: SocketAddr,
+    /// Where the client asked to go (a VIP and port, or a resolver at port 53). For an IPv6
+    /// VIP, its IPv4 VIP (the low 32 bits), which names the same service.
     pub original_dst: SocketAddrV4,
+    /// The client dialled an IPv6 address.
+    pub ipv6: bool,
     /// DNS over TCP redirected to the DNS responder, not a service connection.
     pub dns: bool,
     /// The caller at connect time: thread-group id (the pid users see), `comm`, cgroup v2 id.
@@ -123,12 +129,14 @@ pub fn decode(bytes: &[u8], clock: &MonotonicClock) -> Result<FlowRecord, Decode
         other => return Err(DecodeError::Kind(other)),
     };
     let comm_len = ev.orig.comm.iter().position(|b| *b == 0).unwrap_or(16);
+    let ipv6 = ev.flags & FLOW_FLAG_V6 != 0;
     Ok(FlowRecord {
         kind,
         cookie: ev.cookie,
-        client: SocketAddrV4::new(Ipv4Addr::from(ev.flow.client_ip), ev.flow.client_port),
-        listener: SocketAddrV4::new(Ipv4Addr::from(ev.flow.listener_ip), ev.flow.listener_port),
+        client: flow_addr(ipv6, ev.flow.client_ip, ev.flow.client_port),
+        listener: flow_addr(ipv6, ev.flow.listener_ip, ev.flow.listener_port),
         original_dst: SocketAddrV4::new(Ipv4Addr::from(ev.orig.ip), ev.orig.port),
+        ipv6,
         dns: ev.flags & FLOW_FLAG_DNS != 0,
         pid: ev.orig.pid,
         comm: String::from_utf8_lossy(&ev.orig.comm[..comm_len]).into_owned(),
@@ -140,6 +148,15 @@ pub fn decode(bytes: &[u8], clock: &MonotonicClock) -> Result<FlowRecord, Decode
         bytes_acked: ev.bytes_acked,
         bytes_received: ev.bytes_received,
     })
+}
+
+/// A flow address from its record: IPv4, or the low 32 bits of an IPv6 one.
+fn flow_addr(ipv6: bool, ip: u32, port: u16) -> SocketAddr {
+    if ipv6 {
+        SocketAddr::from((Ipv6Addr::from(u128::from(ip)), port))
+    } else {
+        SocketAddr::from((Ipv4Addr::from(ip), port))
+    }
 }
 
 /// `to - from`, or zero if the clock readings are out of order (they never should be).
@@ -326,7 +343,7 @@ mod tests {
                 port: 80,
                 protocol: hms_ebpf::IPPROTO_TCP,
                 pid: 1234,
-                _pad: 0,
+                flags: 0,
                 cgroup_id: 99,
                 comm,
                 connect_ns: 1_500_000,

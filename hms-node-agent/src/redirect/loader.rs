@@ -26,8 +26,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
-    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowState, OrigDst, RedirectConfig, SockKey,
-    map_names, program_names, sk_msg_stat,
+    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState, OrigDst, OrigDst6,
+    RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names, program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
@@ -117,7 +117,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 12] {
+fn expected_maps() -> [ExpectedMap; 16] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -195,6 +195,30 @@ fn expected_maps() -> [ExpectedMap; 12] {
                 size_of::<u64>(),
             )
         },
+        map(
+            map_names::CONFIG6,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<RedirectConfig6>(),
+        ),
+        map(
+            map_names::ORIG6_BY_COOKIE,
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<OrigDst6>(),
+        ),
+        map(
+            map_names::ORIG6_BY_FLOW,
+            MapType::LruHash,
+            size_of::<FlowKey6>(),
+            size_of::<OrigDst6>(),
+        ),
+        map(
+            map_names::SOCKS6,
+            MapType::SockHash,
+            size_of::<SockKey6>(),
+            size_of::<u32>(),
+        ),
         ExpectedMap {
             max_entries: Some(FLOW_EVENTS_BYTES),
             ..map(map_names::FLOW_EVENTS, MapType::RingBuf, 0, 0)
@@ -368,16 +392,21 @@ fn attach(ebpf: &mut Ebpf, hook: Hook, cgroup: &File) -> anyhow::Result<FdLink> 
 /// last pin and fd are gone (`hms-node-agent cleanup`). Attaching again replaces the program a
 /// previous agent attached.
 pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let map_fd = {
+    let map_fd = |ebpf: &Ebpf, name: &str| -> anyhow::Result<_> {
         let map = ebpf
-            .map(map_names::SOCKS)
-            .context("map HMS_SOCKS missing from the eBPF object")?;
-        let socks: SockHash<_, SockKey> = SockHash::try_from(map)?;
-        socks
-            .fd()
-            .try_clone()
-            .context("duplicating the HMS_SOCKS fd")?
+            .map(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        let fd = if name == map_names::SOCKS6 {
+            let socks: SockHash<_, SockKey6> = SockHash::try_from(map)?;
+            socks.fd().try_clone()
+        } else {
+            let socks: SockHash<_, SockKey> = SockHash::try_from(map)?;
+            socks.fd().try_clone()
+        };
+        fd.with_context(|| format!("duplicating the {name} fd"))
     };
+    let socks = map_fd(ebpf, map_names::SOCKS)?;
+    let socks6 = map_fd(ebpf, map_names::SOCKS6)?;
     let program: &mut SkMsg = ebpf
         .program_mut(program_names::SK_MSG)
         .ok_or_else(|| {
@@ -390,10 +419,13 @@ pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     program
         .load()
         .context("loading hms_sk_msg (verifier; sk_msg needs Linux 4.17+)")?;
-    let id = program
-        .attach(&map_fd)
-        .context("attaching hms_sk_msg to HMS_SOCKS")?;
-    std::mem::forget(program.take_link(id)?);
+    // One program on both sockhashes: it picks the map by the socket's family.
+    for (fd, name) in [(&socks, map_names::SOCKS), (&socks6, map_names::SOCKS6)] {
+        let id = program
+            .attach(fd)
+            .with_context(|| format!("attaching hms_sk_msg to {name}"))?;
+        std::mem::forget(program.take_link(id)?);
+    }
     Ok(())
 }
 

@@ -13,22 +13,30 @@
 //!   network namespace cookie (sockets of other namespaces are left alone).
 //! - `flows`: the flow records (open/close of each redirected TCP connection) from the
 //!   kernel's ring buffer.
+//! - `local_route`: the IPv6 VIP prefix routed to loopback, so a connect that misses the
+//!   hooks fails on this host instead of leaving it.
 
 pub mod flows;
 mod liveness;
 mod loader;
+mod local_route;
 mod pin;
 mod sockdiag;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::Mutex,
 };
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
-use hms_ebpf::{FlowKey, OrigDst, RedirectConfig, SockKey, map_names, program_names, sk_msg_stat};
+use hms_ebpf::{
+    FlowKey, FlowKey6, OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, map_names,
+    program_names, sk_msg_stat,
+};
+
+use crate::original_dst::{Original, ipv6_from_words, ipv6_words};
 use serde::{Deserialize, Serialize};
 
 pub use flows::{EndedBy, FlowKind, FlowReader, FlowRecord};
@@ -52,6 +60,19 @@ pub struct RedirectOptions {
     /// Carry app <-> proxy bytes through the sk_msg/sockhash bypass (see `hms_sk_msg`) when
     /// this agent runs inside `cgroup` (it has no effect otherwise, so it stays off then).
     pub sk_msg_bypass: bool,
+    /// IPv6 callers: `None` leaves real IPv6 alone (IPv4-mapped destinations are IPv4 and
+    /// always redirected).
+    pub v6: Option<RedirectOptions6>,
+}
+
+/// Where IPv6 callers go. The ports are those of the IPv4 listeners (one port per role in
+/// the kernel config).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectOptions6 {
+    /// The /96 IPv6 VIP prefix (low 32 bits zero).
+    pub vip_prefix: Ipv6Addr,
+    pub outbound: SocketAddrV6,
+    pub dns: SocketAddrV6,
 }
 
 /// The attached redirect. Dropping it leaves the programs attached and pinned.
@@ -63,6 +84,8 @@ pub struct Redirector {
     /// The agent's network namespace cookie (0: unknown, not compared).
     netns_cookie: u64,
     orig_by_flow: Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+    orig6_by_cookie: Mutex<HashMap<MapData, u64, OrigDst6>>,
+    orig6_by_flow: Mutex<HashMap<MapData, FlowKey6, OrigDst6>>,
     /// Taken by the first `flow_reader()`: a ring buffer has one consumer.
     flow_events: Mutex<Option<RingBuf<MapData>>>,
     ringbuf_drops: Mutex<PerCpuArray<MapData, u64>>,
@@ -99,6 +122,8 @@ pub struct RedirectStatus {
     pub vip_range: String,
     pub outbound: SocketAddrV4,
     pub dns: SocketAddrV4,
+    /// The IPv6 VIP range (`prefix/96`) when IPv6 callers are served.
+    pub vip6_range: Option<String>,
     pub skip_mark: u32,
     /// Whether kernel-side `aya-log` records are forwarded to the agent's log (best effort).
     pub ebpf_logs: bool,
@@ -187,6 +212,28 @@ impl Redirector {
                 .set(0, config, 0)
                 .context("writing the redirect config to HMS_CONFIG")?;
         }
+        // Written every start, disabled included: a previous agent may have turned IPv6 on.
+        let config6 = redirect_config6(opts)?;
+        {
+            let map = ebpf
+                .map_mut(map_names::CONFIG6)
+                .context("map HMS_CONFIG6 missing from the eBPF object")?;
+            let mut array: Array<&mut MapData, RedirectConfig6> = Array::try_from(map)?;
+            array
+                .set(0, config6, 0)
+                .context("writing the IPv6 redirect config to HMS_CONFIG6")?;
+        }
+        if let Some(v6) = &opts.v6 {
+            // Best effort: the hooks redirect IPv6 VIPs without it; it only keeps a missed
+            // hook (a process outside the cgroup) from sending packets off the host.
+            if let Err(e) = local_route::add(v6.vip_prefix) {
+                tracing::warn!(
+                    prefix = %format!("{}/96", v6.vip_prefix),
+                    "could not route the IPv6 VIP range to loopback: {e:#}; processes outside \
+                     the redirected cgroup dialling an IPv6 VIP follow the host's routes"
+                );
+            }
+        }
 
         // Alive before any hook can act: a hook attached without a beat would stand aside.
         let heartbeat = liveness::Heartbeat::start(Array::try_from(
@@ -229,6 +276,14 @@ impl Redirector {
             ebpf.take_map(map_names::ORIG_BY_FLOW)
                 .context("map HMS_ORIG_BY_FLOW missing from the eBPF object")?,
         )?;
+        let orig6_by_cookie = HashMap::try_from(
+            ebpf.take_map(map_names::ORIG6_BY_COOKIE)
+                .context("map HMS_ORIG6_BY_COOKIE missing from the eBPF object")?,
+        )?;
+        let orig6_by_flow = HashMap::try_from(
+            ebpf.take_map(map_names::ORIG6_BY_FLOW)
+                .context("map HMS_ORIG6_BY_FLOW missing from the eBPF object")?,
+        )?;
         let flow_events = RingBuf::try_from(
             ebpf.take_map(map_names::FLOW_EVENTS)
                 .context("map HMS_FLOW_EVENTS missing from the eBPF object")?,
@@ -264,6 +319,7 @@ impl Redirector {
             vip_range: format!("{}/{}", opts.vip_net, opts.vip_prefix_len),
             outbound: opts.outbound,
             dns: opts.dns,
+            vip6_range: opts.v6.as_ref().map(|v6| format!("{}/96", v6.vip_prefix)),
             skip_mark: opts.skip_mark,
             ebpf_logs: log_drain.is_some(),
             programs: hooks
@@ -299,6 +355,8 @@ impl Redirector {
             heartbeat: Mutex::new(heartbeat),
             netns_cookie: config.netns_cookie,
             orig_by_flow: Mutex::new(orig_by_flow),
+            orig6_by_cookie: Mutex::new(orig6_by_cookie),
+            orig6_by_flow: Mutex::new(orig6_by_flow),
             flow_events: Mutex::new(Some(flow_events)),
             ringbuf_drops: Mutex::new(ringbuf_drops),
             sk_msg_stats: Mutex::new(sk_msg_stats),
@@ -308,12 +366,16 @@ impl Redirector {
     }
 
     /// Original destination of an accepted TCP connection; client = accepted socket's
-    /// peer_addr, listener = its local_addr. Removes the entry.
-    pub fn take_tcp_orig_dst(
-        &self,
-        client: SocketAddrV4,
-        listener: SocketAddrV4,
-    ) -> Option<OrigDst> {
+    /// peer_addr, listener = its local_addr (either family). Removes the entry.
+    pub fn take_tcp_orig_dst(&self, client: SocketAddr, listener: SocketAddr) -> Option<Original> {
+        match (client, listener) {
+            (SocketAddr::V4(c), SocketAddr::V4(l)) => self.take_tcp4(c, l).map(Original::v4),
+            (SocketAddr::V6(c), SocketAddr::V6(l)) => self.take_tcp6(c, l),
+            _ => None,
+        }
+    }
+
+    fn take_tcp4(&self, client: SocketAddrV4, listener: SocketAddrV4) -> Option<OrigDst> {
         let key = FlowKey {
             client_ip: u32::from(*client.ip()),
             listener_ip: u32::from(*listener.ip()),
@@ -333,7 +395,7 @@ impl Redirector {
         // sock_ops runs before the proxy can accept() on loopback, so this is only reached if
         // the flow map was full or the client is in another netns; the record may still be
         // under the client's cookie.
-        let cookie = self.cookie_of(sockdiag::Transport::Tcp, client, listener)?;
+        let cookie = self.cookie_of(sockdiag::Transport::Tcp, client.into(), listener.into())?;
         let mut cookies = self
             .orig_by_cookie
             .lock()
@@ -345,14 +407,61 @@ impl Redirector {
         Some(orig)
     }
 
+    /// As `take_tcp4` for the IPv6 listener. The cookie fallback also serves a sock_ops
+    /// program adopted from a build before IPv6 support, which never promotes these records.
+    fn take_tcp6(&self, client: SocketAddrV6, listener: SocketAddrV6) -> Option<Original> {
+        let key = FlowKey6 {
+            client_ip: ipv6_words(*client.ip()),
+            listener_ip: ipv6_words(*listener.ip()),
+            client_port: client.port(),
+            listener_port: listener.port(),
+            _pad: 0,
+        };
+        let found = {
+            let mut flows = self.orig6_by_flow.lock().unwrap_or_else(|p| p.into_inner());
+            let found = lookup(&flows, &key, "HMS_ORIG6_BY_FLOW");
+            if found.is_some()
+                && let Err(e) = flows.remove(&key)
+            {
+                tracing::debug!(error = %e, "removing a taken flow record");
+            }
+            found
+        };
+        let found = match found {
+            Some(f) => f,
+            None => {
+                let cookie =
+                    self.cookie_of(sockdiag::Transport::Tcp, client.into(), listener.into())?;
+                let mut cookies = self
+                    .orig6_by_cookie
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let found = lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE")?;
+                if let Err(e) = cookies.remove(&cookie) {
+                    tracing::debug!(error = %e, "removing a taken cookie record");
+                }
+                found
+            }
+        };
+        Some(original6(found))
+    }
+
     /// Original destination (resolver the caller asked) of a UDP DNS query received on the
-    /// responder at `responder` from `client`. The record stays: recvmsg4 needs it to restore
+    /// responder at `responder` from `client`. The record stays: recvmsg needs it to restore
     /// the reply's source (a socket may get several answers); the kernel removes it when the
     /// socket is released.
-    pub fn udp_orig_dst(&self, client: SocketAddrV4, responder: SocketAddrV4) -> Option<OrigDst> {
+    pub fn udp_orig_dst(&self, client: SocketAddr, responder: SocketAddr) -> Option<Original> {
         let cookie = self.cookie_of(sockdiag::Transport::Udp, client, responder)?;
-        let records = self.dns_udp_orig.lock().unwrap_or_else(|p| p.into_inner());
-        lookup(&records, &cookie, "HMS_DNS_UDP_ORIG")
+        if client.is_ipv4() {
+            let records = self.dns_udp_orig.lock().unwrap_or_else(|p| p.into_inner());
+            lookup(&records, &cookie, "HMS_DNS_UDP_ORIG").map(Original::v4)
+        } else {
+            let cookies = self
+                .orig6_by_cookie
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE").map(original6)
+        }
     }
 
     /// The agent stops and no successor takes over: the hooks stand aside now (DNS to each
@@ -449,8 +558,8 @@ impl Redirector {
     fn cookie_of(
         &self,
         transport: sockdiag::Transport,
-        client: SocketAddrV4,
-        server: SocketAddrV4,
+        client: SocketAddr,
+        server: SocketAddr,
     ) -> Option<u64> {
         match sockdiag::socket_cookie(transport, client, server) {
             Ok(cookie) => cookie,
@@ -462,11 +571,18 @@ impl Redirector {
     }
 }
 
-fn lookup<K: aya::Pod>(
-    map: &HashMap<MapData, K, OrigDst>,
+fn original6(found: OrigDst6) -> Original {
+    Original {
+        orig: found.orig,
+        ip6: Some(ipv6_from_words(found.ip6)),
+    }
+}
+
+fn lookup<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     key: &K,
     map_name: &str,
-) -> Option<OrigDst> {
+) -> Option<V> {
     match map.get(key, 0) {
         Ok(orig) => Some(orig),
         Err(MapError::KeyNotFound) => None,
@@ -512,6 +628,29 @@ fn redirect_config(opts: &RedirectOptions) -> anyhow::Result<RedirectConfig> {
     })
 }
 
+/// The IPv6 part of the kernel config; disabled without `opts.v6`.
+fn redirect_config6(opts: &RedirectOptions) -> anyhow::Result<RedirectConfig6> {
+    let Some(v6) = &opts.v6 else {
+        return Ok(RedirectConfig6::default());
+    };
+    if v6.outbound.port() != opts.outbound.port() || v6.dns.port() != opts.dns.port() {
+        bail!(
+            "the IPv6 listeners {} and {} must use the IPv4 listeners' ports ({} and {})",
+            v6.outbound,
+            v6.dns,
+            opts.outbound.port(),
+            opts.dns.port()
+        );
+    }
+    let w = ipv6_words(v6.vip_prefix);
+    Ok(RedirectConfig6 {
+        vip_prefix: [w[0], w[1], w[2]],
+        outbound_ip: ipv6_words(*v6.outbound.ip()),
+        dns_ip: ipv6_words(*v6.dns.ip()),
+        enabled: 1,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +665,7 @@ mod tests {
             dns: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053),
             skip_mark: 0x4853,
             sk_msg_bypass: false,
+            v6: None,
         }
     }
 

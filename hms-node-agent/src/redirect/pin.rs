@@ -33,14 +33,23 @@ pub(crate) struct Hook {
 // Values of `enum bpf_attach_type` (include/uapi/linux/bpf.h); stable kernel ABI.
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
 const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
 
 /// Attach order matters: the hooks that consume records (sock_ops promotes them, recvmsg4
 /// restores DNS reply sources) go in before the hooks that create them, so no socket is ever
 /// redirected without its follow-up in place.
-pub(crate) const HOOKS: [Hook; 5] = [
+///
+/// A pin dir made by an older build lacks the later links (`sock_release`, the `*6` and
+/// getpeername hooks):
+/// the agent attaches what is missing and adopts the rest.
+pub(crate) const HOOKS: [Hook; 10] = [
     Hook {
         program: program_names::SOCK_RELEASE,
         attach: "cgroup_inet_sock_release",
@@ -60,10 +69,34 @@ pub(crate) const HOOKS: [Hook; 5] = [
         link_file: "link_recvmsg4",
     },
     Hook {
+        program: program_names::RECVMSG6,
+        attach: "cgroup_udp6_recvmsg",
+        attach_type: BPF_CGROUP_UDP6_RECVMSG,
+        link_file: "link_recvmsg6",
+    },
+    Hook {
+        program: program_names::GETPEERNAME4,
+        attach: "cgroup_inet4_getpeername",
+        attach_type: BPF_CGROUP_INET4_GETPEERNAME,
+        link_file: "link_getpeername4",
+    },
+    Hook {
+        program: program_names::GETPEERNAME6,
+        attach: "cgroup_inet6_getpeername",
+        attach_type: BPF_CGROUP_INET6_GETPEERNAME,
+        link_file: "link_getpeername6",
+    },
+    Hook {
         program: program_names::SENDMSG4,
         attach: "cgroup_udp4_sendmsg",
         attach_type: BPF_CGROUP_UDP4_SENDMSG,
         link_file: "link_sendmsg4",
+    },
+    Hook {
+        program: program_names::SENDMSG6,
+        attach: "cgroup_udp6_sendmsg",
+        attach_type: BPF_CGROUP_UDP6_SENDMSG,
+        link_file: "link_sendmsg6",
     },
     Hook {
         program: program_names::CONNECT4,
@@ -71,11 +104,24 @@ pub(crate) const HOOKS: [Hook; 5] = [
         attach_type: BPF_CGROUP_INET4_CONNECT,
         link_file: "link_connect4",
     },
+    Hook {
+        program: program_names::CONNECT6,
+        attach: "cgroup_inet6_connect",
+        attach_type: BPF_CGROUP_INET6_CONNECT,
+        link_file: "link_connect6",
+    },
 ];
 
 /// Maps added after the first release: an agent started over an older pin dir creates them
 /// (the old programs it adopts do not use them), so they are not required beside its links.
-pub(crate) const LATER_MAPS: [&str; 2] = [map_names::AGENT_ALIVE, map_names::DNS_UDP_ORIG];
+pub(crate) const LATER_MAPS: [&str; 6] = [
+    map_names::AGENT_ALIVE,
+    map_names::DNS_UDP_ORIG,
+    map_names::CONFIG6,
+    map_names::ORIG6_BY_COOKIE,
+    map_names::ORIG6_BY_FLOW,
+    map_names::SOCKS6,
+];
 
 pub(crate) const MAPS: [&str; 10] = [
     map_names::CONFIG,
@@ -89,6 +135,33 @@ pub(crate) const MAPS: [&str; 10] = [
     map_names::BYPASS_BYTES,
     map_names::BYPASS_PENDING,
 ];
+
+/// Removes the loopback route of the IPv6 VIP prefix recorded in the pinned `HMS_CONFIG6`, if
+/// IPv6 was on. The route is shared by every agent on the host using that prefix; a cleanup
+/// is for taking HMS off the host (or this pin dir's agent off for good).
+fn remove_v6_route(config6: &Path) -> anyhow::Result<Option<String>> {
+    let data = aya::maps::MapData::from_pin(config6)
+        .with_context(|| format!("opening pinned map {}", config6.display()))?;
+    let array: aya::maps::Array<_, hms_ebpf::RedirectConfig6> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .with_context(|| format!("{} is not the IPv6 config array", config6.display()))?;
+    let cfg = array
+        .get(&0, 0)
+        .with_context(|| format!("reading {}", config6.display()))?;
+    if cfg.enabled == 0 {
+        return Ok(None);
+    }
+    let w = cfg.vip_prefix;
+    let prefix = crate::original_dst::ipv6_from_words([w[0], w[1], w[2], 0]);
+    // Not fatal: the links and maps still go, which is what stops the redirect.
+    if let Err(e) = super::local_route::remove(prefix) {
+        tracing::warn!(
+            "{e:#}; remove it with `ip -6 route del local {prefix}/96 dev lo table local`"
+        );
+        return Ok(None);
+    }
+    Ok(Some(format!("{prefix}/96")))
+}
 
 /// What a pinned link points at, from `BPF_OBJ_GET_INFO_BY_FD`.
 #[derive(Clone, Copy, Debug)]
@@ -128,6 +201,9 @@ pub struct CleanupReport {
     /// Link files found, detached and unpinned.
     pub detached_links: Vec<String>,
     pub unpinned_maps: Vec<String>,
+    /// The IPv6 VIP prefix whose loopback route was removed (`prefix/96`), if IPv6 was on.
+    #[serde(default)]
+    pub removed_route: Option<String>,
     pub removed_dir: bool,
     /// Files in the pin dir that are not ours; left in place (so the dir stays too).
     pub left_behind: Vec<String>,
@@ -145,6 +221,9 @@ impl std::fmt::Display for CleanupReport {
                 self.detached_links.len(),
                 self.unpinned_maps.len()
             )?;
+            if let Some(route) = &self.removed_route {
+                write!(f, ", removed the loopback route of {route}")?;
+            }
             if self.removed_dir {
                 write!(f, ", removed the directory")?;
             }
@@ -186,6 +265,10 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     names.sort();
+    // The route's prefix is only recorded in HMS_CONFIG6, so it goes before the maps do.
+    if names.iter().any(|n| n == map_names::CONFIG6) {
+        report.removed_route = remove_v6_route(&pin_dir.join(map_names::CONFIG6))?;
+    }
 
     for name in names {
         let path = pin_dir.join(&name);

@@ -10,7 +10,7 @@
 
 use std::{
     io,
-    net::SocketAddrV4,
+    net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
@@ -37,12 +37,17 @@ const DIAG_MSG_MIN_LEN: usize = DIAG_MSG_COOKIE_OFFSET + 8;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The cookie (`bpf_get_socket_cookie`'s value) of the socket bound at `local` talking to
-/// `remote`; `Ok(None)` if no such socket exists.
+/// `remote`; `Ok(None)` if no such socket exists. Both addresses are of one family, which is
+/// the table searched. An `AF_INET6` dual-stack socket talking IPv4 (a mapped destination)
+/// is found by its IPv4 addresses: the kernel's IPv4 lookup matches such sockets too.
 pub(crate) fn socket_cookie(
     transport: Transport,
-    local: SocketAddrV4,
-    remote: SocketAddrV4,
+    local: SocketAddr,
+    remote: SocketAddr,
 ) -> io::Result<Option<u64>> {
+    if local.is_ipv4() != remote.is_ipv4() {
+        return Ok(None);
+    }
     let socket = open()?;
     // Quirk 1: the kernel's exact lookup reads the request's src/dst as the *packet's*
     // source/destination for UDP (udp_dump_one: "src and dst are swapped for historical
@@ -94,7 +99,17 @@ fn open() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn encode_request(transport: Transport, src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+/// The 16 address bytes of `inet_diag_sockid` (IPv4 in the first four).
+fn addr_bytes(a: &SocketAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match a {
+        SocketAddr::V4(v4) => out[..4].copy_from_slice(&v4.ip().octets()),
+        SocketAddr::V6(v6) => out = v6.ip().octets(),
+    }
+    out
+}
+
+fn encode_request(transport: Transport, src: SocketAddr, dst: SocketAddr, seq: u32) -> Vec<u8> {
     let total = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
     let mut buf = Vec::with_capacity(total);
     // struct nlmsghdr (host order).
@@ -110,7 +125,12 @@ fn encode_request(transport: Transport, src: SocketAddrV4, dst: SocketAddrV4, se
         Transport::Tcp => libc::IPPROTO_TCP,
         Transport::Udp => libc::IPPROTO_UDP,
     };
-    buf.push(libc::AF_INET as u8);
+    let family = if src.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    buf.push(family as u8);
     buf.push(protocol as u8);
     buf.push(0); // idiag_ext: no extra attributes
     buf.push(0); // pad
@@ -118,12 +138,8 @@ fn encode_request(transport: Transport, src: SocketAddrV4, dst: SocketAddrV4, se
     // struct inet_diag_sockid: ports and addresses in network order.
     buf.extend_from_slice(&src.port().to_be_bytes());
     buf.extend_from_slice(&dst.port().to_be_bytes());
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&src.ip().octets());
-    buf.extend_from_slice(&addr);
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&dst.ip().octets());
-    buf.extend_from_slice(&addr);
+    buf.extend_from_slice(&addr_bytes(&src));
+    buf.extend_from_slice(&addr_bytes(&dst));
     buf.extend_from_slice(&0u32.to_ne_bytes()); // any interface
     buf.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
     buf.extend_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
@@ -134,8 +150,8 @@ fn encode_request(transport: Transport, src: SocketAddrV4, dst: SocketAddrV4, se
 fn lookup(
     socket: &OwnedFd,
     transport: Transport,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     seq: u32,
     want_local_port: u16,
 ) -> io::Result<Option<u64>> {
@@ -242,8 +258,8 @@ mod tests {
 
     #[test]
     fn request_has_the_kernel_layout() {
-        let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 0x1234);
-        let dst = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 53);
+        let src = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 1), 0x1234));
+        let dst = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 53));
         let req = encode_request(Transport::Udp, src, dst, 7);
         assert_eq!(req.len(), 72);
         assert_eq!(&req[16..20], &[libc::AF_INET as u8, 17, 0, 0]);
@@ -272,26 +288,21 @@ mod tests {
     /// Needs no privileges: sock_diag exact lookups are open to every user.
     #[test]
     fn finds_a_live_udp_socket_and_not_a_missing_one() {
-        let client = UdpSocket::bind("127.0.0.1:0").expect("bind client");
-        let server = UdpSocket::bind("127.0.0.1:0").expect("bind server");
-        let (SocketAddr4(c), SocketAddr4(s)) = (
-            SocketAddr4::of(&client.local_addr().expect("addr")),
-            SocketAddr4::of(&server.local_addr().expect("addr")),
-        );
-        client.connect(s).expect("connect");
-        let cookie = socket_cookie(Transport::Udp, c, s).expect("lookup");
-        assert!(matches!(cookie, Some(v) if v != 0), "got {cookie:?}");
-        drop(client);
-        assert_eq!(socket_cookie(Transport::Udp, c, s).expect("lookup"), None);
-    }
-
-    struct SocketAddr4(SocketAddrV4);
-    impl SocketAddr4 {
-        fn of(a: &std::net::SocketAddr) -> Self {
-            match a {
-                std::net::SocketAddr::V4(v4) => SocketAddr4(*v4),
-                std::net::SocketAddr::V6(_) => panic!("bound an IPv4 address"),
-            }
+        for (c, s) in [("127.0.0.1:0", "127.0.0.1:0"), ("[::1]:0", "[::1]:0")] {
+            let client = UdpSocket::bind(c).expect("bind client");
+            let server = UdpSocket::bind(s).expect("bind server");
+            let (c, s) = (
+                client.local_addr().expect("addr"),
+                server.local_addr().expect("addr"),
+            );
+            client.connect(s).expect("connect");
+            let cookie = socket_cookie(Transport::Udp, c, s).expect("lookup");
+            assert!(
+                matches!(cookie, Some(v) if v != 0),
+                "got {cookie:?} for {c}"
+            );
+            drop(client);
+            assert_eq!(socket_cookie(Transport::Udp, c, s).expect("lookup"), None);
         }
     }
 }

@@ -801,8 +801,18 @@ pub fn route_for<'a>(spec: &'a ServiceSpec, path: &str) -> Option<&'a RouteSpec>
         .max_by_key(|r| r.path.len())
 }
 
+/// A request that asks to switch protocols and must be spliced after a 101. An offer to
+/// switch to h2c alone (`Upgrade: h2c`, what Java's HttpClient sends on its first plain-HTTP
+/// request) is not: the mesh declines it by dropping the hop-by-hop headers, so the request
+/// stays ordinary HTTP/1.1 with routes, retries and taps, and the client simply keeps
+/// HTTP/1.1 (RFC 9113 dropped that upgrade; Envoy declines it the same way).
 fn is_upgrade(headers: &HeaderMap) -> bool {
+    let only_h2c = headers.get_all(header::UPGRADE).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.trim().eq_ignore_ascii_case("h2c"))
+    });
     headers.contains_key(header::UPGRADE)
+        && !only_h2c
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
@@ -932,5 +942,27 @@ mod tests {
         assert!(!h.contains_key("keep-alive"));
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-hms-trace-id"], "abc");
+    }
+
+    #[test]
+    fn an_h2c_upgrade_offer_is_declined_but_websocket_is_an_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAEAAEAAAAIAAAABAAMAAABkAAQBAAAAAAUAAEAA"),
+        );
+        assert!(!is_upgrade(&h));
+        let keep = is_upgrade(&h);
+        strip_hop_by_hop(&mut h, keep);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
     }
 }
