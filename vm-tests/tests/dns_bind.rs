@@ -44,7 +44,7 @@ fn dig(net: &TestNet, from: usize, server: SocketAddrV4, name: &str) -> String {
 fn with_dns_allow_remote_only_this_hosts_own_addresses_are_answered() {
     let net = TestNet::new(2).unwrap();
     let cg = TestCgroup::new("dns-remote").unwrap();
-    let dns = SocketAddrV4::new(net.hosts[0].addr, vm_tests::ports::free_port());
+    let dns = SocketAddrV4::new(net.hosts[0].ipv4(), vm_tests::ports::free_port());
     let agent = TestAgent::start_with_dns(
         cg.path(),
         Some(&net.hosts[0].netns),
