@@ -72,6 +72,11 @@ fn apt(manual: &mut Vec<String>) -> anyhow::Result<()> {
     println!("setup: installing apt packages: {}", missing.join(" "));
     // Only refresh the package lists when we actually install: it is the slow part.
     proc::run(tools::command("apt-get").args(["update", "-q"]))?;
+    // The list holds servers the tests start themselves (nginx, haproxy, etcd, nghttpd).
+    // Their packages would start them as host daemons (nginx on port 80 answers what a
+    // missed hook should refuse); a policy-rc.d that denies starts, for this install only,
+    // keeps them off, as Debian's own container images do.
+    let _no_daemons = NoServiceStarts::install()?;
     proc::run(
         tools::command("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -79,6 +84,40 @@ fn apt(manual: &mut Vec<String>) -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     Ok(())
+}
+
+/// `/usr/sbin/policy-rc.d` answering 101 ("action forbidden") while it lives, so package
+/// scripts (invoke-rc.d, deb-systemd-invoke) start no service. Left alone when the host has
+/// its own policy.
+struct NoServiceStarts {
+    written: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl NoServiceStarts {
+    fn install() -> anyhow::Result<NoServiceStarts> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if std::path::Path::new(POLICY_RC_D).exists() {
+            return Ok(NoServiceStarts { written: false });
+        }
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# Written by `cargo xtask setup` for one apt-get install: start no service.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(NoServiceStarts { written: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.written {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
