@@ -323,6 +323,9 @@ pub struct ListenerLimit {
     pub shed: u64,
     /// New connections closed at once (every open one busy).
     pub refused: u64,
+    /// New connections closed because their user already held its share of the cap.
+    #[serde(default)]
+    pub refused_user_share: u64,
 }
 
 /// HTTP requests through the proxy since the agent started.

@@ -639,8 +639,13 @@ fn print_status(s: &AgentStatus) {
             .listeners
             .iter()
             .map(|c| {
+                let over_share = if c.refused_user_share > 0 {
+                    format!(", {} over a user's share", c.refused_user_share)
+                } else {
+                    String::new()
+                };
                 format!(
-                    "{} {}/{} ({} shed, {} refused)",
+                    "{} {}/{} ({} shed, {} refused{over_share})",
                     c.listener, c.open, c.cap, c.shed, c.refused
                 )
             })

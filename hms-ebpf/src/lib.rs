@@ -227,6 +227,10 @@ pub struct OrigDst {
     pub comm: [u8; 16],
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC, ns since boot) when connect4/sendmsg4 ran.
     pub connect_ns: u64,
+    /// Caller's uid as the initial user namespace sees it (a user namespace of its own
+    /// does not change it): the agent shares its connection caps out per user.
+    pub uid: u32,
+    pub _pad: u32,
 }
 
 /// [`OrigDst::flags`]: the caller dialled a real IPv6 address; `ip` holds its low 32 bits
@@ -268,8 +272,8 @@ pub struct FlowKey {
 }
 
 /// Size of `HMS_FLOW_EVENTS` in bytes (a power-of-two multiple of the page size, as the kernel
-/// requires). A record takes `size_of::<FlowEvent>()` + 8 header bytes = 128 bytes, so about
-/// 2,000 records wait here for a slow reader before new ones are dropped (and counted).
+/// requires). A record takes `size_of::<FlowEvent>()` + 8 header bytes = 136 bytes, so about
+/// 1,900 records wait here for a slow reader before new ones are dropped (and counted).
 pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// [`FlowEvent::kind`]: the client side of a redirected TCP connection was established.
@@ -386,15 +390,15 @@ mod pod {
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
 // size be refused by the agent, which asks for a cleanup).
 const _: () = {
-    assert!(size_of::<OrigDst>() == 48);
+    assert!(size_of::<OrigDst>() == 56);
     assert!(size_of::<FlowKey>() == 16);
     assert!(size_of::<SockKey>() == 24);
     assert!(size_of::<RedirectConfig>() == 40);
     assert!(size_of::<RedirectConfig6>() == 48);
-    assert!(size_of::<OrigDst6>() == 64);
+    assert!(size_of::<OrigDst6>() == 72);
     assert!(size_of::<FlowKey6>() == 40);
     assert!(size_of::<SockKey6>() == 48);
-    assert!(size_of::<FlowState>() == 80);
-    assert!(size_of::<FlowEvent>() == 120);
+    assert!(size_of::<FlowState>() == 88);
+    assert!(size_of::<FlowEvent>() == 128);
     assert!(align_of::<FlowEvent>() == 8);
 };

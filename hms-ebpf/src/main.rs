@@ -35,7 +35,7 @@ mod programs {
             sk_action::SK_PASS,
         },
         helpers::{
-            bpf_get_current_comm, bpf_get_current_pid_tgid,
+            bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
             generated::{
                 bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
                 bpf_ktime_get_ns,
@@ -296,6 +296,9 @@ mod programs {
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
             // SAFETY: no arguments; available to every program type.
             connect_ns: unsafe { bpf_ktime_get_ns() },
+            // Low half: the uid (high half: gid).
+            uid: bpf_get_current_uid_gid() as u32,
+            _pad: 0,
         }
     }
 

@@ -119,7 +119,7 @@ pub fn collector(
     let limits = dns.caps.clone();
     // One family after another (the text format wants each family's series together).
     type Read = fn(&crate::limits::ConnCap) -> u64;
-    let families: [(&str, &str, bool, Read); 4] = [
+    let families: [(&str, &str, bool, Read); 5] = [
         (
             "listener_connections",
             "Connections a listener holds now, under its cap (hms_listener_connection_cap)",
@@ -143,6 +143,12 @@ pub fn collector(
             "New connections a listener at its cap closed at once (none idle to shed)",
             true,
             |c| c.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "listener_connections_refused_user_share",
+            "New connections closed because their user (uid) already held half the listener's cap",
+            true,
+            |c| c.refused_user_share.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, counter, read) in families {

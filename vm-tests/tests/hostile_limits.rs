@@ -162,3 +162,117 @@ fn a_local_user_holding_every_listener_cannot_stop_svc_calls_or_dns_lookups() {
     let _ = hog.kill();
     let _ = hog.wait();
 }
+
+/// Opens byte-stream connections through a VIP (redirected to the agent, spliced to a
+/// service that holds them), sends one byte on each so the proxy sees an opaque stream, and
+/// holds them until stdin closes. Prints how many stayed open.
+const STREAM_HOG: &str = r#"
+import socket, sys, time, json, select, resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+vip, n = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((vip, 80))
+        s.sendall(b'x')
+        held.append(s)
+    except OSError:
+        s.close()
+time.sleep(1)
+alive = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        alive += 1 if s.recv(1) != b'' else 0
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(json.dumps({"tried": n, "held": alive}), flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_more() {
+    let cg = TestCgroup::new("streamhog").unwrap();
+    let agent = TestAgent::start_with_fd_limit(cg.path(), 1024).unwrap();
+    let backend = Backend::start("steady-svc", 0).unwrap();
+    agent.deploy("steady-svc", backend.addr.port()).unwrap();
+    // A plain TCP service that accepts and holds: what the attacker streams to.
+    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hold_port = hold.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for c in hold.incoming().flatten() {
+            kept.push(c);
+        }
+    });
+    let vip = agent.deploy("hold-svc", hold_port).unwrap();
+
+    // The attacker runs as nobody inside the meshed cgroup, like any local user's program.
+    // (setpriv drops to nobody after the child has joined the cgroup, which needs root.)
+    let mut hog = cg.command("setpriv");
+    hog.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(vm_tests::tools::path_of("python3"))
+        .args(["-c", STREAM_HOG, &vip.to_string(), "400"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut hog = hog.spawn().expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&line).expect("hog summary");
+    // Every other user still gets through: root's calls succeed while the streams are held.
+    for i in 0..5 {
+        let r = curl(
+            cg.command("curl"),
+            Duration::from_secs(10),
+            &[&format!("http://steady-svc.svc/beside-the-hog/{i}")],
+        );
+        assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 30));
+    }
+    let status = agent.ctl_json(&["status"]).unwrap();
+    let outbound = status["limits"]["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["listener"] == "outbound"))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("MEASURED: the attacker held {summary}; outbound limits {outbound}");
+    let cap = outbound["cap"].as_u64().unwrap();
+    let held = summary["held"].as_u64().unwrap();
+    assert!(
+        held <= cap / 2,
+        "one user holds at most half the cap ({cap}): {summary}"
+    );
+    assert!(
+        held >= cap / 4,
+        "the attacker really held streams: {summary}"
+    );
+    assert!(
+        outbound["refused_user_share"].as_u64().unwrap_or(0) > 0,
+        "the rest were refused as over the user's share: {outbound}"
+    );
+
+    let metrics = vm_tests::tools::command("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/metrics", agent.metrics))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metric(
+            &text,
+            "hms_listener_connections_refused_user_share_total{listener=\"outbound\"}"
+        ) > 0,
+        "{text}"
+    );
+    drop(hog.stdin.take());
+    let _ = hog.kill();
+    let _ = hog.wait();
+}

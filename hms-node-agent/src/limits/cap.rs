@@ -35,6 +35,8 @@ struct Inner {
     next_id: u64,
     /// By admission order: the first idle entry is the oldest idle connection.
     open: BTreeMap<u64, Entry>,
+    /// Open connections per caller uid, for listeners that know their callers' users.
+    by_user: std::collections::HashMap<u32, usize>,
 }
 
 pub struct ConnCap {
@@ -45,6 +47,9 @@ pub struct ConnCap {
     pub shed: AtomicU64,
     /// New connections closed at once because every open one was busy.
     pub refused: AtomicU64,
+    /// New connections closed because their user already held its share (see
+    /// [`ConnSlot::claim_user_share`]).
+    pub refused_user_share: AtomicU64,
 }
 
 /// A place under the cap, held by the connection's task; freed when dropped.
@@ -53,6 +58,7 @@ pub struct ConnSlot {
     id: u64,
     idle: IdleFlag,
     shed: Arc<Notify>,
+    user: Option<u32>,
 }
 
 impl ConnCap {
@@ -63,11 +69,21 @@ impl ConnCap {
             inner: Mutex::new(Inner::default()),
             shed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            refused_user_share: AtomicU64::new(0),
         })
     }
 
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// How many connections one user may hold: half the cap. Busy connections are never
+    /// shed, so without a share one local user holding byte streams open could fill the
+    /// whole cap and lock every other user (and service) out; with it, the other half
+    /// always remains for everyone else. A user namespace does not help: the kernel reports
+    /// the uid of the initial namespace.
+    pub fn user_share(&self) -> usize {
+        (self.max / 2).max(1)
     }
 
     pub fn open(&self) -> usize {
@@ -115,6 +131,7 @@ impl ConnCap {
             id,
             idle,
             shed,
+            user: None,
         })
     }
 }
@@ -128,6 +145,25 @@ impl ConnSlot {
         self.idle.set(idle);
     }
 
+    /// Counts this connection against its caller's user; false (and counted) when that user
+    /// already holds [`ConnCap::user_share`] connections: close it. For listeners that learn
+    /// the caller's uid after accepting (the outbound proxy, from the kernel's record).
+    pub fn claim_user_share(&mut self, uid: u32) -> bool {
+        if self.user.is_some() {
+            return true;
+        }
+        let share = self.cap.user_share();
+        let mut inner = self.cap.lock();
+        let held = inner.by_user.entry(uid).or_insert(0);
+        if *held >= share {
+            self.cap.refused_user_share.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *held += 1;
+        self.user = Some(uid);
+        true
+    }
+
     /// Resolves when the cap shed this connection: drop it.
     pub async fn shed(&self) {
         self.shed.notified().await
@@ -136,7 +172,16 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.cap.lock().open.remove(&self.id);
+        let mut inner = self.cap.lock();
+        inner.open.remove(&self.id);
+        if let Some(uid) = self.user
+            && let Some(held) = inner.by_user.get_mut(&uid)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                inner.by_user.remove(&uid);
+            }
+        }
     }
 }
 
@@ -144,6 +189,30 @@ impl Drop for ConnSlot {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn one_user_holds_at_most_half_the_cap_and_others_still_get_in() {
+        let cap = ConnCap::new("t", 4);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = cap.admit().unwrap();
+            assert!(s.claim_user_share(65534));
+            s.set_idle(false);
+            held.push(s);
+        }
+        let mut third = cap.admit().unwrap();
+        assert!(!third.claim_user_share(65534), "over its share");
+        drop(third);
+        assert_eq!(cap.refused_user_share.load(Ordering::Relaxed), 1);
+        let mut other = cap.admit().unwrap();
+        assert!(other.claim_user_share(0), "another user still gets in");
+        drop(held.pop());
+        let mut again = cap.admit().unwrap();
+        assert!(
+            again.claim_user_share(65534),
+            "a freed place is the user's again"
+        );
+    }
 
     #[tokio::test]
     async fn a_full_cap_sheds_its_oldest_idle_connection_and_refuses_when_all_are_busy() {

@@ -135,6 +135,7 @@ impl Caps {
                     open: c.open() as u64,
                     shed: c.shed.load(Ordering::Relaxed),
                     refused: c.refused.load(Ordering::Relaxed),
+                    refused_user_share: c.refused_user_share.load(Ordering::Relaxed),
                 })
                 .collect(),
             dns_forward_capacity: self.dns_forward_capacity as u64,

@@ -83,6 +83,11 @@ pub enum Refusal {
     },
     #[error("{0} has no instances")]
     NoInstance(String),
+    #[error(
+        "uid {uid} already holds {share} proxied connections, its share of the outbound cap; \
+         close some, or raise the agent's fd limit (LimitNOFILE)"
+    )]
+    UserShare { uid: u32, share: usize },
     #[error("host {node} refused the connection: {reason}")]
     RefusedByHost { node: String, reason: String },
     #[error("connecting to {service} instance {addr} failed: {error}")]
@@ -98,6 +103,8 @@ struct Placement {
     service: ServiceInfo,
     caller: Caller,
     process: String,
+    /// The caller's uid (initial user namespace), for its share of the cap.
+    uid: u32,
 }
 
 impl Outbound {
@@ -151,9 +158,21 @@ impl Outbound {
             let drain = drain.clone();
             tokio::spawn(async move {
                 let _guard = guard;
+                let mut slot = slot;
+                let placement = match this.place(&stream, peer) {
+                    Ok(p) => p,
+                    Err(refusal) => return this.refuse(stream, peer, refusal),
+                };
+                if !slot.claim_user_share(placement.uid) {
+                    let refusal = Refusal::UserShare {
+                        uid: placement.uid,
+                        share: this.cap.user_share(),
+                    };
+                    return this.refuse(stream, peer, refusal);
+                }
                 this.stats.active.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
-                    _ = this.handle(stream, peer, drain, slot.idle_flag()) => {}
+                    _ = this.handle(stream, peer, placement, drain, slot.idle_flag()) => {}
                     // Shed to admit a newer connection: dropping the work closes this one.
                     _ = slot.shed() => tracing::debug!(%peer, "idle connection shed at the cap"),
                 }
@@ -166,13 +185,10 @@ impl Outbound {
         &self,
         client: TcpStream,
         peer: SocketAddr,
+        placement: Placement,
         drain: Drain,
         idle: crate::limits::IdleFlag,
     ) {
-        let placement = match self.place(&client, peer) {
-            Ok(p) => p,
-            Err(refusal) => return self.refuse(client, peer, refusal),
-        };
         self.stats.proxied.fetch_add(1, Ordering::Relaxed);
         let protocol = detect::detect(&client, DETECT_TIMEOUT).await;
         let name = placement.service.spec.name.clone();
@@ -271,6 +287,7 @@ impl Outbound {
             caller: self.caller_of(orig.cgroup_id, orig.pid, &snapshot),
             process: format!("{}[{}]", original_dst::comm(&orig), orig.pid),
             service: service.clone(),
+            uid: orig.uid,
         })
     }
 

@@ -347,6 +347,8 @@ mod tests {
                 cgroup_id: 99,
                 comm,
                 connect_ns: 1_500_000,
+                uid: 1000,
+                _pad: 0,
             },
             bytes_acked: 102,
             bytes_received: 7,
