@@ -330,6 +330,13 @@ impl Shared {
         }
     }
 
+    fn is_connected(&self) -> bool {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connected
+    }
+
     fn failed(&self, what: &str, e: &anyhow::Error) {
         let was = self
             .status
@@ -558,10 +565,18 @@ impl Shared {
         };
         backoff.reset();
         loop {
-            tokio::time::sleep(interval).await;
+            // Renew first, then wait: after a reconnect the lease may be close to expiry,
+            // and the answer is also what tells the health that etcd is back.
             keeper.keep_alive().await?;
             match tokio::time::timeout(self.timeout(), responses.message()).await {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    // etcd answered: connected. Without this, a stale keep-alive stream
+                    // failing after the watch had already reconnected left the health at
+                    // "disconnected" until the next watch event, which may never come.
+                    if !self.is_connected() {
+                        self.set_status(true, None);
+                    }
+                }
                 Ok(Ok(Some(_))) => return Ok(()),
                 Ok(Ok(None)) => bail!("etcd closed the lease keep-alive stream"),
                 Ok(Err(e)) => return Err(e.into()),
@@ -570,6 +585,7 @@ impl Shared {
                     self.timeout()
                 ),
             }
+            tokio::time::sleep(interval).await;
         }
     }
 
