@@ -101,23 +101,7 @@ fn request(kind: u16, flags: u16, prefix: Ipv6Addr) -> io::Result<()> {
     // SAFETY: fd is a fresh, valid descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let req = encode(kind, flags, prefix, lo);
-    // SAFETY: zeroed sockaddr_nl with nl_pid 0 addresses the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid fd, buffer and address for the duration of the call.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            req.as_ptr() as *const libc::c_void,
-            req.len(),
-            0,
-            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    super::netlink::send_to_kernel(&fd, &req)?;
     let mut buf = [0u8; 1024];
     // SAFETY: valid fd and buffer. The kernel acks route requests synchronously.
     let n = unsafe {

@@ -20,6 +20,7 @@ pub mod flows;
 mod liveness;
 mod loader;
 mod local_route;
+mod netlink;
 mod pin;
 mod sockdiag;
 

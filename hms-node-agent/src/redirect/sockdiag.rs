@@ -156,23 +156,7 @@ fn lookup(
     want_local_port: u16,
 ) -> io::Result<Option<u64>> {
     let req = encode_request(transport, src, dst, seq);
-    // SAFETY: zeroed sockaddr_nl with nl_pid 0 addresses the kernel.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: valid fd, buffer and address for the duration of the call.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            req.as_ptr() as *const libc::c_void,
-            req.len(),
-            0,
-            &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    super::netlink::send_to_kernel(socket, &req)?;
     let mut buf = [0u8; 8192];
     loop {
         // SAFETY: valid fd and a writable buffer of the given length.
