@@ -209,6 +209,34 @@ impl TestAgent {
         }
     }
 
+    /// The HTTP tap events of `service` whose path is `path`, polled (bounded) until at
+    /// least `want` of them show; what was found by then.
+    pub fn http_tap_events(
+        &self,
+        service: &str,
+        path: &str,
+        want: usize,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + crate::slack(Duration::from_secs(10));
+        loop {
+            let out = self.ctl(&["tap", service, "--last", "200", "-o", "json"]);
+            assert!(
+                out.status.success(),
+                "hms-ctl tap: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let found: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON per line"))
+                .filter(|e| e["kind"] == "http" && e["path"] == path)
+                .collect();
+            if found.len() >= want || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `hms-svc --socket <ours> ARGS`: the seed chapter's name for hms-ctl (a link the
     /// build puts next to it).
     pub fn svc(&self, args: &[&str]) -> Output {

@@ -57,24 +57,6 @@ print(head.split(b"\r\n")[0].decode())
 sys.stdout.write(body.decode())
 "#;
 
-/// The HTTP tap events for `service` whose path is `path`, waiting (bounded) for them to show.
-fn tap_events_for(agent: &TestAgent, service: &str, path: &str) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
-    loop {
-        let out = agent.ctl(&["tap", service, "--last", "100", "-o", "json"]);
-        assert!(out.status.success(), "{}", text(&out));
-        let found: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON per line"))
-            .filter(|e| e["kind"] == "http" && e["path"] == path)
-            .collect();
-        if !found.is_empty() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn world(service: &str) -> (TestCgroup, TestAgent, Backend, Ipv4Addr) {
     let cg = TestCgroup::new("dual").expect("test cgroup");
     let agent = TestAgent::start(cg.path()).expect("agent");
@@ -88,12 +70,7 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
     let (cg, agent, backend, vip) = world("mapped-svc");
     let mapped = format!("::ffff:{vip}");
     let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/mapped"]);
-    assert!(
-        o.status.success(),
-        "{}\nagent log:\n{}",
-        text(&o),
-        agent.log()
-    );
+    assert_ok(&o, &agent);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "HTTP/1.1 200 OK\nmapped-svc saw GET /mapped\n",
@@ -101,7 +78,7 @@ fn a_dual_stack_socket_dialling_the_mapped_vip_reaches_the_service() {
         text(&o)
     );
     assert_eq!(backend.seen_count(), 1);
-    let events = tap_events_for(&agent, "mapped-svc", "/mapped");
+    let events = agent.http_tap_events("mapped-svc", "/mapped", 1);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0]["status"], 200);
     assert_eq!(events[0]["caller"], "host");
@@ -200,12 +177,7 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
         assert!(agent.pin_dir.join(name).exists(), "{name} pinned again");
     }
     let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/after"]);
-    assert!(
-        o.status.success(),
-        "{}\nagent log:\n{}",
-        text(&o),
-        agent.log()
-    );
+    assert_ok(&o, &agent);
     assert!(String::from_utf8_lossy(&o.stdout).ends_with("oldpins-svc saw GET /after\n"));
 
     agent.stop().unwrap();
@@ -221,6 +193,16 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
         !o.status.success(),
         "connect6 is gone after cleanup: {}",
         text(&o)
+    );
+}
+
+/// A client run that must have succeeded; shows its output and the agent's log if not.
+fn assert_ok(o: &Output, agent: &TestAgent) {
+    assert!(
+        o.status.success(),
+        "{}\nagent log:\n{}",
+        text(o),
+        agent.log()
     );
 }
 
@@ -330,7 +312,7 @@ fn a_dns_query_to_a_mapped_resolver_is_answered_and_comes_back_from_that_resolve
         MAPPED_DNS_QUERY,
         &["::ffff:127.0.0.53", "mapdns-svc.svc"],
     );
-    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    assert_ok(&o, &agent);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         format!("::ffff:127.0.0.53 53\n{vip}\n"),
@@ -345,17 +327,12 @@ fn ipv6_only_and_dual_stack_sockets_reach_the_service_at_its_ipv6_vip() {
     let v6 = vip6(vip).to_string();
     for (v6only, path) in [("1", "/v6only"), ("0", "/dualstack")] {
         let o = python_in(&cg, RAW_GET6, &[&v6, "80", v6only, path]);
-        assert!(
-            o.status.success(),
-            "{}\nagent log:\n{}",
-            text(&o),
-            agent.log()
-        );
+        assert_ok(&o, &agent);
         assert_eq!(
             String::from_utf8_lossy(&o.stdout),
             format!("HTTP/1.1 200 OK\nv6-svc saw GET {path}\n")
         );
-        let events = tap_events_for(&agent, "v6-svc", path);
+        let events = agent.http_tap_events("v6-svc", path, 1);
         assert_eq!(events.len(), 1, "{events:#?}");
         assert_eq!(events[0]["caller"], "host");
         assert!(
@@ -388,7 +365,9 @@ fn ipv6_only_and_dual_stack_sockets_reach_the_service_at_its_ipv6_vip() {
             format!("v6-svc saw GET /{path}\n")
         );
         assert_eq!(
-            tap_events_for(&agent, "v6-svc", &format!("/{path}")).len(),
+            agent
+                .http_tap_events("v6-svc", &format!("/{path}"), 1)
+                .len(),
             1
         );
     }
@@ -435,7 +414,7 @@ fn an_ipv6_vip_dialled_outside_the_cgroup_is_refused_on_this_host_and_cleanup_re
     .to_string();
     // Inside the cgroup: the service, at the VIP under the configured prefix.
     let o = python_in(&cg, RAW_GET6, &[&v6, "80", "1", "/inside"]);
-    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    assert_ok(&o, &agent);
     // Outside: no hook, and the local route answers with a reset, here, at once.
     let outside = vm_tests::tools::command("python3")
         .args(["-c", RAW_GET6, &v6, "80", "1", "/outside"])
@@ -535,7 +514,7 @@ fn policy_sees_the_same_caller_over_ipv4_mapped_and_ipv6() {
             agent.log()
         );
         let path = format!("/allowed/{family}");
-        let events = tap_events_for(&agent, "ledger-svc", &path);
+        let events = agent.http_tap_events("ledger-svc", &path, 1);
         assert_eq!(events.len(), 1, "{family}: {events:#?}");
         assert_eq!(
             events[0]["caller"], "payments-svc",
@@ -551,7 +530,7 @@ fn policy_sees_the_same_caller_over_ipv4_mapped_and_ipv6() {
             out.contains("x-hms-error: denied") || out.contains("not allowed to call ledger-svc"),
             "{family}: {out}"
         );
-        let events = tap_events_for(&agent, "ledger-svc", &format!("/denied/{family}"));
+        let events = agent.http_tap_events("ledger-svc", &format!("/denied/{family}"), 1);
         assert_eq!(events.len(), 1, "{family}: {events:#?}");
         assert_eq!(events[0]["caller"], "host", "{family}");
         assert_eq!(events[0]["status"], 403, "{family}");
@@ -583,7 +562,7 @@ fn has_any_ipv6() -> bool {
 fn getaddrinfo_unspec_returns_both_families_and_ai_addrconfig_follows_the_hosts_addresses() {
     let (cg, agent, _backend, vip) = world("gai-svc");
     let o = python_in(&cg, GETADDRINFO, &["gai-svc.svc"]);
-    assert!(o.status.success(), "{}\n{}", text(&o), agent.log());
+    assert_ok(&o, &agent);
     let both = format!("AF_INET={vip} AF_INET6={}", vip6(vip));
     // With AI_ADDRCONFIG (glibc's default when a program passes no hints), glibc asks for
     // AAAA whenever the host has any IPv6 address, ::1 included: a host whose only IPv6 is
@@ -754,7 +733,11 @@ fn an_instance_listening_on_ipv6_loopback_only_is_reached_from_both_families() {
             text(&o),
             agent.log()
         );
-        assert_eq!(tap_events_for(&agent, "inst6-svc", path).len(), 1, "{path}");
+        assert_eq!(
+            agent.http_tap_events("inst6-svc", path, 1).len(),
+            1,
+            "{path}"
+        );
     }
     let _ = server.kill();
     let _ = server.wait();
@@ -883,7 +866,7 @@ fn a_failed_get_is_retried_once_for_ipv4_mapped_and_ipv6_callers_alike() {
             ["/once", "/once"],
             "{family}: first attempt 503, one retry"
         );
-        let events = tap_events_for(&agent, &name, "/once");
+        let events = agent.http_tap_events(&name, "/once", 1);
         assert_eq!(events.len(), 1, "{family}: {events:#?}");
         assert_eq!(events[0]["retries"], 1, "{family}: {}", events[0]);
         assert_eq!(events[0]["status"], 200, "{family}");

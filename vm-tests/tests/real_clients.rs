@@ -35,27 +35,9 @@ fn run(mut cmd: Command, limit: Duration) -> Output {
     vm_tests::client::wait_output(child, vm_tests::slack(limit)).expect("client finished")
 }
 
-/// The tap events of `service` (HTTP ones with `path`), waiting (bounded) for `want` of them.
-fn tap_events(agent: &TestAgent, service: &str, path: &str, want: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
-    loop {
-        let out = agent.ctl(&["tap", service, "--last", "200", "-o", "json"]);
-        assert!(out.status.success(), "{}", text(&out));
-        let found: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON per line"))
-            .filter(|e| e["kind"] == "http" && e["path"] == path)
-            .collect();
-        if found.len() >= want || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Asserts the tap shows exactly `n` calls to `path` answered `status`, made by `process`.
 fn assert_tapped(agent: &TestAgent, service: &str, path: &str, n: usize, process: &str) {
-    let events = tap_events(agent, service, path, n);
+    let events = agent.http_tap_events(service, path, n);
     assert_eq!(events.len(), n, "tap of {service} {path}: {events:#?}");
     for e in &events {
         assert_eq!(e["status"], 200, "{e}");
