@@ -9,7 +9,7 @@ pub mod embedded;
 pub mod etcd;
 pub mod vip;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -106,8 +106,14 @@ pub struct Snapshot {
     nodes: BTreeMap<String, NodeInfo>,
     /// Shared between snapshots: a service change does not copy the blobs.
     blobs: Arc<Blobs>,
+    /// Which hosts the operator lets run each service (etcd only; see [`Snapshot::placed_on`]).
+    placement: Arc<Placement>,
     revision: u64,
 }
+
+/// Service name -> the hosts the operator placed it on. Written only with the operator's
+/// credential, so a host cannot widen its own placement.
+pub type Placement = BTreeMap<String, BTreeSet<String>>;
 
 impl Snapshot {
     pub fn new(services: impl IntoIterator<Item = ServiceInfo>) -> Snapshot {
@@ -133,6 +139,11 @@ impl Snapshot {
 
     pub fn with_blobs(mut self, blobs: Arc<Blobs>) -> Snapshot {
         self.blobs = blobs;
+        self
+    }
+
+    pub fn with_placement(mut self, placement: Arc<Placement>) -> Snapshot {
+        self.placement = placement;
         self
     }
 
@@ -182,6 +193,19 @@ impl Snapshot {
         self.blobs
             .range(prefix.to_string()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
+    }
+
+    /// The hosts the operator placed `service` on; None when it was never placed.
+    pub fn placement(&self, service: &str) -> Option<&BTreeSet<String>> {
+        self.placement.get(service)
+    }
+
+    /// Whether the operator let host `node` run `service`: the only hosts that may speak for
+    /// the service as a caller on other hosts, or write its spec.
+    pub fn placed_on(&self, service: &str, node: &str) -> bool {
+        self.placement
+            .get(service)
+            .is_some_and(|hosts| hosts.contains(node))
     }
 
     /// The registry revision this snapshot reflects.
