@@ -343,6 +343,13 @@ pub struct HttpCounters {
     /// Attempts an instance did not process (connection rotation), sent again.
     #[serde(default)]
     pub unprocessed: u64,
+    /// Tunnel streams from other hosts refused because the claimed caller service is not
+    /// placed on the sending host.
+    #[serde(default)]
+    pub inbound_caller_not_placed: u64,
+    /// Tunnel streams from other hosts to a port that is not one of this host's instances.
+    #[serde(default)]
+    pub inbound_not_own_instance: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

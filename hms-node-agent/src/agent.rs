@@ -248,6 +248,7 @@ pub async fn run(
         let outbound = outbound.clone();
         let store = store.clone();
         let drain = drain.clone();
+        let node_name = config.node_name.clone();
         tasks.spawn(async move {
             let tls = loop {
                 if let Some(tls) = identity.tls() {
@@ -265,6 +266,7 @@ pub async fn run(
             let policy = Arc::new(crate::proxy::inbound::MeshInbound {
                 store,
                 http: outbound.http.clone(),
+                node: node_name,
             });
             let server = crate::tunnel::InboundServer::new_limited(
                 &tls,

@@ -34,6 +34,11 @@ pub struct EdgeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByteLabels {
     pub destination: String,
     /// `sent` (caller to service) or `received`.
@@ -52,6 +57,9 @@ pub struct Metrics {
     pub timeouts: Family<DestinationLabels, Counter>,
     pub flows: Family<EdgeLabels, Counter>,
     pub flow_bytes: Family<ByteLabels, Counter>,
+    /// Tunnel streams from other hosts refused before policy: `caller-not-placed` (the
+    /// peer claimed a service the operator did not place on it), `not-own-instance`.
+    pub inbound_refused: Family<ReasonLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -114,6 +122,12 @@ impl Metrics {
             "Bytes carried by redirected TCP connections, from the kernel's flow records",
             flow_bytes.clone(),
         );
+        let inbound_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "inbound_refused",
+            "Tunnel streams from other hosts refused: a caller not placed on the peer, a port that is not one of this host's instances",
+            inbound_refused.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -124,6 +138,7 @@ impl Metrics {
             timeouts,
             flows,
             flow_bytes,
+            inbound_refused,
         }
     }
 

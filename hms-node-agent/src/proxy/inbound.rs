@@ -1,56 +1,140 @@
 //! The destination side of cross-host calls: what this host's agent decides when another
-//! host's agent opens a tunnel stream to one of its services. The caller's identity comes
-//! from the sending agent, believed because its node certificate was verified; policy and
-//! rate limits of the service are applied here, where the service lives, and the answer is
-//! carried back so the caller gets the same 403/429 and `x-hms-error` as on one host.
+//! host's agent opens a tunnel stream to one of its services.
+//!
+//! The caller comes from what the peer proved, not from the header alone: the peer's node
+//! certificate names its host, and a claim `x-hms-caller: <service>` from that host is
+//! believed only if the operator placed the service there (`Snapshot::placed_on`); `host`
+//! is a claim any member may make. The target must be one of THIS host's own instance
+//! records of the service (the global spec's ports are not enough: that would let any node
+//! reach any loopback port some spec names). Then the service's policy, and its rate
+//! limit: per stream for opaque TCP, per request for streams declared HTTP (served by
+//! `inbound_http`). Answers are carried back so the caller gets the same 403/429 and
+//! `x-hms-error` as on one host. Never relays anywhere but a loopback instance of its own.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::registry::Store;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+
+use crate::metrics::ReasonLabels;
+use crate::registry::{Snapshot, Store};
 use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
-use crate::tunnel::{InboundFlow, InboundPolicy, InboundRequest, Refusal};
+use crate::tunnel::{
+    HOST_CALLER, InboundFlow, InboundPolicy, InboundRequest, Refusal, StreamProtocol,
+};
 
 use super::http::HttpProxy;
 
 pub struct MeshInbound {
     pub store: Arc<dyn Store>,
     pub http: Arc<HttpProxy>,
+    /// This host's node name: the instance records that are ours carry it.
+    pub node: String,
+}
+
+/// Whether caller claims are checked against placement. Until the registry's placement
+/// records are filled on every mesh (the etcd layout with `hms-ctl place`), a mesh without
+/// any placement record keeps believing the claims of authenticated nodes, so existing
+/// meshes keep working; one record anywhere turns the check on for every service.
+fn placement_enforced(snapshot: &Snapshot) -> bool {
+    snapshot
+        .services()
+        .any(|s| snapshot.placement(&s.spec.name).is_some())
+}
+
+impl MeshInbound {
+    fn refused(&self, reason: &'static str) {
+        let counter = match reason {
+            "caller-not-placed" => &self.http.stats.inbound_caller_not_placed,
+            _ => &self.http.stats.inbound_not_own_instance,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.http
+            .metrics
+            .inbound_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
 }
 
 impl InboundPolicy for MeshInbound {
     async fn authorize(&self, request: &InboundRequest) -> Result<SocketAddr, Refusal> {
         let snapshot = self.store.snapshot();
+        let peer = request.peer_node.node_name().unwrap_or("");
         let Some(svc) = snapshot.service(&request.target.service) else {
             return Err(Refusal::NO_ENDPOINT);
         };
         let port = request.target.port;
-        if port != svc.spec.port && !svc.spec.replicas.contains(&port) {
+        let ours = svc
+            .instances
+            .iter()
+            .any(|i| i.node == self.node && i.addr.port() == port);
+        if !ours {
+            self.refused("not-own-instance");
+            tracing::warn!(
+                service = %svc.spec.name, port, %peer, caller = %request.caller,
+                "refused a call from another host: port {port} is not one of this host's instances of {}",
+                svc.spec.name
+            );
             return Err(Refusal::NO_ENDPOINT);
         }
-        let caller = if request.caller == "host" {
+        let caller = if request.caller == HOST_CALLER {
             Caller::Host
         } else {
+            if placement_enforced(&snapshot) && !snapshot.placed_on(&request.caller, peer) {
+                self.refused("caller-not-placed");
+                tracing::warn!(
+                    service = %svc.spec.name, %peer, claim = %request.caller,
+                    "refused a call from another host: caller {} is not placed on {peer}",
+                    request.caller
+                );
+                return Err(Refusal::CALLER_NOT_PLACED);
+            }
             Caller::service(&request.caller)
         };
         if !policy::allows(&svc.spec.policy, &caller) {
             tracing::warn!(
-                service = %svc.spec.name, %caller, peer = %request.peer_node,
+                service = %svc.spec.name, %caller, %peer,
                 "refused a call from another host: denied by policy"
             );
             return Err(Refusal::DENIED);
         }
-        let state = self.http.states.get(svc, &snapshot);
-        if let Some(limiter) = &state.limiter {
-            match limiter.check(Instant::now()) {
-                Decision::Allow => {}
-                Decision::Wait(d) => tokio::time::sleep(d).await,
-                Decision::Reject { retry_after } => return Err(Refusal::rate_limited(retry_after)),
+        // An HTTP stream is limited per request as it is served (`inbound_http`).
+        if request.protocol == StreamProtocol::Opaque {
+            let state = self.http.states.get(svc, &snapshot);
+            if let Some(limiter) = &state.limiter {
+                match limiter.check(Instant::now()) {
+                    Decision::Allow => {}
+                    Decision::Wait(d) => tokio::time::sleep(d).await,
+                    Decision::Reject { retry_after } => {
+                        return Err(Refusal::rate_limited(retry_after));
+                    }
+                }
             }
         }
         Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    }
+
+    async fn relay_http(
+        &self,
+        request: &InboundRequest,
+        downstream: TokioIo<Upgraded>,
+        upstream: tokio::net::TcpStream,
+    ) -> (u64, u64, Option<String>) {
+        super::inbound_http::relay(
+            self.http.clone(),
+            self.store.clone(),
+            request,
+            downstream,
+            upstream,
+        )
+        .await
     }
 
     fn on_flow(&self, flow: &InboundFlow) {

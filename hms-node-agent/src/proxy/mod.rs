@@ -5,6 +5,7 @@
 pub mod detect;
 pub mod http;
 pub mod inbound;
+pub mod inbound_http;
 pub mod outbound;
 pub mod splice;
 

@@ -9,7 +9,9 @@
 //! 3. Per stream: CONNECT only (else 405), `<service>:<port>` authority and exactly one valid
 //!    `x-hms-caller` (else 400), then the [`InboundPolicy`] decides (403/429/503), then a
 //!    connect to the loopback instance within [`LOCAL_CONNECT_TIMEOUT`] (else 502), then
-//!    `200` and a splice both ways with half-close.
+//!    `200` and a splice both ways with half-close; a stream declared HTTP is handed to
+//!    [`InboundPolicy::relay_http`] instead, and an opaque one that opens with an HTTP
+//!    request is cut (it would carry requests past per-request accounting).
 //!
 //! On drain it stops accepting, sends GOAWAY on every connection (streams in flight run to
 //! their end) and returns once every connection has closed. Dropping the `serve` future
@@ -37,8 +39,8 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, FlowOutcome, HANDSHAKE_TIMEOUT, InboundFlow,
     InboundPolicy, InboundRequest, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LOCAL_CONNECT_TIMEOUT,
-    MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION, Refusal, STREAM_WINDOW,
-    TunnelTarget, retry_after_secs, validate_caller,
+    MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION, PROTOCOL_HEADER, Refusal,
+    STREAM_WINDOW, StreamProtocol, TunnelTarget, retry_after_secs, validate_caller,
 };
 use crate::drain::Drain;
 use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
@@ -338,9 +340,19 @@ impl<P: InboundPolicy> InboundServer<P> {
         tokio::spawn(async move {
             let _open = Gauge::up(&this.stats.streams_open);
             let (to_instance, from_instance, error) = match on_upgrade.await {
+                Ok(upgraded) if request.protocol != StreamProtocol::Opaque => {
+                    this.policy
+                        .relay_http(&request, TokioIo::new(upgraded), upstream)
+                        .await
+                }
                 Ok(upgraded) => {
                     let (sent, received, error) =
-                        splice_counted(TokioIo::new(upgraded), upstream).await;
+                        splice_opaque(TokioIo::new(upgraded), upstream).await;
+                    if let Some(e) = &error
+                        && e.kind() == std::io::ErrorKind::InvalidData
+                    {
+                        tracing::warn!(peer = %request.peer_node, caller = %request.caller, target = %request.target, "inbound: cut a stream declared opaque: {e}");
+                    }
                     (sent, received, error.map(|e| e.to_string()))
                 }
                 Err(e) => (0, 0, Some(format!("stream upgrade failed: {e}"))),
@@ -395,18 +407,47 @@ fn parse_request(
         (Some(_), Some(_)) => return Err(format!("{CALLER_HEADER} is given more than once")),
     };
     validate_caller(caller)?;
+    let mut protocols = req.headers().get_all(PROTOCOL_HEADER).iter();
+    let protocol = match (protocols.next(), protocols.next()) {
+        (None, _) => None,
+        (Some(v), None) => Some(
+            v.to_str()
+                .map_err(|_| format!("{PROTOCOL_HEADER} is not text"))?,
+        ),
+        (Some(_), Some(_)) => return Err(format!("{PROTOCOL_HEADER} is given more than once")),
+    };
     Ok(InboundRequest {
         peer_node: peer_node.clone(),
         peer_addr,
         caller: caller.to_owned(),
         target,
+        protocol: StreamProtocol::parse(protocol)?,
     })
 }
 
 /// Copies both ways until both directions have finished, shutting down each write side
 /// when its source ends (half-close), or until the first error. Returns the bytes moved
 /// `a -> b` and `b -> a` even when it ends with an error.
-async fn splice_counted<A, B>(a: A, b: B) -> (u64, u64, Option<std::io::Error>)
+pub(super) async fn splice_counted<A, B>(a: A, b: B) -> (u64, u64, Option<std::io::Error>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    splice_inner(a, b, false).await
+}
+
+/// [`splice_counted`] for a stream declared opaque: if the caller's first bytes are an
+/// HTTP/1 request line or the HTTP/2 preface, nothing is relayed and the stream ends with
+/// an `InvalidData` error (HTTP must be declared, so the destination sees every request).
+async fn splice_opaque<A, B>(a: A, b: B) -> (u64, u64, Option<std::io::Error>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    splice_inner(a, b, true).await
+}
+
+async fn splice_inner<A, B>(a: A, b: B, refuse_http: bool) -> (u64, u64, Option<std::io::Error>)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
@@ -415,10 +456,58 @@ where
     let (mut br, mut bw) = tokio::io::split(b);
     let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
     let result = tokio::try_join!(
-        copy_then_shutdown(&mut ar, &mut bw, &mut a_to_b),
+        async {
+            if refuse_http && refuse_undeclared_http(&mut ar, &mut bw, &mut a_to_b).await? {
+                use tokio::io::AsyncWriteExt;
+                return bw.shutdown().await;
+            }
+            copy_then_shutdown(&mut ar, &mut bw, &mut a_to_b).await
+        },
         copy_then_shutdown(&mut br, &mut aw, &mut b_to_a),
     );
     (a_to_b, b_to_a, result.err())
+}
+
+/// Reads the caller's first bytes until they tell whether they are HTTP (at most the
+/// length of the HTTP/2 preface), then passes them on if they are not. True when the
+/// caller's side already ended.
+async fn refuse_undeclared_http<R, W>(
+    r: &mut R,
+    w: &mut W,
+    moved: &mut u64,
+) -> std::io::Result<bool>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use crate::proxy::detect::{H2_PREFACE, Protocol, classify};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; 64];
+    let mut ended = false;
+    let verdict = loop {
+        let want = (H2_PREFACE.len() - head.len()).min(buf.len());
+        let n = r.read(&mut buf[..want]).await?;
+        if n == 0 {
+            ended = true;
+            break Protocol::Opaque;
+        }
+        head.extend_from_slice(&buf[..n]);
+        match classify(&head) {
+            Some(p) => break p,
+            None if head.len() >= H2_PREFACE.len() => break Protocol::Opaque,
+            None => {}
+        }
+    };
+    if verdict != Protocol::Opaque {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it opens with {verdict:?} but was not declared HTTP ({PROTOCOL_HEADER})"),
+        ));
+    }
+    w.write_all(&head).await?;
+    *moved += head.len() as u64;
+    Ok(ended)
 }
 
 async fn copy_then_shutdown<R, W>(r: &mut R, w: &mut W, moved: &mut u64) -> std::io::Result<()>

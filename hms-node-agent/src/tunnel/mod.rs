@@ -23,13 +23,21 @@
 //! :method CONNECT
 //! :authority <service>:<port>        the service's name and its instance port (spec `port`)
 //! x-hms-caller <service>|host        who is calling, as the caller's agent identified it
+//! x-hms-protocol http/1.1|h2          optional: the stream carries HTTP (absent: opaque)
 //! ```
 //!
 //! The authority names the **service**, not an instance address: the peer owns the mapping
 //! to its local instance (always on loopback), so a caller can only reach what the peer's
 //! registry says is served there, and the policy decision is made on names. The caller
 //! header is believed only because the TLS client certificate proved which agent sent it;
-//! the peer node ID is handed to the policy next to it.
+//! the peer node ID is handed to the policy next to it. The policy believes a service
+//! caller only if the operator placed that service on the peer's node (see
+//! `proxy::inbound`), and relays only to this host's own instances of the target.
+//!
+//! A stream declared HTTP (`x-hms-protocol`) is served as HTTP by the destination (the
+//! policy sees every request in it: rate limits count requests, not streams); a stream
+//! declared opaque whose first bytes are an HTTP request or the HTTP/2 preface is cut,
+//! so a pooled stream cannot smuggle requests past per-request accounting.
 //!
 //! The answer is `200` and then raw bytes both ways (half-close preserved: the end of one
 //! direction is an HTTP/2 END_STREAM), or a refusal with `x-hms-error: <reason>` using the
@@ -40,6 +48,7 @@
 //! | --- | --- | --- |
 //! | 400 | `bad-request` | not a valid authority or caller header |
 //! | 403 | `denied` | the policy refuses this caller |
+//! | 403 | `caller-not-placed` | the caller service is not placed on the peer's node |
 //! | 405 | `method-not-allowed` | anything but CONNECT |
 //! | 429 | `rate-limited` (+ `retry-after`) | the service's rate limit |
 //! | 503 | `no-endpoint` | no instance of the service on this host |
@@ -67,6 +76,8 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15008;
 pub const CALLER_HEADER: &str = "x-hms-caller";
 /// The response header naming why a CONNECT was refused (same header as local mesh errors).
 pub const ERROR_HEADER: &str = "x-hms-error";
+/// The request header declaring what the stream carries ([`StreamProtocol`]).
+pub const PROTOCOL_HEADER: &str = "x-hms-protocol";
 /// The caller name for processes that belong to no service.
 pub const HOST_CALLER: &str = "host";
 /// Streams one connection carries at once. The inbound side advertises it; the pool opens
@@ -167,6 +178,13 @@ impl Refusal {
         reason: "denied",
         retry_after: None,
     };
+    /// 403 `caller-not-placed`: the peer node claims a caller service the operator did not
+    /// place on it.
+    pub const CALLER_NOT_PLACED: Refusal = Refusal {
+        status: 403,
+        reason: "caller-not-placed",
+        retry_after: None,
+    };
     /// 503 `no-endpoint`: no instance of the service runs on this host.
     pub const NO_ENDPOINT: Refusal = Refusal {
         status: 503,
@@ -220,6 +238,41 @@ pub struct InboundRequest {
     /// The calling service (a DNS label) or `host`, as the sending agent identified it.
     pub caller: String,
     pub target: TunnelTarget,
+    /// What the caller's agent says the stream carries.
+    pub protocol: StreamProtocol,
+}
+
+/// What one tunnel stream carries, as the caller's agent declares it (`x-hms-protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamProtocol {
+    /// Raw bytes (opaque TCP); no header.
+    Opaque,
+    /// One HTTP/1.1 connection (many requests one after another).
+    Http1,
+    /// One HTTP/2 connection (prior knowledge; many requests at once).
+    Http2,
+}
+
+impl StreamProtocol {
+    /// The header value, None for opaque streams (sent without the header).
+    pub fn header_value(self) -> Option<&'static str> {
+        match self {
+            StreamProtocol::Opaque => None,
+            StreamProtocol::Http1 => Some("http/1.1"),
+            StreamProtocol::Http2 => Some("h2"),
+        }
+    }
+
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value {
+            None => Ok(StreamProtocol::Opaque),
+            Some("http/1.1") => Ok(StreamProtocol::Http1),
+            Some("h2") => Ok(StreamProtocol::Http2),
+            Some(other) => Err(format!(
+                "{PROTOCOL_HEADER} {other:?} is neither `http/1.1` nor `h2`"
+            )),
+        }
+    }
 }
 
 /// How one inbound stream ended.
@@ -256,6 +309,22 @@ pub trait InboundPolicy: Send + Sync + 'static {
         &self,
         request: &InboundRequest,
     ) -> impl Future<Output = Result<SocketAddr, Refusal>> + Send;
+
+    /// Relays a stream declared HTTP once authorized: `downstream` is the tunnel stream,
+    /// `upstream` the connected local instance. The default splices bytes; the agent serves
+    /// HTTP on it so that it sees (and rate-limits) every request. Returns the bytes moved
+    /// each way and the error that ended it, as the splice does.
+    fn relay_http(
+        &self,
+        _request: &InboundRequest,
+        downstream: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+        upstream: tokio::net::TcpStream,
+    ) -> impl Future<Output = (u64, u64, Option<String>)> + Send {
+        async move {
+            let (sent, received, error) = inbound::splice_counted(downstream, upstream).await;
+            (sent, received, error.map(|e| e.to_string()))
+        }
+    }
 
     /// Called once per stream that reached [`authorize`](Self::authorize), when it ends.
     /// Must not block: it runs on the data path.

@@ -47,7 +47,7 @@ use tokio_rustls::TlsConnector;
 use super::{
     CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION,
-    STREAM_WINDOW, TunnelTarget, validate_caller,
+    PROTOCOL_HEADER, STREAM_WINDOW, StreamProtocol, TunnelTarget, validate_caller,
 };
 use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
 
@@ -379,12 +379,17 @@ impl Peer {
         slot: &Slot,
         target: &TunnelTarget,
         caller: &str,
+        protocol: StreamProtocol,
     ) -> Result<Upgraded, TunnelError> {
         let peer = self.key.addr;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.authority())
-            .header(CALLER_HEADER, caller)
+            .header(CALLER_HEADER, caller);
+        if let Some(p) = protocol.header_value() {
+            request = request.header(PROTOCOL_HEADER, p);
+        }
+        let request = request
             .body(Empty::<Bytes>::new())
             .map_err(|e| TunnelError::InvalidRequest(e.to_string()))?;
         let mut sender = slot.conn.sender.clone();
@@ -486,11 +491,25 @@ impl PeerPool {
         target: &TunnelTarget,
         caller: &str,
     ) -> Result<TunnelStream, TunnelError> {
+        self.open_as(peer, peer_node, target, caller, StreamProtocol::Opaque)
+            .await
+    }
+
+    /// [`PeerPool::open`] for a stream that will carry `protocol` (declared to the peer,
+    /// which serves HTTP streams as HTTP and cuts an opaque one that opens with HTTP).
+    pub async fn open_as(
+        &self,
+        peer: SocketAddr,
+        peer_node: &SpiffeId,
+        target: &TunnelTarget,
+        caller: &str,
+        protocol: StreamProtocol,
+    ) -> Result<TunnelStream, TunnelError> {
         target.validate().map_err(TunnelError::InvalidRequest)?;
         validate_caller(caller).map_err(TunnelError::InvalidRequest)?;
         let p = self.peer(peer, peer_node)?;
         *lock(&p.last_used) = Some(SystemTime::now());
-        let result = self.open_with_retry(&p, target, caller).await;
+        let result = self.open_with_retry(&p, target, caller, protocol).await;
         match &result {
             Ok(_) => {
                 p.streams_opened.fetch_add(1, Ordering::Relaxed);
@@ -508,11 +527,12 @@ impl PeerPool {
         p: &Arc<Peer>,
         target: &TunnelTarget,
         caller: &str,
+        protocol: StreamProtocol,
     ) -> Result<TunnelStream, TunnelError> {
         let mut retried = false;
         loop {
             let slot = p.checkout().await?;
-            match p.open_on(&slot, target, caller).await {
+            match p.open_on(&slot, target, caller, protocol).await {
                 Ok(upgraded) => {
                     return Ok(TunnelStream {
                         io: TokioIo::new(upgraded),

@@ -749,3 +749,58 @@ async fn peers_that_left_are_forgotten() {
     assert_eq!(pool.retain_peers(|_, _| false), 1, "its record is gone");
     assert!(pool.peer_status().is_empty());
 }
+
+#[tokio::test]
+async fn an_opaque_stream_that_opens_with_http_is_cut_and_a_declared_one_is_relayed() {
+    let mesh = Mesh::new();
+    let (server_tls, client_tls) = (mesh.node("b"), mesh.node("a"));
+    let policy = TestPolicy::new().await;
+    let server = start_server(&server_tls, policy.clone(), None).await;
+    let pool = PeerPool::new(client_tls.clone());
+    let request = b"GET /pay HTTP/1.1\r\nhost: payments\r\n\r\n".to_vec();
+
+    // Undeclared HTTP: nothing reaches the instance, the stream ends without an echo.
+    let mut stream = pool
+        .open(server.addr, server_tls.spiffe_id(), &echo(), "payments")
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(SOON, stream.read_to_end(&mut got))
+        .await
+        .expect("the stream ended");
+    assert!(got.is_empty(), "the instance answered: {got:?}");
+    let flows = policy.wait_for_flows(1).await;
+    match &flows[0].outcome {
+        FlowOutcome::Spliced {
+            to_instance, error, ..
+        } => {
+            assert_eq!(*to_instance, 0, "no byte reached the instance");
+            assert!(
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("not declared HTTP")),
+                "{error:?}"
+            );
+        }
+        other => panic!("expected a cut flow, got {other:?}"),
+    }
+
+    // Declared HTTP/1.1: the policy's relay carries it (the test policy keeps the default
+    // splice); the protocol reaches the policy.
+    let mut stream = pool
+        .open_as(
+            server.addr,
+            server_tls.spiffe_id(),
+            &echo(),
+            "payments",
+            StreamProtocol::Http1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(exchange(&mut stream, &request).await, request);
+    drop(stream);
+    let flows = policy.wait_for_flows(2).await;
+    assert_eq!(flows[1].request.protocol, StreamProtocol::Http1);
+    assert_eq!(flows[0].request.protocol, StreamProtocol::Opaque);
+}

@@ -105,6 +105,10 @@ pub struct HttpStats {
     pub bad_requests: AtomicU64,
     /// Attempts the instance did not process (connection rotation), sent again.
     pub unprocessed: AtomicU64,
+    /// Tunnel streams from other hosts claiming a caller not placed on the sending host.
+    pub inbound_caller_not_placed: AtomicU64,
+    /// Tunnel streams from other hosts to a port that is not one of this host's instances.
+    pub inbound_not_own_instance: AtomicU64,
 }
 
 impl HttpStats {
@@ -119,6 +123,8 @@ impl HttpStats {
             mesh_errors: g(&self.mesh_errors),
             bad_requests: g(&self.bad_requests),
             unprocessed: g(&self.unprocessed),
+            inbound_caller_not_placed: g(&self.inbound_caller_not_placed),
+            inbound_not_own_instance: g(&self.inbound_not_own_instance),
         }
     }
 }
@@ -806,7 +812,7 @@ pub fn route_for<'a>(spec: &'a ServiceSpec, path: &str) -> Option<&'a RouteSpec>
 /// request) is not: the mesh declines it by dropping the hop-by-hop headers, so the request
 /// stays ordinary HTTP/1.1 with routes, retries and taps, and the client simply keeps
 /// HTTP/1.1 (RFC 9113 dropped that upgrade; Envoy declines it the same way).
-fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     let only_h2c = headers.get_all(header::UPGRADE).iter().all(|v| {
         v.to_str()
             .is_ok_and(|s| s.trim().eq_ignore_ascii_case("h2c"))

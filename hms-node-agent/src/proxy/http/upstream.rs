@@ -33,7 +33,9 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use crate::identity::SpiffeId;
-use crate::tunnel::{LinkFate, PeerPool, TunnelError, TunnelLink, TunnelStream, TunnelTarget};
+use crate::tunnel::{
+    LinkFate, PeerPool, StreamProtocol, TunnelError, TunnelLink, TunnelStream, TunnelTarget,
+};
 
 /// A byte stream to an instance.
 pub enum UpstreamIo {
@@ -263,6 +265,20 @@ impl UpstreamPool {
         service: &str,
         caller: &str,
     ) -> Result<UpstreamIo, ConnectError> {
+        self.connect_as(addr, via, service, caller, StreamProtocol::Opaque)
+            .await
+    }
+
+    /// [`UpstreamPool::connect`] for a connection that will carry `protocol`: a tunnel
+    /// stream declares it, so the destination host sees each HTTP request in it.
+    async fn connect_as(
+        &self,
+        addr: SocketAddrV4,
+        via: &Via,
+        service: &str,
+        caller: &str,
+        protocol: StreamProtocol,
+    ) -> Result<UpstreamIo, ConnectError> {
         match via {
             Via::Local => {
                 match tokio::time::timeout(CONNECT_TIMEOUT, crate::own_socket::connect(addr)).await
@@ -294,7 +310,10 @@ impl UpstreamPool {
                         node: node.clone(),
                         error: e,
                     })?;
-                match pool.open(*inbound, &peer_id, &target, caller).await {
+                match pool
+                    .open_as(*inbound, &peer_id, &target, caller, protocol)
+                    .await
+                {
                     Ok(stream) => Ok(UpstreamIo::Tunnel(Box::new(stream))),
                     Err(TunnelError::Refused {
                         status,
@@ -403,7 +422,13 @@ impl UpstreamPool {
         version: Version,
         reusable: bool,
     ) -> Result<Checkout, ConnectError> {
-        let io = self.connect(addr, via, service, caller).await?;
+        let protocol = match version {
+            Version::Http1 => StreamProtocol::Http1,
+            Version::Http2 => StreamProtocol::Http2,
+        };
+        let io = self
+            .connect_as(addr, via, service, caller, protocol)
+            .await?;
         let fault = Arc::new(ConnFault {
             charged: AtomicBool::new(false),
             link: match &io {

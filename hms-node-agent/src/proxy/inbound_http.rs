@@ -1,0 +1,282 @@
+//! HTTP inside an inbound tunnel stream: the destination host serves the stream a peer's
+//! agent declared HTTP (`x-hms-protocol`) with hyper, so that it sees every request the
+//! caller's pooled connection carries and applies the service's rate limit per request,
+//! answering each excess request 429 + `Retry-After` + `x-hms-error` exactly as the proxy
+//! does on one host. Admitted requests go, in order, over one connection to the local
+//! instance the tunnel already dialled (same HTTP version, so the caller's pooling
+//! semantics hold end to end); `Upgrade` exchanges (WebSocket) are spliced after the 101.
+//!
+//! Owns only the per-request rate limit and the relay; the caller and policy were decided
+//! once for the stream (`proxy::inbound`). Never dials anything: the instance connection is
+//! handed in.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::server::conn::{http1 as server1, http2 as server2};
+use hyper::upgrade::Upgraded;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::http::body::{self, ProxyBody};
+use super::http::errors::MeshError;
+use super::http::{HttpProxy, MAX_HEADER_BYTES};
+use crate::metrics::DestinationLabels;
+use crate::registry::Store;
+use crate::resilience::rate_limit::Decision;
+use crate::resilience::retry;
+use crate::tunnel::{InboundRequest, StreamProtocol};
+
+/// Serves `downstream` (the tunnel stream) as HTTP of `request.protocol`, relaying admitted
+/// requests over `upstream`. Returns the bytes sent to and received from the instance and
+/// the error that ended the stream, if any.
+pub async fn relay(
+    http: Arc<HttpProxy>,
+    store: Arc<dyn Store>,
+    request: &InboundRequest,
+    downstream: TokioIo<Upgraded>,
+    upstream: TcpStream,
+) -> (u64, u64, Option<String>) {
+    let counts = Arc::new(Counts::default());
+    let upstream = TokioIo::new(Counted {
+        inner: upstream,
+        counts: counts.clone(),
+    });
+    let service_name: Arc<str> = request.target.service.as_str().into();
+    let gate = Arc::new(Gate {
+        http,
+        store,
+        service: service_name,
+    });
+    let error = match request.protocol {
+        StreamProtocol::Http2 => serve_h2(gate, downstream, upstream).await,
+        // Opaque streams never get here; treat anything else as HTTP/1.1.
+        StreamProtocol::Http1 | StreamProtocol::Opaque => {
+            serve_h1(gate, downstream, upstream).await
+        }
+    };
+    (
+        counts.sent.load(Ordering::Relaxed),
+        counts.received.load(Ordering::Relaxed),
+        error,
+    )
+}
+
+async fn serve_h1(
+    gate: Arc<Gate>,
+    downstream: TokioIo<Upgraded>,
+    upstream: TokioIo<Counted>,
+) -> Option<String> {
+    let (sender, conn) = match client1::handshake::<_, Incoming>(upstream).await {
+        Ok(v) => v,
+        Err(e) => return Some(format!("HTTP/1.1 handshake with the instance: {e}")),
+    };
+    let service = gate.service.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%service, "inbound HTTP/1 instance connection ended: {e}");
+        }
+    });
+    // The server handles one request of the connection at a time (HTTP/1.1 has no
+    // multiplexing), so this lock is never contended; it only lends the sender out.
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let gate = gate.clone();
+        let sender = sender.clone();
+        async move {
+            if let Some(refusal) = gate.admit(&req).await {
+                return Ok::<_, Infallible>(refusal);
+            }
+            let downstream_upgrade =
+                super::http::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+            let mut sender = sender.lock().await;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            drop(sender);
+            Ok(match sent {
+                Ok(mut resp) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(down) = downstream_upgrade
+                    {
+                        let up = hyper::upgrade::on(&mut resp);
+                        let service = gate.service.clone();
+                        tokio::spawn(async move {
+                            match tokio::try_join!(down, up) {
+                                Ok((down, up)) => {
+                                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                                    if let Err(e) =
+                                        tokio::io::copy_bidirectional(&mut down, &mut up).await
+                                    {
+                                        tracing::debug!(%service, "upgraded inbound connection ended: {e}");
+                                    }
+                                }
+                                Err(e) => tracing::debug!(%service, "inbound upgrade failed: {e}"),
+                            }
+                        });
+                        let (parts, _) = resp.into_parts();
+                        Response::from_parts(parts, body::empty())
+                    } else {
+                        resp.map(|b| b.map_err(Into::into).boxed())
+                    }
+                }
+                Err(e) => gate.upstream_failed(&e),
+            })
+        }
+    });
+    server1::Builder::new()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
+        .serve_connection(downstream.into_inner(), svc)
+        .with_upgrades()
+        .await
+        .err()
+        .map(|e| format!("HTTP/1.1 on the tunnel stream: {e}"))
+}
+
+async fn serve_h2(
+    gate: Arc<Gate>,
+    downstream: TokioIo<Upgraded>,
+    upstream: TokioIo<Counted>,
+) -> Option<String> {
+    let (sender, conn) =
+        match client2::handshake::<_, _, Incoming>(TokioExecutor::new(), upstream).await {
+            Ok(v) => v,
+            Err(e) => return Some(format!("HTTP/2 handshake with the instance: {e}")),
+        };
+    let service = gate.service.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%service, "inbound HTTP/2 instance connection ended: {e}");
+        }
+    });
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let gate = gate.clone();
+        let mut sender = sender.clone();
+        async move {
+            if let Some(refusal) = gate.admit(&req).await {
+                return Ok::<_, Infallible>(refusal);
+            }
+            Ok(match sender.send_request(req).await {
+                Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed()),
+                Err(e) => gate.upstream_failed(&e),
+            })
+        }
+    });
+    server2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(downstream.into_inner(), svc)
+        .await
+        .err()
+        .map(|e| format!("HTTP/2 on the tunnel stream: {e}"))
+}
+
+/// The per-request decision: the service's limiter, as the proxy applies it on one host.
+struct Gate {
+    http: Arc<HttpProxy>,
+    store: Arc<dyn Store>,
+    service: Arc<str>,
+}
+
+impl Gate {
+    /// None to relay the request, or the mesh's answer to send instead.
+    async fn admit(&self, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+        let snapshot = self.store.snapshot();
+        // The service may have been removed since the stream was authorized.
+        let Some(svc) = snapshot.service(&self.service) else {
+            return Some(self.mesh_error(req, MeshError::NoEndpoint));
+        };
+        let state = self.http.states.get(svc, &snapshot);
+        let limiter = state.limiter.as_ref()?;
+        match limiter.check(Instant::now()) {
+            Decision::Allow => None,
+            Decision::Wait(d) => {
+                tokio::time::sleep(d).await;
+                None
+            }
+            Decision::Reject { retry_after } => {
+                let http = &self.http;
+                http.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                http.metrics
+                    .rate_limited
+                    .get_or_create(&DestinationLabels {
+                        destination: self.service.to_string(),
+                    })
+                    .inc();
+                Some(self.mesh_error(req, MeshError::RateLimited { retry_after }))
+            }
+        }
+    }
+
+    fn mesh_error(&self, req: &Request<Incoming>, e: MeshError) -> Response<ProxyBody> {
+        tracing::debug!(service = %self.service, method = %req.method(), path = %req.uri().path(),
+            "inbound tunnel request answered {}: {}", e.status().as_u16(), e.reason());
+        e.response(&self.service, retry::is_grpc(req.headers()))
+    }
+
+    fn upstream_failed(&self, e: &hyper::Error) -> Response<ProxyBody> {
+        tracing::debug!(service = %self.service, "inbound tunnel request to the instance failed: {e}");
+        // 502 with `x-hms-error: upstream-failed`: the caller's agent treats it like any
+        // failed attempt (breaker, retry).
+        MeshError::UpstreamFailed.response(&self.service, false)
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// The instance connection, counting the bytes each way for the flow record.
+struct Counted {
+    inner: TcpStream,
+    counts: Arc<Counts>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counts.received.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counts.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
