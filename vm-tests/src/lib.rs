@@ -2,6 +2,7 @@
 //! backends and resolvers on loopback. Runs as root on the host and inside the VM.
 
 pub mod agent;
+pub mod attacker;
 pub mod backend;
 pub mod bins;
 pub mod cgroup;

@@ -136,6 +136,8 @@ async fn serve_h1(
     });
     server1::Builder::new()
         .timer(TokioTimer::new())
+        // A caller that half-closes after its last request still gets the answer.
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_header_size(MAX_HEADER_BYTES)
         .serve_connection(downstream.into_inner(), svc)

@@ -1,0 +1,281 @@
+//! Zero trust on the data path between hosts (issue 14, P3 and P5): three hosts as network
+//! namespaces, a real etcd, real agents. The attacker has root on host-c: it takes host-c's
+//! node key and certificate from the agent's state dir and opens its own mTLS connection
+//! to host-a's :15008 with any CONNECT it likes (`vm_tests::attacker`).
+//!
+//! - the destination relays only to its own instances: a port the global spec names but
+//!   that is not one of host-a's instance records is refused, and the process listening on
+//!   that port on host-a never sees a byte;
+//! - a stream not declared HTTP that opens with an HTTP request is cut before the instance
+//!   sees it (it would carry requests past per-request rate limits);
+//! - `limit: 5rps` on host-a, 50 requests at once from an unmodified HTTP/2 client on
+//!   host-c over one connection (nghttp2's `nghttp`): 40 to 45 get 429 with `Retry-After`
+//!   and `x-hms-error: rate-limited`, the rest succeed;
+//! - a claim `x-hms-caller: payments-svc` from host-c, where payments-svc is not placed, is
+//!   refused 403 `caller-not-placed` (needs the operator's placement records; see the test).
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use vm_tests::attacker::{Answer, Attacker};
+use vm_tests::mesh::{Backend, Mesh, text};
+
+/// Waits until host `host` sees `n` instances of `service`.
+fn wait_for_instances(m: &Mesh, host: usize, service: &str, n: usize) {
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    loop {
+        let d = m.agents[host].ctl_json(&["describe", service]).unwrap();
+        if d["instances"].as_array().is_some_and(|i| i.len() == n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} on host {host}: {d}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until something accepts on 127.0.0.1:`port` in host `host`'s namespace.
+fn wait_listening(m: &Mesh, host: usize, port: u16) {
+    let up = || {
+        m.net.hosts[host]
+            .command("python3")
+            .args([
+                "-c",
+                "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)",
+                &port.to_string(),
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    while !up() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {port} in host {host}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn inbound_of(m: &Mesh, host: usize) -> SocketAddr {
+    SocketAddr::new(m.net.hosts[host].addr, 15008)
+}
+
+/// The attacker on host-c, CONNECTing to host-a.
+fn attack(m: &Mesh, authority: &str, headers: &[(&str, &str)], payload: &[u8]) -> Answer {
+    Attacker::with_keys_of(&m.agents[2].state_dir())
+        .connect(
+            &m.net.hosts[2].netns,
+            inbound_of(m, 0),
+            authority,
+            headers,
+            payload,
+        )
+        .unwrap_or_else(|e| panic!("CONNECT {authority}: {e}\n{}", m.agents[0].log()))
+}
+
+#[test]
+fn host_c_reaches_only_host_a_s_own_instances_and_cannot_smuggle_http_in_an_opaque_stream() {
+    let m = Mesh::new();
+    let own = vm_tests::ports::free_port();
+    let other = vm_tests::ports::free_port();
+    // host-a runs ledger-svc on `own`; an unrelated process listens on host-a's `other`.
+    let ledger = Backend::start(&m.net, 0, "ledger-svc", own, m.dir.path());
+    let bystander = Backend::start(&m.net, 0, "bystander", other, m.dir.path());
+    m.deploy(0, &format!("name: ledger-svc\nport: {own}\n"));
+    // host-b deploys the same service on `other`: the global spec now names `other`, which
+    // is host-b's instance, not host-a's.
+    m.deploy(1, &format!("name: ledger-svc\nport: {other}\n"));
+    wait_for_instances(&m, 0, "ledger-svc", 2);
+    wait_listening(&m, 0, own);
+    wait_listening(&m, 0, other);
+
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: ledger-svc\r\nconnection: close\r\n\r\n")
+    };
+    let declared = [("x-hms-caller", "host"), ("x-hms-protocol", "http/1.1")];
+
+    // A port of the spec that is not one of host-a's instances: refused, nobody dialled.
+    let a = attack(
+        &m,
+        &format!("ledger-svc:{other}"),
+        &declared,
+        get("/stolen").as_bytes(),
+    );
+    assert_eq!((a.status, a.error.as_str()), (503, "no-endpoint"), "{a:?}");
+    let log = m.agents[0].log();
+    assert!(
+        log.contains("is not one of this host's instances"),
+        "the refusal is logged on host-a:\n{log}"
+    );
+    let s = m.agents[0].ctl_json(&["status"]).unwrap();
+    assert!(
+        s["http"]["inbound_not_own_instance"].as_u64() >= Some(1),
+        "status counts it: {}",
+        s["http"]
+    );
+
+    // host-a's own instance, declared HTTP: relayed.
+    let a = attack(
+        &m,
+        &format!("ledger-svc:{own}"),
+        &declared,
+        get("/own").as_bytes(),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(
+        a.body.contains("ledger-svc on host-a saw GET /own"),
+        "{a:?}"
+    );
+
+    // The same request in a stream declared opaque: cut before the instance sees it.
+    let a = attack(
+        &m,
+        &format!("ledger-svc:{own}"),
+        &[("x-hms-caller", "host")],
+        get("/smuggled").as_bytes(),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body, "",
+        "the instance answered an undeclared request: {a:?}"
+    );
+    let log = m.agents[0].log();
+    assert!(log.contains("cut a stream declared opaque"), "{log}");
+
+    let seen = format!("{}{}", ledger.seen(), bystander.seen());
+    assert!(seen.contains("GET /own"), "{seen}");
+    assert!(
+        !seen.contains("/stolen"),
+        "reached a port that is not host-a's instance: {seen}"
+    );
+    assert!(
+        !seen.contains("/smuggled"),
+        "undeclared HTTP reached the instance: {seen}"
+    );
+    assert_eq!(bystander.seen(), "", "the bystander saw nothing");
+}
+
+/// nghttpd (nghttp2's own server) inside host `host`'s namespace, serving `dir` over h2c.
+struct Nghttpd(std::process::Child);
+
+impl Nghttpd {
+    fn start(m: &Mesh, host: usize, dir: &std::path::Path, port: u16) -> Nghttpd {
+        let child = m.net.hosts[host]
+            .command("nghttpd")
+            .args(["--no-tls", "-d"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nghttpd (run `cargo xtask setup`)");
+        wait_listening(m, host, port);
+        Nghttpd(child)
+    }
+}
+
+impl Drop for Nghttpd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn fifty_requests_at_once_from_host_c_over_one_connection_get_40_to_45_429s_at_a_5rps_limit() {
+    let m = Mesh::new();
+    let docs = tempfile::tempdir().unwrap();
+    std::fs::write(docs.path().join("ok"), "ok\n").unwrap();
+    let port = vm_tests::ports::free_port();
+    let _server = Nghttpd::start(&m, 0, docs.path(), port);
+    // Burst 5 (one second's worth) and no queue: the issue's acceptance.
+    m.deploy(0, &format!("name: rl-svc\nport: {port}\nlimit: 5rps\n"));
+    wait_for_instances(&m, 2, "rl-svc", 1);
+
+    // nghttp sends every request of its command line at once, on one HTTP/2 connection;
+    // host-c's agent carries them on one pooled tunnel stream to host-a.
+    let out = m.cgs[2]
+        .command("nsenter")
+        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+        .arg("--")
+        .arg(vm_tests::tools::path_of("nghttp"))
+        .args(["-nv", "-m", "50", "-t", "20"])
+        .arg("http://rl-svc.svc/ok")
+        .output()
+        .unwrap();
+    let out_text = text(&out);
+    let count = |needle: &str| out_text.matches(needle).count();
+    let (ok, limited) = (count(":status: 200"), count(":status: 429"));
+    let context = || {
+        format!(
+            "{out_text}\nhost-a:\n{}\nhost-c:\n{}",
+            m.agents[0].log(),
+            m.agents[2].log()
+        )
+    };
+    assert_eq!(
+        ok + limited,
+        50,
+        "only 200 or 429, 50 answers: {}",
+        context()
+    );
+    assert!(
+        (40..=45).contains(&limited),
+        "{limited} of 50 got 429 (want 40..=45): {}",
+        context()
+    );
+    // Each 429 is the mesh's own answer, as on one host.
+    assert_eq!(count("x-hms-error: rate-limited"), limited, "{}", context());
+    assert_eq!(count("retry-after: "), limited, "{}", context());
+    // Decided where the service lives: host-a counted them.
+    let s = m.agents[0].ctl_json(&["status"]).unwrap();
+    assert_eq!(
+        s["http"]["rate_limited"].as_u64(),
+        Some(limited as u64),
+        "{}",
+        s["http"]
+    );
+}
+
+/// P3, caller claims: host-c claims to be payments-svc, which the operator placed on host-b
+/// only. Placement records are written by the lead's etcd layout (`hms-ctl place`); until
+/// that is on this branch there is no way to place a service, so this test cannot run yet.
+#[test]
+#[ignore = "needs `hms-ctl place` (the operator's placement records) from the etcd layout"]
+fn host_c_claiming_a_service_not_placed_on_it_gets_403_and_host_b_which_runs_it_passes() {
+    let m = Mesh::new();
+    let port = vm_tests::ports::free_port();
+    let _ledger = Backend::start(&m.net, 0, "ledger-svc", port, m.dir.path());
+    wait_listening(&m, 0, port);
+    m.deploy(
+        0,
+        &format!("name: ledger-svc\nport: {port}\npolicy:\n  allow_from: [payments-svc]\n"),
+    );
+    let place = m.agents[0].ctl(&["place", "payments-svc", "--on", "host-b"]);
+    assert!(place.status.success(), "{}", text(&place));
+    let place = m.agents[0].ctl(&["place", "ledger-svc", "--on", "host-a"]);
+    assert!(place.status.success(), "{}", text(&place));
+    wait_for_instances(&m, 0, "ledger-svc", 1);
+    let a = attack(
+        &m,
+        &format!("ledger-svc:{port}"),
+        &[
+            ("x-hms-caller", "payments-svc"),
+            ("x-hms-protocol", "http/1.1"),
+        ],
+        b"GET /pay HTTP/1.1\r\nhost: ledger-svc\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        (a.status, a.error.as_str()),
+        (403, "caller-not-placed"),
+        "{a:?}"
+    );
+    assert!(m.agents[0].log().contains("is not placed on host-c"));
+    let metrics = m.agents[0].ctl_json(&["status"]).unwrap();
+    assert_eq!(
+        metrics["http"]["inbound_caller_not_placed"].as_u64(),
+        Some(1)
+    );
+}
