@@ -469,6 +469,9 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         )),
     };
     let cgroup = text_field("cgroup", raw.cgroup, "payments.service")?;
+    if let Some(c) = &cgroup {
+        validate_cgroup(c).map_err(|m| err(Some("cgroup"), line_of("cgroup"), m))?;
+    }
     let health = text_field("health", raw.health, "/healthz")?;
     let image = text_field("image", raw.image, "hms/eligibility:latest")?;
     if let Some(h) = &health
@@ -670,6 +673,82 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The rules a route must satisfy, for routes set with `hms-ctl route set` (spec files go
 /// through [`parse`], which applies the same limits).
+/// Top-level cgroups systemd (and the kernel) put many processes under: never one
+/// service's own.
+const SHARED_CGROUPS: &[&str] = &[
+    "system.slice",
+    "user.slice",
+    "machine.slice",
+    "-.slice",
+    "init.scope",
+];
+/// Where cgroup v2 is mounted: an absolute `cgroup:` equal to one of these is the whole tree.
+const CGROUP_MOUNTS: &[&str] = &["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
+/// A spec's `cgroup:` must be the service's own leaf (callers running there ARE the
+/// service): a unit like `payments.service`, or a directory of its own such as
+/// `hms/payments` or `/sys/fs/cgroup/hms/payments`. Never the root (`/`, empty), a path with
+/// empty, `.` or `..` segments, or a cgroup shared by many processes (`system.slice`,
+/// `user.slice`, `user-1000.slice`, `user@1000.service`, `machine.slice`, `init.scope`).
+pub fn validate_cgroup(cgroup: &str) -> Result<(), String> {
+    const INSTEAD: &str = "name the service's own unit (`payments.service`) or a directory of its own (`hms/payments`)";
+    let c = cgroup.trim();
+    let absolute = c.starts_with('/');
+    let rel = c.trim_start_matches('/');
+    if rel.is_empty() {
+        return Err(format!(
+            "`{cgroup}` is the root of the cgroup tree: every process on the host would be this service; {INSTEAD}"
+        ));
+    }
+    let segments: Vec<&str> = rel.split('/').collect();
+    if let Some(bad) = segments
+        .iter()
+        .find(|s| s.is_empty() || **s == "." || **s == "..")
+    {
+        let what = if bad.is_empty() {
+            "an empty segment (`//` or a trailing `/`)".to_string()
+        } else {
+            format!("a `{bad}` segment")
+        };
+        return Err(format!(
+            "`{cgroup}` has {what}; write the path plainly, e.g. `hms/payments`"
+        ));
+    }
+    let normalized = format!("/{rel}");
+    if absolute && CGROUP_MOUNTS.iter().any(|m| normalized == *m) {
+        return Err(format!(
+            "`{cgroup}` is where the cgroup tree is mounted: every process on the host would be this service; {INSTEAD}"
+        ));
+    }
+    // The part below the mount, for absolute paths under it.
+    let below: Vec<&str> = match CGROUP_MOUNTS
+        .iter()
+        .rev()
+        .find_map(|m| normalized.strip_prefix(&format!("{m}/")))
+    {
+        Some(rest) if absolute => rest.split('/').collect(),
+        _ => segments.clone(),
+    };
+    let last = below.last().copied().unwrap_or_default();
+    let shared_top = below.len() == 1 && SHARED_CGROUPS.contains(&last);
+    let user_slice = |s: &str| {
+        s.strip_prefix("user-")
+            .and_then(|r| r.strip_suffix(".slice"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let user_manager = |s: &str| {
+        s.strip_prefix("user@")
+            .and_then(|r| r.strip_suffix(".service"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if shared_top || user_slice(last) || user_manager(last) {
+        return Err(format!(
+            "`{cgroup}` holds many other processes (an ancestor, not a service's own cgroup): they would all be this service; {INSTEAD}"
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate_route(route: &RouteSpec) -> Result<(), String> {
     if !route.path.starts_with('/') {
         return Err(format!("path `{}` must start with `/`", route.path));
@@ -932,6 +1011,55 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_must_be_the_service_s_own_leaf() {
+        for good in [
+            "payments.service",
+            "hms/payments",
+            "system.slice/payments.service",
+            "/sys/fs/cgroup/hms/payments",
+            "/sys/fs/cgroup/system.slice/payments.service",
+            "payments.slice",
+            "user.slice/user-1000.slice/app.scope",
+        ] {
+            validate_cgroup(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "/",
+            "",
+            " ",
+            "//",
+            ".",
+            "..",
+            "hms/./payments",
+            "hms//payments",
+            "hms/payments/",
+            "hms/../..",
+            "system.slice",
+            "/system.slice",
+            "user.slice",
+            "machine.slice",
+            "init.scope",
+            "-.slice",
+            "user.slice/user-1000.slice",
+            "user.slice/user-1000.slice/user@1000.service",
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup/system.slice",
+            "/sys/fs/cgroup/unified/user.slice",
+        ] {
+            let e = validate_cgroup(bad).expect_err(bad);
+            assert!(e.contains('`'), "{bad}: {e}");
+        }
+        let e = reject("name: a\nport: 1\ncgroup: system.slice\n");
+        assert_eq!(e.field.as_deref(), Some("cgroup"), "{e}");
+        assert!(
+            e.message.contains("payments.service"),
+            "says what to use: {e}"
+        );
+    }
+
+    #[test]
     fn wrong_shapes_say_what_shape_is_wanted() {
         let e = reject("name: a\nport: 1\nroutes: 5\n");
         assert_eq!(
@@ -1030,6 +1158,18 @@ mod pinned_messages {
         (
             "name: a\nport: 1\nhealth: healthz\n",
             "svc.yaml:3: field `health`: `healthz` must be an HTTP path like `/healthz` or the word `tcp`",
+        ),
+        (
+            "name: a\nport: 1\ncgroup: /\n",
+            "svc.yaml:3: field `cgroup`: `/` is the root of the cgroup tree: every process on the host would be this service; name the service's own unit (`payments.service`) or a directory of its own (`hms/payments`)",
+        ),
+        (
+            "name: a\nport: 1\ncgroup: system.slice\n",
+            "svc.yaml:3: field `cgroup`: `system.slice` holds many other processes (an ancestor, not a service's own cgroup): they would all be this service; name the service's own unit (`payments.service`) or a directory of its own (`hms/payments`)",
+        ),
+        (
+            "name: a\nport: 1\ncgroup: hms/../payments\n",
+            "svc.yaml:3: field `cgroup`: `hms/../payments` has a `..` segment; write the path plainly, e.g. `hms/payments`",
         ),
         (
             "name: a\nport: 7000\nreplicas: [7000]\n",
