@@ -75,6 +75,44 @@ impl ServiceCgroups {
     }
 }
 
+/// Why `dir`, the cgroup directory a registry spec gives service `service`, must not be that
+/// service's identity: a spec is a registry value any writer could have put there, so one
+/// that names the agent's own cgroup or an ancestor of it (the agent's and everything
+/// beside it would be the service), or an ancestor of another service's cgroup (that
+/// service's processes would be this one too), or a path the spec rules refuse (`/`,
+/// `..`, `system.slice`, ...), is refused. None: usable.
+pub fn identity_refusal<'a>(
+    spec: &hms_ctl::spec::ServiceSpec,
+    dir: &Path,
+    agent: Option<&Path>,
+    others: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> Option<String> {
+    if let Some(c) = &spec.cgroup
+        && let Err(e) = hms_ctl::spec::validate_cgroup(c)
+    {
+        return Some(e);
+    }
+    if let Some(agent) = agent
+        && agent.starts_with(dir)
+    {
+        return Some(format!(
+            "{} is the agent's own cgroup or an ancestor of it ({})",
+            dir.display(),
+            agent.display()
+        ));
+    }
+    for (other, other_dir) in others {
+        if other != spec.name && other_dir != dir && other_dir.starts_with(dir) {
+            return Some(format!(
+                "{} is an ancestor of service {other}'s cgroup {}",
+                dir.display(),
+                other_dir.display()
+            ));
+        }
+    }
+    None
+}
+
 /// The cgroup v2 directory a process runs in (`/proc/PID/cgroup`, the `0::` line), as a path
 /// under `root`.
 pub fn cgroup_of_pid(root: &Path, pid: u32) -> anyhow::Result<PathBuf> {
@@ -99,6 +137,48 @@ pub fn cgroup_id(dir: &Path) -> anyhow::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_above_the_agent_or_another_service_is_no_identity() {
+        let spec = |name: &str, cgroup: &str| {
+            let mut s = hms_ctl::spec::parse(&format!("name: {name}\nport: 1\n"), "t").unwrap();
+            s.cgroup = Some(cgroup.into());
+            s
+        };
+        let agent = Path::new("/sys/fs/cgroup/system.slice/hms-node-agent.service");
+        let pay = Path::new("/sys/fs/cgroup/hms/pay");
+        let others = [("pay", pay)];
+        let check = |s: &hms_ctl::spec::ServiceSpec, dir: &str| {
+            identity_refusal(s, Path::new(dir), Some(agent), others)
+        };
+        // The service's own leaf: fine, also beside another service.
+        assert_eq!(
+            check(&spec("pay", "hms/pay"), "/sys/fs/cgroup/hms/pay"),
+            None
+        );
+        assert_eq!(
+            check(&spec("ledger", "hms/ledger"), "/sys/fs/cgroup/hms/ledger"),
+            None
+        );
+        // Written into the registry past hms-ctl: the root, `..`, a shared slice.
+        for (c, dir) in [
+            ("/", "/"),
+            ("hms/..", "/sys/fs/cgroup/hms/.."),
+            ("system.slice", "/sys/fs/cgroup/system.slice"),
+        ] {
+            assert!(check(&spec("evil", c), dir).is_some(), "{c}");
+        }
+        // An ancestor of the agent's cgroup that the spec rules do not know by name.
+        let e = check(
+            &spec("evil", "/sys/fs/cgroup/system.slice/hms-node-agent.service"),
+            "/sys/fs/cgroup/system.slice/hms-node-agent.service",
+        )
+        .unwrap();
+        assert!(e.contains("agent's own cgroup"), "{e}");
+        // An ancestor of another service's cgroup.
+        let e = check(&spec("evil", "hms"), "/sys/fs/cgroup/hms").unwrap();
+        assert!(e.contains("service pay's cgroup"), "{e}");
+    }
 
     #[test]
     fn finds_hybrid_unified_mount() {

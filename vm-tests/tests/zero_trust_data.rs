@@ -279,3 +279,60 @@ fn host_c_claiming_a_service_not_placed_on_it_gets_403_and_host_b_which_runs_it_
         Some(1)
     );
 }
+
+/// P5, registry values: a spec naming a cgroup above another service's cgroup would make
+/// every process there (the host's included) that service. One host, the real redirect:
+/// the agent refuses it as an identity (log), so the host stays the host and is denied.
+#[test]
+fn a_spec_whose_cgroup_is_an_ancestor_of_another_service_s_gives_no_identity() {
+    use vm_tests::agent::TestAgent;
+    use vm_tests::cgroup::TestCgroup;
+    use vm_tests::client::{ChildCgroup, curl, tail};
+    const CURL_MAX: Duration = Duration::from_secs(10);
+
+    let cg = TestCgroup::new("zt-cgroup").expect("test cgroup");
+    let agent = TestAgent::start(cg.path()).expect("agent");
+    let payments = ChildCgroup::new(cg.path(), "payments").unwrap();
+    let ledger = vm_tests::backend::Backend::start("ledger-svc", 0).unwrap();
+    agent
+        .deploy_yaml(&format!(
+            "name: ledger-svc\nport: {}\npolicy: {{allow_from: [payments-svc, greedy-svc]}}\n",
+            ledger.addr.port()
+        ))
+        .unwrap();
+    agent
+        .deploy_yaml(&format!(
+            "name: payments-svc\nport: {}\ncgroup: {}\n",
+            vm_tests::ports::free_port(),
+            payments.path().display()
+        ))
+        .unwrap();
+    // greedy-svc names the test cgroup itself: the parent of payments-svc's cgroup, where
+    // the host's own processes (this test's curl) run.
+    agent
+        .deploy_yaml(&format!(
+            "name: greedy-svc\nport: {}\ncgroup: {}\n",
+            vm_tests::ports::free_port(),
+            cg.path().display()
+        ))
+        .unwrap();
+
+    // A process in payments-svc's cgroup is payments-svc: allowed.
+    let r = curl(
+        payments.command("curl"),
+        CURL_MAX,
+        &["http://ledger-svc.svc/entries"],
+    );
+    assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 30));
+    // A process in the test cgroup is the host, not greedy-svc: denied.
+    let r = curl(cg.command("curl"), CURL_MAX, &["http://ledger-svc.svc/entries"]);
+    assert_eq!(r.status, 403, "{r}\n{}", tail(&agent.log(), 30));
+    assert_eq!(r.header("x-hms-error"), Some("denied"), "{r}");
+    let log = agent.log();
+    assert!(
+        log.contains("refused the registry spec's cgroup") && log.contains("greedy-svc"),
+        "the agent says why: {}",
+        tail(&log, 30)
+    );
+    assert_eq!(ledger.seen_count(), 1, "only payments-svc's request arrived");
+}

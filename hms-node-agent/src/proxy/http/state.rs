@@ -110,6 +110,8 @@ pub struct ServiceStates {
     local_node: String,
     services: Mutex<HashMap<String, Entry>>,
     callers: Mutex<Option<(Arc<Snapshot>, Arc<CallerIndex>)>>,
+    /// The agent's own cgroup directory (no spec may name it or an ancestor).
+    agent_cgroup: std::sync::OnceLock<Option<std::path::PathBuf>>,
 }
 
 impl ServiceStates {
@@ -119,6 +121,7 @@ impl ServiceStates {
             local_node,
             services: Mutex::new(HashMap::new()),
             callers: Mutex::new(None),
+            agent_cgroup: std::sync::OnceLock::new(),
         }
     }
 
@@ -241,12 +244,37 @@ impl ServiceStates {
     /// The service whose cgroup directory is `dir` or one of its ancestors (the deepest
     /// match), else the host. Path-based, so it sees directories created after the index.
     pub fn caller_by_path(&self, snapshot: &Snapshot, dir: &std::path::Path) -> Caller {
-        snapshot
+        self.identity_dirs(snapshot)
+            .into_iter()
+            .filter(|(_, d, refused)| refused.is_none() && dir.starts_with(d))
+            .max_by_key(|(_, d, _)| d.components().count())
+            .map_or(Caller::Host, |(s, _, _)| Caller::service(&s.spec.name))
+    }
+
+    /// Every service's cgroup directory, and why it may not serve as the service's
+    /// identity ([`crate::cgroup::identity_refusal`]): specs come from the registry.
+    fn identity_dirs<'a>(
+        &self,
+        snapshot: &'a Snapshot,
+    ) -> Vec<(&'a ServiceInfo, std::path::PathBuf, Option<String>)> {
+        let dirs: Vec<(&ServiceInfo, std::path::PathBuf)> = snapshot
             .services()
             .map(|s| (s, self.cgroups.dir_of(&s.spec)))
-            .filter(|(_, d)| dir.starts_with(d))
-            .max_by_key(|(_, d)| d.components().count())
-            .map_or(Caller::Host, |(s, _)| Caller::service(&s.spec.name))
+            .collect();
+        let agent = self.agent_cgroup.get_or_init(|| {
+            crate::cgroup::cgroup_of_pid(&self.cgroups.root, std::process::id()).ok()
+        });
+        dirs.iter()
+            .map(|(s, d)| {
+                // A default directory nobody created yet holds no process to steal.
+                let others = dirs
+                    .iter()
+                    .filter(|(o, od)| o.spec.cgroup.is_some() || od.is_dir())
+                    .map(|(o, od)| (o.spec.name.as_str(), od.as_path()));
+                let refused = crate::cgroup::identity_refusal(&s.spec, d, agent.as_deref(), others);
+                (*s, d.clone(), refused)
+            })
+            .collect()
     }
 
     /// Who runs in which cgroup, rebuilt when the registry changed.
@@ -259,10 +287,14 @@ impl ServiceStates {
         }
         // Resolve every service's directory (defaults included); a default directory that
         // nobody created yet simply has no callers.
-        let specs: Vec<ServiceSpec> = snapshot
-            .services()
-            .filter_map(|s| {
-                let dir = self.cgroups.dir_of(&s.spec);
+        let specs: Vec<ServiceSpec> = self
+            .identity_dirs(snapshot)
+            .into_iter()
+            .filter_map(|(s, dir, refused)| {
+                if let Some(why) = refused {
+                    tracing::warn!(service = %s.spec.name, dir = %dir.display(), "refused the registry spec's cgroup as the service's caller identity: {why}; its processes count as the host");
+                    return None;
+                }
                 if s.spec.cgroup.is_none() && !dir.is_dir() {
                     return None;
                 }
