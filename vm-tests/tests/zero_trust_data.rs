@@ -325,7 +325,11 @@ fn a_spec_whose_cgroup_is_an_ancestor_of_another_service_s_gives_no_identity() {
     );
     assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 30));
     // A process in the test cgroup is the host, not greedy-svc: denied.
-    let r = curl(cg.command("curl"), CURL_MAX, &["http://ledger-svc.svc/entries"]);
+    let r = curl(
+        cg.command("curl"),
+        CURL_MAX,
+        &["http://ledger-svc.svc/entries"],
+    );
     assert_eq!(r.status, 403, "{r}\n{}", tail(&agent.log(), 30));
     assert_eq!(r.header("x-hms-error"), Some("denied"), "{r}");
     let log = agent.log();
@@ -334,5 +338,9 @@ fn a_spec_whose_cgroup_is_an_ancestor_of_another_service_s_gives_no_identity() {
         "the agent says why: {}",
         tail(&log, 30)
     );
-    assert_eq!(ledger.seen_count(), 1, "only payments-svc's request arrived");
+    assert_eq!(
+        ledger.seen_count(),
+        1,
+        "only payments-svc's request arrived"
+    );
 }

@@ -145,3 +145,176 @@ impl InboundPolicy for MeshInbound {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use hms_ctl::api::{DeployResult, Instance, NodeInfo, RegistryHealth, ServiceInfo};
+    use hms_ctl::spec::ServiceSpec;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::identity::SpiffeId;
+    use crate::tunnel::TunnelTarget;
+
+    /// The registry as one fixed snapshot: the policy only reads it.
+    struct Fixed(Arc<Snapshot>);
+
+    impl Store for Fixed {
+        fn deploy(&self, _: ServiceSpec, _: &str) -> anyhow::Result<DeployResult> {
+            anyhow::bail!("read-only")
+        }
+        fn update_spec(
+            &self,
+            _: &str,
+            _: &mut dyn FnMut(&mut ServiceSpec) -> anyhow::Result<()>,
+        ) -> anyhow::Result<ServiceInfo> {
+            anyhow::bail!("read-only")
+        }
+        fn undeploy(&self, _: &str) -> anyhow::Result<bool> {
+            anyhow::bail!("read-only")
+        }
+        fn register_node(&self, _: NodeInfo) -> anyhow::Result<()> {
+            anyhow::bail!("read-only")
+        }
+        fn put_blob(&self, _: &str, _: &[u8]) -> anyhow::Result<()> {
+            anyhow::bail!("read-only")
+        }
+        fn create_blob(&self, _: &str, _: &[u8]) -> anyhow::Result<bool> {
+            anyhow::bail!("read-only")
+        }
+        fn get_blob(&self, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn snapshot(&self) -> Arc<Snapshot> {
+            self.0.clone()
+        }
+        fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+            watch::channel(self.0.clone()).1
+        }
+        fn health(&self) -> RegistryHealth {
+            RegistryHealth {
+                backend: "fixed".into(),
+                connected: true,
+                last_error: None,
+                revision: 0,
+            }
+        }
+        fn describe(&self) -> String {
+            "fixed".into()
+        }
+    }
+
+    fn service(yaml: &str, instances: &[(&str, u16)]) -> ServiceInfo {
+        ServiceInfo {
+            spec: hms_ctl::spec::parse(yaml, "t").unwrap(),
+            vip: Ipv4Addr::new(127, 77, 0, 1),
+            instances: instances
+                .iter()
+                .map(|(node, port)| Instance {
+                    node: node.to_string(),
+                    addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, *port),
+                })
+                .collect(),
+        }
+    }
+
+    fn inbound(snapshot: Snapshot) -> MeshInbound {
+        let store: Arc<dyn Store> = Arc::new(Fixed(Arc::new(snapshot)));
+        let http = Arc::new(HttpProxy::new(
+            store.clone(),
+            crate::cgroup::ServiceCgroups {
+                root: "/sys/fs/cgroup".into(),
+                hooked: "/sys/fs/cgroup/hms".into(),
+            },
+            "host-a".into(),
+            Arc::new(crate::tap::TapHub::default()),
+            Arc::new(crate::metrics::Metrics::new()),
+        ));
+        MeshInbound {
+            store,
+            http,
+            node: "host-a".into(),
+        }
+    }
+
+    fn request(peer: &str, caller: &str, port: u16) -> InboundRequest {
+        InboundRequest {
+            peer_node: SpiffeId::node("mesh.test", peer).unwrap(),
+            peer_addr: "10.0.0.3:40000".parse().unwrap(),
+            caller: caller.into(),
+            target: TunnelTarget::new("ledger", port).unwrap(),
+            protocol: StreamProtocol::Http1,
+        }
+    }
+
+    fn services() -> Vec<ServiceInfo> {
+        vec![
+            service(
+                "name: ledger\nport: 7001\npolicy: {allow_from: [payments]}\n",
+                &[("host-a", 7000), ("host-b", 7001)],
+            ),
+            service("name: payments\nport: 8000\n", &[("host-b", 8000)]),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_believed_only_from_a_host_the_service_is_placed_on() {
+        let placement: BTreeMap<String, BTreeSet<String>> = [
+            ("payments".to_string(), ["host-b".to_string()].into()),
+            (
+                "ledger".to_string(),
+                ["host-a".to_string(), "host-b".to_string()].into(),
+            ),
+        ]
+        .into();
+        let p = inbound(Snapshot::new(services()).with_placement(Arc::new(placement)));
+        // host-b runs payments: believed, allowed by ledger's policy.
+        assert!(
+            p.authorize(&request("host-b", "payments", 7000))
+                .await
+                .is_ok()
+        );
+        // host-c claims payments: not placed there.
+        assert_eq!(
+            p.authorize(&request("host-c", "payments", 7000)).await,
+            Err(Refusal::CALLER_NOT_PLACED)
+        );
+        // `host` is anyone's claim; ledger's policy then refuses it.
+        assert_eq!(
+            p.authorize(&request("host-c", "host", 7000)).await,
+            Err(Refusal::DENIED)
+        );
+        let c = p.http.stats.counters();
+        assert_eq!(c.inbound_caller_not_placed, 1);
+        let text = p.http.metrics.render().unwrap();
+        assert!(
+            text.contains("hms_inbound_refused_total{reason=\"caller-not-placed\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_this_host_s_own_instances_are_reachable() {
+        let p = inbound(Snapshot::new(services()));
+        // 7001 is the spec's port, but host-b's instance, not ours.
+        assert_eq!(
+            p.authorize(&request("host-b", "payments", 7001)).await,
+            Err(Refusal::NO_ENDPOINT)
+        );
+        assert_eq!(
+            p.authorize(&request("host-b", "payments", 7000)).await,
+            Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, 7000)))
+        );
+        assert_eq!(p.http.stats.counters().inbound_not_own_instance, 1);
+        // Without any placement record (before the operator placed anything) claims from
+        // authenticated nodes are believed, as before placement existed.
+        assert!(
+            p.authorize(&request("host-c", "payments", 7000))
+                .await
+                .is_ok()
+        );
+    }
+}
