@@ -119,6 +119,11 @@ pub struct UninstallArgs {
     /// Also delete the agent's state (embedded registry, certificates) in the state dir.
     #[arg(long)]
     pub purge: bool,
+    /// With --purge on the CA's host: yes, take the mesh CA's root keys out of the state dir
+    /// too (they are moved to /var/backups/hms-ca-<time>, 0700, never deleted). Without it a
+    /// purge on the CA's host refuses and changes nothing.
+    #[arg(long, requires = "purge")]
+    pub purge_ca_keys: bool,
 }
 
 // --- settings: the `run` flags as YAML ------------------------------------------------------
@@ -1012,6 +1017,25 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<UninstallReport> {
         .ok()
         .and_then(|t| parse_config(&t, &config_path).ok())
         .unwrap_or_default();
+    // The CA's root keys leave the state dir only when the operator says so, before
+    // anything is stopped or removed.
+    if args.purge && !args.purge_ca_keys {
+        let state = installed
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let ca = under(root, &state.to_string_lossy()).join(crate::identity::CA_DIR);
+        if ca.is_dir() {
+            bail!(
+                "this host holds the mesh CA's root keys ({}/{}); nothing was changed. Every host's \
+                 trust in the mesh depends on them: save a copy with `hms-ctl ca backup --out FILE` \
+                 first, then run `hms-node-agent uninstall --purge --purge-ca-keys` (the keys are \
+                 moved to {CA_BACKUP_DIR}/hms-ca-<time>, 0700), or uninstall without --purge",
+                state.display(),
+                crate::identity::CA_DIR
+            );
+        }
+    }
 
     // 1. Nothing running: the units, then any agent started by hand from the installed binary.
     if host && systemd_running() {

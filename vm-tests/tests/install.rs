@@ -362,7 +362,23 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     let ca = root.path().join("var/lib/hms/ca");
     std::fs::create_dir_all(&ca).unwrap();
     std::fs::write(ca.join("root-key.pem"), "the only copy").unwrap();
-    let out = agent_ok(&["uninstall", "--root", r, "--purge"]);
+    // Not without the explicit confirmation: refused, and nothing changed.
+    let refused = agent(&["uninstall", "--root", r, "--purge"]);
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    let said = describe(&refused);
+    assert!(
+        said.contains("--purge-ca-keys") && said.contains("hms-ctl ca backup"),
+        "says what to run: {said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ca.join("root-key.pem")).unwrap(),
+        "the only copy"
+    );
+    assert!(
+        root.path().join("etc/hms/agent.yaml").exists(),
+        "nothing removed: {said}"
+    );
+    let out = agent_ok(&["uninstall", "--root", r, "--purge", "--purge-ca-keys"]);
     let backups: Vec<String> = walk(root.path())
         .into_iter()
         .filter(|p| p.starts_with("var/backups/hms-ca-"))
