@@ -54,6 +54,15 @@ pub enum Request {
     },
     /// Add a new root, move every host onto it, then retire the old one.
     CaRotate,
+    /// The CA's directory (root keys included) as one JSON document.
+    CaBackup,
+    /// Make this host the CA from a `CaBackup` document; `force` replaces a CA that is here
+    /// (moved aside first).
+    CaRestore {
+        backup: serde_json::Value,
+        #[serde(default)]
+        force: bool,
+    },
     /// A single-use, expiring token a host joins with (`--join-token`).
     NodeTokenCreate {
         node: Option<String>,

@@ -116,6 +116,19 @@ enum CaCommand {
     /// Add a new root, move every host onto it, then retire the old root; traffic keeps
     /// flowing throughout.
     Rotate,
+    /// Write the CA's keys and state to FILE (one JSON document, mode 0600; refuses to
+    /// overwrite). Keep it offline: it can issue any host's certificate.
+    Backup {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Make this host the CA again from a backup (a host without a CA, e.g. after losing
+    /// the CA's host). `--force` replaces a CA that is here; it is moved aside first.
+    Restore {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +327,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client::call(&socket, &Request::CaRotate).await?;
             say!(
                 "rotation started: a new root is trusted beside the old one; every host renews onto it, then the old root is retired (watch `hms-ctl status`)"
+            );
+            return Ok(());
+        }
+        Command::Ca(CaCommand::Backup { out }) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // Refuse before asking the agent, so no key leaves it for nothing.
+            if out.exists() {
+                anyhow::bail!(
+                    "{} exists; a CA backup never overwrites a file: choose another --out",
+                    out.display()
+                );
+            }
+            let v = client::call(&socket, &Request::CaBackup).await?;
+            let mut text = serde_json::to_string_pretty(&v)?;
+            text.push('\n');
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", out.display()))?;
+            say!(
+                "wrote the CA of trust domain `{}` ({} files, root keys included) to {} (mode 0600); keep it offline, restore with `hms-ctl ca restore {}`",
+                v["trust_domain"].as_str().unwrap_or("?"),
+                v["files"].as_object().map_or(0, |f| f.len()),
+                out.display(),
+                out.display()
+            );
+            return Ok(());
+        }
+        Command::Ca(CaCommand::Restore { file, force }) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the CA backup {}", file.display()))?;
+            let backup: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a CA backup from `hms-ctl ca backup`",
+                    file.display()
+                )
+            })?;
+            let v = client::call(
+                &socket,
+                &Request::CaRestore {
+                    backup,
+                    force: *force,
+                },
+            )
+            .await?;
+            if let Some(aside) = v["replaced_ca_moved_to"].as_str() {
+                say!("the CA that was on this host is kept at {aside}");
+            }
+            say!(
+                "this host holds the mesh's CA again; its identity is {}",
+                v["identity"]["spiffe_id"].as_str().unwrap_or("?")
             );
             return Ok(());
         }

@@ -290,6 +290,24 @@ impl Admin {
                 Ok(s) => ok(&s),
                 Err(e) => Err(e),
             },
+            Request::CaBackup => match self.identity.ca_backup().await {
+                Ok(b) => ok(&b),
+                Err(e) => Err(e),
+            },
+            Request::CaRestore { backup, force } => {
+                match serde_json::from_value::<crate::identity::CaBackup>(backup) {
+                    Err(e) => Err(anyhow::anyhow!(
+                        "that is not a CA backup written by `hms-ctl ca backup`: {e}"
+                    )),
+                    Ok(backup) => match self.identity.ca_restore(backup, force).await {
+                        Ok((summary, replaced)) => ok(&serde_json::json!({
+                            "identity": summary,
+                            "replaced_ca_moved_to": replaced.map(|p| p.display().to_string()),
+                        })),
+                        Err(e) => Err(e),
+                    },
+                }
+            }
             Request::NodeTokenCreate { node, ttl_seconds } => {
                 let ttl = std::time::Duration::from_secs(ttl_seconds.unwrap_or(3600));
                 match self.identity.create_token(node.as_deref(), ttl).await {

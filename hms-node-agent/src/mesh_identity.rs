@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::identity::{
-    CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest, TlsIdentity, TrustBundle,
+    CA_DIR, CaBackup, CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest,
+    TlsIdentity, TrustBundle,
 };
 use crate::registry::Store;
 
@@ -268,6 +269,89 @@ impl MeshIdentity {
             tracing::info!(trust_domain, "this host now holds the mesh CA");
         }
         Ok(self.summary().await)
+    }
+
+    /// `hms-ctl ca backup`: the CA directory as one document (it holds the root keys).
+    pub async fn ca_backup(&self) -> anyhow::Result<CaBackup> {
+        let inner = self.inner.lock().await;
+        let ca = inner.ca.as_ref().context(
+            "this host does not hold the CA; run this on the host where `hms-ctl ca init` ran",
+        )?;
+        let backup = ca.backup()?;
+        tracing::info!(trust_domain = %backup.trust_domain, files = backup.files.len(), "the CA's keys were backed up through the admin socket");
+        Ok(backup)
+    }
+
+    /// `hms-ctl ca restore`: makes this host the CA again from a backup. With a CA here
+    /// already it refuses unless `force`, and then moves the current CA directory aside
+    /// (0700, named in the answer) before restoring. A backup of another trust domain than
+    /// the registry's bundle is refused: its certificates would be trusted by no host.
+    /// Returns the identity summary and where the replaced CA went, if one was.
+    pub async fn ca_restore(
+        &self,
+        backup: CaBackup,
+        force: bool,
+    ) -> anyhow::Result<(IdentitySummary, Option<PathBuf>)> {
+        let mut inner = self.inner.lock().await;
+        let registry_bundle = self
+            .store
+            .snapshot()
+            .blob(BUNDLE)
+            .and_then(|b| serde_json::from_slice::<TrustBundle>(b).ok());
+        if let Some(b) = &registry_bundle
+            && b.trust_domain() != backup.trust_domain
+        {
+            bail!(
+                "the backup is of trust domain `{}` but this mesh's is `{}`; restore it on a host of that mesh",
+                backup.trust_domain,
+                b.trust_domain()
+            );
+        }
+        let ca_dir = self.state_dir.join(CA_DIR);
+        let mut replaced = None;
+        if inner.ca.is_some() || ca_dir.exists() {
+            if !force {
+                bail!(
+                    "this host already holds a CA ({}); to replace it run `hms-ctl ca restore FILE --force` (the current one is moved aside first, and kept)",
+                    ca_dir.display()
+                );
+            }
+            let stamp = unix(SystemTime::now());
+            let aside = self.state_dir.join(format!("{CA_DIR}-replaced-{stamp}"));
+            std::fs::rename(&ca_dir, &aside)
+                .with_context(|| format!("moving the current CA aside to {}", aside.display()))?;
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("restricting {}", aside.display()))?;
+            }
+            tracing::warn!(aside = %aside.display(), "ca restore --force: the CA that was here is kept there");
+            inner.ca = None;
+            replaced = Some(aside);
+        }
+        let ca = CertificateAuthority::restore(&self.state_dir, &backup)?;
+        let bundle = ca.trust_bundle();
+        if let Some(b) = &registry_bundle
+            && b.fingerprint() != bundle.fingerprint()
+        {
+            tracing::warn!(
+                "the restored CA's roots differ from the registry's trust bundle (a rotation after the backup?); publishing the restored roots"
+            );
+        }
+        let td = ca.trust_domain().to_string();
+        let mut node = NodeIdentity::load_or_create(&self.state_dir, &td, &self.node_name)?;
+        let csr = node.create_csr()?;
+        let issued = ca.sign_node_csr(&csr, &self.node_name, CERT_TTL)?;
+        node.install_issued(&issued)?;
+        inner.ca = Some(ca);
+        inner.node = Some(node);
+        self.refresh_tls(&inner)?;
+        drop(inner);
+        if registry_bundle.as_ref().map(|b| b.fingerprint()) != Some(bundle.fingerprint()) {
+            self.publish_bundle(&bundle).await?;
+        }
+        tracing::info!(trust_domain = %td, "this host holds the mesh CA again (restored from a backup)");
+        Ok((self.summary().await, replaced))
     }
 
     /// `hms-ctl node token create`.

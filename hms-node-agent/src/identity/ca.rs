@@ -189,6 +189,26 @@ struct Root {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// `hms-ctl ca backup`: every file of the CA directory in one JSON document, so that the
+/// root keys survive the loss of the CA's host. It holds private keys: written 0600, kept
+/// offline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaBackup {
+    /// [`CA_BACKUP_FORMAT`].
+    pub format: String,
+    pub trust_domain: String,
+    pub created_unix: u64,
+    /// File name (no directories) -> contents.
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+pub const CA_BACKUP_FORMAT: &str = "hms-ca-backup/1";
+
+/// Whether a CA file holds a secret (a root key, the hashed join tokens): restored 0600.
+fn is_secret_file(name: &str) -> bool {
+    name.ends_with(".key") || name == TOKENS_FILE
+}
+
 /// The CA, loaded from its directory. Not `Clone`: one owner writes its files.
 pub struct CertificateAuthority {
     dir: PathBuf,
@@ -238,7 +258,10 @@ impl CertificateAuthority {
 
     /// Loads the CA in `<state_dir>/ca/`.
     pub fn load(state_dir: &Path) -> Result<Self> {
-        let dir = state_dir.join(CA_DIR);
+        Self::load_dir(state_dir.join(CA_DIR))
+    }
+
+    fn load_dir(dir: PathBuf) -> Result<Self> {
         let state_path = dir.join(STATE_FILE);
         if !state_path.exists() {
             return Err(IdentityError::CaMissing(dir));
@@ -290,6 +313,96 @@ impl CertificateAuthority {
             next_root: state.next_root,
             tokens,
         })
+    }
+
+    /// Every file of the CA directory, for `hms-ctl ca backup`.
+    pub fn backup(&self) -> Result<CaBackup> {
+        let mut files = std::collections::BTreeMap::new();
+        let entries = fs::read_dir(&self.dir).map_err(io_err("read directory", &self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("read directory", &self.dir))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Only the CA's own files: atomic writes' temporaries are not state.
+            if !path.is_file() || name.starts_with('.') || name.contains(".tmp") {
+                continue;
+            }
+            files.insert(name, files::read_to_string(&path)?);
+        }
+        Ok(CaBackup {
+            format: CA_BACKUP_FORMAT.into(),
+            trust_domain: self.trust_domain.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+            files,
+        })
+    }
+
+    /// `hms-ctl ca restore`: recreates `<state_dir>/ca/` from `backup` after checking that it
+    /// loads (every active root's key matches its certificate). Refuses if a CA exists here:
+    /// the caller moves it aside first. Files are written into a fresh directory beside it
+    /// and renamed into place, so a failed restore leaves nothing half-written.
+    pub fn restore(state_dir: &Path, backup: &CaBackup) -> Result<Self> {
+        let dir = state_dir.join(CA_DIR);
+        let bad = |reason: String| IdentityError::CaState {
+            path: PathBuf::from("the backup"),
+            reason,
+        };
+        if backup.format != CA_BACKUP_FORMAT {
+            return Err(bad(format!(
+                "format `{}` is not `{CA_BACKUP_FORMAT}`",
+                backup.format
+            )));
+        }
+        if !backup.files.contains_key(STATE_FILE) {
+            return Err(bad(format!("it has no {STATE_FILE}")));
+        }
+        for name in backup.files.keys() {
+            let plain = !name.is_empty()
+                && !name.starts_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !plain {
+                return Err(bad(format!("`{name}` is not a CA file name")));
+            }
+        }
+        if dir.exists() {
+            return Err(IdentityError::CaExists(dir));
+        }
+        files::ensure_dir(state_dir)?;
+        let staging = state_dir.join(format!("{CA_DIR}.restoring-{}", std::process::id()));
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_err("remove", &staging))?;
+        }
+        files::ensure_dir(&staging)?;
+        let loaded = (|| {
+            for (name, contents) in &backup.files {
+                let mode = if is_secret_file(name) {
+                    SECRET_MODE
+                } else {
+                    PUBLIC_MODE
+                };
+                files::write_atomic(&staging.join(name), contents.as_bytes(), mode)?;
+            }
+            // Loading checks the state, every key against its certificate, the tokens.
+            let staged = Self::load_dir(staging.clone())?;
+            if staged.trust_domain != backup.trust_domain {
+                return Err(bad(format!(
+                    "it says trust domain `{}` but its CA is `{}`",
+                    backup.trust_domain, staged.trust_domain
+                )));
+            }
+            Ok(())
+        })();
+        if let Err(e) = loaded {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        fs::rename(&staging, &dir).map_err(io_err("rename into place", &dir))?;
+        Self::load(state_dir)
     }
 
     /// Loads the CA, or creates it (single host: the agent is its own CA).

@@ -48,7 +48,10 @@ mod x509;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use ca::{CA_DIR, CertificateAuthority, IssuedCertificate, RootSummary, TrustBundle};
+pub use ca::{
+    CA_BACKUP_FORMAT, CA_DIR, CaBackup, CertificateAuthority, IssuedCertificate, RootSummary,
+    TrustBundle,
+};
 pub use node::{CertificateStatus, IDENTITY_DIR, IdentityStatus, NodeIdentity, RenewalRequest};
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_node_name, validate_trust_domain};
 pub use tls::{ALPN_H2, PeerIdentityRefused, TlsIdentity, peer_spiffe_id, verify_established};

@@ -567,3 +567,70 @@ impl rustls::client::ResolvesClientCert for Fixed {
         true
     }
 }
+
+#[tokio::test]
+async fn a_restored_ca_issues_certificates_the_hosts_that_trusted_the_old_one_accept() {
+    let (dir, ca) = new_ca();
+    // host-b joined before the loss: it holds a certificate and the bundle of the old CA.
+    let host_b = node_tls(&ca, "host-b");
+    let backup = ca.backup().unwrap();
+    assert_eq!(backup.format, CA_BACKUP_FORMAT);
+    assert!(
+        backup.files.keys().any(|f| f.ends_with(".key")),
+        "{:?}",
+        backup.files.keys()
+    );
+    // The CA's host is lost.
+    drop(ca);
+    std::fs::remove_dir_all(dir.path()).unwrap();
+
+    let new_host = tempfile::tempdir().unwrap();
+    let restored = CertificateAuthority::restore(new_host.path(), &backup).unwrap();
+    let ca_dir = new_host.path().join(CA_DIR);
+    for entry in std::fs::read_dir(&ca_dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        if name.ends_with(".key") {
+            assert_eq!(mode, 0o600, "{name}");
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(&ca_dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // A certificate issued after the restore is trusted by host-b, and host-b's by it.
+    let host_a = node_tls(&restored, "host-a");
+    let r = dial(&host_a, &host_b).await;
+    assert!(r.0.is_ok() && r.1.is_ok(), "{r:?}");
+    let r = dial(&host_b, &host_a).await;
+    assert!(r.0.is_ok() && r.1.is_ok(), "{r:?}");
+
+    // Never over an existing CA, never a name that leaves the directory, never a damaged
+    // key; a refused restore leaves nothing behind.
+    assert!(matches!(
+        CertificateAuthority::restore(new_host.path(), &backup),
+        Err(IdentityError::CaExists(_))
+    ));
+    let other = tempfile::tempdir().unwrap();
+    let mut escaping = backup.clone();
+    escaping.files.insert("../evil".into(), "x".into());
+    assert!(CertificateAuthority::restore(other.path(), &escaping).is_err());
+    let mut damaged = backup.clone();
+    let key = damaged
+        .files
+        .keys()
+        .find(|k| k.ends_with(".key"))
+        .unwrap()
+        .clone();
+    damaged
+        .files
+        .insert(key, KeyPair::generate().unwrap().serialize_pem());
+    let e = CertificateAuthority::restore(other.path(), &damaged).unwrap_err();
+    assert!(e.to_string().contains("do not match"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(other.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+}
