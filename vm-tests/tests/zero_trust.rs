@@ -51,7 +51,10 @@ fn without_a_credential_nothing_and_with_host_cs_only_its_own_records() {
     m.deploy(1, "name: payments-svc\nport: 7000\n");
 
     // No certificate: etcd refuses the connection itself.
-    let e = refused(m.etcdctl_as(None, &["get", "--prefix", P]), "reading without a certificate");
+    let e = refused(
+        m.etcdctl_as(None, &["get", "--prefix", P]),
+        "reading without a certificate",
+    );
     assert!(
         e.contains("certificate") || e.contains("tls") || e.contains("deadline"),
         "{e}"
@@ -61,14 +64,20 @@ fn without_a_credential_nothing_and_with_host_cs_only_its_own_records() {
     let listing = m
         .etcdctl_as(Some(2), &["get", "--prefix", "--keys-only", P])
         .expect("a member reads the registry");
-    assert!(listing.contains("/hms/v1/services/payments-svc"), "{listing}");
+    assert!(
+        listing.contains("/hms/v1/services/payments-svc"),
+        "{listing}"
+    );
     let forged_instance = r#"{"addrs":["127.0.0.1:22"]}"#;
     let writes = [
         ("instances/payments-svc/host-b", forged_instance),
         ("instances/payments-svc/host-c", forged_instance),
         ("services/payments-svc", "{}"),
         ("services/evil-svc", "{}"),
-        ("placement/payments-svc", r#"{"hosts":["host-c"],"vip":"127.77.0.9"}"#),
+        (
+            "placement/payments-svc",
+            r#"{"hosts":["host-c"],"vip":"127.77.0.9"}"#,
+        ),
         ("members/host-x", r#"{"joined_unix":1}"#),
         ("nodes/host-b", "{}"),
         ("vips/127.77.9.9", "evil-svc"),
@@ -123,7 +132,11 @@ fn without_a_credential_nothing_and_with_host_cs_only_its_own_records() {
 }
 
 /// A fourth agent in host C's namespace (its own cgroup, ports and state) trying to join.
-fn joiner(m: &Mesh, name: &str, token: &std::path::Path) -> (anyhow::Result<TestAgent>, TestCgroup) {
+fn joiner(
+    m: &Mesh,
+    name: &str,
+    token: &std::path::Path,
+) -> (anyhow::Result<TestAgent>, TestCgroup) {
     let cg = TestCgroup::new(&format!("zt-{name}")).unwrap();
     let addr = m.net.hosts[2].addr;
     let inbound = std::net::SocketAddr::new(addr, vm_tests::ports::free_addr().port());
@@ -149,7 +162,9 @@ fn a_token_joins_once_only_as_its_own_name_and_never_as_a_member() {
     let m = Mesh::new();
     let dir = tempfile::tempdir().unwrap();
     let token = |node: &str| {
-        let path = dir.path().join(format!("{node}-{}.token", vm_tests::ports::unique()));
+        let path = dir
+            .path()
+            .join(format!("{node}-{}.token", vm_tests::ports::unique()));
         let out = m.agents[0].ctl(&[
             "node",
             "token",
@@ -165,7 +180,11 @@ fn a_token_joins_once_only_as_its_own_name_and_never_as_a_member() {
     // A member's name cannot even get a token.
     for member in NAMES {
         let (out, _) = token(member);
-        assert!(!out.status.success(), "a token for {member}: {}", text(&out));
+        assert!(
+            !out.status.success(),
+            "a token for {member}: {}",
+            text(&out)
+        );
         assert!(text(&out).contains("already a member"), "{}", text(&out));
     }
 
@@ -178,7 +197,10 @@ fn a_token_joins_once_only_as_its_own_name_and_never_as_a_member() {
 
     // It cannot be used under another name: the joining host refuses before asking.
     let (wrong, _cg) = joiner(&m, "host-e", &t_d);
-    let e = format!("{:#}", wrong.err().expect("host-e with host-d's token started"));
+    let e = format!(
+        "{:#}",
+        wrong.err().expect("host-e with host-d's token started")
+    );
     assert!(e.contains("the join token is for node `host-d`"), "{e}");
 
     // Used once: host-d joins and becomes a member.
@@ -186,18 +208,30 @@ fn a_token_joins_once_only_as_its_own_name_and_never_as_a_member() {
     let d = d.unwrap_or_else(|e| panic!("host-d joining: {e:#}"));
     let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
     while !d.ctl_json(&["status"]).unwrap()["identity"]["spiffe_id"].is_string() {
-        assert!(Instant::now() < deadline, "host-d got no identity:\n{}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "host-d got no identity:\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let members = m
-        .etcdctl_as(Some(0), &["get", "--prefix", "--keys-only", &format!("{P}members/")])
+        .etcdctl_as(
+            Some(0),
+            &["get", "--prefix", "--keys-only", &format!("{P}members/")],
+        )
         .unwrap();
     assert!(members.contains("members/host-d"), "{members}");
 
     // Used twice (another host claiming to be host-d with the same token): refused by the
     // CA, and the refusal reaches the joining host.
     let (twice, _cg2) = joiner(&m, "host-d", &t_d);
-    let e = format!("{:#}", twice.err().expect("a second join with a spent token started"));
+    let e = format!(
+        "{:#}",
+        twice
+            .err()
+            .expect("a second join with a spent token started")
+    );
     assert!(
         e.contains("the CA host refused this host's join") && e.contains("already"),
         "{e}"
@@ -211,7 +245,10 @@ fn a_token_joins_once_only_as_its_own_name_and_never_as_a_member() {
             assert!(users.contains("host-d"), "{users}");
             break;
         }
-        assert!(Instant::now() < deadline, "bootstrap user still there: {users}");
+        assert!(
+            Instant::now() < deadline,
+            "bootstrap user still there: {users}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -251,7 +288,11 @@ fn node_remove_ends_the_hosts_registry_access_and_calls_while_others_keep_workin
     let deadline = removed_at + Duration::from_secs(5);
     loop {
         let b = m.curl(1, &["http://payments-svc.svc/pay"]);
-        assert!(answered(&b), "B's call failed after C's removal: {}", text(&b));
+        assert!(
+            answered(&b),
+            "B's call failed after C's removal: {}",
+            text(&b)
+        );
         let c = m.curl(2, &["--max-time", "2", "http://payments-svc.svc/pay"]);
         if !answered(&c) {
             break;

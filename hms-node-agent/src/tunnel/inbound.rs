@@ -231,7 +231,8 @@ impl<P: InboundPolicy> InboundServer<P> {
             Err(e) => return self.refuse_handshake(from, &e.to_string()),
         };
         if !self.policy.peer_allowed(&peer_node) {
-            return self.refuse_handshake(from, &format!("{peer_node} is not a member of the mesh"));
+            return self
+                .refuse_handshake(from, &format!("{peer_node} is not a member of the mesh"));
         }
         let _open = Gauge::up(&self.stats.connections_open);
         tracing::debug!(%from, peer = %peer_node, "inbound: peer connected");
