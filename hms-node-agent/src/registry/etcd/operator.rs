@@ -276,4 +276,31 @@ impl Shared {
         tracing::warn!(%node, ?out, "removed a host from the mesh");
         Ok(out)
     }
+
+    /// A registry written before placement existed (a plaintext mesh moving to etcds://):
+    /// every service without a placement is placed on the hosts that have instances of it,
+    /// so it keeps working once hosts can write only what is placed on them.
+    pub(super) async fn migrate_unplaced(&self) -> anyhow::Result<usize> {
+        let unplaced: Vec<(String, BTreeSet<String>)> = {
+            let snapshot = self.snapshot.borrow().clone();
+            let view = self.lock_view();
+            let placed: BTreeSet<String> = view.placed_services().into_iter().collect();
+            view.service_names()
+                .into_iter()
+                .filter(|s| !placed.contains(s))
+                .map(|s| {
+                    let hosts = snapshot
+                        .service(&s)
+                        .map(|i| i.instances.iter().map(|x| x.node.clone()).collect())
+                        .unwrap_or_default();
+                    (s, hosts)
+                })
+                .collect()
+        };
+        for (service, hosts) in &unplaced {
+            tracing::info!(%service, ?hosts, "placing a service deployed before placement existed on the hosts that run it");
+            self.place(service, hosts.clone()).await?;
+        }
+        Ok(unplaced.len())
+    }
 }
