@@ -203,10 +203,9 @@ impl EtcdStore {
             .await
             .with_context(|| format!("reading this host's keys from etcd at {where_}"))?;
         if shared.opts.operator && shared.opts.tls.is_some() {
-            shared
-                .migrate_unplaced()
-                .await
-                .with_context(|| format!("placing services deployed before placement existed (etcd at {where_})"))?;
+            shared.migrate_unplaced().await.with_context(|| {
+                format!("placing services deployed before placement existed (etcd at {where_})")
+            })?;
         }
         {
             let mut lease = shared.lease.lock().await;

@@ -177,6 +177,11 @@ impl Shared {
     pub(super) async fn admit(&self, node: &str) -> anyhow::Result<()> {
         self.require_operator("admitting a host")?;
         keys::validate_node_name(node)?;
+        if !self.secured() {
+            // Without TLS nothing can hold a host to its name, and membership is not
+            // enforced; a host moving to etcds:// later joins again and is admitted then.
+            return Ok(());
+        }
         let key = self.key(Key::Member(node.to_string()));
         let joined_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -192,11 +197,8 @@ impl Shared {
                 "`{node}` is already a member of the mesh; a name cannot be taken twice (`hms-ctl node remove {node}` on the CA host first, if that host is gone)"
             );
         }
-        if self.secured() {
-            let placed = self.lock_view().services_placed_on(node);
-            access::admit_member(&self.client, self.prefix(), node, &placed, self.timeout())
-                .await?;
-        }
+        let placed = self.lock_view().services_placed_on(node);
+        access::admit_member(&self.client, self.prefix(), node, &placed, self.timeout()).await?;
         self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))
             .await;
         Ok(())
