@@ -103,6 +103,11 @@ fn the_ca_host_loses_its_state_and_a_restored_backup_issues_certificates_the_oth
         new_cert, old_cert,
         "host-a has a certificate issued after the restore"
     );
+    // As the restore says: restarted, its registry connection is the operator's again.
+    assert!(said.contains("Restart its agent"), "{said}");
+    m.agents[0].restart().unwrap();
+    let s = m.agents[0].ctl_json(&["status"]).unwrap();
+    assert_eq!(s["identity"]["holds_ca"], true, "{s}");
 
     // Tunnels both ways between host-a (new certificate) and host-b / host-c (joined
     // before, never told anything): host-a calls host-b, host-c calls host-a.

@@ -102,22 +102,54 @@ fn allow_from_denies_a_caller_on_another_host_with_403_and_the_backend_never_see
         "",
         "the denied call never reached the backend"
     );
-    // A process in payments-svc's cgroup on C is payments-svc: allowed.
+    // A process in payments-svc's cgroup on C: C's agent claims payments-svc, which A
+    // believes only once the operator placed payments-svc on C.
     let dir = m.cgs[2].path().join("payments-svc");
     std::fs::create_dir_all(&dir).unwrap();
-    let child = vm_tests::cgroup::TestCgroup::command_in(&dir, "nsenter")
-        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
-        .arg("--")
-        .arg(vm_tests::tools::path_of("curl"))
-        .args([
-            "-sS",
-            "-i",
-            "--max-time",
-            "5",
-            "http://eligibility-svc.svc/check",
-        ])
-        .output()
-        .unwrap();
+    let as_payments = || {
+        vm_tests::cgroup::TestCgroup::command_in(&dir, "nsenter")
+            .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+            .arg("--")
+            .arg(vm_tests::tools::path_of("curl"))
+            .args([
+                "-sS",
+                "-i",
+                "--max-time",
+                "5",
+                "http://eligibility-svc.svc/check",
+            ])
+            .output()
+            .unwrap()
+    };
+    let child = as_payments();
+    let out = String::from_utf8_lossy(&child.stdout).to_lowercase();
+    assert!(
+        out.starts_with("http/1.1 403"),
+        "not placed on C: {}\n{}",
+        text(&child),
+        m.agents[0].log()
+    );
+    assert!(
+        m.agents[0]
+            .log()
+            .contains("caller payments-svc is not placed on host-c"),
+        "{}",
+        m.agents[0].log()
+    );
+    assert_eq!(backend.seen(), "");
+    m.place("payments-svc", 2);
+    let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(5));
+    let child = loop {
+        let child = as_payments();
+        if String::from_utf8_lossy(&child.stdout)
+            .to_lowercase()
+            .starts_with("http/1.1 200")
+            || std::time::Instant::now() > deadline
+        {
+            break child;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let out = String::from_utf8_lossy(&child.stdout).to_lowercase();
     assert!(
         out.starts_with("http/1.1 200"),

@@ -240,44 +240,75 @@ fn fifty_requests_at_once_from_host_c_over_one_connection_get_40_to_45_429s_at_a
 }
 
 /// P3, caller claims: host-c claims to be payments-svc, which the operator placed on host-b
-/// only. Placement records are written by the lead's etcd layout (`hms-ctl place`); until
-/// that is on this branch there is no way to place a service, so this test cannot run yet.
+/// only (`hms-ctl place` on the CA host); host-b's same claim passes.
 #[test]
-#[ignore = "needs `hms-ctl place` (the operator's placement records) from the etcd layout"]
 fn host_c_claiming_a_service_not_placed_on_it_gets_403_and_host_b_which_runs_it_passes() {
     let m = Mesh::new();
     let port = vm_tests::ports::free_port();
-    let _ledger = Backend::start(&m.net, 0, "ledger-svc", port, m.dir.path());
+    let ledger = Backend::start(&m.net, 0, "ledger-svc", port, m.dir.path());
     wait_listening(&m, 0, port);
     m.deploy(
         0,
         &format!("name: ledger-svc\nport: {port}\npolicy:\n  allow_from: [payments-svc]\n"),
     );
-    let place = m.agents[0].ctl(&["place", "payments-svc", "--on", "host-b"]);
-    assert!(place.status.success(), "{}", text(&place));
-    let place = m.agents[0].ctl(&["place", "ledger-svc", "--on", "host-a"]);
-    assert!(place.status.success(), "{}", text(&place));
+    m.place("payments-svc", 1);
     wait_for_instances(&m, 0, "ledger-svc", 1);
+    let request = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: ledger-svc\r\nconnection: close\r\n\r\n")
+    };
+    let claim = [
+        ("x-hms-caller", "payments-svc"),
+        ("x-hms-protocol", "http/1.1"),
+    ];
     let a = attack(
         &m,
         &format!("ledger-svc:{port}"),
-        &[
-            ("x-hms-caller", "payments-svc"),
-            ("x-hms-protocol", "http/1.1"),
-        ],
-        b"GET /pay HTTP/1.1\r\nhost: ledger-svc\r\nconnection: close\r\n\r\n",
+        &claim,
+        request("/from-c").as_bytes(),
     );
     assert_eq!(
         (a.status, a.error.as_str()),
         (403, "caller-not-placed"),
         "{a:?}"
     );
-    assert!(m.agents[0].log().contains("is not placed on host-c"));
-    let metrics = m.agents[0].ctl_json(&["status"]).unwrap();
+    let log = m.agents[0].log();
+    assert!(log.contains("is not placed on host-c"), "{log}");
+    let s = m.agents[0].ctl_json(&["status"]).unwrap();
     assert_eq!(
-        metrics["http"]["inbound_caller_not_placed"].as_u64(),
-        Some(1)
+        s["http"]["inbound_caller_not_placed"].as_u64(),
+        Some(1),
+        "{}",
+        s["http"]
     );
+    let metrics = m.net.hosts[0]
+        .command("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{}/metrics", m.agents[0].metrics))
+        .output()
+        .unwrap();
+    let metrics = text(&metrics);
+    assert!(
+        metrics.contains("hms_inbound_refused_total{reason=\"caller-not-placed\"} 1"),
+        "{metrics}"
+    );
+
+    // The same claim with host-b's key (payments-svc is placed there) passes.
+    let a = Attacker::with_keys_of(&m.agents[1].state_dir())
+        .connect(
+            &m.net.hosts[1].netns,
+            inbound_of(&m, 0),
+            &format!("ledger-svc:{port}"),
+            &claim,
+            request("/from-b").as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(
+        a.body.contains("ledger-svc on host-a saw GET /from-b"),
+        "{a:?}"
+    );
+    let seen = ledger.seen();
+    assert!(!seen.contains("/from-c"), "{seen}");
 }
 
 /// P5, registry values: a spec naming a cgroup above another service's cgroup would make

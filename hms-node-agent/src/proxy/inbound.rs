@@ -3,8 +3,9 @@
 //!
 //! The caller comes from what the peer proved, not from the header alone: the peer's node
 //! certificate names its host, and a claim `x-hms-caller: <service>` from that host is
-//! believed only if the operator placed the service there (`Snapshot::placed_on`); `host`
-//! is a claim any member may make. The target must be one of THIS host's own instance
+//! believed only if the operator placed the service there (`Snapshot::placed_on`, filled
+//! from the registry's `placement/<service>` records; no record: nobody may speak for the
+//! service); `host` is a claim any member may make. The target must be one of THIS host's own instance
 //! records of the service (the global spec's ports are not enough: that would let any node
 //! reach any loopback port some spec names). Then the service's policy, and its rate
 //! limit: per stream for opaque TCP, per request for streams declared HTTP (served by
@@ -34,16 +35,6 @@ pub struct MeshInbound {
     pub http: Arc<HttpProxy>,
     /// This host's node name: the instance records that are ours carry it.
     pub node: String,
-}
-
-/// Whether caller claims are checked against placement. Until the registry's placement
-/// records are filled on every mesh (the etcd layout with `hms-ctl place`), a mesh without
-/// any placement record keeps believing the claims of authenticated nodes, so existing
-/// meshes keep working; one record anywhere turns the check on for every service.
-fn placement_enforced(snapshot: &Snapshot) -> bool {
-    snapshot
-        .services()
-        .any(|s| snapshot.placement(&s.spec.name).is_some())
 }
 
 impl MeshInbound {
@@ -87,7 +78,7 @@ impl InboundPolicy for MeshInbound {
         let caller = if request.caller == HOST_CALLER {
             Caller::Host
         } else {
-            if placement_enforced(&snapshot) && !snapshot.placed_on(&request.caller, peer) {
+            if !snapshot.placed_on(&request.caller, peer) {
                 self.refused("caller-not-placed");
                 tracing::warn!(
                     service = %svc.spec.name, %peer, claim = %request.caller,
@@ -135,6 +126,11 @@ impl InboundPolicy for MeshInbound {
             upstream,
         )
         .await
+    }
+
+    fn peer_allowed(&self, peer: &crate::identity::SpiffeId) -> bool {
+        peer.node_name()
+            .is_some_and(|n| self.store.snapshot().is_member(n))
     }
 
     fn on_flow(&self, flow: &InboundFlow) {
@@ -298,7 +294,9 @@ mod tests {
 
     #[tokio::test]
     async fn only_this_host_s_own_instances_are_reachable() {
-        let p = inbound(Snapshot::new(services()));
+        let placement: BTreeMap<String, BTreeSet<String>> =
+            [("payments".to_string(), ["host-b".to_string()].into())].into();
+        let p = inbound(Snapshot::new(services()).with_placement(Arc::new(placement)));
         // 7001 is the spec's port, but host-b's instance, not ours.
         assert_eq!(
             p.authorize(&request("host-b", "payments", 7001)).await,
@@ -309,12 +307,19 @@ mod tests {
             Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, 7000)))
         );
         assert_eq!(p.http.stats.counters().inbound_not_own_instance, 1);
-        // Without any placement record (before the operator placed anything) claims from
-        // authenticated nodes are believed, as before placement existed.
-        assert!(
-            p.authorize(&request("host-c", "payments", 7000))
-                .await
-                .is_ok()
+    }
+
+    #[tokio::test]
+    async fn without_placement_records_no_host_speaks_for_a_service() {
+        let p = inbound(Snapshot::new(services()));
+        assert_eq!(
+            p.authorize(&request("host-b", "payments", 7000)).await,
+            Err(Refusal::CALLER_NOT_PLACED)
+        );
+        // `host` needs no placement; ledger's policy refuses it.
+        assert_eq!(
+            p.authorize(&request("host-b", "host", 7000)).await,
+            Err(Refusal::DENIED)
         );
     }
 }
