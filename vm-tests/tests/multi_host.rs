@@ -129,6 +129,7 @@ fn allow_from_denies_a_caller_on_another_host_with_403_and_the_backend_never_see
         text(&child),
         m.agents[0].log()
     );
+    assert!(out.contains("x-hms-error: caller-not-placed"), "{out}");
     assert!(
         m.agents[0]
             .log()

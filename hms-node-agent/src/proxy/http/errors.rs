@@ -21,6 +21,9 @@ pub enum MeshError {
         retry_after: Duration,
     },
     Denied,
+    /// The destination host refused this host's claim to call as the caller service: the
+    /// operator did not place that service on this host.
+    CallerNotPlaced,
     /// The upstream failed mid-exchange (reset, malformed response).
     UpstreamFailed,
 }
@@ -29,6 +32,7 @@ impl MeshError {
     /// The mesh error another host's agent answered a tunnel request with.
     pub fn from_refusal(status: u16, reason: &str, retry_after: Option<Duration>) -> MeshError {
         match (status, reason) {
+            (403, "caller-not-placed") => MeshError::CallerNotPlaced,
             (403, _) => MeshError::Denied,
             (429, _) => MeshError::RateLimited {
                 retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
@@ -48,6 +52,7 @@ impl MeshError {
             MeshError::Timeout => "timeout",
             MeshError::RateLimited { .. } => "rate-limited",
             MeshError::Denied => "denied",
+            MeshError::CallerNotPlaced => "caller-not-placed",
             MeshError::UpstreamFailed => "upstream-failed",
         }
     }
@@ -58,7 +63,7 @@ impl MeshError {
             MeshError::ConnectFailed | MeshError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            MeshError::Denied => StatusCode::FORBIDDEN,
+            MeshError::Denied | MeshError::CallerNotPlaced => StatusCode::FORBIDDEN,
         }
     }
 
@@ -71,7 +76,7 @@ impl MeshError {
             | MeshError::UpstreamFailed => 14,
             MeshError::Timeout => 4,
             MeshError::RateLimited { .. } => 8,
-            MeshError::Denied => 7,
+            MeshError::Denied | MeshError::CallerNotPlaced => 7,
         }
     }
 
@@ -87,6 +92,9 @@ impl MeshError {
             MeshError::Timeout => format!("hms: {service} did not answer within the route timeout"),
             MeshError::RateLimited { .. } => format!("hms: {service} is rate limited; retry later"),
             MeshError::Denied => format!("hms: this caller is not allowed to call {service}"),
+            MeshError::CallerNotPlaced => format!(
+                "hms: {service}'s host does not accept this host as the calling service: the service is not placed here (on the CA host: `hms-ctl place SERVICE --on HOSTS`)"
+            ),
             MeshError::UpstreamFailed => format!("hms: {service} failed while answering"),
         };
         let mut resp = if grpc {

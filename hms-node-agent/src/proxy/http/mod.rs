@@ -263,7 +263,7 @@ impl HttpProxy {
                     destination: ds.service.clone(),
                 };
                 match e {
-                    MeshError::Denied => {
+                    MeshError::Denied | MeshError::CallerNotPlaced => {
                         self.stats.denied.fetch_add(1, Ordering::Relaxed);
                         self.metrics
                             .denied
