@@ -375,3 +375,82 @@ fn a_spec_whose_cgroup_is_an_ancestor_of_another_service_s_gives_no_identity() {
         "only payments-svc's request arrived"
     );
 }
+
+/// A WebSocket upgrade from host-c to an instance on host-a: the destination now serves the
+/// declared-HTTP stream itself, and must still pass the 101 and then raw bytes both ways.
+#[test]
+fn a_websocket_upgrade_across_hosts_passes_the_destination_s_http_relay() {
+    const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()
+print('listening', flush=True)
+c, _ = s.accept()
+head = b''
+while b'\r\n\r\n' not in head:
+    head += c.recv(1024)
+ok = b'upgrade: websocket' in head.lower()
+c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n' if ok else b'HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n')
+while True:
+    d = c.recv(1024)
+    if not d:
+        break
+    c.sendall(d.upper())
+"#;
+    const CLIENT: &str = r#"
+import socket
+c = socket.create_connection(('chat-svc.svc', 80), timeout=5)
+c.sendall(b'GET /chat HTTP/1.1\r\nHost: chat-svc.svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+head = b''
+while b'\r\n\r\n' not in head:
+    head += c.recv(1024)
+print(head.split(b'\r\n')[0].decode())
+c.sendall(b'hello over the upgraded stream')
+got = b''
+while len(got) < 30:
+    got += c.recv(1024)
+print(got.decode())
+"#;
+    let m = Mesh::new();
+    let port = vm_tests::ports::free_port();
+    let mut server = m.net.hosts[0]
+        .command("python3")
+        .args(["-c", SERVER, &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "listening");
+    m.deploy(0, &format!("name: chat-svc\nport: {port}\n"));
+    wait_for_instances(&m, 2, "chat-svc", 1);
+    let out = m.cgs[2]
+        .command("nsenter")
+        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+        .arg("--")
+        .arg(vm_tests::tools::path_of("python3"))
+        .args(["-c", CLIENT])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let mut lines = said.lines();
+    let context = || format!("{}\nhost-a:\n{}", text(&out), m.agents[0].log());
+    assert_eq!(
+        lines.next(),
+        Some("HTTP/1.1 101 Switching Protocols"),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        lines.next(),
+        Some("HELLO OVER THE UPGRADED STREAM"),
+        "{}",
+        context()
+    );
+}
