@@ -21,7 +21,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 
 use crate::metrics::ReasonLabels;
-use crate::registry::{Snapshot, Store};
+use crate::registry::Store;
 use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
 use crate::tunnel::{
@@ -153,6 +153,7 @@ mod tests {
 
     use super::*;
     use crate::identity::SpiffeId;
+    use crate::registry::Snapshot;
     use crate::tunnel::TunnelTarget;
 
     /// The registry as one fixed snapshot: the policy only reads it.
