@@ -97,7 +97,7 @@ impl TrustBundle {
         )
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(super) fn validate(&self) -> Result<()> {
         if self.roots_pem.is_empty() {
             return Err(IdentityError::BadBundle(
                 "it has no root certificate".into(),

@@ -86,10 +86,11 @@ impl TrustBundle {
                 ),
             });
         }
-        if next_roots.is_empty() {
+        // A bundle that came through serde skipped `TrustBundle::new`'s checks.
+        if let Err(e) = next.validate() {
             return Err(BundleRefused {
-                root_fingerprint: String::new(),
-                reason: "the bundle holds no root".into(),
+                root_fingerprint: first_fp(),
+                reason: e.to_string(),
             });
         }
         let mut accepted: Vec<Vec<u8>> = self.roots_der().iter().map(|d| d.to_vec()).collect();
