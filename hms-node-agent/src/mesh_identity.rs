@@ -508,11 +508,15 @@ impl MeshIdentity {
                 Err(why) => self.refuse(refused, raw, BUNDLE, &why),
             }
         }
-        // A certificate addressed to us: its bundle passes the same test before
-        // `install_issued` may install it (the lead's join flow pins the first one).
+        // A certificate addressed to us that we do not have yet: its bundle passes the same
+        // test before `install_issued` may install it (the lead's join flow pins the first
+        // one). One we installed already is not judged again: its bundle is older than ours.
         let key = issued_key(&self.node_name);
+        let current = node.status().certificate.map(|c| c.serial);
         if let Some(raw) = snapshot.blob(&key)
             && let Ok(issued) = serde_json::from_slice::<IssuedCertificate>(raw)
+            && current.as_deref() != Some(issued.serial.as_str())
+            && issued.not_after > now
             && let Some(trusted) = node.trust_bundle()
             && let Err(why) = trusted.admits(&issued.trust_bundle, now)
         {
