@@ -488,3 +488,130 @@ fn a_forged_root_in_the_registry_is_installed_nowhere_its_certificates_are_refus
         rotated_in.as_millis()
     );
 }
+
+/// Until `host` is gone from `observer`'s peers (its record withdrawn).
+fn wait_peer_gone(m: &Mesh, observer: usize, host: &str) {
+    let deadline = Instant::now() + slack(Duration::from_secs(20));
+    loop {
+        let s = m.agents[observer].ctl_json(&["status"]).unwrap();
+        let peers = s["peers"].as_array().cloned().unwrap_or_default();
+        if !peers.iter().any(|p| p["name"] == host) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{host} still a peer: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_host_that_missed_a_rotation_says_its_trust_chain_is_broken_and_rejoining_as_told_fixes_it() {
+    let mut m = Mesh::new();
+    let _backend = Backend::start(&m.net, 0, "quotes-svc", 7511, m.dir.path());
+    m.deploy(0, "name: quotes-svc\nport: 7511\n");
+    call_ok(&m, 2);
+
+    // host-c is away (stopped: its record is withdrawn) for a whole rotation.
+    m.agents[2].stop().unwrap();
+    wait_peer_gone(&m, 0, "host-c");
+    let out = m.agents[0].ctl(&["ca", "rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let deadline = Instant::now() + slack(Duration::from_secs(30));
+    let new_root = loop {
+        let published: TrustBundle =
+            serde_json::from_slice(&registry_get(&m, TRUST_BUNDLE_KEY)).unwrap();
+        let b = identity(&m, 1);
+        // Done: one root again, in the registry, at the CA and on host-b.
+        if published.len() == 1
+            && b["root_fingerprints"] == Value::from(published.root_fingerprints())
+            && CertificateAuthority::load(&m.agents[0].state_dir())
+                .unwrap()
+                .roots()
+                .len()
+                == 1
+        {
+            break published.root_fingerprints()[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotation without host-c did not complete: {b}\n{}",
+            m.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // Back, with its certificate of the retired root: it says so, in status, log, metrics.
+    m.agents[2].start_again().unwrap();
+    let deadline = Instant::now() + slack(Duration::from_secs(15));
+    let problem = loop {
+        let id = identity(&m, 2);
+        if let Some(p) = id["trust_problem"].as_str() {
+            break p.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host-c never noticed: {id}\n{}",
+            m.agents[2].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(problem.contains("missed a CA rotation"), "{problem}");
+    assert!(
+        problem.contains("hms-ctl node token create --node host-c"),
+        "{problem}"
+    );
+    assert!(problem.contains(&new_root), "{problem}");
+    assert!(
+        m.agents[2]
+            .log()
+            .contains("does not trust this host's certificate")
+    );
+    let human = m.agents[2].ctl(&["status"]);
+    assert!(
+        text(&human).contains("TRUST CHAIN BROKEN"),
+        "{}",
+        text(&human)
+    );
+    assert_eq!(
+        metric(&scrape(&m, 2), "hms_identity_trust_chain_broken"),
+        Some(1)
+    );
+    // It installed nothing it could not vouch for: still the old root alone.
+    let c = identity(&m, 2);
+    assert_ne!(
+        c["root_fingerprints"],
+        Value::from(vec![new_root.clone()]),
+        "{c}"
+    );
+
+    // What it says to do: a token from the CA host, remove the identity dir, start again.
+    let token = m.agents[0].ctl(&["node", "token", "create", "--node", "host-c"]);
+    assert!(token.status.success(), "{}", text(&token));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    m.agents[2].stop().unwrap();
+    std::fs::remove_dir_all(m.agents[2].state_dir().join("identity")).unwrap();
+    let args = &mut m.agents[2].extra_args;
+    let at = args.iter().position(|a| a == "--join-token").unwrap();
+    args[at + 1] = token;
+    m.agents[2].start_again().unwrap();
+    let deadline = Instant::now() + slack(Duration::from_secs(20));
+    loop {
+        let id = identity(&m, 2);
+        if id["root_fingerprints"] == Value::from(vec![new_root.clone()])
+            && id["trust_problem"].is_null()
+            && id["cert_not_after_unix"].is_u64()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host-c did not re-join: {id}\n{}",
+            m.agents[2].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    call_ok(&m, 2);
+    assert_eq!(
+        metric(&scrape(&m, 2), "hms_identity_trust_chain_broken"),
+        Some(0)
+    );
+}
