@@ -238,12 +238,11 @@ fn metric(scraped: &str, name: &str) -> Option<u64> {
 /// host, says it did not make the root), in `/metrics`, and kept `roots`.
 fn all_refused(m: &Mesh, n: u64, fingerprint: &str, why: &str, roots: &[Value]) {
     let deadline = Instant::now() + slack(Duration::from_secs(15));
-    for i in 0..3 {
+    for (i, name) in NAMES.iter().enumerate() {
         while refused_total(m, i) < n {
             assert!(
                 Instant::now() < deadline,
-                "{} never refused bundle #{n}: {}\n{}",
-                NAMES[i],
+                "{name} never refused bundle #{n}: {}\n{}",
                 identity(m, i),
                 m.agents[i].log()
             );
