@@ -55,7 +55,22 @@ impl TestAgent {
         extra_args: Vec<String>,
         dns: SocketAddrV4,
     ) -> anyhow::Result<TestAgent> {
-        Self::configure_with(cgroup, netns, extra_args, false, None, Some(dns))
+        Self::configure_with(cgroup, netns, extra_args, false, None, Some(dns), true)
+    }
+
+    /// Like [`TestAgent::start_with`] but not started: its state dir exists, so a test can
+    /// put files there first (`hms-node-agent init-mesh`); then [`TestAgent::launch`].
+    pub fn unstarted(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<TestAgent> {
+        Self::configure_with(cgroup, netns, extra_args, false, None, None, false)
+    }
+
+    /// Starts an agent made with [`TestAgent::unstarted`] and waits until it answers.
+    pub fn launch(&mut self) -> anyhow::Result<()> {
+        self.spawn()
     }
 
     /// Like [`TestAgent::start`], with soft and hard `RLIMIT_NOFILE` set to `limit`.
@@ -79,7 +94,15 @@ impl TestAgent {
         inside_cgroup: bool,
         fd_limit: Option<u64>,
     ) -> anyhow::Result<TestAgent> {
-        Self::configure_with(cgroup, netns, extra_args, inside_cgroup, fd_limit, None)
+        Self::configure_with(
+            cgroup,
+            netns,
+            extra_args,
+            inside_cgroup,
+            fd_limit,
+            None,
+            true,
+        )
     }
 
     fn configure_with(
@@ -89,6 +112,7 @@ impl TestAgent {
         inside_cgroup: bool,
         fd_limit: Option<u64>,
         dns: Option<SocketAddrV4>,
+        start: bool,
     ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
@@ -115,7 +139,11 @@ impl TestAgent {
             fd_limit,
             dir,
         };
-        agent.spawn()?;
+        if start {
+            agent.spawn()?;
+        } else {
+            std::fs::create_dir_all(agent.state_dir()).context("creating the state dir")?;
+        }
         Ok(agent)
     }
 

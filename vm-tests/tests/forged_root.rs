@@ -25,36 +25,42 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ClientConnection, SignatureScheme, StreamOwned};
 use serde_json::Value;
-use vm_tests::etcd::etcdctl;
+use vm_tests::etcd::etcdctl_as;
 use vm_tests::mesh::{Backend, Mesh, NAMES, TRUST_DOMAIN, in_netns, text};
 use vm_tests::slack;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
-// The attacker's access to the registry: the one place this test writes etcd directly.
-// Today etcd is plaintext and `etcdctl put` is all it takes; with etcd auth (the lead's
-// layout change) this is "with the operator credential", and the key may move: both are
-// decided here only.
+// The attacker's access to the registry: the one place this test writes etcd directly,
+// with `etcdctl` and the operator's credential (the strongest writer there is: etcd's
+// role-based access keeps every host's own credential off `blobs/ca/`). Where the bundle's
+// key lives is decided here only.
 
 fn registry_key(blob: &str) -> String {
     Key::Blob(blob.to_string()).encode(DEFAULT_PREFIX)
 }
 
+/// The operator's credential: host-a's (the CA host's) etcd client certificate, etcd's
+/// `root` user.
+fn operator(m: &Mesh) -> std::path::PathBuf {
+    m.agents[0].state_dir().join("etcd")
+}
+
 fn registry_put(m: &Mesh, blob: &str, value: &[u8]) {
     let key = registry_key(blob);
     let value = String::from_utf8(value.to_vec()).unwrap();
-    in_netns(&m.net.hosts[0].netns, || {
-        etcdctl(&m.etcd, &["put", &key, &value])
-    })
-    .unwrap_or_else(|e| panic!("writing {key}: {e:#}"));
+    etcdctl_as(&m.etcd, Some(&operator(m)), &["put", &key, &value])
+        .unwrap_or_else(|e| panic!("writing {key}: {e:#}"));
 }
 
 fn registry_get(m: &Mesh, blob: &str) -> Vec<u8> {
     let key = registry_key(blob);
-    let out = in_netns(&m.net.hosts[0].netns, || {
-        etcdctl(&m.etcd, &["get", &key, "--print-value-only"])
-    })
+    let out = etcdctl_as(
+        &m.etcd,
+        Some(&operator(m)),
+        &["get", &key, "--print-value-only"],
+    )
     .unwrap_or_else(|e| panic!("reading {key}: {e:#}"));
     out.trim_end().as_bytes().to_vec()
 }
@@ -582,15 +588,30 @@ fn a_host_that_missed_a_rotation_says_its_trust_chain_is_broken_and_rejoining_as
         "{c}"
     );
 
-    // What it says to do: a token from the CA host, remove the identity dir, start again.
-    let token = m.agents[0].ctl(&["node", "token", "create", "--node", "host-c"]);
-    assert!(token.status.success(), "{}", text(&token));
-    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    // What it says to do: on the CA host remove the name and make a token for it; here
+    // remove the identity dir and start again with the token file.
+    assert!(problem.contains("hms-ctl node remove host-c"), "{problem}");
     m.agents[2].stop().unwrap();
+    let out = m.agents[0].ctl(&["node", "remove", "host-c"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let token = m.dir.path().join("host-c-again.token");
+    let out = m.agents[0].ctl(&[
+        "node",
+        "token",
+        "create",
+        "--node",
+        "host-c",
+        "--out",
+        token.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
     std::fs::remove_dir_all(m.agents[2].state_dir().join("identity")).unwrap();
     let args = &mut m.agents[2].extra_args;
-    let at = args.iter().position(|a| a == "--join-token").unwrap();
-    args[at + 1] = token;
+    let at = args
+        .iter()
+        .position(|a| a == "--join-token-file")
+        .expect("host-c joined with a token file");
+    args[at + 1] = token.display().to_string();
     m.agents[2].start_again().unwrap();
     let deadline = Instant::now() + slack(Duration::from_secs(20));
     loop {
