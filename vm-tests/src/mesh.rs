@@ -83,7 +83,7 @@ impl Drop for Backend {
 pub struct Mesh {
     pub agents: Vec<TestAgent>,
     /// What `hms-ctl place` on A was last told, per service (so `deploy` adds a host).
-    placed: std::cell::RefCell<std::collections::BTreeMap<String, Vec<String>>>,
+    placed: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     pub cgs: Vec<TestCgroup>,
     pub etcd: Etcd,
     pub net: TestNet,
@@ -233,7 +233,7 @@ impl Mesh {
 
     /// Adds `host` to the hosts `service` may run on.
     pub fn place(&self, service: &str, host: usize) {
-        let mut placed = self.placed.borrow_mut();
+        let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
         let hosts = placed.entry(service.to_string()).or_default();
         if !hosts.iter().any(|h| h == NAMES[host]) {
             hosts.push(NAMES[host].to_string());
