@@ -5,7 +5,7 @@
 //! signed by a trusted root) in that bundle. Retirement (a bundle with fewer roots) passes
 //! because every remaining root is trusted. Also the pure helpers the join flow uses to pin
 //! the CA: [`root_fingerprint`], [`TrustBundle::contains_root`],
-//! [`IssuedCertificate::chains_to_root`].
+//! [`IssuedCertificate::chains_to_root`], [`IssuedCertificate::pinned_trust_bundle`].
 //!
 //! It must never widen trust by anything but a signature made by a key the host already
 //! trusts, and never hand-roll signature checks: parsing and signature verification are
@@ -70,6 +70,49 @@ impl TrustBundle {
     /// already accepted (one of `self`'s, or one endorsed that way: successive rotations
     /// chain). A bundle that only drops roots is accepted.
     pub fn admits(&self, next: &TrustBundle, now: SystemTime) -> Result<(), BundleRefused> {
+        match self.sort_roots(next, now)?.1 {
+            None => Ok(()),
+            Some(refused) => Err(refused),
+        }
+    }
+
+    /// The part of `next` that `self` vouches for (as in [`admits`](Self::admits)): its
+    /// roots that `self` trusts or endorses, in `next`'s order, with `next`'s
+    /// cross-certificates. For a host that must take some bundle now, e.g. a joining host
+    /// whose token pinned one root while a rotation is under way. Errors when nothing of it
+    /// is vouched for, or it is for another trust domain.
+    pub fn vouched_part_of(
+        &self,
+        next: &TrustBundle,
+        now: SystemTime,
+    ) -> Result<TrustBundle, BundleRefused> {
+        let (accepted, refused) = self.sort_roots(next, now)?;
+        let roots_pem: Vec<String> = next
+            .roots_der()
+            .iter()
+            .filter(|d| accepted.iter().any(|a| a.as_slice() == d.as_ref()))
+            .map(|d| x509::cert_to_pem(d))
+            .collect();
+        if roots_pem.is_empty() {
+            return Err(refused.unwrap_or(BundleRefused {
+                root_fingerprint: String::new(),
+                reason: "no root of it is vouched for".into(),
+            }));
+        }
+        Ok(TrustBundle {
+            trust_domain: next.trust_domain.clone(),
+            roots_pem,
+            cross_signed_pem: next.cross_signed_pem.clone(),
+        })
+    }
+
+    /// The roots of `next` that `self` vouches for (DER), and the first one it does not,
+    /// with why. Errors for a bundle that is wrong as a whole.
+    fn sort_roots(
+        &self,
+        next: &TrustBundle,
+        now: SystemTime,
+    ) -> Result<(Vec<Vec<u8>>, Option<BundleRefused>), BundleRefused> {
         let next_roots = next.roots_der();
         let first_fp = || {
             next_roots
@@ -131,15 +174,17 @@ impl TrustBundle {
                 break;
             }
         }
-        match pending.first() {
-            None => Ok(()),
-            Some(root) => Err(BundleRefused {
-                root_fingerprint: root_fingerprint(root),
-                reason: endorsement(root, &crosses, &accepted, asn1_now)
-                    .err()
-                    .unwrap_or_else(|| "it is not trusted".into()),
-            }),
-        }
+        let refused = pending.first().map(|root| BundleRefused {
+            root_fingerprint: root_fingerprint(root),
+            reason: endorsement(root, &crosses, &accepted, asn1_now)
+                .err()
+                .unwrap_or_else(|| "it is not trusted".into()),
+        });
+        let in_next: Vec<Vec<u8>> = accepted
+            .into_iter()
+            .filter(|a| next_roots.iter().any(|d| d.as_ref() == a.as_slice()))
+            .collect();
+        Ok((in_next, refused))
     }
 }
 
@@ -224,6 +269,43 @@ impl IssuedCertificate {
                 ))
             })?;
         Ok(())
+    }
+
+    /// For the join flow, the bundle to install when the token pinned the root
+    /// `fingerprint`: the part of the answer's bundle that root vouches for
+    /// ([`TrustBundle::vouched_part_of`]: the pinned root and the roots it cross-signed,
+    /// never a root someone else added beside it), `Ok` only when this certificate's chain
+    /// verifies up to one of those. A token made before a rotation (pinning the old root)
+    /// thus accepts a certificate of the new one; a root older than the pinned one, still in
+    /// the bundle during a rotation, is left out (nothing the token names vouches for it).
+    pub fn pinned_trust_bundle(&self, fingerprint: &str, now: SystemTime) -> Result<TrustBundle> {
+        let root = self
+            .trust_bundle
+            .roots_der()
+            .into_iter()
+            .find(|d| root_fingerprint(d).eq_ignore_ascii_case(fingerprint.trim()))
+            .ok_or_else(|| {
+                IdentityError::BadBundle(format!(
+                    "it has no root with fingerprint {fingerprint} (its roots: {}); the \
+                     registry answered for another CA: check the token and the CA host",
+                    self.trust_bundle.root_fingerprints().join(", ")
+                ))
+            })?;
+        let pinned = TrustBundle::new(
+            self.trust_bundle.trust_domain(),
+            vec![x509::cert_to_pem(&root)],
+        )?;
+        let vouched = pinned
+            .vouched_part_of(&self.trust_bundle, now)
+            .map_err(|e| IdentityError::BadBundle(e.to_string()))?;
+        let chain = x509::certs_from_pem(&self.chain_pem).map_err(IdentityError::BadCertificate)?;
+        super::tls::verify_node_chain(&chain, &vouched.root_store()?, vouched.trust_domain(), now)
+            .map_err(|e| {
+                IdentityError::BadCertificate(format!(
+                    "it does not chain to the root {fingerprint} or a root it cross-signed: {e}"
+                ))
+            })?;
+        Ok(vouched)
     }
 }
 
@@ -461,6 +543,67 @@ mod tests {
         let (_d2, other) = new_ca(DOMAIN);
         assert!(!bundle.contains_root(&other.trust_bundle().root_fingerprints()[0]));
         assert!(!bundle.contains_root("sha256:"));
+    }
+
+    #[test]
+    fn a_joining_host_keeps_only_what_its_pinned_root_vouches_for() {
+        let (dir, mut ca) = new_ca(DOMAIN);
+        let now = SystemTime::now();
+        let r1 = ca.trust_bundle().root_fingerprints()[0].clone();
+        let mut node = NodeIdentity::load_or_create(dir.path(), DOMAIN, "host-b").unwrap();
+        // An answer carrying the real root and a forged one beside it.
+        let mut issued = ca
+            .sign_node_csr(
+                &node.create_csr().unwrap(),
+                "host-b",
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let (_, _, forged) = forged_root("HMS root 2");
+        issued.trust_bundle = with_root(&issued.trust_bundle, &forged, vec![]);
+        let kept = issued.pinned_trust_bundle(&r1, now).unwrap();
+        assert_eq!(kept.root_fingerprints(), vec![r1.clone()]);
+
+        // Mid-rotation, a token made before it (pins root 1): both roots, root 2 through
+        // its cross-certificate. A token made after it pins root 2, which vouches for
+        // nothing older.
+        ca.rotate().unwrap();
+        let issued = ca
+            .sign_node_csr(
+                &node.create_csr().unwrap(),
+                "host-b",
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let both = ca.trust_bundle().root_fingerprints();
+        let kept = issued.pinned_trust_bundle(&r1, now).unwrap();
+        assert_eq!(kept.root_fingerprints(), both);
+        let kept = issued.pinned_trust_bundle(&both[1], now).unwrap();
+        assert_eq!(kept.root_fingerprints(), vec![both[1].clone()]);
+        // A leaf of another CA beside the pinned root is refused.
+        let (_d2, other) = new_ca(DOMAIN);
+        let mut spoofed = other
+            .sign_node_csr(
+                &node.create_csr().unwrap(),
+                "host-b",
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        spoofed.trust_bundle = with_root(
+            &other.trust_bundle(),
+            &ca.trust_bundle().roots_pem[0],
+            vec![],
+        );
+        let e = spoofed.pinned_trust_bundle(&r1, now).unwrap_err();
+        assert!(e.to_string().contains("does not chain"), "{e}");
+        assert_eq!(
+            TrustBundle::new(DOMAIN, vec![ca.trust_bundle().roots_pem[0].clone()])
+                .unwrap()
+                .vouched_part_of(&ca.trust_bundle(), now)
+                .unwrap()
+                .root_fingerprints(),
+            both
+        );
     }
 
     #[test]
