@@ -284,6 +284,12 @@ fn all_refused(m: &Mesh, n: u64, fingerprint: &str, why: &str, roots: &[Value]) 
                 NAMES[i]
             );
         }
+        let human = text(&m.agents[i].ctl(&["status"]));
+        assert!(
+            human.contains(&format!("REFUSED {n} trust bundle(s)")),
+            "{}: {human}",
+            NAMES[i]
+        );
         let scraped = scrape(m, i);
         assert_eq!(
             metric(&scraped, "hms_identity_trust_bundle_refused_total"),
