@@ -425,7 +425,30 @@ async fn connect_etcd(
             "the registry is plaintext etcd://: anyone who reaches etcd can read and write the mesh (add services, claim callers, change the CA bundle); use etcds:// outside development"
         );
     }
-    EtcdStore::connect(opts)
-        .await
-        .context("connecting to the etcd registry (--registry)")
+    // etcd may still be starting (started just before, or a unit ordered beside ours):
+    // wait for it a while, saying so, rather than exit at once.
+    let deadline = std::time::Instant::now() + ETCD_START_WAIT;
+    loop {
+        match EtcdStore::connect(opts.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if std::time::Instant::now() < deadline && is_unreachable(&e) => {
+                tracing::info!("waiting for etcd: {e:#}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("connecting to the etcd registry (--registry)"),
+        }
+    }
+}
+
+/// How long a starting agent waits for an unreachable etcd before it gives up.
+const ETCD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// etcd not (yet) answering, as opposed to answering with a refusal.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    !text.contains("permission denied")
+        && !text.contains("certificate")
+        && !text.contains("authentication")
+        && !text.contains("reading this host's etcd credential")
+        && !text.contains("reserved")
 }

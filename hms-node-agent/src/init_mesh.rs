@@ -38,12 +38,27 @@ pub fn run(args: &InitMeshArgs) -> anyhow::Result<String> {
         .clone()
         .unwrap_or_else(crate::config::hostname);
     crate::registry::etcd::validate_node_name(&node)?;
-    let ca = CertificateAuthority::init(&args.state_dir, &args.trust_domain).with_context(|| {
-        format!(
-            "making the mesh CA in {} (a mesh is made once; to start over, back up and remove that directory)",
-            args.state_dir.join(CA_DIR).display()
-        )
-    })?;
+    // A CA made earlier (`hms-ctl ca init` of a plaintext etcd:// mesh) is kept: this then
+    // only adds the registry's certificates, the step from etcd:// to etcds://.
+    let existing = args.state_dir.join(CA_DIR).join("ca.json").exists();
+    let ca = if existing {
+        let ca = CertificateAuthority::load(&args.state_dir)?;
+        if ca.trust_domain() != args.trust_domain {
+            anyhow::bail!(
+                "this host already holds the CA of trust domain `{}`, not `{}`",
+                ca.trust_domain(),
+                args.trust_domain
+            );
+        }
+        ca
+    } else {
+        CertificateAuthority::init(&args.state_dir, &args.trust_domain).with_context(|| {
+            format!(
+                "making the mesh CA in {}",
+                args.state_dir.join(CA_DIR).display()
+            )
+        })?
+    };
     let mut identity = NodeIdentity::load_or_create(&args.state_dir, &args.trust_domain, &node)?;
     let csr = identity.create_csr()?;
     let issued = ca.sign_node_csr(&csr, &node, CERT_TTL)?;
@@ -69,10 +84,17 @@ pub fn run(args: &InitMeshArgs) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "made the mesh CA for trust domain `{}` in {} (keys 0600; back them up: `hms-ctl ca backup`)",
+        "{} the mesh CA for trust domain `{}` in {} (keys 0600; back them up: `hms-ctl ca backup`)",
+        if existing { "kept" } else { "made" },
         args.trust_domain,
         args.state_dir.join(CA_DIR).display()
     );
+    if existing {
+        let _ = writeln!(
+            out,
+            "moving an etcd:// mesh to etcds://: after etcd restarts with TLS, this host's agent places every deployed service on the hosts that run it; every other host joins again with a token (`hms-ctl node token create --node NAME --out FILE`) to get its registry credential"
+        );
+    }
     let _ = writeln!(out, "this host is `{node}`: {}", issued.spiffe_id);
     let _ = writeln!(
         out,

@@ -89,6 +89,12 @@ impl Etcd {
         SocketAddr::new(self.ip, self.client_port).to_string()
     }
 
+    /// From the next [`Etcd::resume`] on, TLS with client certificates required (a mesh
+    /// moving from etcd:// to etcds:// keeps its data).
+    pub fn require_tls(&mut self, tls: EtcdTls) {
+        self.tls = Some(tls);
+    }
+
     /// Kills the server (like a crash) and waits for it to exit; the data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -233,7 +233,7 @@ impl Mesh {
 
     /// Adds `host` to the hosts `service` may run on.
     pub fn place(&self, service: &str, host: usize) {
-        let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut placed = self.placed.lock().unwrap();
         let hosts = placed.entry(service.to_string()).or_default();
         if !hosts.iter().any(|h| h == NAMES[host]) {
             hosts.push(NAMES[host].to_string());

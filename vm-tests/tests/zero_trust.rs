@@ -316,3 +316,142 @@ fn node_remove_ends_the_hosts_registry_access_and_calls_while_others_keep_workin
         assert!(answered(&b), "{}", text(&b));
     }
 }
+
+/// A mesh made with plaintext etcd:// (as earlier releases did) moves to etcds://: the CA
+/// host keeps its CA and adds the registry's certificates, etcd restarts with TLS on the same
+/// data, the CA host's agent places the services deployed before placement existed on the
+/// hosts that run them, and the other host joins again for its registry credential; the
+/// service answers throughout the parts that are up.
+#[test]
+fn a_plaintext_mesh_moves_to_tls_and_keeps_its_services() {
+    use vm_tests::etcd::{Etcd, EtcdTls, etcdctl, etcdctl_as};
+    use vm_tests::netns::TestNet;
+
+    let net = TestNet::new(2).unwrap();
+    let mut etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cgs = [
+        TestCgroup::new("zt-mig-a").unwrap(),
+        TestCgroup::new("zt-mig-b").unwrap(),
+    ];
+    let args = |i: usize, registry: &str| {
+        vec![
+            "--registry".to_string(),
+            registry.to_string(),
+            "--inbound".into(),
+            std::net::SocketAddr::new(net.hosts[i].addr, 15008).to_string(),
+            "--node-name".into(),
+            NAMES[i].into(),
+        ]
+    };
+    let plain = format!("etcd://{}", etcd.endpoint());
+    let mut a =
+        TestAgent::start_with(cgs[0].path(), Some(&net.hosts[0].netns), args(0, &plain)).unwrap();
+    let out = a.ctl(&["ca", "init", "--trust-domain", "test.mesh"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let token = |a: &TestAgent, tag: &str| {
+        let path = dir.path().join(format!("host-b-{tag}.token"));
+        let out = a.ctl(&[
+            "node",
+            "token",
+            "create",
+            "--node",
+            "host-b",
+            "--out",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        path
+    };
+    let mut b_args = args(1, &plain);
+    b_args.extend([
+        "--join-token-file".into(),
+        token(&a, "plain").display().to_string(),
+    ]);
+    let mut b = TestAgent::start_with(cgs[1].path(), Some(&net.hosts[1].netns), b_args).unwrap();
+    let _backend = Backend::start(&net, 0, "payments-svc", 7000, dir.path());
+    a.deploy_yaml("name: payments-svc\nport: 7000\n").unwrap();
+    let call = |i: usize| {
+        cgs[i]
+            .command("nsenter")
+            .arg(format!("--net=/run/netns/{}", net.hosts[i].netns))
+            .arg("--")
+            .arg(vm_tests::tools::path_of("curl"))
+            .args(["-sS", "--max-time", "3", "http://payments-svc.svc/pay"])
+            .output()
+            .unwrap()
+    };
+    let answered = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).starts_with("payments-svc on host-a")
+    };
+    let wait = |i: usize, what: &str| {
+        let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(20));
+        loop {
+            let o = call(i);
+            if answered(&o) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {}", text(&o));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait(1, "B calls payments-svc over the plaintext mesh");
+    // As an earlier release left it: no placement records.
+    etcdctl(&etcd, &["del", "--prefix", &format!("{P}placement/")]).unwrap();
+
+    // The move: etcd stops (the agents keep serving what they know), the CA host adds the
+    // registry's certificates, etcd restarts with TLS on the same data, and each agent is
+    // restarted onto etcds:// (its instances, kept under its lease, are adopted).
+    etcd.stop();
+    let state = a.state_dir();
+    let out = vm_tests::tools::workspace_binary(vm_tests::bins::path("hms-node-agent"))
+        .args([
+            "init-mesh",
+            "--trust-domain",
+            "test.mesh",
+            "--node-name",
+            "host-a",
+        ])
+        .arg("--etcd-address")
+        .arg(net.hosts[0].addr.to_string())
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init-mesh over an existing CA: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("kept the mesh CA"), "{}", text(&out));
+    etcd.require_tls(EtcdTls {
+        server_dir: state.join("etcd-server"),
+        client_dir: state.join("etcd"),
+    });
+    etcd.resume().unwrap();
+    let secure = format!("etcds://{}", etcd.endpoint());
+    a.kill9().unwrap();
+    a.extra_args = args(0, &secure);
+    a.start_again().unwrap();
+    wait(0, "A calls payments-svc after the move");
+    let placed = etcdctl_as(
+        &etcd,
+        Some(&state.join("etcd")),
+        &["get", &format!("{P}placement/payments-svc")],
+    )
+    .unwrap();
+    assert!(placed.contains("host-a"), "{placed}");
+    // B's old credential is its node certificate only: it joins again for its registry one.
+    let mut b_args = args(1, &secure);
+    b_args.extend([
+        "--join-token-file".into(),
+        token(&a, "tls").display().to_string(),
+    ]);
+    b.kill9().unwrap();
+    b.extra_args = b_args;
+    b.start_again()
+        .unwrap_or_else(|e| panic!("B joining the TLS registry: {e:#}"));
+    wait(1, "B calls payments-svc after the move");
+    let users = etcdctl_as(&etcd, Some(&state.join("etcd")), &["user", "list"]).unwrap();
+    assert!(users.lines().any(|u| u == "host-b"), "{users}");
+}

@@ -202,6 +202,11 @@ impl EtcdStore {
             .adopt_own_keys()
             .await
             .with_context(|| format!("reading this host's keys from etcd at {where_}"))?;
+        if shared.opts.operator && shared.opts.tls.is_some() {
+            shared.migrate_unplaced().await.with_context(|| {
+                format!("placing services deployed before placement existed (etcd at {where_})")
+            })?;
+        }
         {
             let mut lease = shared.lease.lock().await;
             shared

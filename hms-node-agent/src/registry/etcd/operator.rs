@@ -177,6 +177,11 @@ impl Shared {
     pub(super) async fn admit(&self, node: &str) -> anyhow::Result<()> {
         self.require_operator("admitting a host")?;
         keys::validate_node_name(node)?;
+        if !self.secured() {
+            // Without TLS nothing can hold a host to its name, and membership is not
+            // enforced; a host moving to etcds:// later joins again and is admitted then.
+            return Ok(());
+        }
         let key = self.key(Key::Member(node.to_string()));
         let joined_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -192,11 +197,8 @@ impl Shared {
                 "`{node}` is already a member of the mesh; a name cannot be taken twice (`hms-ctl node remove {node}` on the CA host first, if that host is gone)"
             );
         }
-        if self.secured() {
-            let placed = self.lock_view().services_placed_on(node);
-            access::admit_member(&self.client, self.prefix(), node, &placed, self.timeout())
-                .await?;
-        }
+        let placed = self.lock_view().services_placed_on(node);
+        access::admit_member(&self.client, self.prefix(), node, &placed, self.timeout()).await?;
         self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))
             .await;
         Ok(())
@@ -275,5 +277,32 @@ impl Shared {
         }
         tracing::warn!(%node, ?out, "removed a host from the mesh");
         Ok(out)
+    }
+
+    /// A registry written before placement existed (a plaintext mesh moving to etcds://):
+    /// every service without a placement is placed on the hosts that have instances of it,
+    /// so it keeps working once hosts can write only what is placed on them.
+    pub(super) async fn migrate_unplaced(&self) -> anyhow::Result<usize> {
+        let unplaced: Vec<(String, BTreeSet<String>)> = {
+            let snapshot = self.snapshot.borrow().clone();
+            let view = self.lock_view();
+            let placed: BTreeSet<String> = view.placed_services().into_iter().collect();
+            view.service_names()
+                .into_iter()
+                .filter(|s| !placed.contains(s))
+                .map(|s| {
+                    let hosts = snapshot
+                        .service(&s)
+                        .map(|i| i.instances.iter().map(|x| x.node.clone()).collect())
+                        .unwrap_or_default();
+                    (s, hosts)
+                })
+                .collect()
+        };
+        for (service, hosts) in &unplaced {
+            tracing::info!(%service, ?hosts, "placing a service deployed before placement existed on the hosts that run it");
+            self.place(service, hosts.clone()).await?;
+        }
+        Ok(unplaced.len())
     }
 }

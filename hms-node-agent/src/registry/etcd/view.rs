@@ -80,6 +80,11 @@ impl View {
         *self = View::new(&self.prefix, self.secured);
     }
 
+    /// Every service with a record (whether or not its VIP checks out).
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
     /// Every service with a placement record.
     pub fn placed_services(&self) -> Vec<String> {
         self.placement.keys().cloned().collect()
