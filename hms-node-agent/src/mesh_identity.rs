@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::identity::etcd_ca::{EtcdCa, join_user};
-use crate::identity::join_ticket::{EtcdBootstrap, JoinTicket, cert_sha256};
+use crate::identity::join_ticket::{EtcdBootstrap, JoinTicket};
 use crate::identity::{
     BundleRefused, CA_DIR, CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest,
     TlsIdentity, TrustBundle,
@@ -390,7 +390,7 @@ impl MeshIdentity {
         let current_root = bundle
             .roots_der()
             .last()
-            .map(|d| cert_sha256(d))
+            .map(|d| crate::identity::root_fingerprint(d))
             .context("the CA has no root")?;
         let trust_domain = ca.trust_domain().to_string();
         drop(inner);

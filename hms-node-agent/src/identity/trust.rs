@@ -240,13 +240,9 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, String> {
 }
 
 impl IssuedCertificate {
-    /// `Ok` when this certificate's chain verifies (webpki, at `now`, as a node certificate
-    /// of its trust domain) up to the root with this [`root_fingerprint`], and that root is
-    /// in the bundle it came with. The join flow calls it with the fingerprint pinned by the
-    /// token, before installing anything.
-    pub fn chains_to_root(&self, fingerprint: &str, now: SystemTime) -> Result<()> {
-        let root = self
-            .trust_bundle
+    /// The root of the bundle this came with that has this [`root_fingerprint`].
+    fn pinned_root(&self, fingerprint: &str) -> Result<rustls_pki_types::CertificateDer<'static>> {
+        self.trust_bundle
             .roots_der()
             .into_iter()
             .find(|d| root_fingerprint(d).eq_ignore_ascii_case(fingerprint.trim()))
@@ -256,7 +252,15 @@ impl IssuedCertificate {
                      registry answered for another CA: check the token and the CA host",
                     self.trust_bundle.root_fingerprints().join(", ")
                 ))
-            })?;
+            })
+    }
+
+    /// `Ok` when this certificate's chain verifies (webpki, at `now`, as a node certificate
+    /// of its trust domain) up to the root with this [`root_fingerprint`], and that root is
+    /// in the bundle it came with. The join flow calls it with the fingerprint pinned by the
+    /// token, before installing anything.
+    pub fn chains_to_root(&self, fingerprint: &str, now: SystemTime) -> Result<()> {
+        let root = self.pinned_root(fingerprint)?;
         let mut store = rustls::RootCertStore::empty();
         store
             .add(root)
@@ -279,18 +283,7 @@ impl IssuedCertificate {
     /// thus accepts a certificate of the new one; a root older than the pinned one, still in
     /// the bundle during a rotation, is left out (nothing the token names vouches for it).
     pub fn pinned_trust_bundle(&self, fingerprint: &str, now: SystemTime) -> Result<TrustBundle> {
-        let root = self
-            .trust_bundle
-            .roots_der()
-            .into_iter()
-            .find(|d| root_fingerprint(d).eq_ignore_ascii_case(fingerprint.trim()))
-            .ok_or_else(|| {
-                IdentityError::BadBundle(format!(
-                    "it has no root with fingerprint {fingerprint} (its roots: {}); the \
-                     registry answered for another CA: check the token and the CA host",
-                    self.trust_bundle.root_fingerprints().join(", ")
-                ))
-            })?;
+        let root = self.pinned_root(fingerprint)?;
         let pinned = TrustBundle::new(
             self.trust_bundle.trust_domain(),
             vec![x509::cert_to_pem(&root)],
