@@ -20,7 +20,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::etcd_ca::{self, Credential, CredentialFiles};
-use crate::identity::join_ticket::{JoinTicket, cert_sha256};
+use crate::identity::join_ticket::JoinTicket;
 use crate::identity::{IssuedCertificate, NodeIdentity};
 use crate::registry::etcd::{DEFAULT_PREFIX, Key};
 
@@ -138,21 +138,21 @@ pub async fn join(
                 issued,
                 etcd_cert_pem,
             }) => {
-                let pinned = &ticket.ca_sha256;
-                let holds_pinned = issued
-                    .trust_bundle
-                    .roots_der()
-                    .iter()
-                    .any(|der| cert_sha256(der) == *pinned);
-                if !holds_pinned {
-                    bail!(
-                        "the join answer's trust bundle does not hold the CA the token names ({pinned}); someone other than the CA host answered: nothing was installed"
-                    );
-                }
                 if issued.trust_bundle.trust_domain() != ticket.trust_domain {
                     bail!("the join answer is for another trust domain; nothing was installed");
                 }
-                identity.install_issued(&issued)?;
+                // Only what the pinned root vouches for (itself and the roots it
+                // cross-signed), and only if our certificate chains to it: a root someone
+                // placed beside it in the answer is never trusted.
+                let bundle = issued
+                    .pinned_trust_bundle(&ticket.ca_sha256, std::time::SystemTime::now())
+                    .with_context(|| {
+                        format!(
+                            "the join answer does not come from the CA the token names ({}); nothing was installed",
+                            ticket.ca_sha256
+                        )
+                    })?;
+                identity.install(&issued.chain_pem, &bundle)?;
                 if let (Some(boot), Some((key_pem, _))) = (&ticket.etcd, etcd_key) {
                     let cert_pem =
                         etcd_cert_pem.context("the CA host's answer has no registry credential")?;

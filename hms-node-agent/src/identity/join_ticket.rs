@@ -30,7 +30,7 @@ pub struct JoinTicket {
     pub node: String,
     pub trust_domain: String,
     pub secret: String,
-    /// `sha256:<hex>` of the mesh root certificate's DER.
+    /// [`root_fingerprint`](crate::identity::root_fingerprint) of the mesh root.
     pub ca_sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdBootstrap>,
@@ -62,13 +62,6 @@ impl JoinTicket {
     }
 }
 
-/// `sha256:<lowercase hex>` of a certificate's DER.
-pub fn cert_sha256(der: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,7 +72,7 @@ mod tests {
             node: "host-b".into(),
             trust_domain: "t.mesh".into(),
             secret: "hms1.00".into(),
-            ca_sha256: cert_sha256(b"x"),
+            ca_sha256: crate::identity::root_fingerprint(b"x"),
             etcd: Some(EtcdBootstrap {
                 ca_pem: "A".into(),
                 cert_pem: "B".into(),
@@ -95,6 +88,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(cut.contains("damaged"), "{cut}");
-        assert!(cert_sha256(b"x").starts_with("sha256:2d711642b726b044"));
     }
 }

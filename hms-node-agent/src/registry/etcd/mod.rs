@@ -978,7 +978,7 @@ impl Shared {
         // A host of a secured registry removes the spec and its own instances; the VIP and
         // placement stay the operator's (a later deploy gets the same VIP). The operator, or
         // anyone without TLS, removes everything.
-        let whole = !self.opts.tls.is_some() || self.opts.operator;
+        let whole = self.opts.tls.is_none() || self.opts.operator;
         for _ in 0..MAX_TXN_ATTEMPTS {
             let Some((rec, mod_rev)) = self.get_record(name).await? else {
                 return Ok(false);
