@@ -5,9 +5,9 @@
 //! certificate names its host, and a claim `x-hms-caller: <service>` from that host is
 //! believed only if the operator placed the service there (`Snapshot::placed_on`, filled
 //! from the registry's `placement/<service>` records; no record: nobody may speak for the
-//! service); `host` is a claim any member may make. The target must be one of THIS host's own instance
-//! records of the service (the global spec's ports are not enough: that would let any node
-//! reach any loopback port some spec names). Then the service's policy, and its rate
+//! service); `host` is a claim any member may make. The target must be one of THIS host's
+//! own instance records of the service (the global spec's ports are not enough: that would
+//! let any node reach any loopback port some spec names). Then the service's policy, and its rate
 //! limit: per stream for opaque TCP, per request for streams declared HTTP (served by
 //! `inbound_http`). Answers are carried back so the caller gets the same 403/429 and
 //! `x-hms-error` as on one host. Never relays anywhere but a loopback instance of its own.
