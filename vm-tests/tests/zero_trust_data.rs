@@ -454,3 +454,71 @@ print(got.decode())
         context()
     );
 }
+
+/// The instance on host-a closes idle keep-alive connections after one second (Python's
+/// `BaseHTTPRequestHandler.timeout`), silently. A Python `http.client` on host-c keeps one
+/// connection and POSTs again after the instance closed its side: the destination's relay
+/// sends the request on a new instance connection instead of failing it (a POST is never
+/// retried by the caller's agent, so a failure here would reach the client).
+#[test]
+fn a_request_after_the_instance_closed_its_idle_connection_is_sent_on_a_new_one() {
+    const SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    timeout = 1
+    def do_POST(self):
+        n = int(self.headers.get('content-length') or 0)
+        body = self.rfile.read(n)
+        out = b'got ' + body
+        self.send_response(200)
+        self.send_header('content-length', str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
+"#;
+    const CLIENT: &str = r#"
+import http.client, time
+c = http.client.HTTPConnection('idle-svc.svc', 80, timeout=10)
+for i in range(3):
+    c.request('POST', '/pay', body=('payment-%d' % i).encode())
+    r = c.getresponse()
+    print(r.status, r.read().decode(), flush=True)
+    time.sleep(2.5)
+"#;
+    let m = Mesh::new();
+    let port = vm_tests::ports::free_port();
+    let mut server = m.net.hosts[0]
+        .command("python3")
+        .args(["-c", SERVER, &port.to_string()])
+        .spawn()
+        .unwrap();
+    wait_listening(&m, 0, port);
+    m.deploy(0, &format!("name: idle-svc\nport: {port}\n"));
+    wait_for_instances(&m, 2, "idle-svc", 1);
+    let out = m.cgs[2]
+        .command("nsenter")
+        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
+        .arg("--")
+        .arg(vm_tests::tools::path_of("python3"))
+        .args(["-c", CLIENT])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        [
+            "200 got payment-0",
+            "200 got payment-1",
+            "200 got payment-2"
+        ],
+        "{}\nhost-a:\n{}\nhost-c:\n{}",
+        text(&out),
+        m.agents[0].log(),
+        m.agents[2].log()
+    );
+}

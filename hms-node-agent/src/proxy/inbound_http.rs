@@ -4,13 +4,16 @@
 //! answering each excess request 429 + `Retry-After` + `x-hms-error` exactly as the proxy
 //! does on one host. Admitted requests go, in order, over one connection to the local
 //! instance the tunnel already dialled (same HTTP version, so the caller's pooling
-//! semantics hold end to end); `Upgrade` exchanges (WebSocket) are spliced after the 101.
+//! semantics hold end to end); when the instance closes that connection (its keep-alive
+//! rotation) a request not yet written goes on a new one, as the proxy's pool does on one
+//! host. `Upgrade` exchanges (WebSocket) are spliced after the 101.
 //!
 //! Owns only the per-request rate limit and the relay; the caller and policy were decided
-//! once for the stream (`proxy::inbound`). Never dials anything: the instance connection is
-//! handed in.
+//! once for the stream (`proxy::inbound`). Never dials anything but the stream's own
+//! loopback instance.
 
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +37,12 @@ use crate::metrics::DestinationLabels;
 use crate::registry::Store;
 use crate::resilience::rate_limit::Decision;
 use crate::resilience::retry;
-use crate::tunnel::{InboundRequest, StreamProtocol};
+use crate::tunnel::{InboundRequest, LOCAL_CONNECT_TIMEOUT, StreamProtocol};
 
 /// Serves `downstream` (the tunnel stream) as HTTP of `request.protocol`, relaying admitted
-/// requests over `upstream`. Returns the bytes sent to and received from the instance and
-/// the error that ended the stream, if any.
+/// requests over `upstream` (and, when the instance closes that connection, over a new
+/// one). Returns the bytes sent to and received from the instance and the error that ended
+/// the stream, if any.
 pub async fn relay(
     http: Arc<HttpProxy>,
     store: Arc<dyn Store>,
@@ -46,65 +50,171 @@ pub async fn relay(
     downstream: TokioIo<Upgraded>,
     upstream: TcpStream,
 ) -> (u64, u64, Option<String>) {
-    let counts = Arc::new(Counts::default());
-    let upstream = TokioIo::new(Counted {
-        inner: upstream,
-        counts: counts.clone(),
+    let service: Arc<str> = request.target.service.as_str().into();
+    let instance = Arc::new(Instance {
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, request.target.port)),
+        http2: request.protocol == StreamProtocol::Http2,
+        counts: Arc::new(Counts::default()),
+        service: service.clone(),
+        sender: tokio::sync::Mutex::new(None),
     });
-    let service_name: Arc<str> = request.target.service.as_str().into();
-    let gate = Arc::new(Gate {
-        http,
-        store,
-        service: service_name,
-    });
-    let error = match request.protocol {
-        StreamProtocol::Http2 => serve_h2(gate, downstream, upstream).await,
-        // Opaque streams never get here; treat anything else as HTTP/1.1.
-        StreamProtocol::Http1 | StreamProtocol::Opaque => {
-            serve_h1(gate, downstream, upstream).await
+    let error = match instance.handshake(upstream).await {
+        Err(e) => Some(e),
+        Ok(sender) => {
+            *instance.sender.lock().await = Some(sender);
+            let gate = Arc::new(Gate {
+                http,
+                store,
+                service,
+            });
+            if instance.http2 {
+                serve_h2(gate, instance.clone(), downstream).await
+            } else {
+                serve_h1(gate, instance.clone(), downstream).await
+            }
         }
     };
     (
-        counts.sent.load(Ordering::Relaxed),
-        counts.received.load(Ordering::Relaxed),
+        instance.counts.sent.load(Ordering::Relaxed),
+        instance.counts.received.load(Ordering::Relaxed),
         error,
     )
 }
 
+/// How often one request is sent again because the instance closed its connection before
+/// the request was written (its connection rotation, not a failure).
+const MAX_UNSENT_RETRIES: usize = 3;
+
+/// The local instance's side of the relay: one connection at a time, replaced when the
+/// instance closes it (keep-alive timeout, GOAWAY), as the proxy's own pool does.
+struct Instance {
+    addr: SocketAddr,
+    http2: bool,
+    counts: Arc<Counts>,
+    service: Arc<str>,
+    sender: tokio::sync::Mutex<Option<Sender>>,
+}
+
+enum Sender {
+    H1(client1::SendRequest<Incoming>),
+    H2(client2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+impl Instance {
+    async fn handshake(&self, tcp: TcpStream) -> Result<Sender, String> {
+        let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(Counted {
+            inner: tcp,
+            counts: self.counts.clone(),
+        });
+        let service = self.service.clone();
+        if self.http2 {
+            let (sender, conn) = client2::handshake::<_, _, Incoming>(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with the instance: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%service, "inbound HTTP/2 instance connection ended: {e}");
+                }
+            });
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = client1::handshake::<_, Incoming>(io)
+                .await
+                .map_err(|e| format!("HTTP/1.1 handshake with the instance: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%service, "inbound HTTP/1 instance connection ended: {e}");
+                }
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    async fn dial(&self) -> Result<Sender, String> {
+        let tcp =
+            tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, crate::own_socket::connect(self.addr))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{} did not accept within {LOCAL_CONNECT_TIMEOUT:?}",
+                        self.addr
+                    )
+                })?
+                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+        self.handshake(tcp).await
+    }
+
+    /// Sends `req`, again on a new connection when the instance closed the current one
+    /// before the request was written.
+    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        for _ in 0..MAX_UNSENT_RETRIES {
+            // HTTP/1.1: the server hands us one request at a time, so holding the lock
+            // for the exchange never makes another request wait.
+            let mut guard = self.sender.lock().await;
+            if guard.as_ref().is_none_or(Sender::is_closed) {
+                *guard = Some(self.dial().await?);
+            }
+            let sent = match guard.as_mut().expect("just set") {
+                Sender::H1(s) => {
+                    if s.ready().await.is_err() {
+                        *guard = None;
+                        continue;
+                    }
+                    s.try_send_request(req).await
+                }
+                Sender::H2(s) => {
+                    let mut s = s.clone();
+                    drop(guard);
+                    let sent = s.try_send_request(req).await;
+                    guard = self.sender.lock().await;
+                    sent
+                }
+            };
+            match sent {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    if guard.as_ref().is_some_and(Sender::is_closed) {
+                        *guard = None;
+                    }
+                    match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err(e.into_error().to_string()),
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "{} closed {MAX_UNSENT_RETRIES} connections before the request could be sent",
+            self.addr
+        ))
+    }
+}
+
 async fn serve_h1(
     gate: Arc<Gate>,
+    instance: Arc<Instance>,
     downstream: TokioIo<Upgraded>,
-    upstream: TokioIo<Counted>,
 ) -> Option<String> {
-    let (sender, conn) = match client1::handshake::<_, Incoming>(upstream).await {
-        Ok(v) => v,
-        Err(e) => return Some(format!("HTTP/1.1 handshake with the instance: {e}")),
-    };
-    let service = gate.service.clone();
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(%service, "inbound HTTP/1 instance connection ended: {e}");
-        }
-    });
-    // The server handles one request of the connection at a time (HTTP/1.1 has no
-    // multiplexing), so this lock is never contended; it only lends the sender out.
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let gate = gate.clone();
-        let sender = sender.clone();
+        let instance = instance.clone();
         async move {
             if let Some(refusal) = gate.admit(&req).await {
                 return Ok::<_, Infallible>(refusal);
             }
             let downstream_upgrade =
                 super::http::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-            let mut sender = sender.lock().await;
-            let sent = match sender.ready().await {
-                Ok(()) => sender.send_request(req).await,
-                Err(e) => Err(e),
-            };
-            drop(sender);
-            Ok(match sent {
+            Ok(match instance.send(req).await {
                 Ok(mut resp) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(down) = downstream_upgrade
@@ -149,28 +259,17 @@ async fn serve_h1(
 
 async fn serve_h2(
     gate: Arc<Gate>,
+    instance: Arc<Instance>,
     downstream: TokioIo<Upgraded>,
-    upstream: TokioIo<Counted>,
 ) -> Option<String> {
-    let (sender, conn) =
-        match client2::handshake::<_, _, Incoming>(TokioExecutor::new(), upstream).await {
-            Ok(v) => v,
-            Err(e) => return Some(format!("HTTP/2 handshake with the instance: {e}")),
-        };
-    let service = gate.service.clone();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%service, "inbound HTTP/2 instance connection ended: {e}");
-        }
-    });
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let gate = gate.clone();
-        let mut sender = sender.clone();
+        let instance = instance.clone();
         async move {
             if let Some(refusal) = gate.admit(&req).await {
                 return Ok::<_, Infallible>(refusal);
             }
-            Ok(match sender.send_request(req).await {
+            Ok(match instance.send(req).await {
                 Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed()),
                 Err(e) => gate.upstream_failed(&e),
             })
@@ -227,7 +326,7 @@ impl Gate {
         e.response(&self.service, retry::is_grpc(req.headers()))
     }
 
-    fn upstream_failed(&self, e: &hyper::Error) -> Response<ProxyBody> {
+    fn upstream_failed(&self, e: &str) -> Response<ProxyBody> {
         tracing::debug!(service = %self.service, "inbound tunnel request to the instance failed: {e}");
         // 502 with `x-hms-error: upstream-failed`: the caller's agent treats it like any
         // failed attempt (breaker, retry).
