@@ -35,6 +35,11 @@ use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
 /// The kernel programs, built by build.rs from `hms-ebpf` for this very agent version.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hms-ebpf"));
 
+/// The embedded object, for `layout` to derive the pin set's version from.
+pub(crate) fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// `aya_log_common::Level` values: what `AYA_LOG_LEVEL` in the object compares against.
 const EBPF_LOG_INFO: u8 = 3;
 const EBPF_LOG_DEBUG: u8 = 4;
