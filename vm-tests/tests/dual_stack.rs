@@ -130,11 +130,11 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
             .clone()
     };
     let before = programs(&agent);
+    // In the agent's own pin set: a set of another layout would be retired, not completed.
+    let set = agent.pin_set();
     agent.stop().unwrap();
     // What an IPv4-only build leaves: its links and maps, none of the IPv6 ones. With the
     // agent stopped the pin is the link's last reference, so unpinning detaches it.
-    // In the agent's own pin set: a set of another layout would be retired, not completed.
-    let set = agent.pin_set();
     for name in V6_LINKS.iter().chain(V6_MAPS.iter()) {
         std::fs::remove_file(set.join(name)).unwrap();
     }

@@ -352,3 +352,29 @@ fn a_crash_of_the_new_agent_during_the_overlap_and_a_restart_leave_one_generatio
         "MEASURED: SIGKILL during the overlap ({attached} programs attached), restart: one generation, calls served"
     );
 }
+
+#[test]
+fn cleanup_removes_both_sets_of_an_interrupted_upgrade() {
+    let Some(old) = old_agent() else { return };
+    let installed = Installed::with(&old);
+    let cg = TestCgroup::new("layout-clean").unwrap();
+    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone()).unwrap();
+    installed.replace_with(&new_agent());
+    upgrade(&agent);
+    let set = agent.pin_set();
+    agent.kill9().unwrap();
+    assert!(agent.pin_dir.join("link_sock_ops").exists());
+    assert!(set.join("link_sock_ops").exists());
+    assert_eq!(cgroup_programs(&cg).len(), 2 * HOOKS_PER_SET);
+
+    let out = agent.cleanup();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(cgroup_programs(&cg), Vec::new(), "nothing attached: {text}");
+    assert!(!agent.pin_dir.exists(), "pin dir removed: {text}");
+    eprintln!(
+        "MEASURED: cleanup of an interrupted upgrade: {}",
+        text.trim()
+    );
+}

@@ -2,7 +2,7 @@
 //! cgroup and pin its link, or adopt a link a previous agent pinned.
 //!
 //! Owns the decision "attach or adopt" per hook and the eBPF log drain. Must never attach a
-//! hook that is already attached from this pin dir (that would run every redirect twice), and
+//! hook that is already attached from this pin set (that would run every redirect twice), and
 //! never adopt a link that points at a different cgroup than the one asked for.
 
 use std::{

@@ -2,9 +2,11 @@
 //! them pinned across agent restarts, and answer "where did this caller really want to go?".
 //!
 //! Owns the pinned links and maps under one pin dir and the config record the programs read.
-//! Must never attach the same hook twice from one pin dir, never touch another agent's pin
-//! dir or cgroup (several agents run side by side), and never detach anything on drop:
-//! redirection outlives the agent process by design; only [`cleanup`] removes it.
+//! Must never attach the same hook twice from one pin set (a second set, of another layout,
+//! is attached beside an older one only for an upgrade, which retires the older one), never
+//! touch another agent's pin dir or cgroup (several agents run side by side), and never
+//! detach its own set on drop: redirection outlives the agent process by design; only
+//! [`cleanup`] removes it.
 //!
 //! - `layout`: this build's layout version (a digest of its maps and programs), which names
 //!   the pin set it uses.

@@ -112,8 +112,8 @@ pub(crate) const HOOKS: [Hook; 10] = [
     },
 ];
 
-/// Maps added after the first release: an agent started over an older pin dir creates them
-/// (the old programs it adopts do not use them), so they are not required beside its links.
+/// Maps added after the first release: not required beside a set's links (a set an older
+/// release pinned lacks them; such a set is retired, see `generation`, not adopted).
 pub(crate) const LATER_MAPS: [&str; 6] = [
     map_names::AGENT_ALIVE,
     map_names::DNS_UDP_ORIG,
