@@ -45,9 +45,14 @@ impl TestAgent {
         Self::start_with(cgroup, None, Vec::new())
     }
 
-    /// Like [`TestAgent::start`], running `binary` (e.g. an older release's agent).
-    pub fn start_binary(cgroup: &Path, binary: PathBuf) -> anyhow::Result<TestAgent> {
-        let mut agent = Self::unstarted(cgroup, None, Vec::new(), false, None, None)?;
+    /// Like [`TestAgent::start`] (or [`TestAgent::start_inside`] with `inside_cgroup`),
+    /// running `binary` (e.g. an older release's agent).
+    pub fn start_binary(
+        cgroup: &Path,
+        binary: PathBuf,
+        inside_cgroup: bool,
+    ) -> anyhow::Result<TestAgent> {
+        let mut agent = Self::unstarted(cgroup, None, Vec::new(), inside_cgroup, None, None)?;
         agent.binary = Some(binary);
         agent.spawn()?;
         Ok(agent)

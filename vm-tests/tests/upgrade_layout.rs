@@ -185,10 +185,28 @@ fn wall() -> f64 {
 
 #[test]
 fn an_upgrade_from_the_release_before_a_layout_change_fails_no_request_and_leaves_one_set() {
+    upgrade_from_the_release_under_load(false);
+}
+
+/// The same with the agents inside the meshed cgroup, as with the default cgroup (the root):
+/// the sk_msg bypass is on, so the release's sock_ops puts both ends of the connections its
+/// connect4 redirected into its sockhash, the new agent's proxy ends included, and the set's
+/// maps stay until those connections closed.
+#[test]
+fn an_upgrade_across_a_layout_change_with_the_sk_msg_bypass_on_fails_no_request() {
+    upgrade_from_the_release_under_load(true);
+}
+
+fn upgrade_from_the_release_under_load(inside_cgroup: bool) {
     let Some(old) = old_agent() else { return };
     let installed = Installed::with(&old);
     let cg = TestCgroup::new("layout-up").unwrap();
-    let agent = TestAgent::start_binary(cg.path(), installed.path.clone()).unwrap();
+    let agent = TestAgent::start_binary(cg.path(), installed.path.clone(), inside_cgroup).unwrap();
+    let status = agent.ctl_json(&["status"]).unwrap();
+    assert_eq!(
+        status["sk_msg"]["enabled"], inside_cgroup,
+        "the bypass is on exactly inside the cgroup: {status}"
+    );
     let backend = Backend::start("payments-svc", 0).unwrap();
     agent.deploy("payments-svc", backend.addr.port()).unwrap();
     // The older release pins straight into the pin dir.
@@ -221,11 +239,18 @@ fn an_upgrade_from_the_release_before_a_layout_change_fails_no_request_and_leave
     );
     // Overlap: the new set is attached beside the old one until the hand-over settled.
     let overlap = cgroup_programs(&cg).len();
-    let retired = wait_for_retirement(&agent);
+    // With the bypass on, the kept-alive caller's connection (made through the release's
+    // connect4 during the overlap) holds the release's sockhash until the load ends.
+    let (summary, retired) = if inside_cgroup {
+        let summary = finish_load(load);
+        (summary, wait_for_retirement(&agent))
+    } else {
+        let retired = wait_for_retirement(&agent);
+        (finish_load(load), retired)
+    };
     let retired_at = wall() - retired.elapsed().as_secs_f64();
     assert_one_generation(&cg, &agent);
 
-    let summary = finish_load(load);
     let ok = summary["ok"].as_u64().unwrap();
     let fails = summary["fails"].as_array().unwrap();
     let during: usize = summary["oks"]
@@ -235,7 +260,8 @@ fn an_upgrade_from_the_release_before_a_layout_change_fails_no_request_and_leave
         .filter(|t| (upgraded_at..retired_at).contains(&t.as_f64().unwrap()))
         .count();
     eprintln!(
-        "MEASURED: upgrade from {OLD_RELEASE:.7} across a layout change: {ok} requests ok, {} failed; {overlap} programs attached right after the hand-over; older set retired {:.1} s after the upgrade started, {during} requests succeeded in between",
+        "MEASURED: upgrade from {OLD_RELEASE:.7} across a layout change (sk_msg bypass {}): {ok} requests ok, {} failed; {overlap} programs attached right after the hand-over; older set retired {:.1} s after the upgrade started, {during} requests succeeded in between",
+        if inside_cgroup { "on" } else { "off" },
         fails.len(),
         retired_at - upgraded_at
     );
@@ -256,7 +282,7 @@ fn new_then_old_then_new_leaves_one_generation() {
     let new = new_agent();
     let installed = Installed::with(&new);
     let cg = TestCgroup::new("layout-back").unwrap();
-    let agent = TestAgent::start_binary(cg.path(), installed.path.clone()).unwrap();
+    let agent = TestAgent::start_binary(cg.path(), installed.path.clone(), false).unwrap();
     let backend = Backend::start("ledger-svc", 0).unwrap();
     agent.deploy("ledger-svc", backend.addr.port()).unwrap();
     assert_one_generation(&cg, &agent);
@@ -305,7 +331,7 @@ fn a_crash_of_the_new_agent_during_the_overlap_and_a_restart_leave_one_generatio
     let Some(old) = old_agent() else { return };
     let installed = Installed::with(&old);
     let cg = TestCgroup::new("layout-crash").unwrap();
-    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone()).unwrap();
+    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone(), false).unwrap();
     let backend = Backend::start("notify-svc", 0).unwrap();
     agent.deploy("notify-svc", backend.addr.port()).unwrap();
 
@@ -358,7 +384,7 @@ fn cleanup_removes_both_sets_of_an_interrupted_upgrade() {
     let Some(old) = old_agent() else { return };
     let installed = Installed::with(&old);
     let cg = TestCgroup::new("layout-clean").unwrap();
-    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone()).unwrap();
+    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone(), false).unwrap();
     installed.replace_with(&new_agent());
     upgrade(&agent);
     let set = agent.pin_set();

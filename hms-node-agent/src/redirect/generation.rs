@@ -156,6 +156,29 @@ impl RawMap {
     fn is_empty(&self) -> bool {
         sys::map_is_empty(&self.fd, self.key_size).unwrap_or(true)
     }
+
+    /// Takes out of this (sockhash) map the sockets that have no peer in it and are not a
+    /// connection to or from the outbound listener (`outbound_port`): the agent's end of a
+    /// connection to an instance outside the cgroup, which sock_ops expected to pair and the
+    /// agent only settles in its own set's map. Such a socket never carried bypassed data, so
+    /// taking it out changes nothing for it; left in, a pooled upstream connection would
+    /// keep the set from ever being unpinned.
+    fn drop_unpaired_instance_legs(&self, outbound_port: u16) {
+        let Ok(keys) = sys::map_keys(&self.fd, self.key_size) else {
+            return;
+        };
+        for key in &keys {
+            let Some((peer, ports)) = decode::sock_peer(key) else {
+                return;
+            };
+            if ports.contains(&outbound_port) || keys.contains(&peer) {
+                continue;
+            }
+            if let Err(e) = sys::map_delete(&self.fd, key) {
+                tracing::debug!(error = %e, "taking an unpaired socket out of an older sockhash");
+            }
+        }
+    }
 }
 
 /// The record maps of an older set, for the proxy's lookups while its connections and
@@ -243,6 +266,35 @@ pub(crate) mod decode {
         Some(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<OrigDst>()) })
     }
 
+    /// A sockhash key's peer key (local and remote swapped) and its two ports, for the
+    /// three layouts there were: `SockKey` before the netns (12 bytes), `SockKey` (24) and
+    /// `SockKey6` (48).
+    pub(crate) fn sock_peer(key: &[u8]) -> Option<(Vec<u8>, [u16; 2])> {
+        let (ip, ip_len, port) = match key.len() {
+            12 => (0, 4, 8),
+            24 => (8, 4, 16),
+            48 => (8, 16, 40),
+            _ => return None,
+        };
+        let mut peer = key.to_vec();
+        peer[ip..ip + ip_len].copy_from_slice(&key[ip + ip_len..ip + 2 * ip_len]);
+        peer[ip + ip_len..ip + 2 * ip_len].copy_from_slice(&key[ip..ip + ip_len]);
+        peer[port..port + 2].copy_from_slice(&key[port + 2..port + 4]);
+        peer[port + 2..port + 4].copy_from_slice(&key[port..port + 2]);
+        let ports = [
+            u16::from_ne_bytes([key[port], key[port + 1]]),
+            u16::from_ne_bytes([key[port + 2], key[port + 3]]),
+        ];
+        Some((peer, ports))
+    }
+
+    /// `RedirectConfig::outbound_port` of a raw config record (the same offset in every
+    /// layout: the record only ever grew at its end).
+    pub(crate) fn outbound_port(raw: &[u8]) -> Option<u16> {
+        let b = raw.get(16..18)?;
+        Some(u16::from_ne_bytes([b[0], b[1]]))
+    }
+
     pub(crate) fn orig6(raw: &[u8]) -> Option<OrigDst6> {
         let split = raw.len().checked_sub(IP6)?;
         let orig = orig(&raw[..split])?;
@@ -286,8 +338,19 @@ pub(crate) fn retire(dir: &Path, is_pin_root: bool) -> anyhow::Result<()> {
         .iter()
         .filter_map(|m| RawMap::open(dir, m))
         .collect();
+    let outbound_port = RawMap::open(dir, map_names::CONFIG)
+        .and_then(|config| config.get(&0u32.to_ne_bytes()))
+        .and_then(|raw| decode::outbound_port(&raw));
     let mut said = false;
-    while !socks.iter().all(RawMap::is_empty) {
+    loop {
+        if let Some(port) = outbound_port {
+            for map in &socks {
+                map.drop_unpaired_instance_legs(port);
+            }
+        }
+        if socks.iter().all(RawMap::is_empty) {
+            break;
+        }
         if !said {
             tracing::info!(set = %dir.display(), "older pin set detached; its maps stay until the connections in its sk_msg bypass close");
             said = true;
@@ -308,6 +371,48 @@ pub(crate) fn retire(dir: &Path, is_pin_root: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sockhash_peer_key_is_what_the_kernel_side_peer_is_in_every_layout() {
+        let key = hms_ebpf::SockKey {
+            netns: 9,
+            local_ip: 0x7f00_0001,
+            remote_ip: 0x7f00_0002,
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let (peer, ports) = decode::sock_peer(bytes_of(&key)).unwrap();
+        assert_eq!(peer, bytes_of(&key.peer()));
+        assert_eq!(ports, [40000, 15001]);
+        let key6 = hms_ebpf::SockKey6 {
+            netns: 9,
+            local_ip: [0, 0, 0, 1],
+            remote_ip: [0, 0, 0xffff, 0x7f00_0001],
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let (peer6, ports6) = decode::sock_peer(bytes_of(&key6)).unwrap();
+        assert_eq!(peer6, bytes_of(&key6.peer()));
+        assert_eq!(ports6, [40000, 15001]);
+        // Before the netns: local_ip, remote_ip, local_port, remote_port.
+        let old = &bytes_of(&key)[8..20];
+        let (old_peer, old_ports) = decode::sock_peer(old).unwrap();
+        assert_eq!(old_peer, &bytes_of(&key.peer())[8..20]);
+        assert_eq!(old_ports, [40000, 15001]);
+        assert_eq!(decode::sock_peer(&[0; 7]), None);
+    }
+
+    #[test]
+    fn the_outbound_port_is_read_from_a_raw_config() {
+        let cfg = hms_ebpf::RedirectConfig {
+            outbound_port: 15001,
+            ..Default::default()
+        };
+        assert_eq!(decode::outbound_port(bytes_of(&cfg)), Some(15001));
+        assert_eq!(decode::outbound_port(&bytes_of(&cfg)[..16]), None);
+    }
 
     #[test]
     fn set_dir_names_are_the_prefix_and_hex_only() {

@@ -536,6 +536,32 @@ pub(crate) mod sys {
         }
     }
 
+    /// Every key of a hash map (`key_size` is the map's). A map changing meanwhile may give
+    /// a key twice or miss one, which the caller's next round makes up for.
+    pub(crate) fn map_keys(fd: &OwnedFd, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let mut next = vec![0u8; key_size];
+            let mut attr = MapElem {
+                map_fd: fd.as_raw_fd() as u32,
+                _pad: 0,
+                // A null key asks for the first one.
+                key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+                value: next.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(_) => keys.push(next),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                Err(e) => return Err(e),
+            }
+            // A hash map cannot hold more than this many keys; stop a cycle if it does.
+            if keys.len() > 1 << 24 {
+                return Ok(keys);
+            }
+        }
+    }
+
     /// Whether the (hash) map holds any key; `key_size` is the map's.
     pub(crate) fn map_is_empty(fd: &OwnedFd, key_size: usize) -> io::Result<bool> {
         let mut next = vec![0u8; key_size.max(1)];
