@@ -248,6 +248,16 @@ pub async fn run(
     let flows = redirector
         .flow_reader()
         .context("reading the kernel's flow records")?;
+    // Connections the older pin set's programs redirected report their close there.
+    for older in redirector.older_flow_readers() {
+        tokio::spawn(crate::flow_feed::run(
+            older,
+            outbound.clone(),
+            tap.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ));
+    }
     // The flow feed ends only if the ring buffer fails (or on drain); that must not stop
     // the agent.
     tokio::spawn(crate::flow_feed::run(

@@ -23,12 +23,7 @@ pub fn agent(commit: &str) -> anyhow::Result<PathBuf> {
         .parent()
         .context("vm-tests lives in the workspace")?
         .to_path_buf();
-    // target/<profile>/hms-node-agent -> target
-    let target = crate::bins::path("hms-node-agent")
-        .parent()
-        .and_then(Path::parent)
-        .context("target dir")?
-        .to_path_buf();
+    let target = target_dir()?;
     let dir = target.join("old-release").join(commit);
     let src = dir.join("src");
     let stamp = dir.join("checked-out");
@@ -77,13 +72,30 @@ pub fn agent(commit: &str) -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-/// Puts `binary` at `installed` the way a package manager replaces a file: a new inode
+/// The cargo target dir (`target/<profile>/hms-node-agent` -> `target`).
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    Ok(crate::bins::path("hms-node-agent")
+        .parent()
+        .and_then(Path::parent)
+        .context("target dir")?
+        .to_path_buf())
+}
+
+/// Puts `binary` at `installed` the way a package manager replaces a file: another inode
 /// renamed over the old path, so a running process keeps its own and the next start (or
 /// `hms-ctl agent upgrade`, which starts `argv[0]` again) runs the new one.
+///
+/// A hard link, not a copy, where both are on one filesystem (`installed` under
+/// [`target_dir`]): a copy holds the new file open for writing, and a child another test
+/// thread forks meanwhile inherits that fd until it execs, which makes executing the file
+/// fail with ETXTBSY.
 pub fn install(binary: &Path, installed: &Path) -> anyhow::Result<()> {
     let tmp = installed.with_extension("new");
-    std::fs::copy(binary, &tmp)
-        .with_context(|| format!("copying {} to {}", binary.display(), tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(binary, &tmp).is_err() {
+        std::fs::copy(binary, &tmp)
+            .with_context(|| format!("copying {} to {}", binary.display(), tmp.display()))?;
+    }
     std::fs::rename(&tmp, installed)
         .with_context(|| format!("renaming {} to {}", tmp.display(), installed.display()))?;
     Ok(())

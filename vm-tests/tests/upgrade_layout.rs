@@ -10,8 +10,9 @@
 //! with a build-time switch would only imitate. The cost is one build of that commit's agent
 //! (`vm_tests::old_release`: about 2 minutes on 2 cores from a warm cargo registry, into
 //! `target/old-release/`, incremental on later runs), well inside the suite's 30 minute
-//! budget; CI clones the repository, so the commit's history is there. In the VM (no cargo,
-//! no sources) these tests report that they did not run.
+//! budget; CI clones the repository, so the commit's history is there. Like the other
+//! upgrade tests this file is not in the VM suite (`xtask/src/vmtest.rs`); run there anyway
+//! (no cargo, no sources), its tests say they did not run.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,7 +49,11 @@ struct Installed {
 
 impl Installed {
     fn with(binary: &Path) -> Installed {
-        let dir = tempfile::tempdir().unwrap();
+        // Beside the binaries, so installing is a hard link (see `old_release::install`).
+        let dir = tempfile::Builder::new()
+            .prefix("hms-installed-")
+            .tempdir_in(old_release::target_dir().unwrap())
+            .unwrap();
         let path = dir.path().join("hms-node-agent");
         old_release::install(binary, &path).unwrap();
         Installed { _dir: dir, path }

@@ -609,6 +609,34 @@ impl Redirector {
         Ok(FlowReader::new(ring))
     }
 
+    /// Readers of the older pin sets' flow record ring buffers (an upgrade across a layout
+    /// change): the connections their sock_ops tracks (those their connect4 redirected) end
+    /// there. Their layout is widened to today's (`flows::decode`). Take them once the
+    /// predecessor stopped reading (a ring buffer has one consumer); each call opens them
+    /// anew, so call once.
+    pub fn older_flow_readers(&self) -> Vec<FlowReader> {
+        self.older_sets()
+            .iter()
+            .filter_map(|set| {
+                let path = set.dir.join(map_names::FLOW_EVENTS);
+                let ring = MapData::from_pin(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|data| Ok(RingBuf::try_from(aya::maps::Map::RingBuf(data))?));
+                match ring {
+                    Ok(ring) => Some(FlowReader::new(ring)),
+                    Err(e) => {
+                        tracing::warn!(
+                            map = %path.display(),
+                            "the older pin set's flow records cannot be read (its connections \
+                             miss from TCP taps and flow metrics): {e:#}"
+                        );
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
     /// Flow records the kernel dropped because the ring buffer was full (summed over CPUs,
     /// since the maps were created; survives agent restarts). Should stay 0; if it grows the
     /// reader is too slow. A failed read is logged and counts as 0.
