@@ -54,10 +54,20 @@ pub enum Request {
     },
     /// Add a new root, move every host onto it, then retire the old one.
     CaRotate,
-    /// A single-use, expiring token a host joins with (`--join-token`).
+    /// A single-use, expiring token a host joins with (`--join-token-file`); `node` is
+    /// required (a token is bound to one new name).
     NodeTokenCreate {
         node: Option<String>,
         ttl_seconds: Option<u64>,
+    },
+    /// Take a host out of the mesh (CA host).
+    NodeRemove {
+        node: String,
+    },
+    /// Set the hosts that may run a service (CA host).
+    Place {
+        service: String,
+        hosts: Vec<String>,
     },
     /// Traffic to and from a service: the `last` recorded events, then (with `follow`) live
     /// ones. Answered by a stream of [`TapMessage`] lines instead of one [`Response`].

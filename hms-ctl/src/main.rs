@@ -95,9 +95,17 @@ enum Command {
     /// The mesh's certificate authority (multi-host).
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Hosts joining the mesh.
+    /// Hosts joining and leaving the mesh.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Which hosts may run a service (run on the CA host: placement is the operator's act).
+    /// A host may deploy, and speak as, only the services placed on it.
+    Place {
+        service: String,
+        /// Every host that may run it, comma-separated (replaces the earlier set).
+        #[arg(long, value_delimiter = ',', required = true)]
+        on: Vec<String>,
+    },
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
@@ -120,21 +128,27 @@ enum CaCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Tokens a host joins with (`hms-node-agent run --join-token TOKEN`).
+    /// Tokens a host joins with (`hms-node-agent run --join-token-file FILE`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Take a host out of the mesh (run on the CA host): its registry access, certificate
+    /// renewals, records, placements and tunnels end on every host.
+    Remove { node: String },
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a single-use, expiring token (run on the CA's host).
+    /// Create a single-use, expiring token for one new host (run on the CA's host).
     Create {
-        /// Only this host name may use it.
+        /// The new host's name (its --node-name); a member's name is refused.
         #[arg(long)]
-        node: Option<String>,
+        node: String,
         /// How long it stays valid (e.g. 1h, 30m).
         #[arg(long, value_parser = parse_duration, default_value = "1h")]
         ttl: Duration,
+        /// Write the token to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -306,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 v["spiffe_id"].as_str().unwrap_or("?")
             );
             say!(
-                "next, for each other host: `hms-ctl node token create --node NAME` here, then start that host's agent with --registry (the same etcd) and --join-token TOKEN"
+                "next, for each other host: `hms-ctl node token create --node NAME --out FILE` here, copy FILE there, and start that host's agent with --registry (the same etcd) and --join-token-file FILE"
             );
             return Ok(());
         }
@@ -317,25 +331,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Command::Node(NodeCommand::Token(TokenCommand::Create { node, ttl })) => {
+        Command::Node(NodeCommand::Token(TokenCommand::Create { node, ttl, out })) => {
             let v = client::call(
                 &socket,
                 &Request::NodeTokenCreate {
-                    node: node.clone(),
+                    node: Some(node.clone()),
                     ttl_seconds: Some(ttl.as_secs()),
+                },
+            )
+            .await?;
+            let token = v["token"].as_str().unwrap_or_default();
+            if let Some(path) = out {
+                write_secret(path, token)?;
+                eprintln!(
+                    "wrote the token to {} (mode 0600); single use, valid for {}s, only for host {node}; copy it to that host and start its agent with --join-token-file FILE",
+                    path.display(),
+                    ttl.as_secs()
+                );
+            } else if cli.output == Output::Json {
+                say!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                say!("{token}");
+                eprintln!(
+                    "single use, valid for {}s, only for host {node}; save it to a file on that host (it is a secret) and start its agent with --join-token-file FILE",
+                    ttl.as_secs()
+                );
+            }
+            return Ok(());
+        }
+        Command::Node(NodeCommand::Remove { node }) => {
+            let v = client::call(&socket, &Request::NodeRemove { node: node.clone() }).await?;
+            if cli.output == Output::Json {
+                say!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                say!(
+                    "removed {node}: registry access and renewals ended, {} instance record(s) deleted, placements changed: {}; every host closes its tunnels with {node}",
+                    v["instances_removed"].as_u64().unwrap_or(0),
+                    v["placements_changed"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "none".into())
+                );
+            }
+            return Ok(());
+        }
+        Command::Place { service, on } => {
+            let v = client::call(
+                &socket,
+                &Request::Place {
+                    service: service.clone(),
+                    hosts: on.clone(),
                 },
             )
             .await?;
             if cli.output == Output::Json {
                 say!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                say!("{}", v["token"].as_str().unwrap_or_default());
-                eprintln!(
-                    "single use, valid for {}s{}; start the joining host's agent with --join-token <the line above>",
-                    ttl.as_secs(),
-                    node.as_ref()
-                        .map(|n| format!(", only for host {n}"))
-                        .unwrap_or_default()
+                say!(
+                    "{service} may run on: {}; deploy it on those hosts with `hms-ctl deploy FILE`",
+                    on.join(", ")
                 );
             }
             return Ok(());
@@ -440,6 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Tap { .. }
         | Command::Agent(_)
         | Command::Ca(_)
+        | Command::Place { .. }
         | Command::Node(_) => {
             unreachable!("handled above")
         }
@@ -449,6 +509,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_service(&s);
         }
     }
+    Ok(())
+}
+
+/// A secret file: created 0600 (never world-readable, not even for a moment), refusing to
+/// overwrite.
+fn write_secret(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create {}: {e} (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    writeln!(f, "{text}")?;
     Ok(())
 }
 

@@ -292,17 +292,39 @@ impl Admin {
             },
             Request::NodeTokenCreate { node, ttl_seconds } => {
                 let ttl = std::time::Duration::from_secs(ttl_seconds.unwrap_or(3600));
-                match self.identity.create_token(node.as_deref(), ttl).await {
-                    Ok(t) => ok(&serde_json::json!({
-                        "token": t.secret,
-                        "id": t.id,
-                        "node": t.node_name,
-                        "expires_unix": t.expires_at
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0),
-                    })),
-                    Err(e) => Err(e),
+                match node {
+                    None => Err(anyhow::anyhow!(
+                        "a join token is bound to one new host: pass --node NAME"
+                    )),
+                    Some(node) => match self.identity.create_token(&node, ttl).await {
+                        Ok((t, ticket)) => ok(&serde_json::json!({
+                            "token": ticket,
+                            "id": t.id,
+                            "node": t.node_name,
+                            "expires_unix": t.expires_at
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_secs())
+                                .unwrap_or(0),
+                        })),
+                        Err(e) => Err(e),
+                    },
+                }
+            }
+            Request::NodeRemove { node } => {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.remove_node(&node)).await {
+                    Ok(Ok(r)) => ok(&r),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Request::Place { service, hosts } => {
+                let store = self.store.clone();
+                let hosts = hosts.into_iter().collect();
+                match tokio::task::spawn_blocking(move || store.place(&service, hosts)).await {
+                    Ok(Ok(h)) => ok(&serde_json::json!({ "hosts": h })),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
                 }
             }
             Request::Upgrade => match self.relaunch.spawn() {

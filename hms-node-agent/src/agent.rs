@@ -63,23 +63,16 @@ pub async fn run(
     let caps = Arc::new(crate::limits::Caps::for_fd_limit(fd_limit));
     let store: Arc<dyn Store> = match &config.registry {
         RegistryUrl::Embedded => Arc::new(EmbeddedStore::open(&config.state_dir, config.vip_cidr)?),
-        RegistryUrl::Etcd(endpoints) => Arc::new(
-            EtcdStore::connect(EtcdOptions::new(
-                endpoints.clone(),
-                &config.node_name,
-                config.vip_cidr,
-            ))
-            .await
-            .context("connecting to the etcd registry (--registry)")?,
-        ),
+        RegistryUrl::Etcd { endpoints, tls } => {
+            Arc::new(connect_etcd(&config, endpoints, *tls).await?)
+        }
     };
-    let multi_host = matches!(config.registry, RegistryUrl::Etcd(_));
+    let multi_host = config.registry.etcd_endpoints().is_some();
     let identity = MeshIdentity::open(
         store.clone(),
         &config.node_name,
         config.state_dir.clone(),
         config.trust_domain.clone(),
-        config.join_token.clone(),
         !multi_host,
     )?;
 
@@ -411,4 +404,76 @@ async fn prune_peers(
             tracing::info!(gone, "forgot tunnel peers that left the registry");
         }
     }
+}
+
+/// The etcd registry with this host's credential: joining first when this host has none
+/// yet and was given a token. The CA host connects as etcd's `root` (the operator).
+async fn connect_etcd(
+    config: &AgentConfig,
+    endpoints: &[String],
+    tls: bool,
+) -> anyhow::Result<EtcdStore> {
+    let holds_ca = config
+        .state_dir
+        .join(crate::identity::CA_DIR)
+        .join("ca.json")
+        .exists();
+    if !holds_ca
+        && let Some(token) = &config.join_token
+        && crate::join::needed(&config.state_dir, tls)
+    {
+        let ticket = crate::identity::join_ticket::JoinTicket::decode(token)?;
+        if tls && ticket.etcd.is_none() {
+            bail!(
+                "the join token carries no registry credential (it was made for a plaintext etcd://); create a new one on the CA host"
+            );
+        }
+        crate::join::join(&ticket, endpoints, &config.state_dir, &config.node_name).await?;
+    }
+    let mut opts = EtcdOptions::new(endpoints.to_vec(), &config.node_name, config.vip_cidr);
+    opts.operator = holds_ca;
+    if tls {
+        let files = crate::registry::CredentialFiles::under(&config.state_dir);
+        if !files.exist() {
+            bail!(
+                "this host has no registry credential in {}: on the CA host run `hms-node-agent init-mesh` first; on any other host start once with --join-token-file FILE (from `hms-ctl node token create --node {}` on the CA host)",
+                config
+                    .state_dir
+                    .join(crate::registry::CredentialFiles::DIR)
+                    .display(),
+                config.node_name
+            );
+        }
+        opts.tls = Some(files);
+    } else {
+        tracing::warn!(
+            "the registry is plaintext etcd://: anyone who reaches etcd can read and write the mesh (add services, claim callers, change the CA bundle); use etcds:// outside development"
+        );
+    }
+    // etcd may still be starting (started just before, or a unit ordered beside ours):
+    // wait for it a while, saying so, rather than exit at once.
+    let deadline = std::time::Instant::now() + ETCD_START_WAIT;
+    loop {
+        match EtcdStore::connect(opts.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e) if std::time::Instant::now() < deadline && is_unreachable(&e) => {
+                tracing::info!("waiting for etcd: {e:#}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("connecting to the etcd registry (--registry)"),
+        }
+    }
+}
+
+/// How long a starting agent waits for an unreachable etcd before it gives up.
+const ETCD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// etcd not (yet) answering, as opposed to answering with a refusal.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    !text.contains("permission denied")
+        && !text.contains("certificate")
+        && !text.contains("authentication")
+        && !text.contains("reading this host's etcd credential")
+        && !text.contains("reserved")
 }

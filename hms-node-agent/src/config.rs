@@ -82,10 +82,14 @@ pub struct RunArgs {
     /// SPIFFE trust domain of the mesh's CA [default: the registry's CA, else `hms.local`].
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// Single-use token from `hms-ctl node token create` on the CA's host: lets this host get
-    /// its certificate when it joins a multi-host mesh.
-    #[arg(long)]
+    /// Single-use token from `hms-ctl node token create --node NAME` on the CA's host: lets
+    /// this host join a multi-host mesh. Only in the config file (kept 0600): never on a
+    /// command line, where every local user can read it; see --join-token-file.
+    #[arg(skip)]
     pub join_token: Option<String>,
+    /// A file holding the join token (`-`: standard input); read once, at the first start.
+    #[arg(long, value_name = "PATH")]
+    pub join_token_file: Option<PathBuf>,
     /// Log format: `text` [default] or `json`.
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
@@ -149,6 +153,7 @@ impl RunArgs {
             dns_mark: self.dns_mark.or(base.dns_mark),
             trust_domain: self.trust_domain.or(base.trust_domain),
             join_token: self.join_token.or(base.join_token),
+            join_token_file: self.join_token_file.or(base.join_token_file),
             log_format: self.log_format.or(base.log_format),
             sk_msg_bypass: self.sk_msg_bypass.or(base.sk_msg_bypass),
             ipv6: self.ipv6.or(base.ipv6),
@@ -225,7 +230,11 @@ impl AgentConfig {
             registry: args.registry.unwrap_or(RegistryUrl::Embedded),
             dns_mark: args.dns_mark.unwrap_or(DEFAULT_DNS_MARK),
             trust_domain: args.trust_domain,
-            join_token: args.join_token,
+            join_token: match (args.join_token, &args.join_token_file) {
+                (Some(t), _) => Some(t),
+                (None, Some(path)) => Some(read_join_token(path)?),
+                (None, None) => None,
+            },
             log_format: args.log_format.unwrap_or_default(),
             sk_msg_bypass: args.sk_msg_bypass.unwrap_or(true),
             ipv6: args.ipv6.unwrap_or(true),
@@ -280,7 +289,7 @@ fn load_file(path: &Path) -> anyhow::Result<RunArgs> {
     })
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     let raw = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -421,18 +430,55 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+/// The join token from a file (0600 as written by `hms-ctl node token create --out`) or
+/// stdin.
+fn read_join_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the join token from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?
+    };
+    Ok(text.trim().to_string())
+}
+
 /// Which registry backend holds the mesh's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryUrl {
     Embedded,
-    Etcd(Vec<String>),
+    /// `etcd://` (plaintext: development only) or `etcds://` (TLS with this host's client
+    /// certificate; etcd's roles then limit each host to its own records).
+    Etcd {
+        endpoints: Vec<String>,
+        tls: bool,
+    },
+}
+
+impl RegistryUrl {
+    pub fn etcd_endpoints(&self) -> Option<&[String]> {
+        match self {
+            RegistryUrl::Embedded => None,
+            RegistryUrl::Etcd { endpoints, .. } => Some(endpoints),
+        }
+    }
+
+    pub fn secured(&self) -> bool {
+        matches!(self, RegistryUrl::Etcd { tls: true, .. })
+    }
 }
 
 impl fmt::Display for RegistryUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RegistryUrl::Embedded => f.write_str("embedded"),
-            RegistryUrl::Etcd(eps) => write!(f, "etcd://{}", eps.join(",")),
+            RegistryUrl::Etcd { endpoints, tls } => {
+                let scheme = if *tls { "etcds" } else { "etcd" };
+                write!(f, "{scheme}://{}", endpoints.join(","))
+            }
         }
     }
 }
@@ -443,20 +489,24 @@ impl FromStr for RegistryUrl {
         if s == "embedded" {
             return Ok(RegistryUrl::Embedded);
         }
-        if let Some(rest) = s.strip_prefix("etcd://") {
-            let eps: Vec<String> = rest
-                .split(',')
-                .filter(|e| !e.is_empty())
-                .map(str::to_string)
-                .collect();
-            if eps.is_empty() {
-                return Err("etcd:// needs at least one HOST:PORT".into());
+        let (rest, tls) = match (s.strip_prefix("etcds://"), s.strip_prefix("etcd://")) {
+            (Some(rest), _) => (rest, true),
+            (_, Some(rest)) => (rest, false),
+            _ => {
+                return Err(format!(
+                    "`{s}` is not a registry; use `embedded`, `etcds://HOST:PORT[,HOST:PORT...]` (TLS), or `etcd://...` (plaintext, development only)"
+                ));
             }
-            return Ok(RegistryUrl::Etcd(eps));
+        };
+        let endpoints: Vec<String> = rest
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            return Err("etcd:// and etcds:// need at least one HOST:PORT".into());
         }
-        Err(format!(
-            "`{s}` is not a registry; use `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
-        ))
+        Ok(RegistryUrl::Etcd { endpoints, tls })
     }
 }
 
@@ -540,7 +590,10 @@ mod tests {
             "etcd://10.0.0.1:2379,10.0.0.2:2379"
                 .parse::<RegistryUrl>()
                 .unwrap(),
-            RegistryUrl::Etcd(vec!["10.0.0.1:2379".into(), "10.0.0.2:2379".into()])
+            RegistryUrl::Etcd {
+                endpoints: vec!["10.0.0.1:2379".into(), "10.0.0.2:2379".into()],
+                tls: false
+            }
         );
         assert!("consul://x".parse::<RegistryUrl>().is_err());
     }

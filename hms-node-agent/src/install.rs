@@ -210,7 +210,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "join-token",
-        doc: "Single-use token from `hms-ctl node token create` on the CA's host (multi-host join).",
+        doc: "Single-use token from `hms-ctl node token create --node NAME` on the CA's host (multi-host join); `install --join-token-file FILE` puts it here and keeps this file 0600.",
         default: "none",
     },
     Key {
@@ -807,6 +807,15 @@ fn decide_config(
 
 /// `hms-node-agent install`.
 pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
+    // The join token comes from a file (never argv, where every local user can read it) and
+    // goes into the 0600 config file.
+    let mut args = args.clone();
+    if let Some(path) = args.settings.join_token_file.take() {
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?;
+        args.settings.join_token = Some(token.trim().to_string());
+    }
+    let args = &args;
     let root = args.root.as_path();
     if !root.is_dir() {
         bail!("--root {} is not a directory", root.display());
@@ -1293,7 +1302,8 @@ mod tests {
         assert!(ids.len() > 5, "{ids:?}");
         for id in ids {
             // `--config` is the file itself; `--takeover` is a one-shot of an upgrade.
-            if id == "config" || id == "help" || id == "takeover" {
+            // The token file is read by install into `join-token` (0600 config).
+            if id == "config" || id == "help" || id == "takeover" || id == "join_token_file" {
                 continue;
             }
             let key = id.replace('_', "-");
@@ -1306,7 +1316,7 @@ mod tests {
 
     #[test]
     fn config_round_trips_the_flags() {
-        let given = args(&[
+        let mut given = args(&[
             "--node-name",
             "host-a",
             "--cgroup",
@@ -1335,8 +1345,6 @@ mod tests {
             "/run/x/a.sock",
             "--trust-domain",
             "mesh.example",
-            "--join-token",
-            "hms1.abc",
             "--sk-msg-bypass=false",
             "--dns-allow-remote",
             "--advertise",
@@ -1345,6 +1353,8 @@ mod tests {
             "--vip6-prefix",
             "fd00:1234::/96",
         ]);
+        // Only from a file (install reads --join-token-file into it).
+        given.join_token = Some("hms2.abc".into());
         let text = render_config(&given);
         let back = parse_config(&text, Path::new("t")).unwrap();
         for key in KEYS {

@@ -29,6 +29,10 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/hms")]
         pin_dir: PathBuf,
     },
+    /// Make a new multi-host mesh on this host, before etcd starts: the mesh CA, this
+    /// host's certificate, etcd's server certificate and the operator's etcd credential;
+    /// prints how to start etcd with them.
+    InitMesh(hms_node_agent::init_mesh::InitMeshArgs),
     /// Check that this kernel has every feature HMS needs; exits 1 if one is missing.
     Probe {
         /// cgroup v2 directory the hooks would attach to [default: the cgroup v2 root].
@@ -83,6 +87,9 @@ fn main() -> std::process::ExitCode {
             let checks = hms_node_agent::probe::run(cgroup.as_deref(), &pin_dir);
             print!("{}", hms_node_agent::probe::Table(&checks));
             hms_node_agent::probe::summarize(&checks)
+        }
+        Command::InitMesh(args) => {
+            hms_node_agent::init_mesh::run(&args).map(|report| print!("{report}"))
         }
         Command::Install(args) => {
             init_logs(LogFormat::Text);

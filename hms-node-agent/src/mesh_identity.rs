@@ -6,10 +6,14 @@
 //! channel:
 //! 1. `hms-ctl ca init` on one host creates the CA there and publishes the trust bundle
 //!    (`ca/bundle`); that host signs its own certificate directly.
-//! 2. `hms-ctl node token create` on the CA host prints a single-use, expiring token.
-//! 3. A joining host started with `--join-token` makes its key locally and publishes
-//!    `ca/join/<node>` = {token, CSR}; the CA host redeems the token and publishes
-//!    `ca/issued/<node>`; the joining host installs it. Private keys never travel.
+//! 2. `hms-ctl node token create --node NAME` on the CA host prints a single-use, expiring
+//!    token bound to NAME (refused for a name that is already a member), carrying the CA's
+//!    fingerprint and, with a secured registry, a bootstrap credential (`join.rs`).
+//! 3. A joining host (`join.rs`, before its registry connection) posts
+//!    `ca/join/<node>` = {token, CSRs}; the CA host redeems the token, admits the host
+//!    (member record, etcd user and role) and answers in the same key; the joining host
+//!    checks the answer's bundle holds the pinned root and installs it. Private keys never
+//!    travel.
 //! 4. At half-life (or when the bundle's current root changed) a host publishes
 //!    `ca/renew/<node>`, signed with its current key; the CA host answers in
 //!    `ca/issued/<node>`. Open connections are never cut: TLS configs pick up the new
@@ -29,9 +33,13 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::identity::etcd_ca::{EtcdCa, join_user};
+use crate::identity::join_ticket::{EtcdBootstrap, JoinTicket, cert_sha256};
 use crate::identity::{
-    CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest, TlsIdentity, TrustBundle,
+    CA_DIR, CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest, TlsIdentity,
+    TrustBundle,
 };
+use crate::join::JoinMessage;
 use crate::registry::Store;
 
 const BUNDLE: &str = "ca/bundle";
@@ -40,20 +48,11 @@ const DEFAULT_TRUST_DOMAIN: &str = "hms.local";
 pub const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 const TICK: Duration = Duration::from_millis(300);
 
-fn join_key(node: &str) -> String {
-    format!("ca/join/{node}")
-}
 fn renew_key(node: &str) -> String {
     format!("ca/renew/{node}")
 }
 fn issued_key(node: &str) -> String {
     format!("ca/issued/{node}")
-}
-
-#[derive(Serialize, Deserialize)]
-struct JoinRequest {
-    token: String,
-    csr_pem: String,
 }
 
 struct Inner {
@@ -70,7 +69,10 @@ struct Inner {
     renewal_asked_for: Option<String>,
     /// The two-root bundle we already renewed for (a rotation asks once per host).
     renewed_for_bundle: Option<String>,
-    join_sent: bool,
+    /// The CA host has published its bundle and admitted itself (once per start).
+    ca_ready: bool,
+    /// When the CA host last ended the bootstrap credentials of hosts that joined.
+    joins_swept: Option<std::time::Instant>,
 }
 
 pub struct MeshIdentity {
@@ -78,7 +80,6 @@ pub struct MeshIdentity {
     node_name: String,
     state_dir: PathBuf,
     trust_domain: Option<String>,
-    join_token: Option<String>,
     inner: Mutex<Inner>,
     tls: RwLock<Option<TlsIdentity>>,
 }
@@ -113,7 +114,6 @@ impl MeshIdentity {
         node_name: &str,
         state_dir: PathBuf,
         trust_domain: Option<String>,
-        join_token: Option<String>,
         single_host: bool,
     ) -> anyhow::Result<Arc<MeshIdentity>> {
         let this = MeshIdentity {
@@ -121,7 +121,6 @@ impl MeshIdentity {
             node_name: node_name.to_string(),
             state_dir: state_dir.clone(),
             trust_domain,
-            join_token,
             inner: Mutex::new(Inner {
                 node: None,
                 ca: None,
@@ -130,7 +129,8 @@ impl MeshIdentity {
                 rotation_installing: HashMap::new(),
                 renewal_asked_for: None,
                 renewed_for_bundle: None,
-                join_sent: false,
+                ca_ready: single_host,
+                joins_swept: None,
             }),
             tls: RwLock::new(None),
         };
@@ -205,9 +205,9 @@ impl MeshIdentity {
             waiting_for: if self.tls().is_some() {
                 None
             } else if inner.node.is_none() {
-                Some("a CA: run `hms-ctl ca init --trust-domain DOMAIN` on one host, or start this one with --join-token".into())
+                Some("a CA: run `hms-ctl ca init --trust-domain DOMAIN` on one host (or `hms-node-agent init-mesh` before etcd starts), or start this one with --join-token-file".into())
             } else {
-                Some("a certificate from the CA host (is --join-token right and the CA host running?)".into())
+                Some("a certificate from the CA host (is the CA host's agent running?)".into())
             },
         }
     }
@@ -270,17 +270,58 @@ impl MeshIdentity {
         Ok(self.summary().await)
     }
 
-    /// `hms-ctl node token create`.
+    /// `hms-ctl node token create --node NAME`: a token bound to NAME, carrying the CA's
+    /// fingerprint and (secured registry) a bootstrap credential that can only post NAME's
+    /// join request.
     pub async fn create_token(
         &self,
-        node: Option<&str>,
+        node: &str,
         ttl: Duration,
-    ) -> anyhow::Result<crate::identity::JoinToken> {
+    ) -> anyhow::Result<(crate::identity::JoinToken, String)> {
+        crate::registry::etcd::validate_node_name(node)?;
+        let member = {
+            let node = node.to_string();
+            self.blocking(move |s| s.is_member(&node)).await?
+        };
+        if member || node == self.node_name {
+            bail!(
+                "`{node}` is already a member of the mesh; a name cannot be taken twice (if that host is gone: `hms-ctl node remove {node}` first)"
+            );
+        }
         let mut inner = self.inner.lock().await;
         let ca = inner.ca.as_mut().context(
             "this host does not hold the CA; run this on the host where `hms-ctl ca init` ran",
         )?;
-        Ok(ca.create_join_token(node, ttl, SystemTime::now())?)
+        let token = ca.create_join_token(Some(node), ttl, SystemTime::now())?;
+        let bundle = ca.trust_bundle();
+        let current_root = bundle
+            .roots_der()
+            .last()
+            .map(|d| cert_sha256(d))
+            .context("the CA has no root")?;
+        let trust_domain = ca.trust_domain().to_string();
+        drop(inner);
+        let etcd = if self.store.snapshot().secured() {
+            let etcd_ca = EtcdCa::load_or_create(&self.state_dir.join(CA_DIR), &trust_domain)?;
+            let cred = etcd_ca.client(&join_user(node), Some(ttl))?;
+            let n = node.to_string();
+            self.blocking(move |s| s.allow_join(&n)).await?;
+            Some(EtcdBootstrap {
+                ca_pem: etcd_ca.cert_pem().to_string(),
+                cert_pem: cred.cert_pem,
+                key_pem: cred.key_pem,
+            })
+        } else {
+            None
+        };
+        let ticket = JoinTicket {
+            node: node.to_string(),
+            trust_domain,
+            secret: token.secret.clone(),
+            ca_sha256: current_root,
+            etcd,
+        };
+        Ok((token, ticket.encode()))
     }
 
     /// `hms-ctl ca rotate`: a new root; hosts move onto it; the old one is retired after.
@@ -337,6 +378,9 @@ impl MeshIdentity {
             )?);
         }
 
+        if inner.ca.is_some() {
+            self.ca_duties(&mut inner, &snapshot).await?;
+        }
         // The CA host answers join and renewal requests.
         if inner.ca.is_some() {
             let mut answers: Vec<(String, IssuedCertificate)> = Vec::new();
@@ -374,22 +418,39 @@ impl MeshIdentity {
                     continue;
                 }
                 inner.answered.insert(d);
+                if let Some(node) = key.strip_prefix("ca/join/") {
+                    if let Ok(JoinMessage::Request {
+                        token,
+                        csr_pem,
+                        etcd_csr_pem,
+                    }) = serde_json::from_slice::<JoinMessage>(&value)
+                    {
+                        let answer = self
+                            .answer_join(&mut inner, node, &token, &csr_pem, etcd_csr_pem, now)
+                            .await
+                            .unwrap_or_else(|e| {
+                                tracing::warn!(%node, "refused a join request: {e:#}");
+                                JoinMessage::Refused {
+                                    reason: format!("{e:#}"),
+                                }
+                            });
+                        let bytes = serde_json::to_vec(&answer)?;
+                        let key = crate::join::join_blob(node);
+                        inner.answered.insert(digest(&bytes));
+                        self.blocking(move |s| s.put_blob(&key, &bytes)).await?;
+                    }
+                    continue;
+                }
+                let node = key.trim_start_matches("ca/renew/").to_string();
+                if !snapshot.is_member(&node) {
+                    tracing::warn!(%node, "refused a renewal: the host is not a member (removed?)");
+                    continue;
+                }
                 let ca = inner.ca.as_mut().expect("checked above");
-                let result = if let Some(node) = key.strip_prefix("ca/join/") {
-                    serde_json::from_slice::<JoinRequest>(&value)
-                        .context("malformed join request")
-                        .and_then(|r| {
-                            ca.redeem_and_sign(&r.token, &r.csr_pem, node, CERT_TTL, now)
-                                .map_err(anyhow::Error::from)
-                        })
-                        .map(|c| (node.to_string(), c))
-                } else {
-                    let node = key.trim_start_matches("ca/renew/").to_string();
-                    serde_json::from_slice::<RenewalRequest>(&value)
-                        .context("malformed renewal request")
-                        .and_then(|r| ca.renew(&r, CERT_TTL, now).map_err(anyhow::Error::from))
-                        .map(|c| (node, c))
-                };
+                let result = serde_json::from_slice::<RenewalRequest>(&value)
+                    .context("malformed renewal request")
+                    .and_then(|r| ca.renew(&r, CERT_TTL, now).map_err(anyhow::Error::from))
+                    .map(|c| (node, c));
                 match result {
                     Ok((node, cert)) => {
                         tracing::info!(%node, serial = %cert.serial, "issued a node certificate");
@@ -487,22 +548,7 @@ impl MeshIdentity {
             }
         }
         let has_cert = node.not_after().is_some_and(|t| t > now);
-        if !has_cert && inner.ca.is_none() {
-            if let Some(token) = self.join_token.clone()
-                && !inner.join_sent
-            {
-                let node = inner.node.as_mut().expect("checked above");
-                let request = JoinRequest {
-                    token,
-                    csr_pem: node.create_csr()?,
-                };
-                let bytes = serde_json::to_vec(&request)?;
-                let key = join_key(&self.node_name);
-                self.blocking(move |s| s.put_blob(&key, &bytes)).await?;
-                inner.join_sent = true;
-                tracing::info!("asked the CA host for a certificate (join token)");
-            }
-        } else if inner.ca.is_none() {
+        if has_cert && inner.ca.is_none() {
             // Renew at half-life, or when the bundle's roots changed since issuance
             // (a CA rotation).
             let node = inner.node.as_ref().expect("checked above");
@@ -530,5 +576,82 @@ impl MeshIdentity {
         }
         self.refresh_tls(&inner)?;
         Ok(())
+    }
+
+    /// Once per start on the CA host: the bundle is in the registry and this host is a
+    /// member (after `init-mesh` neither is yet). Every few seconds: the bootstrap
+    /// credentials of hosts that have joined (their node record is up) end.
+    async fn ca_duties(
+        &self,
+        inner: &mut Inner,
+        snapshot: &crate::registry::Snapshot,
+    ) -> anyhow::Result<()> {
+        if !inner.ca_ready {
+            let ca = inner.ca.as_ref().expect("checked by the caller");
+            if snapshot.blob(BUNDLE).is_none() {
+                let bytes = serde_json::to_vec(&ca.trust_bundle())?;
+                self.blocking(move |s| s.create_blob(BUNDLE, &bytes).map(drop))
+                    .await?;
+            }
+            let me = self.node_name.clone();
+            self.blocking(move |s| {
+                if s.is_member(&me)? {
+                    return Ok(());
+                }
+                s.admit(&me)
+            })
+            .await?;
+            inner.ca_ready = true;
+        }
+        let due = inner
+            .joins_swept
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(3));
+        if due && snapshot.secured() {
+            inner.joins_swept = Some(std::time::Instant::now());
+            let pending = self.blocking(|s| s.pending_joins()).await?;
+            for node in pending {
+                if snapshot.node(&node).is_some() {
+                    self.blocking(move |s| s.end_join(&node)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A join request: the name must be new, the token valid and bound to it; then the host
+    /// is admitted (member record, etcd user and role) and gets its certificates.
+    async fn answer_join(
+        &self,
+        inner: &mut Inner,
+        node: &str,
+        token: &str,
+        csr_pem: &str,
+        etcd_csr_pem: Option<String>,
+        now: SystemTime,
+    ) -> anyhow::Result<JoinMessage> {
+        let n = node.to_string();
+        if node == self.node_name || self.blocking(move |s| s.is_member(&n)).await? {
+            bail!("`{node}` is already a member of the mesh; a name cannot be taken twice");
+        }
+        let ca = inner
+            .ca
+            .as_mut()
+            .context("this host does not hold the CA")?;
+        let issued = ca.redeem_and_sign(token, csr_pem, node, CERT_TTL, now)?;
+        let etcd_cert_pem = match etcd_csr_pem {
+            Some(csr) => {
+                let etcd_ca =
+                    EtcdCa::load_or_create(&self.state_dir.join(CA_DIR), ca.trust_domain())?;
+                Some(etcd_ca.sign_client_csr(&csr, node)?)
+            }
+            None => None,
+        };
+        let n = node.to_string();
+        self.blocking(move |s| s.admit(&n)).await?;
+        tracing::info!(%node, serial = %issued.serial, "admitted a host to the mesh");
+        Ok(JoinMessage::Answer {
+            issued: Box::new(issued),
+            etcd_cert_pem,
+        })
     }
 }

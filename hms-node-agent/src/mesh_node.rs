@@ -71,7 +71,7 @@ pub async fn keep_registered(
 /// The inbound address to publish in this host's node record (see the module doc).
 pub fn advertised_inbound(config: &AgentConfig) -> SocketAddr {
     let route = match &config.registry {
-        RegistryUrl::Etcd(endpoints) => endpoints.iter().find_map(|e| route_source(e)),
+        RegistryUrl::Etcd { endpoints, .. } => endpoints.iter().find_map(|e| route_source(e)),
         RegistryUrl::Embedded => None,
     };
     pick_advertised(config.inbound, config.advertise, route, &interface_addrs())

@@ -52,7 +52,8 @@ impl TestAgent {
         binary: PathBuf,
         inside_cgroup: bool,
     ) -> anyhow::Result<TestAgent> {
-        let mut agent = Self::unstarted(cgroup, None, Vec::new(), inside_cgroup, None, None)?;
+        let mut agent =
+            Self::configure_with(cgroup, None, Vec::new(), inside_cgroup, None, None, false)?;
         agent.binary = Some(binary);
         agent.spawn()?;
         Ok(agent)
@@ -71,7 +72,22 @@ impl TestAgent {
         extra_args: Vec<String>,
         dns: SocketAddrV4,
     ) -> anyhow::Result<TestAgent> {
-        Self::configure_with(cgroup, netns, extra_args, false, None, Some(dns))
+        Self::configure_with(cgroup, netns, extra_args, false, None, Some(dns), true)
+    }
+
+    /// Like [`TestAgent::start_with`] but not started: its state dir exists, so a test can
+    /// put files there first (`hms-node-agent init-mesh`); then [`TestAgent::launch`].
+    pub fn unstarted(
+        cgroup: &Path,
+        netns: Option<&str>,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<TestAgent> {
+        Self::configure_with(cgroup, netns, extra_args, false, None, None, false)
+    }
+
+    /// Starts an agent made with [`TestAgent::unstarted`] and waits until it answers.
+    pub fn launch(&mut self) -> anyhow::Result<()> {
+        self.spawn()
     }
 
     /// Like [`TestAgent::start`], with soft and hard `RLIMIT_NOFILE` set to `limit`.
@@ -95,7 +111,15 @@ impl TestAgent {
         inside_cgroup: bool,
         fd_limit: Option<u64>,
     ) -> anyhow::Result<TestAgent> {
-        Self::configure_with(cgroup, netns, extra_args, inside_cgroup, fd_limit, None)
+        Self::configure_with(
+            cgroup,
+            netns,
+            extra_args,
+            inside_cgroup,
+            fd_limit,
+            None,
+            true,
+        )
     }
 
     fn configure_with(
@@ -105,26 +129,14 @@ impl TestAgent {
         inside_cgroup: bool,
         fd_limit: Option<u64>,
         dns: Option<SocketAddrV4>,
-    ) -> anyhow::Result<TestAgent> {
-        let mut agent = Self::unstarted(cgroup, netns, extra_args, inside_cgroup, fd_limit, dns)?;
-        agent.spawn()?;
-        Ok(agent)
-    }
-
-    fn unstarted(
-        cgroup: &Path,
-        netns: Option<&str>,
-        extra_args: Vec<String>,
-        inside_cgroup: bool,
-        fd_limit: Option<u64>,
-        dns: Option<SocketAddrV4>,
+        start: bool,
     ) -> anyhow::Result<TestAgent> {
         let n = ports::unique();
         let dir = tempfile::Builder::new()
             .prefix("hms-test-agent-")
             .tempdir()
             .context("temp dir")?;
-        Ok(TestAgent {
+        let mut agent = TestAgent {
             child: None,
             cgroup: cgroup.to_path_buf(),
             socket: dir.path().join("agent.sock"),
@@ -144,7 +156,13 @@ impl TestAgent {
             fd_limit,
             binary: None,
             dir,
-        })
+        };
+        if start {
+            agent.spawn()?;
+        } else {
+            std::fs::create_dir_all(agent.state_dir()).context("creating the state dir")?;
+        }
+        Ok(agent)
     }
 
     pub fn state_dir(&self) -> PathBuf {

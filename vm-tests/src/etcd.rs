@@ -24,6 +24,25 @@ pub struct Etcd {
     /// Network namespace and address it serves on (a `TestNet` host), else loopback here.
     netns: Option<String>,
     ip: IpAddr,
+    /// TLS with client certificates required (as `hms-node-agent init-mesh` sets it up).
+    tls: Option<EtcdTls>,
+}
+
+/// etcd's own certificate (`<state-dir>/etcd-server/` of `init-mesh`) and a credential to
+/// ask its health with (the operator's, `<state-dir>/etcd/`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub server_dir: PathBuf,
+    pub client_dir: PathBuf,
+}
+
+/// Files of one etcd client credential, as the agent keeps them (`<state-dir>/etcd/`).
+pub fn client_files(dir: &std::path::Path) -> [PathBuf; 3] {
+    [
+        dir.join("ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client.key"),
+    ]
 }
 
 impl Etcd {
@@ -38,7 +57,17 @@ impl Etcd {
         Self::start_at(Some(netns.to_string()), ip)
     }
 
+    /// Like [`Etcd::start_in`], with TLS and client certificates required: what the README
+    /// tells an operator to run after `hms-node-agent init-mesh`.
+    pub fn start_tls_in(netns: &str, ip: IpAddr, tls: EtcdTls) -> anyhow::Result<Etcd> {
+        Self::start_with(Some(netns.to_string()), ip, Some(tls))
+    }
+
     fn start_at(netns: Option<String>, ip: IpAddr) -> anyhow::Result<Etcd> {
+        Self::start_with(netns, ip, None)
+    }
+
+    fn start_with(netns: Option<String>, ip: IpAddr, tls: Option<EtcdTls>) -> anyhow::Result<Etcd> {
         let mut etcd = Etcd {
             dir: tempfile::Builder::new()
                 .prefix("hms-etcd-")
@@ -49,6 +78,7 @@ impl Etcd {
             child: None,
             netns,
             ip,
+            tls,
         };
         etcd.resume()?;
         Ok(etcd)
@@ -57,6 +87,12 @@ impl Etcd {
     /// `IP:PORT` (`[IPv6]:PORT`), what `--registry etcd://` takes.
     pub fn endpoint(&self) -> String {
         SocketAddr::new(self.ip, self.client_port).to_string()
+    }
+
+    /// From the next [`Etcd::resume`] on, TLS with client certificates required (a mesh
+    /// moving from etcd:// to etcds:// keeps its data).
+    pub fn require_tls(&mut self, tls: EtcdTls) {
+        self.tls = Some(tls);
     }
 
     /// Kills the server (like a crash) and waits for it to exit; the data stays.
@@ -72,7 +108,8 @@ impl Etcd {
         if self.child.is_some() {
             return Ok(());
         }
-        let client = format!("http://{}", SocketAddr::new(self.ip, self.client_port));
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}", SocketAddr::new(self.ip, self.client_port));
         let peer = format!("http://{}", SocketAddr::new(self.ip, self.peer_port));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -83,6 +120,16 @@ impl Etcd {
             Some(ns) => crate::tools::in_netns(ns, "etcd"),
             None => crate::tools::command("etcd"),
         };
+        if let Some(tls) = &self.tls {
+            let d = &tls.server_dir;
+            cmd.arg("--cert-file")
+                .arg(d.join("server.pem"))
+                .arg("--key-file")
+                .arg(d.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(d.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
         let child = cmd
             .args(["--name", "hms-test"])
             .arg("--data-dir")
@@ -131,6 +178,21 @@ impl Etcd {
 
     /// GET /health over plain HTTP/1.0 (etcd answers `{"health":"true"}` once it has a leader).
     fn healthy(&self) -> bool {
+        if let (Some(ns), Some(tls)) = (&self.netns, &self.tls) {
+            let url = format!("https://{}/health", self.endpoint());
+            let [ca, cert, key] = client_files(&tls.client_dir);
+            return crate::tools::in_netns(ns, "curl")
+                .args(["-s", "--max-time", "1"])
+                .arg("--cacert")
+                .arg(ca)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key)
+                .arg(&url)
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""));
+        }
         if let Some(ns) = &self.netns {
             let url = format!("http://{}/health", self.endpoint());
             return crate::tools::in_netns(ns, "curl")
@@ -257,10 +319,34 @@ impl Drop for Partition {
 
 /// Runs `etcdctl` (v3 API) against `etcd` with `args`; its stdout, or an error with stderr.
 pub fn etcdctl(etcd: &Etcd, args: &[&str]) -> anyhow::Result<String> {
-    let out = crate::tools::command("etcdctl")
-        .env("ETCDCTL_API", "3")
+    etcdctl_as(etcd, None, args)
+}
+
+/// Like [`etcdctl`] with the etcd client credential in `credential` (a host's
+/// `<state-dir>/etcd/`: what whoever holds that host's files can do), or none at all.
+pub fn etcdctl_as(
+    etcd: &Etcd,
+    credential: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let mut cmd = match &etcd.netns {
+        Some(ns) => crate::tools::in_netns(ns, "etcdctl"),
+        None => crate::tools::command("etcdctl"),
+    };
+    let scheme = if etcd.tls.is_some() { "https" } else { "http" };
+    cmd.env("ETCDCTL_API", "3")
         .arg("--endpoints")
-        .arg(etcd.endpoint())
+        .arg(format!("{scheme}://{}", etcd.endpoint()))
+        .args(["--dial-timeout", "2s", "--command-timeout", "3s"]);
+    if let Some(tls) = &etcd.tls {
+        // Without a credential of its own, etcdctl still verifies the server.
+        cmd.arg("--cacert").arg(tls.server_dir.join("ca.pem"));
+    }
+    if let Some(dir) = credential {
+        let [_, cert, key] = client_files(dir);
+        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    let out = cmd
         .args(args)
         .output()
         .context("running etcdctl; run `cargo xtask setup` (it installs etcd-client)")?;

@@ -1,5 +1,9 @@
-//! A three-host mesh for tests: network namespaces on one bridge (`netns`), a real etcd on
-//! host A, an agent per host in its own cgroup; A holds the CA, B and C join with tokens.
+//! A three-host mesh for tests, set up as the README tells an operator to: network namespaces
+//! on one bridge (`netns`); on host A `hms-node-agent init-mesh` makes the CA and etcd's
+//! certificates, then a real etcd runs with TLS and client certificates required, and A's
+//! agent (etcd's `root`, the operator) turns on etcd's access control; B and C join with
+//! tokens from A written to files. Services are placed (`hms-ctl place` on A) before a host
+//! deploys them.
 //! Plus a recording HTTP backend that runs inside a host's namespace and a raw packet
 //! capture of a host's link.
 
@@ -78,6 +82,8 @@ impl Drop for Backend {
 
 pub struct Mesh {
     pub agents: Vec<TestAgent>,
+    /// What `hms-ctl place` on A was last told, per service (so `deploy` adds a host).
+    placed: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     pub cgs: Vec<TestCgroup>,
     pub etcd: Etcd,
     pub net: TestNet,
@@ -98,49 +104,82 @@ impl Mesh {
     }
 
     fn on(net: TestNet) -> Mesh {
-        let etcd = Etcd::start_in(&net.hosts[0].netns, net.hosts[0].addr).expect("etcd");
-        let registry = format!("etcd://{}", etcd.endpoint());
+        let dir = tempfile::tempdir().unwrap();
         let mut cgs = Vec::new();
         let mut agents: Vec<TestAgent> = Vec::new();
+        let mut etcd: Option<Etcd> = None;
+        let mut registry = String::new();
         for (i, name) in NAMES.iter().enumerate() {
             let cg = TestCgroup::new(&format!("mh-{name}")).unwrap();
             let mut args = vec![
-                "--registry".to_string(),
-                registry.clone(),
-                "--inbound".into(),
+                "--inbound".to_string(),
                 std::net::SocketAddr::new(net.hosts[i].addr, 15008).to_string(),
                 "--node-name".into(),
                 name.to_string(),
             ];
             if i > 0 {
-                let out = agents[0].ctl(&["node", "token", "create", "--node", name]);
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                args.extend(["--join-token".into(), token]);
+                let token = dir.path().join(format!("{name}.token"));
+                let out = agents[0].ctl(&[
+                    "node",
+                    "token",
+                    "create",
+                    "--node",
+                    name,
+                    "--out",
+                    token.to_str().unwrap(),
+                ]);
+                assert!(out.status.success(), "{}", text(&out));
+                args.extend(["--join-token-file".into(), token.display().to_string()]);
             }
-            let agent = TestAgent::start_with(cg.path(), Some(&net.hosts[i].netns), args)
+            let mut agent = TestAgent::unstarted(cg.path(), Some(&net.hosts[i].netns), args)
                 .unwrap_or_else(|e| panic!("agent on {name}: {e:#}"));
             if i == 0 {
-                let out = agent.ctl(&["ca", "init", "--trust-domain", TRUST_DOMAIN]);
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                // The first host: CA and etcd certificates, then etcd, as the README says.
+                let state = agent.state_dir();
+                let out = crate::tools::workspace_binary(crate::bins::path("hms-node-agent"))
+                    .args([
+                        "init-mesh",
+                        "--trust-domain",
+                        TRUST_DOMAIN,
+                        "--node-name",
+                        name,
+                    ])
+                    .arg("--etcd-address")
+                    .arg(net.hosts[0].addr.to_string())
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "init-mesh: {}", text(&out));
+                let e = Etcd::start_tls_in(
+                    &net.hosts[0].netns,
+                    net.hosts[0].addr,
+                    crate::etcd::EtcdTls {
+                        server_dir: state.join("etcd-server"),
+                        client_dir: state.join("etcd"),
+                    },
+                )
+                .expect("etcd with TLS");
+                registry = format!("etcds://{}", e.endpoint());
+                etcd = Some(e);
             }
+            agent
+                .extra_args
+                .extend(["--registry".into(), registry.clone()]);
+            agent
+                .launch()
+                .unwrap_or_else(|e| panic!("agent on {name}: {e:#}"));
             agents.push(agent);
             cgs.push(cg);
         }
+        let etcd = etcd.expect("started with host A");
         let mesh = Mesh {
             agents,
+            placed: Default::default(),
             cgs,
             etcd,
             net,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
         };
         // Every host has its certificate and sees the other two.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -178,8 +217,41 @@ impl Mesh {
             .unwrap()
     }
 
+    /// Places the service of `yaml` on `host` too (`hms-ctl place` on A, the operator), then
+    /// deploys it there.
     pub fn deploy(&self, host: usize, yaml: &str) {
-        self.agents[host].deploy_yaml(yaml).unwrap();
+        let name = yaml
+            .lines()
+            .find_map(|l| l.strip_prefix("name:"))
+            .map(|n| n.trim().to_string())
+            .expect("a spec with a name");
+        self.place(&name, host);
+        self.agents[host]
+            .deploy_yaml(yaml)
+            .unwrap_or_else(|e| panic!("deploy {name} on {}: {e:#}", NAMES[host]));
+    }
+
+    /// Adds `host` to the hosts `service` may run on.
+    pub fn place(&self, service: &str, host: usize) {
+        let mut placed = self.placed.lock().unwrap();
+        let hosts = placed.entry(service.to_string()).or_default();
+        if !hosts.iter().any(|h| h == NAMES[host]) {
+            hosts.push(NAMES[host].to_string());
+        }
+        let on = hosts.join(",");
+        let out = self.agents[0].ctl(&["place", service, "--on", &on]);
+        assert!(
+            out.status.success(),
+            "place {service} --on {on}: {}",
+            text(&out)
+        );
+    }
+
+    /// etcdctl with host `i`'s registry credential (what root on that host holds), or with
+    /// none.
+    pub fn etcdctl_as(&self, host: Option<usize>, args: &[&str]) -> anyhow::Result<String> {
+        let dir = host.map(|i| self.agents[i].state_dir().join("etcd"));
+        crate::etcd::etcdctl_as(&self.etcd, dir.as_deref(), args)
     }
 }
 

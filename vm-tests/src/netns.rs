@@ -43,15 +43,21 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl TestNet {
     /// `n` hosts with addresses 10.98.0.1 .. 10.98.0.n/24.
     pub fn new(n: usize) -> anyhow::Result<TestNet> {
-        Self::build(n, false)
+        Self::build(n, false, [10, 98, 0])
+    }
+
+    /// `n` hosts with addresses A.B.C.1 .. A.B.C.n/24 (e.g. the README's 10.0.0.x; the
+    /// namespaces are isolated, so any subnet is private to the test).
+    pub fn on_subnet(n: usize, subnet: [u8; 3]) -> anyhow::Result<TestNet> {
+        Self::build(n, false, subnet)
     }
 
     /// `n` hosts with addresses fd98::1 .. fd98::n/64 and no IPv4 on their links.
     pub fn ipv6_only(n: usize) -> anyhow::Result<TestNet> {
-        Self::build(n, true)
+        Self::build(n, true, [10, 98, 0])
     }
 
-    fn build(n: usize, ipv6: bool) -> anyhow::Result<TestNet> {
+    fn build(n: usize, ipv6: bool, subnet: [u8; 3]) -> anyhow::Result<TestNet> {
         let tag = format!("hms{}x{}", std::process::id() % 100_000, ports::unique());
         let switch = format!("{tag}-sw");
         let mut net = TestNet {
@@ -67,7 +73,7 @@ impl TestNet {
             let addr = if ipv6 {
                 IpAddr::V6(Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, i as u16))
             } else {
-                IpAddr::V4(Ipv4Addr::new(10, 98, 0, i as u8))
+                IpAddr::V4(Ipv4Addr::new(subnet[0], subnet[1], subnet[2], i as u8))
             };
             net.hosts.push(TestHost {
                 netns: netns.clone(),

@@ -344,16 +344,21 @@ fn install_is_idempotent_and_uninstall_leaves_nothing() {
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     agent_ok(&["install", "--root", r, "--node-name", "node-t"]);
     assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o644);
+    let token_file = root.path().join("token");
+    std::fs::write(&token_file, "hms2.secret\n").unwrap();
     agent_ok(&[
         "install",
         "--root",
         r,
         "--node-name",
         "node-t",
-        "--join-token",
-        "hms1.secret",
+        "--join-token-file",
+        token_file.to_str().unwrap(),
         "--force",
     ]);
+    let config = std::fs::read_to_string(root.path().join("etc/hms/agent.yaml")).unwrap();
+    assert!(config.contains("hms2.secret"), "{config}");
+    std::fs::remove_file(&token_file).unwrap();
     assert_eq!(mode(&root.path().join("etc/hms/agent.yaml")), 0o600);
     agent_ok(&["uninstall", "--root", r, "--purge"]);
 

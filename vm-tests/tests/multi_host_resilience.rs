@@ -161,11 +161,24 @@ fn a_connection_to_15008_without_a_valid_certificate_is_refused() {
     let host_a = SpiffeId::node(TRUST_DOMAIN, "host-a").unwrap();
     let now = SystemTime::now();
 
-    // The positive control: a new node certificate properly issued by the real CA, used
-    // through the identity module's own dialer config (which also checks that A is host-a).
-    let (csr, key) = node_key_and_csr(&dir("valid"), TRUST_DOMAIN, "host-x");
-    let issued = real_ca.sign_node_csr_at(&csr, "host-x", DAY, now).unwrap();
+    // The positive control: a new node certificate properly issued by the real CA for a
+    // member (host-c), used through the identity module's own dialer config (which also
+    // checks that A is host-a).
+    let (csr, key) = node_key_and_csr(&dir("valid"), TRUST_DOMAIN, "host-c");
+    let issued = real_ca.sign_node_csr_at(&csr, "host-c", DAY, now).unwrap();
     let valid = TlsIdentity::new(
+        SpiffeId::node(TRUST_DOMAIN, "host-c").unwrap(),
+        certified(&issued.chain_pem, &key),
+        &bundle,
+    )
+    .unwrap()
+    .client_config(&host_a)
+    .unwrap();
+    // Properly issued by the real CA, but for a name that is not a member of the mesh (a
+    // removed host, or one the CA never admitted).
+    let (csr, key) = node_key_and_csr(&dir("stranger"), TRUST_DOMAIN, "host-x");
+    let issued = real_ca.sign_node_csr_at(&csr, "host-x", DAY, now).unwrap();
+    let stranger = TlsIdentity::new(
         SpiffeId::node(TRUST_DOMAIN, "host-x").unwrap(),
         certified(&issued.chain_pem, &key),
         &bundle,
@@ -198,15 +211,24 @@ fn a_connection_to_15008_without_a_valid_certificate_is_refused() {
         hms_node_agent::identity::bootstrap_local(&dir("other"), "other.mesh", "host-x").unwrap();
 
     let cases: Vec<(&str, Arc<ClientConfig>, bool)> = vec![
-        ("valid: issued by the real CA for node host-x", valid, true),
         (
-            "control: signed with the real root's key, SPIFFE ID spiffe://test.mesh/node/host-y",
+            "valid: issued by the real CA for member host-c",
+            valid,
+            true,
+        ),
+        (
+            "control: signed with the real root's key, SPIFFE ID spiffe://test.mesh/node/host-b",
             hand_made_config(Some(signed_by_real_root(
                 &ca_dir,
                 current_root,
-                "spiffe://test.mesh/node/host-y",
+                "spiffe://test.mesh/node/host-b",
             ))),
             true,
+        ),
+        (
+            "issued by the real CA for host-x, which is not a member",
+            stranger,
+            false,
         ),
         ("no client certificate", hand_made_config(None), false),
         (
@@ -312,6 +334,8 @@ fn etcd_stopped_for_30_s_services_keep_working_and_a_deploy_after_it_returns_is_
     let mut m = Mesh::new();
     let _orders = Backend::start(&m.net, 0, "orders-svc", 7300, m.dir.path());
     m.deploy(0, "name: orders-svc\nport: 7300\n");
+    // Placing is the operator's act on A; B deploys (after the outage) what was placed on it.
+    m.place("ledger-svc", 1);
     wait_for_instances(&m, 2, "orders-svc", 1);
     // Warm up (the backend may still be starting).
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -488,7 +488,17 @@ fn two_hosts(
         },
     )?;
     agent_a.ctl(&["ca", "init", "--trust-domain", "bench.mesh"])?;
-    let token = agent_a.ctl(&["node", "token", "create", "--node", "bench-b"])?;
+    let token_file = work.join("bench-b.token");
+    let _ = std::fs::remove_file(&token_file);
+    agent_a.ctl(&[
+        "node",
+        "token",
+        "create",
+        "--node",
+        "bench-b",
+        "--out",
+        &token_file.display().to_string(),
+    ])?;
     let agent_b = Agent::start(
         bins,
         AgentSpec {
@@ -504,8 +514,8 @@ fn two_hosts(
                 format!("{}:15008", bench_env::HOST_B),
                 "--node-name".into(),
                 "bench-b".into(),
-                "--join-token".into(),
-                token.trim().to_owned(),
+                "--join-token-file".into(),
+                token_file.display().to_string(),
             ],
             inside_cgroup: false,
         },

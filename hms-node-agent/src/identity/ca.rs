@@ -576,7 +576,7 @@ pub(crate) fn renewal_message(csr_pem: &str) -> Vec<u8> {
 }
 
 /// 128 random bits, positive (top bit clear) as RFC 5280 asks.
-fn random_serial() -> Result<SerialNumber> {
+pub(crate) fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; SERIAL_BYTES];
     SystemRandom::new()
         .fill(&mut bytes)

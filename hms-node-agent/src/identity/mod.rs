@@ -36,7 +36,9 @@
 //!    time they are published, so no handshake fails during a rotation.
 
 mod ca;
+pub mod etcd_ca;
 mod files;
+pub mod join_ticket;
 mod node;
 mod spiffe;
 #[cfg(any(test, feature = "test-support"))]

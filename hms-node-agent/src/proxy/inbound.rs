@@ -53,6 +53,11 @@ impl InboundPolicy for MeshInbound {
         Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     }
 
+    fn peer_allowed(&self, peer: &crate::identity::SpiffeId) -> bool {
+        peer.node_name()
+            .is_some_and(|n| self.store.snapshot().is_member(n))
+    }
+
     fn on_flow(&self, flow: &InboundFlow) {
         tracing::debug!(
             peer = %flow.request.peer_node, caller = %flow.request.caller,

@@ -17,7 +17,7 @@ use anyhow::bail;
 use tokio::sync::watch;
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{CredentialFiles, EtcdOptions, EtcdStore, RemovedNode};
 // The registry's vocabulary, for users of the trait that do not depend on hms-ctl.
 pub use hms_ctl::api::{DeployResult, Instance, NodeInfo, RegistryHealth, ServiceInfo};
 pub use hms_ctl::spec::{ServiceSpec, parse as parse_spec};
@@ -60,6 +60,42 @@ pub trait Store: Send + Sync {
     /// its lease runs out; the services themselves stay. The store serves no more writes.
     fn leave(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+    /// Operator acts (`etcd/operator.rs`): with a secured etcd only the CA host's connection
+    /// (etcd's `root`) may make them. Sets the hosts that may run `service`.
+    fn place(&self, service: &str, hosts: BTreeSet<String>) -> anyhow::Result<BTreeSet<String>> {
+        let _ = (service, hosts);
+        bail!("placement is for a multi-host mesh (--registry etcds://HOST:PORT)")
+    }
+    /// Records a host the CA admitted (and gives it its registry role); refuses a name that
+    /// is already a member.
+    fn admit(&self, node: &str) -> anyhow::Result<()> {
+        let _ = node;
+        Ok(())
+    }
+    /// Whether `node` is a member, read from the registry itself.
+    fn is_member(&self, node: &str) -> anyhow::Result<bool> {
+        let _ = node;
+        Ok(false)
+    }
+    /// Takes a host out of the mesh (`hms-ctl node remove`).
+    fn remove_node(&self, node: &str) -> anyhow::Result<RemovedNode> {
+        let _ = node;
+        bail!("removing hosts is for a multi-host mesh (--registry etcds://HOST:PORT)")
+    }
+    /// Lets a join token's bootstrap credential post `node`'s join request.
+    fn allow_join(&self, node: &str) -> anyhow::Result<()> {
+        let _ = node;
+        Ok(())
+    }
+    /// Ends a join token's bootstrap credential (the host joined, or the token is gone).
+    fn end_join(&self, node: &str) -> anyhow::Result<()> {
+        let _ = node;
+        Ok(())
+    }
+    /// Nodes whose bootstrap credential still exists.
+    fn pending_joins(&self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
     }
     /// The current state, cheap to take on every connection or query.
     fn snapshot(&self) -> Arc<Snapshot>;
@@ -108,6 +144,11 @@ pub struct Snapshot {
     blobs: Arc<Blobs>,
     /// Which hosts the operator lets run each service (etcd only; see [`Snapshot::placed_on`]).
     placement: Arc<Placement>,
+    /// Hosts the CA admitted (etcd only); a removed host leaves this set.
+    members: Arc<BTreeSet<String>>,
+    /// Whether the registry itself enforces who writes what (etcd with TLS client
+    /// certificates and roles): only then are placement and membership the operator's word.
+    secured: bool,
     revision: u64,
 }
 
@@ -144,6 +185,12 @@ impl Snapshot {
 
     pub fn with_placement(mut self, placement: Arc<Placement>) -> Snapshot {
         self.placement = placement;
+        self
+    }
+
+    pub fn with_members(mut self, members: Arc<BTreeSet<String>>, secured: bool) -> Snapshot {
+        self.members = members;
+        self.secured = secured;
         self
     }
 
@@ -206,6 +253,23 @@ impl Snapshot {
         self.placement
             .get(service)
             .is_some_and(|hosts| hosts.contains(node))
+    }
+
+    /// Whether host `node` may hold a tunnel to this one. With a secured registry only the
+    /// CA's members may (a removed host is refused at once); without one, every host whose
+    /// certificate verifies (the registry cannot tell an admitted host from a forged record).
+    pub fn is_member(&self, node: &str) -> bool {
+        !self.secured || self.members.contains(node)
+    }
+
+    /// The CA's members, in name order.
+    pub fn members(&self) -> impl Iterator<Item = &String> {
+        self.members.iter()
+    }
+
+    /// See [`Snapshot::is_member`].
+    pub fn secured(&self) -> bool {
+        self.secured
     }
 
     /// The registry revision this snapshot reflects.

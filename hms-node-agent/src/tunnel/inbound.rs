@@ -230,8 +230,23 @@ impl<P: InboundPolicy> InboundServer<P> {
             Ok(id) => id,
             Err(e) => return self.refuse_handshake(from, &e.to_string()),
         };
+        if !self.policy.peer_allowed(&peer_node) {
+            return self
+                .refuse_handshake(from, &format!("{peer_node} is not a member of the mesh"));
+        }
         let _open = Gauge::up(&self.stats.connections_open);
         tracing::debug!(%from, peer = %peer_node, "inbound: peer connected");
+        let this = self.clone();
+        let watched = peer_node.clone();
+        // A host removed from the mesh loses its open tunnels (spliced streams included).
+        let revoked = async move {
+            loop {
+                tokio::time::sleep(super::MEMBERSHIP_CHECK).await;
+                if !this.policy.peer_allowed(&watched) {
+                    return watched;
+                }
+            }
+        };
 
         let peer = Arc::new((peer_node, from));
         let this = self.clone();
@@ -258,6 +273,10 @@ impl<P: InboundPolicy> InboundServer<P> {
             _ = drain.signaled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            peer = revoked => {
+                tracing::warn!(%from, %peer, "inbound: closing the connection of a host that is no longer a member");
+                return;
             }
         };
         if let Err(e) = result {

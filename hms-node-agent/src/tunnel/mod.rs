@@ -260,7 +260,17 @@ pub trait InboundPolicy: Send + Sync + 'static {
     /// Called once per stream that reached [`authorize`](Self::authorize), when it ends.
     /// Must not block: it runs on the data path.
     fn on_flow(&self, _flow: &InboundFlow) {}
+
+    /// Whether the verified peer may hold a connection at all: checked at the handshake and
+    /// every [`MEMBERSHIP_CHECK`] after, so a host removed from the mesh loses its open
+    /// tunnels too (its certificate stays valid until it expires). Must not block.
+    fn peer_allowed(&self, _peer: &crate::identity::SpiffeId) -> bool {
+        true
+    }
 }
+
+/// How often an open inbound connection's peer is checked against the membership.
+pub const MEMBERSHIP_CHECK: Duration = Duration::from_millis(500);
 
 /// `retry-after` in whole seconds, rounded up, at least 1.
 fn retry_after_secs(after: Duration) -> u64 {

@@ -7,6 +7,14 @@
 //! | `instances/<service>/<node>` | JSON `{addrs}`: where `node` runs `service` | `node`'s |
 //! | `nodes/<node>` | JSON [`NodeInfo`](hms_ctl::api::NodeInfo) | `node`'s |
 //! | `blobs/<key>` | raw bytes (CA exchange) | none |
+//! | `placement/<service>` | JSON `{hosts, vip}`: the hosts the operator lets run it | none |
+//! | `members/<node>` | JSON `{joined_unix}`: a host the CA admitted | none |
+//!
+//! The layout is what etcd's role-based access needs (see `access.rs`): every key a host
+//! may write is one key a role can name (`nodes/<node>`, `instances/<service>/<node>`,
+//! `services/<service>` of a service placed on it, `blobs/ca/renew/<node>`), and what only
+//! the operator may write (`placement/`, `members/`, `vips/`, `blobs/ca/bundle`,
+//! `blobs/ca/issued/`) is never inside a host's grant. Hosts read the whole prefix.
 //!
 //! Parsing never fails loudly: a key this version does not know is ignored, so a newer agent
 //! can add kinds of keys without breaking older ones.
@@ -22,6 +30,8 @@ const VIPS: &str = "vips/";
 const INSTANCES: &str = "instances/";
 const NODES: &str = "nodes/";
 const BLOBS: &str = "blobs/";
+const PLACEMENT: &str = "placement/";
+const MEMBERS: &str = "members/";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
@@ -30,6 +40,8 @@ pub enum Key {
     Instances { service: String, node: String },
     Node(String),
     Blob(String),
+    Placement(String),
+    Member(String),
 }
 
 impl Key {
@@ -40,6 +52,8 @@ impl Key {
             Key::Instances { service, node } => format!("{prefix}{INSTANCES}{service}/{node}"),
             Key::Node(name) => format!("{prefix}{NODES}{name}"),
             Key::Blob(key) => format!("{prefix}{BLOBS}{key}"),
+            Key::Placement(service) => format!("{prefix}{PLACEMENT}{service}"),
+            Key::Member(node) => format!("{prefix}{MEMBERS}{node}"),
         }
     }
 
@@ -66,6 +80,12 @@ impl Key {
         }
         if let Some(key) = rest.strip_prefix(BLOBS) {
             return (!key.is_empty()).then(|| Key::Blob(key.to_string()));
+        }
+        if let Some(name) = rest.strip_prefix(PLACEMENT) {
+            return non_empty(name).map(Key::Placement);
+        }
+        if let Some(name) = rest.strip_prefix(MEMBERS) {
+            return non_empty(name).map(Key::Member);
         }
         None
     }
@@ -103,6 +123,13 @@ pub fn validate_node_name(name: &str) -> anyhow::Result<()> {
             "`{name}` cannot be a node name in the registry; use up to 253 printable characters without `/` (--node-name)"
         );
     }
+    // A node's name is also its etcd user (the CN of its client certificate): `root` is
+    // etcd's administrator and `hms-` names are the mesh's own users (join credentials).
+    if name == "root" || name.starts_with("hms-") {
+        bail!(
+            "`{name}` is reserved in the registry (`root` and names starting with `hms-` are etcd users of the mesh itself); choose another --node-name"
+        );
+    }
     Ok(())
 }
 
@@ -123,6 +150,8 @@ mod tests {
             },
             Key::Node("host-a".into()),
             Key::Blob("ca/root.pem".into()),
+            Key::Placement("payments-svc".into()),
+            Key::Member("host-a".into()),
         ];
         for k in keys {
             let raw = k.encode(P);
@@ -172,7 +201,7 @@ mod tests {
         assert_eq!(normalize_prefix("/hms/v1"), "/hms/v1/");
         assert_eq!(normalize_prefix("/hms/v1/"), "/hms/v1/");
         validate_node_name("host-a.example").unwrap();
-        for bad in ["", "a/b", "a b", &"x".repeat(254)] {
+        for bad in ["", "a/b", "a b", &"x".repeat(254), "root", "hms-join-a"] {
             assert!(validate_node_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -15,7 +15,9 @@
 //!
 //! Write methods return once this store's own snapshot shows the change (read your writes).
 
+mod access;
 mod keys;
+mod operator;
 mod view;
 
 use std::collections::{BTreeMap, HashSet};
@@ -26,17 +28,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use hms_ctl::api::{DeployResult, NodeInfo, RegistryHealth, ServiceInfo};
 use hms_ctl::spec::ServiceSpec;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Snapshot, Store, local_addrs, validate_blob_key, vip};
+use super::{Snapshot, Store, local_addrs, validate_blob_key};
 use crate::config::Ipv4Cidr;
-pub use keys::{DEFAULT_PREFIX, Key};
+pub use crate::identity::etcd_ca::CredentialFiles;
+pub use keys::{DEFAULT_PREFIX, Key, validate_node_name};
+pub use operator::RemovedNode;
 use view::{InstanceRecord, ServiceRecord, View};
 
 /// How often a write retries after losing a race with another host before giving up.
@@ -61,6 +65,13 @@ pub struct EtcdOptions {
     pub request_timeout: Duration,
     /// Upper bound on the wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// TLS with this client credential (`etcds://`): etcd then knows who writes, and its
+    /// roles limit each host to its own records (see `access.rs`). None: plaintext, where
+    /// anyone who reaches etcd can write anything (development only).
+    pub tls: Option<CredentialFiles>,
+    /// This connection is the operator's (the CA host, etcd's `root` user): it places
+    /// services, admits and removes hosts and keeps the roles that enforce both.
+    pub operator: bool,
 }
 
 impl EtcdOptions {
@@ -73,8 +84,41 @@ impl EtcdOptions {
             lease_ttl: Duration::from_secs(10),
             request_timeout: Duration::from_secs(3),
             max_backoff: Duration::from_secs(1),
+            tls: None,
+            operator: false,
         }
     }
+}
+
+/// A client of `endpoints` (plaintext, or TLS with a client credential).
+pub(crate) async fn connect_client(
+    endpoints: &[String],
+    tls: Option<(&str, &str, &str)>,
+    timeout: Duration,
+) -> anyhow::Result<Client> {
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(2), timeout)
+        .with_keep_alive_while_idle(true);
+    let scheme = if tls.is_some() { "https://" } else { "http://" };
+    let urls: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let bare = e
+                .trim_start_matches("http://")
+                .trim_start_matches("https://");
+            format!("{scheme}{bare}")
+        })
+        .collect();
+    if let Some((ca, cert, key)) = tls {
+        connect = connect.with_tls(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key)),
+        );
+    }
+    within(timeout, Client::connect(&urls, Some(connect))).await
 }
 
 pub struct EtcdStore {
@@ -116,20 +160,34 @@ impl EtcdStore {
         let mut opts = opts;
         opts.prefix = keys::normalize_prefix(&opts.prefix);
         let where_ = opts.endpoints.join(",");
-        let connect = ConnectOptions::new()
-            .with_connect_timeout(opts.request_timeout)
-            .with_timeout(opts.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), opts.request_timeout)
-            .with_keep_alive_while_idle(true);
-        let client = within(
+        let creds = match &opts.tls {
+            Some(files) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read_to_string(p).with_context(|| {
+                        format!("reading this host's etcd credential {}", p.display())
+                    })
+                };
+                Some((read(&files.ca)?, read(&files.cert)?, read(&files.key)?))
+            }
+            None => None,
+        };
+        let client = connect_client(
+            &opts.endpoints,
+            creds
+                .as_ref()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
             opts.request_timeout,
-            Client::connect(&opts.endpoints, Some(connect)),
         )
         .await
         .with_context(|| format!("connecting to etcd at {where_}"))?;
+        if opts.operator && opts.tls.is_some() {
+            access::bootstrap(&client, &opts.prefix, opts.request_timeout)
+                .await
+                .with_context(|| format!("turning on etcd's access control at {where_}"))?;
+        }
         let shared = Arc::new(Shared {
             client,
-            view: Mutex::new(View::new(&opts.prefix)),
+            view: Mutex::new(View::new(&opts.prefix, opts.tls.is_some())),
             snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
             applied: watch::Sender::new(0),
             status: Mutex::new(Status::default()),
@@ -144,6 +202,11 @@ impl EtcdStore {
             .adopt_own_keys()
             .await
             .with_context(|| format!("reading this host's keys from etcd at {where_}"))?;
+        if shared.opts.operator && shared.opts.tls.is_some() {
+            shared.migrate_unplaced().await.with_context(|| {
+                format!("placing services deployed before placement existed (etcd at {where_})")
+            })?;
+        }
         {
             let mut lease = shared.lease.lock().await;
             shared
@@ -223,6 +286,55 @@ impl Store for EtcdStore {
         self.block_on(self.leave_now())
     }
 
+    fn place(
+        &self,
+        service: &str,
+        hosts: std::collections::BTreeSet<String>,
+    ) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        self.block_on(self.shared.place(service, hosts))
+    }
+
+    fn admit(&self, node: &str) -> anyhow::Result<()> {
+        self.block_on(self.shared.admit(node))
+    }
+
+    fn is_member(&self, node: &str) -> anyhow::Result<bool> {
+        self.block_on(self.shared.is_member(node))
+    }
+
+    fn remove_node(&self, node: &str) -> anyhow::Result<RemovedNode> {
+        self.block_on(self.shared.remove_node(node))
+    }
+
+    fn allow_join(&self, node: &str) -> anyhow::Result<()> {
+        if self.shared.opts.tls.is_none() {
+            return Ok(());
+        }
+        let s = &self.shared;
+        self.block_on(access::add_join_user(
+            &s.client,
+            s.prefix(),
+            node,
+            s.timeout(),
+        ))
+    }
+
+    fn end_join(&self, node: &str) -> anyhow::Result<()> {
+        if self.shared.opts.tls.is_none() {
+            return Ok(());
+        }
+        let s = &self.shared;
+        self.block_on(access::remove_join_user(&s.client, node, s.timeout()))
+    }
+
+    fn pending_joins(&self) -> anyhow::Result<Vec<String>> {
+        if self.shared.opts.tls.is_none() {
+            return Ok(Vec::new());
+        }
+        let s = &self.shared;
+        self.block_on(access::join_users(&s.client, s.timeout()))
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.shared.snapshot.borrow().clone()
     }
@@ -260,6 +372,17 @@ async fn within<T>(
     match tokio::time::timeout(limit, f).await {
         Ok(r) => r.map_err(anyhow::Error::from),
         Err(_) => bail!("etcd did not answer within {limit:?}"),
+    }
+}
+
+/// etcd's "permission denied" becomes what the operator can do about it.
+fn explain_denied(e: anyhow::Error, service: &str, node: &str) -> anyhow::Error {
+    if format!("{e:#}").contains("permission denied") {
+        e.context(format!(
+            "etcd refused this host's write for `{service}`: it is not placed on {node}; on the CA host run `hms-ctl place {service} --on {node}`"
+        ))
+    } else {
+        e
     }
 }
 
@@ -739,56 +862,45 @@ impl Shared {
         let inst_val = serde_json::to_vec(&InstanceRecord {
             addrs: local_addrs(&spec),
         })?;
+        // The VIP is the placement's (claimed when the service was first placed), so a host
+        // never needs to write VIP claims.
+        let vip = self.placed_vip(&name, node).await?;
         let range = self.opts.vip_range;
+        if !range.contains(vip) {
+            bail!(
+                "`{name}` already has VIP {vip} outside this agent's --vip-cidr {range}; every host must use the same --vip-cidr"
+            );
+        }
+        let vip_key = self.key(Key::Vip(vip));
         let mut lease = self.lease.lock().await;
-        let mut lost_vips = HashSet::new();
         for _ in 0..MAX_TXN_ATTEMPTS {
             let existing = self.get_record(&name).await?;
             let replaced = existing.is_some();
-            let (txn_compare, vip, claim) = match existing {
-                Some((rec, mod_rev)) => {
-                    if !range.contains(rec.vip) {
-                        bail!(
-                            "`{name}` already has VIP {} outside this agent's --vip-cidr {range}; every host must use the same --vip-cidr",
-                            rec.vip
-                        );
-                    }
-                    (
-                        vec![Compare::mod_revision(
-                            svc_key.clone(),
-                            CompareOp::Equal,
-                            mod_rev,
-                        )],
-                        rec.vip,
-                        None,
-                    )
-                }
-                None => {
-                    let mut taken = self.taken_vips().await?;
-                    taken.extend(lost_vips.iter().copied());
-                    let vip = vip::allocate(range, &name, &taken).with_context(|| {
-                        format!(
-                            "no free VIP left in {range}; undeploy something or widen --vip-cidr"
-                        )
-                    })?;
-                    let vip_key = self.key(Key::Vip(vip));
-                    (
-                        vec![
-                            Compare::create_revision(svc_key.clone(), CompareOp::Equal, 0),
-                            Compare::create_revision(vip_key.clone(), CompareOp::Equal, 0),
-                        ],
-                        vip,
-                        Some(vip_key),
-                    )
-                }
+            let txn_compare = match existing {
+                Some((_, mod_rev)) => vec![Compare::mod_revision(
+                    svc_key.clone(),
+                    CompareOp::Equal,
+                    mod_rev,
+                )],
+                None => vec![Compare::create_revision(
+                    svc_key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )],
             };
+            let mut txn_compare = txn_compare;
+            txn_compare.push(Compare::value(
+                vip_key.clone(),
+                CompareOp::Equal,
+                name.as_bytes(),
+            ));
             let record = serde_json::to_vec(&ServiceRecord {
                 spec: spec.clone(),
                 vip,
             })?;
             let resp = self
                 .txn_with_lease(&mut lease, &mut |id| {
-                    let mut ops = vec![
+                    let ops = vec![
                         TxnOp::put(svc_key.clone(), record.clone(), None),
                         TxnOp::put(
                             inst_key.clone(),
@@ -796,15 +908,12 @@ impl Shared {
                             Some(PutOptions::new().with_lease(id)),
                         ),
                     ];
-                    if let Some(vip_key) = &claim {
-                        ops.push(TxnOp::put(vip_key.clone(), name.clone(), None));
-                    }
                     Ok(Txn::new().when(txn_compare.clone()).and_then(ops))
                 })
-                .await?;
+                .await
+                .map_err(|e| explain_denied(e, &name, node))?;
             if !resp.succeeded() {
-                // Another host changed the record or took the VIP first: look again.
-                lost_vips.insert(vip);
+                // Another host changed the record meanwhile: look again.
                 continue;
             }
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -866,27 +975,58 @@ impl Shared {
 
     async fn undeploy(&self, name: &str) -> anyhow::Result<bool> {
         let svc_key = self.key(Key::Service(name.to_string()));
+        // A host of a secured registry removes the spec and its own instances; the VIP and
+        // placement stay the operator's (a later deploy gets the same VIP). The operator, or
+        // anyone without TLS, removes everything.
+        let whole = !self.opts.tls.is_some() || self.opts.operator;
         for _ in 0..MAX_TXN_ATTEMPTS {
             let Some((rec, mod_rev)) = self.get_record(name).await? else {
                 return Ok(false);
             };
+            let mut ops = vec![TxnOp::delete(svc_key.clone(), None)];
+            if whole {
+                ops.extend([
+                    TxnOp::delete(self.key(Key::Vip(rec.vip)), None),
+                    TxnOp::delete(self.key(Key::Placement(name.to_string())), None),
+                    TxnOp::delete(
+                        keys::instances_of(self.prefix(), name),
+                        Some(DeleteOptions::new().with_prefix()),
+                    ),
+                ]);
+            } else {
+                ops.push(TxnOp::delete(
+                    self.key(Key::Instances {
+                        service: name.to_string(),
+                        node: self.opts.node.clone(),
+                    }),
+                    None,
+                ));
+            }
+            let placed = self.get_placement(name).await?.map(|(r, _)| r.hosts);
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     svc_key.clone(),
                     CompareOp::Equal,
                     mod_rev,
                 )])
-                .and_then([
-                    TxnOp::delete(svc_key.clone(), None),
-                    TxnOp::delete(self.key(Key::Vip(rec.vip)), None),
-                    TxnOp::delete(
-                        keys::instances_of(self.prefix(), name),
-                        Some(DeleteOptions::new().with_prefix()),
-                    ),
-                ]);
-            let resp = within(self.timeout(), self.client.kv_client().txn(txn)).await?;
+                .and_then(ops);
+            let resp = within(self.timeout(), self.client.kv_client().txn(txn))
+                .await
+                .map_err(|e| explain_denied(e, name, &self.opts.node))?;
             if !resp.succeeded() {
                 continue;
+            }
+            if whole && self.opts.tls.is_some() {
+                for host in placed.unwrap_or_default() {
+                    access::revoke_service(
+                        &self.client,
+                        self.prefix(),
+                        &host,
+                        name,
+                        self.timeout(),
+                    )
+                    .await?;
+                }
             }
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             self.forget_instances_of(&[(name.to_string(), revision + 1)]);
