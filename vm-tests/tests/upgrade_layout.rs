@@ -409,3 +409,58 @@ fn cleanup_removes_both_sets_of_an_interrupted_upgrade() {
         text.trim()
     );
 }
+
+/// A crash half way through retiring: the release's connect/sendmsg links are gone, its
+/// other hooks and its maps are still there. The restarted agent finishes the job.
+#[test]
+fn a_crash_half_way_through_retiring_is_finished_by_the_next_start() {
+    let Some(old) = old_agent() else { return };
+    let installed = Installed::with(&old);
+    let cg = TestCgroup::new("layout-half").unwrap();
+    let mut agent = TestAgent::start_binary(cg.path(), installed.path.clone(), false).unwrap();
+    let backend = Backend::start("audit-svc", 0).unwrap();
+    agent.deploy("audit-svc", backend.addr.port()).unwrap();
+    installed.replace_with(&new_agent());
+    let release_pid = agent.pid().unwrap();
+    upgrade(&agent);
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(5));
+    while std::fs::read_to_string(format!("/proc/{release_pid}/stat"))
+        .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the release did not exit\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Creators go 1 s after the hand-over, the rest 5 s after them: wait for the first.
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    while agent.pin_dir.join("link_connect4").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "connect4 never detached\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        agent.pin_dir.join("link_sock_ops").exists(),
+        "half way: {:?}",
+        pin_dir_entries(&agent.pin_dir)
+    );
+    agent.kill9().unwrap();
+    let attached = cgroup_programs(&cg).len();
+    assert!(
+        attached > HOOKS_PER_SET && attached < 2 * HOOKS_PER_SET,
+        "half retired at the crash: {attached} programs"
+    );
+
+    agent.start_again().unwrap();
+    wait_for_retirement(&agent);
+    assert_one_generation(&cg, &agent);
+    curl_ok(&cg, &agent, "http://audit-svc.svc/after-crash");
+    eprintln!(
+        "MEASURED: SIGKILL half way through retiring ({attached} programs attached), restart: one generation, calls served"
+    );
+}
