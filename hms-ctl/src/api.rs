@@ -363,6 +363,17 @@ pub struct IdentityInfo {
     pub trust_bundle_roots: usize,
     /// What the host still needs before it can talk to other hosts.
     pub waiting_for: Option<String>,
+    /// `sha256:<hex>` of each root this host trusts.
+    #[serde(default)]
+    pub root_fingerprints: Vec<String>,
+    /// Distinct trust bundles from the registry this host refused (a root no trusted root
+    /// vouched for) since it started.
+    #[serde(default)]
+    pub trust_bundle_refused_total: u64,
+    /// Set when the mesh's trust bundle no longer trusts this host's certificate: why, and
+    /// what to do (re-join).
+    #[serde(default)]
+    pub trust_problem: Option<String>,
 }
 
 /// Another host as this one sees it.

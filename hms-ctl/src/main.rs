@@ -766,6 +766,18 @@ fn print_status(s: &AgentStatus) {
                 .unwrap_or_default()
         ),
     }
+    if !id.root_fingerprints.is_empty() {
+        say!("  roots:     {}", id.root_fingerprints.join(", "));
+    }
+    if id.trust_bundle_refused_total > 0 {
+        say!(
+            "  REFUSED {} trust bundle(s) from the registry with a root no trusted root vouched for (see the agent's log): someone who can write the registry tried to add a root",
+            id.trust_bundle_refused_total
+        );
+    }
+    if let Some(p) = &id.trust_problem {
+        say!("  TRUST CHAIN BROKEN: {p}");
+    }
     if let Some(h) = &s.registry_health {
         say!(
             "registry:    {} {} (revision {}){}",

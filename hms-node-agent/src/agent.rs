@@ -202,6 +202,7 @@ pub async fn run(
         dns.clone(),
         tap.clone(),
         redirector.clone(),
+        identity.clone(),
     )));
 
     let mut tasks = tokio::task::JoinSet::new();

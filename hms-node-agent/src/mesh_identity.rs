@@ -18,14 +18,21 @@
 //!    `ca/renew/<node>`, signed with its current key; the CA host answers in
 //!    `ca/issued/<node>`. Open connections are never cut: TLS configs pick up the new
 //!    certificate and bundle for new handshakes.
-//! 5. `hms-ctl ca rotate` adds a new root (published bundle trusts both); every host renews
-//!    onto it; once every registered host did, the old root is retired and the one-root
-//!    bundle published.
+//! 5. `hms-ctl ca rotate` adds a new root (published bundle trusts both, and carries the new
+//!    root's cross-certificate signed by the old one); every host renews onto it; once every
+//!    registered host did, the old root is retired and the one-root bundle published.
+//!
+//! A bundle in the registry (`ca/bundle`, or the one inside `ca/issued/<node>`) is never
+//! believed on its own: a host installs it only if the roots it already trusts vouch for
+//! every root in it ([`TrustBundle::admits`]); the CA host trusts only the roots it made.
+//! A refused bundle is logged once and counted (`hms_identity_trust_bundle_refused_total`,
+//! `hms-ctl status`); a host the mesh's bundle no longer trusts says so and how to re-join.
 //!
 //! On a single host with the embedded registry the agent makes its own CA in its state dir.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -36,13 +43,16 @@ use tokio::sync::Mutex;
 use crate::identity::etcd_ca::{EtcdCa, join_user};
 use crate::identity::join_ticket::{EtcdBootstrap, JoinTicket, cert_sha256};
 use crate::identity::{
-    CA_DIR, CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest, TlsIdentity,
-    TrustBundle,
+    BundleRefused, CA_DIR, CertificateAuthority, IssuedCertificate, NodeIdentity, RenewalRequest,
+    TlsIdentity, TrustBundle,
 };
 use crate::join::JoinMessage;
 use crate::registry::Store;
 
-const BUNDLE: &str = "ca/bundle";
+/// The registry blob holding the mesh's trust bundle (JSON [`TrustBundle`]), written by the
+/// CA host only. Every reference to it goes through this constant.
+pub const TRUST_BUNDLE_KEY: &str = "ca/bundle";
+const BUNDLE: &str = TRUST_BUNDLE_KEY;
 const DEFAULT_TRUST_DOMAIN: &str = "hms.local";
 /// Node certificates live this long (renewed at half-life).
 pub const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -73,6 +83,12 @@ struct Inner {
     ca_ready: bool,
     /// When the CA host last ended the bootstrap credentials of hosts that joined.
     joins_swept: Option<std::time::Instant>,
+    /// Digests of registry values whose bundle was refused (each is logged and counted once).
+    refused: HashSet<u64>,
+    /// Roots this CA retired while running (the registry may still show them a moment).
+    retired_roots: HashSet<String>,
+    /// Why this host's certificate is not trusted by the mesh's bundle, with what to do.
+    trust_problem: Option<String>,
 }
 
 pub struct MeshIdentity {
@@ -82,6 +98,10 @@ pub struct MeshIdentity {
     trust_domain: Option<String>,
     inner: Mutex<Inner>,
     tls: RwLock<Option<TlsIdentity>>,
+    /// Distinct trust bundles from the registry this host refused.
+    bundles_refused: AtomicU64,
+    /// Whether the mesh's bundle no longer trusts this host's certificate.
+    trust_broken: AtomicBool,
 }
 
 /// For `hms-ctl status`.
@@ -92,6 +112,12 @@ pub struct IdentitySummary {
     pub holds_ca: bool,
     pub trust_bundle_roots: usize,
     pub waiting_for: Option<String>,
+    /// `sha256:<hex>` of each trusted root.
+    pub root_fingerprints: Vec<String>,
+    /// Distinct trust bundles from the registry refused since start.
+    pub trust_bundle_refused_total: u64,
+    /// The mesh's bundle does not trust this host's certificate: why, and what to do.
+    pub trust_problem: Option<String>,
 }
 
 fn digest(bytes: &[u8]) -> u64 {
@@ -131,8 +157,13 @@ impl MeshIdentity {
                 renewed_for_bundle: None,
                 ca_ready: single_host,
                 joins_swept: None,
+                refused: HashSet::new(),
+                retired_roots: HashSet::new(),
+                trust_problem: None,
             }),
             tls: RwLock::new(None),
+            bundles_refused: AtomicU64::new(0),
+            trust_broken: AtomicBool::new(false),
         };
         {
             let mut inner = this.inner.try_lock().expect("fresh mutex");
@@ -202,6 +233,14 @@ impl MeshIdentity {
             cert_not_after_unix: inner.node.as_ref().and_then(|n| n.not_after()).map(unix),
             holds_ca: inner.ca.is_some(),
             trust_bundle_roots: status.map(|s| s.trust_bundle_roots).unwrap_or(0),
+            root_fingerprints: inner
+                .node
+                .as_ref()
+                .and_then(|n| n.trust_bundle())
+                .map(TrustBundle::root_fingerprints)
+                .unwrap_or_default(),
+            trust_bundle_refused_total: self.trust_bundles_refused(),
+            trust_problem: inner.trust_problem.clone(),
             waiting_for: if self.tls().is_some() {
                 None
             } else if inner.node.is_none() {
@@ -210,6 +249,60 @@ impl MeshIdentity {
                 Some("a certificate from the CA host (is the CA host's agent running?)".into())
             },
         }
+    }
+
+    /// Distinct trust bundles from the registry refused since start (for `/metrics`).
+    pub fn trust_bundles_refused(&self) -> u64 {
+        self.bundles_refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether the mesh's bundle no longer trusts this host's certificate (for `/metrics`).
+    pub fn trust_chain_broken(&self) -> bool {
+        self.trust_broken.load(Ordering::Relaxed)
+    }
+
+    /// Logs and counts a refused bundle, once per distinct registry value.
+    fn refuse(&self, seen: &mut HashSet<u64>, value: &[u8], source: &str, why: &BundleRefused) {
+        if !seen.insert(digest(value)) {
+            return;
+        }
+        self.bundles_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            root = %why.root_fingerprint,
+            source,
+            "refused a trust bundle from the registry: {}; this host keeps the roots it trusts. \
+             Only `hms-ctl ca rotate` on the CA host adds a root (with a cross-certificate by \
+             the current one): whoever wrote this bundle can write the registry",
+            why.reason
+        );
+    }
+
+    /// Records whether `mesh` (the registry's bundle) still trusts this host's certificate.
+    fn check_chain(&self, inner: &mut Inner, mesh: &TrustBundle, now: SystemTime) {
+        let Some(node) = inner.node.as_ref() else {
+            return;
+        };
+        let problem = node.verify_certificate_against(mesh, now).err().map(|e| {
+            format!(
+                "the mesh's trust bundle (roots {}) does not trust this host's certificate ({e}): \
+                 it missed a CA rotation while away, or the registry's bundle was replaced. \
+                 Calls to and from other hosts fail until it re-joins: on the CA host run \
+                 `hms-ctl node remove {name}` and `hms-ctl node token create --node {name} \
+                 --out FILE`, copy FILE here, then stop this agent, remove {}, and start it \
+                 again with --join-token-file FILE",
+                mesh.root_fingerprints().join(", "),
+                self.state_dir.join(crate::identity::IDENTITY_DIR).display(),
+                name = self.node_name,
+            )
+        });
+        if problem.is_some() && problem != inner.trust_problem {
+            tracing::error!("{}", problem.as_deref().unwrap_or_default());
+        } else if problem.is_none() && inner.trust_problem.is_some() {
+            tracing::info!("the mesh's trust bundle trusts this host's certificate again");
+        }
+        self.trust_broken
+            .store(problem.is_some(), Ordering::Relaxed);
+        inner.trust_problem = problem;
     }
 
     async fn blocking<T: Send + 'static>(
@@ -362,6 +455,120 @@ impl MeshIdentity {
         }
     }
 
+    /// Installs the bundles the registry offers (`ca/bundle`, and the one that comes with a
+    /// certificate in `ca/issued/<us>`) only as far as this host's trusted roots vouch for
+    /// them; the CA host trusts its own roots alone.
+    fn install_trusted_bundles(
+        &self,
+        inner: &mut Inner,
+        snapshot: &crate::registry::Snapshot,
+        now: SystemTime,
+    ) -> anyhow::Result<()> {
+        let Inner {
+            node,
+            ca,
+            refused,
+            retired_roots,
+            ..
+        } = &mut *inner;
+        let Some(node) = node.as_mut() else {
+            return Ok(());
+        };
+        let published = snapshot.blob(BUNDLE);
+        let parsed = published.map(|b| serde_json::from_slice::<TrustBundle>(b));
+        if let (Some(raw), Some(Err(e))) = (published, &parsed) {
+            let why = BundleRefused {
+                root_fingerprint: String::new(),
+                reason: format!("it is not a trust bundle: {e}"),
+            };
+            self.refuse(refused, raw, BUNDLE, &why);
+        }
+        let mesh = parsed.and_then(Result::ok);
+
+        if let Some(ca) = ca.as_ref() {
+            // The CA host: its node trusts exactly the CA's roots, never the registry's.
+            let own = ca.trust_bundle();
+            if node.trust_bundle().map(TrustBundle::fingerprint) != Some(own.fingerprint())
+                && node.not_after().is_some()
+            {
+                node.install_trust_bundle(&own)?;
+            }
+            if let (Some(raw), Some(b)) = (published, mesh.as_ref())
+                && b.fingerprint() != own.fingerprint()
+            {
+                let mine = own.root_fingerprints();
+                let foreign = b
+                    .root_fingerprints()
+                    .into_iter()
+                    .find(|f| !mine.contains(f) && !retired_roots.contains(f));
+                let why = if b.trust_domain() != own.trust_domain() {
+                    Some(BundleRefused {
+                        root_fingerprint: b
+                            .root_fingerprints()
+                            .first()
+                            .cloned()
+                            .unwrap_or_default(),
+                        reason: format!(
+                            "it is for trust domain {:?}, this CA serves {:?}",
+                            b.trust_domain(),
+                            own.trust_domain()
+                        ),
+                    })
+                } else {
+                    foreign.map(|f| BundleRefused {
+                        root_fingerprint: f,
+                        reason: "this CA host did not make that root".into(),
+                    })
+                };
+                if let Some(why) = why {
+                    self.refuse(refused, raw, BUNDLE, &why);
+                }
+            }
+            return Ok(());
+        }
+
+        if node.not_after().is_none() {
+            return Ok(());
+        }
+        if let (Some(raw), Some(b), Some(trusted)) =
+            (published, mesh.as_ref(), node.trust_bundle().cloned())
+            && b.fingerprint() != trusted.fingerprint()
+        {
+            match trusted.admits(b, now) {
+                Ok(()) if node.verify_certificate_against(b, now).is_ok() => {
+                    node.install_trust_bundle(b)?;
+                    tracing::info!(
+                        roots = b.len(),
+                        fingerprints = %b.root_fingerprints().join(","),
+                        "installed the mesh's trust bundle (every root vouched for)"
+                    );
+                }
+                // Vouched for, but it no longer trusts our certificate: keep ours;
+                // check_chain below says what to do.
+                Ok(()) => {}
+                Err(why) => self.refuse(refused, raw, BUNDLE, &why),
+            }
+        }
+        // A certificate addressed to us that we do not have yet: its bundle passes the same
+        // test before `install_issued` may install it (the lead's join flow pins the first
+        // one). One we installed already is not judged again: its bundle is older than ours.
+        let key = issued_key(&self.node_name);
+        let current = node.status().certificate.map(|c| c.serial);
+        if let Some(raw) = snapshot.blob(&key)
+            && let Ok(issued) = serde_json::from_slice::<IssuedCertificate>(raw)
+            && current.as_deref() != Some(issued.serial.as_str())
+            && issued.not_after > now
+            && let Some(trusted) = node.trust_bundle()
+            && let Err(why) = trusted.admits(&issued.trust_bundle, now)
+        {
+            self.refuse(refused, raw, &key, &why);
+        }
+        if let Some(b) = mesh.as_ref() {
+            self.check_chain(inner, b, now);
+        }
+        Ok(())
+    }
+
     async fn step(&self) -> anyhow::Result<()> {
         let snapshot = self.store.snapshot();
         let mut inner = self.inner.lock().await;
@@ -512,8 +719,13 @@ impl MeshIdentity {
                 if p.is_empty() && installed {
                     inner.rotation_pending = None;
                     let ca = inner.ca.as_mut().expect("checked above");
+                    let before = ca.trust_bundle().root_fingerprints();
                     ca.retire_old()?;
                     let bundle = ca.trust_bundle();
+                    let kept = bundle.root_fingerprints();
+                    inner
+                        .retired_roots
+                        .extend(before.into_iter().filter(|f| !kept.contains(f)));
                     tracing::info!("CA rotation done: old root retired");
                     let bytes = serde_json::to_vec(&bundle)?;
                     self.blocking(move |s| s.put_blob(BUNDLE, &bytes)).await?;
@@ -521,21 +733,20 @@ impl MeshIdentity {
             }
         }
 
-        let Some(node) = inner.node.as_mut() else {
+        if inner.node.is_none() {
             return Ok(());
-        };
-        // The bundle in the registry is the truth: install it when it changed.
-        if let Some(b) = snapshot.blob(BUNDLE)
-            && let Ok(bundle) = serde_json::from_slice::<TrustBundle>(b)
-            && node.trust_bundle().map(|t| t.fingerprint()) != Some(bundle.fingerprint())
-            && node.not_after().is_some()
-        {
-            node.install_trust_bundle(&bundle)?;
-            tracing::info!(roots = bundle.len(), "installed the mesh's trust bundle");
         }
-        // A certificate addressed to us that we do not have yet.
+        self.install_trusted_bundles(&mut inner, &snapshot, now)?;
+        let holds_ca = inner.ca.is_some();
+        let node = inner.node.as_mut().expect("checked above");
+        // A certificate addressed to us that we do not have yet (never on the CA host, which
+        // signs its own; never with a bundle our roots do not vouch for).
         if let Some(b) = snapshot.blob(&issued_key(&self.node_name))
+            && !holds_ca
             && let Ok(issued) = serde_json::from_slice::<IssuedCertificate>(b)
+            && node
+                .trust_bundle()
+                .is_none_or(|t| t.admits(&issued.trust_bundle, now).is_ok())
         {
             let current = node.status().certificate.map(|c| c.serial);
             if current.as_deref() != Some(issued.serial.as_str()) && issued.not_after > now {

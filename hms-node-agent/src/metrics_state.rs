@@ -22,8 +22,24 @@ pub fn collector(
     dns: Arc<DnsResponder>,
     tap: Arc<TapHub>,
     redirector: Arc<crate::redirect::Redirector>,
+    identity: Arc<crate::mesh_identity::MeshIdentity>,
 ) -> StateCollector {
     let mut readings: Vec<ReadingSpec> = Vec::new();
+    let id = identity.clone();
+    readings.push(ReadingSpec {
+        name: "identity_trust_bundle_refused".into(),
+        help: "Distinct trust bundles from the registry this host refused: a root that no root it trusts vouched for with a cross-certificate".into(),
+        counter: true,
+        labels: vec![],
+        read: Box::new(move || id.trust_bundles_refused()),
+    });
+    readings.push(ReadingSpec {
+        name: "identity_trust_chain_broken".into(),
+        help: "1 when the mesh's trust bundle no longer trusts this host's certificate (it must re-join; see hms-ctl status)".into(),
+        counter: false,
+        labels: vec![],
+        read: Box::new(move || u64::from(identity.trust_chain_broken())),
+    });
     readings.push(ReadingSpec {
         name: "ringbuf_records_lost".into(),
         help: "Kernel flow records dropped because the ring buffer was full".into(),

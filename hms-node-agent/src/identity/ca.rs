@@ -16,6 +16,7 @@
 //! | `ca.json` | 0644 | trust domain, active root ids, the current one |
 //! | `root-<id>.key` | 0600 | a root's private key (PKCS#8 PEM) |
 //! | `root-<id>.pem` | 0644 | a root's certificate |
+//! | `root-<id>.cross.pem` | 0644 | for a root made by rotation: its cross-certificate, signed by the root current before it (see `trust.rs`) |
 //! | `bundle.pem` | 0644 | all active roots, for operators and `openssl verify` |
 //! | `join-tokens.json` | 0600 | hashed join tokens (see `token.rs`) |
 
@@ -55,9 +56,15 @@ const SERIAL_BYTES: usize = 16;
 /// [`fingerprint`](Self::fingerprint)s to see whether a node has the latest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustBundle {
-    trust_domain: String,
+    pub(super) trust_domain: String,
     /// One PEM `CERTIFICATE` per active root, oldest first.
-    roots_pem: Vec<String>,
+    pub(super) roots_pem: Vec<String>,
+    /// Cross-certificates (PEM): for a root added by a rotation, its subject and key issued
+    /// and signed by the root that was current before it. They are never trust anchors and
+    /// never in a TLS chain; they only let a host that trusts the old root accept the new one
+    /// ([`TrustBundle::admits`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) cross_signed_pem: Vec<String>,
 }
 
 impl TrustBundle {
@@ -67,9 +74,18 @@ impl TrustBundle {
         let bundle = Self {
             trust_domain: trust_domain.to_owned(),
             roots_pem,
+            cross_signed_pem: Vec::new(),
         };
         bundle.validate()?;
         Ok(bundle)
+    }
+
+    /// The same bundle carrying these cross-certificates (PEM), each checked to be a CA
+    /// certificate. Whether they endorse anything is decided by [`admits`](Self::admits).
+    pub fn with_cross_signed(mut self, cross_signed_pem: Vec<String>) -> Result<Self> {
+        self.cross_signed_pem = cross_signed_pem;
+        self.validate()?;
+        Ok(self)
     }
 
     /// Builds a bundle from one PEM text holding all roots (as in `bundle.pem`).
@@ -81,13 +97,13 @@ impl TrustBundle {
         )
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(super) fn validate(&self) -> Result<()> {
         if self.roots_pem.is_empty() {
             return Err(IdentityError::BadBundle(
                 "it has no root certificate".into(),
             ));
         }
-        for pem in &self.roots_pem {
+        for pem in self.roots_pem.iter().chain(&self.cross_signed_pem) {
             let ders = x509::certs_from_pem(pem).map_err(IdentityError::BadBundle)?;
             for der in ders {
                 let info = x509::parse(&der).map_err(IdentityError::BadBundle)?;
@@ -185,6 +201,8 @@ struct CaStateFile {
 struct Root {
     id: u32,
     cert_pem: String,
+    /// Its cross-certificate by the root current before it (roots made by rotation).
+    cross_pem: Option<String>,
     info: CertInfo,
     issuer: Issuer<'static, KeyPair>,
 }
@@ -274,9 +292,16 @@ impl CertificateAuthority {
                 return Err(bad(format!("root {id}: key and certificate do not match")));
             }
             let issuer = Issuer::from_ca_cert_der(&der[0], key)?;
+            let cross_path = dir.join(cross_file(id));
+            let cross_pem = if cross_path.exists() {
+                Some(files::read_to_string(&cross_path)?)
+            } else {
+                None
+            };
             roots.push(Root {
                 id,
                 cert_pem,
+                cross_pem,
                 info,
                 issuer,
             });
@@ -309,11 +334,17 @@ impl CertificateAuthority {
         &self.dir
     }
 
-    /// Every active root, oldest first.
+    /// Every active root, oldest first, with the cross-certificates of those made by
+    /// rotation.
     pub fn trust_bundle(&self) -> TrustBundle {
         TrustBundle {
             trust_domain: self.trust_domain.clone(),
             roots_pem: self.roots.iter().map(|r| r.cert_pem.clone()).collect(),
+            cross_signed_pem: self
+                .roots
+                .iter()
+                .filter_map(|r| r.cross_pem.clone())
+                .collect(),
         }
     }
 
@@ -415,8 +446,10 @@ impl CertificateAuthority {
         self.issue(public_key, &id, now, ttl)
     }
 
-    /// `hms-ctl ca rotate`, step 1: adds a new root, which signs from now on; the old roots
-    /// stay in the bundle. Publish the new bundle to every node before re-issuing.
+    /// `hms-ctl ca rotate`, step 1: adds a new root, which signs from now on, and a
+    /// cross-certificate for it signed by the root current until now (what lets every host
+    /// accept it, see `trust.rs`); the old roots stay in the bundle. Publish the new bundle
+    /// to every node before re-issuing.
     pub fn rotate(&mut self) -> Result<RootSummary> {
         self.add_root(SystemTime::now())?;
         self.save_state()?;
@@ -442,6 +475,10 @@ impl CertificateAuthority {
             for file in [format!("root-{}.key", r.id), format!("root-{}.pem", r.id)] {
                 let path = self.dir.join(file);
                 fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            }
+            let cross = self.dir.join(cross_file(r.id));
+            if cross.exists() {
+                fs::remove_file(&cross).map_err(io_err("remove", &cross))?;
             }
         }
         Ok(retired)
@@ -477,6 +514,19 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial()?);
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
+        let info = x509::parse(cert.der()).map_err(IdentityError::BadCertificate)?;
+        // A rotation: the root current until now vouches for the new one with an ordinary
+        // X.509 cross-certificate (same subject and key, issued by the old root).
+        let cross_pem = match self.roots.iter().find(|r| r.id == self.current) {
+            Some(old) => {
+                let mut cross = params.clone();
+                cross.serial_number = Some(random_serial()?);
+                cross.not_after = info.not_after.min(old.info.not_after).into();
+                cross.use_authority_key_identifier_extension = true;
+                Some(cross.signed_by(&key, &old.issuer)?.pem())
+            }
+            None => None,
+        };
         files::write_atomic(
             &self.dir.join(format!("root-{id}.key")),
             key.serialize_pem().as_bytes(),
@@ -487,10 +537,17 @@ impl CertificateAuthority {
             cert_pem.as_bytes(),
             PUBLIC_MODE,
         )?;
-        let info = x509::parse(cert.der()).map_err(IdentityError::BadCertificate)?;
+        if let Some(cross) = &cross_pem {
+            files::write_atomic(
+                &self.dir.join(cross_file(id)),
+                cross.as_bytes(),
+                PUBLIC_MODE,
+            )?;
+        }
         self.roots.push(Root {
             id,
             cert_pem,
+            cross_pem,
             info,
             issuer: Issuer::new(params, key),
         });
@@ -560,6 +617,10 @@ impl CertificateAuthority {
             trust_bundle: self.trust_bundle(),
         })
     }
+}
+
+fn cross_file(root_id: u32) -> String {
+    format!("root-{root_id}.cross.pem")
 }
 
 /// The public key of a CSR whose self-signature verifies. Everything else in it is ignored.

@@ -9,7 +9,8 @@
 //! | file | owns |
 //! | --- | --- |
 //! | `spiffe.rs` | [`SpiffeId`]: parse, format, validate; node IDs `spiffe://DOMAIN/node/NAME` |
-//! | `ca.rs` | [`CertificateAuthority`] on disk under `<state-dir>/ca/`, [`TrustBundle`], CSR signing, rotation |
+//! | `ca.rs` | [`CertificateAuthority`] on disk under `<state-dir>/ca/`, [`TrustBundle`], CSR signing, rotation (with a cross-certificate per new root) |
+//! | `trust.rs` | when a host may move to another bundle ([`TrustBundle::admits`]: new roots only through a cross-certificate by a trusted root), [`root_fingerprint`] and the pinning checks of the join flow |
 //! | `token.rs` | [`JoinTokens`]: hashed, expiring, single-use join tokens |
 //! | `node.rs` | [`NodeIdentity`]: the node's key, CSR, installed certificate, renewal time |
 //! | `tls.rs` | [`TlsIdentity`]: rustls server/client configs that follow renewals and bundle changes live |
@@ -30,7 +31,10 @@
 //!    which checks the request was authenticated by the node's current certificate.
 //!    Established connections keep their session; new handshakes use the new certificate.
 //! 4. **Rotation** (`hms-ctl ca rotate`): [`CertificateAuthority::rotate`] adds a root (new
-//!    issuance uses it, the bundle trusts both), the new bundle is published to every node,
+//!    issuance uses it, the bundle trusts both, and carries a cross-certificate of the new
+//!    root signed by the old one: a node installs the new bundle only if
+//!    [`TrustBundle::admits`] says its trusted roots vouch for every root in it), the new
+//!    bundle is published to every node,
 //!    every node re-issues, then [`CertificateAuthority::retire_old`] drops the old root and
 //!    the smaller bundle is published. Both bundles trust every certificate in use at the
 //!    time they are published, so no handshake fails during a rotation.
@@ -45,6 +49,7 @@ mod spiffe;
 pub mod testing;
 mod tls;
 mod token;
+mod trust;
 mod x509;
 
 use std::path::PathBuf;
@@ -55,6 +60,7 @@ pub use node::{CertificateStatus, IDENTITY_DIR, IdentityStatus, NodeIdentity, Re
 pub use spiffe::{SpiffeId, SpiffeIdError, validate_node_name, validate_trust_domain};
 pub use tls::{ALPN_H2, PeerIdentityRefused, TlsIdentity, peer_spiffe_id, verify_established};
 pub use token::{JoinToken, JoinTokens, TokenError};
+pub use trust::{BundleRefused, root_fingerprint};
 
 /// How long a node certificate lives unless the caller says otherwise.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 60 * 60);

@@ -272,6 +272,16 @@ impl NodeIdentity {
         self.bundle.as_ref()
     }
 
+    /// `Ok` when the installed certificate verifies against `bundle`'s roots at `now`: a
+    /// bundle this fails for would leave the node unable to prove who it is.
+    pub fn verify_certificate_against(&self, bundle: &TrustBundle, now: SystemTime) -> Result<()> {
+        let cert = self.cert.as_ref().ok_or(IdentityError::NotCertified)?;
+        let chain = x509::certs_from_pem(&cert.chain_pem).map_err(IdentityError::BadCertificate)?;
+        super::tls::verify_node_chain(&chain, &bundle.root_store()?, self.id.trust_domain(), now)
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        Ok(())
+    }
+
     /// True without a certificate, and from half-life on.
     pub fn needs_renewal(&self, now: SystemTime) -> bool {
         self.renew_at().is_none_or(|at| now >= at)
