@@ -457,4 +457,14 @@ pub struct RedirectInfo {
     /// True when this agent took over programs pinned by an earlier run.
     pub adopted: bool,
     pub programs: Vec<String>,
+    /// The layout version of this agent's kernel programs and maps; its pin set is
+    /// `pin_dir/layout-<version>`.
+    #[serde(default)]
+    pub layout: String,
+    #[serde(default)]
+    pub pin_set: String,
+    /// Pin sets of other layouts (an upgrade across a layout change) found at start; retired
+    /// (detached, then unpinned) once this agent serves.
+    #[serde(default)]
+    pub older_sets: Vec<String>,
 }

@@ -719,18 +719,30 @@ fn print_status(s: &AgentStatus) {
     say!("dns:         {}", s.listeners.dns);
     say!("admin:       {}", s.listeners.admin_socket);
     say!(
-        "redirect:    cgroup {} (VIPs {}{}), pinned at {}{}",
+        "redirect:    cgroup {} (VIPs {}{}), pinned at {}{}{}",
         s.redirect.cgroup,
         s.redirect.vip_cidr,
         match &s.redirect.vip6_range {
             Some(v6) => format!(" and {v6}"),
             None => ", IPv6 off".to_string(),
         },
-        s.redirect.pin_dir,
+        if s.redirect.pin_set.is_empty() {
+            &s.redirect.pin_dir
+        } else {
+            &s.redirect.pin_set
+        },
         if s.redirect.adopted {
             ", adopted from an earlier run"
         } else {
             ""
+        },
+        if s.redirect.older_sets.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; retiring the older pin set(s) {} (an upgrade across a layout change)",
+                s.redirect.older_sets.join(", ")
+            )
         }
     );
     say!("programs:    {}", s.redirect.programs.join(", "));

@@ -143,6 +143,13 @@ pub async fn run(
             .iter()
             .map(|p| format!("{} ({}, link {})", p.name, p.attach, p.link_id))
             .collect(),
+        layout: described.layout.clone(),
+        pin_set: described.pin_set.display().to_string(),
+        older_sets: described
+            .older_sets
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
     };
 
     let (trigger, drain) = drain::channel();
@@ -214,6 +221,7 @@ pub async fn run(
         drain.clone(),
         caps.metrics.clone(),
     ));
+    let took_over = successor.is_some();
     if let Some(successor) = successor {
         // We serve on the shared listeners now; let the old agent drain and go.
         tokio::task::spawn_blocking(move || successor.confirm()).await??;
@@ -223,9 +231,27 @@ pub async fn run(
         // The ring buffer has one consumer: give the old agent a moment to stop reading.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // An upgrade across a change of the eBPF layout: the older pin set's programs still run
+    // beside ours; they go once the predecessor no longer accepts (it stops on confirm, a
+    // moment after), so every connection they redirected reaches an agent that finds it.
+    redirector.retire_older_sets(if took_over {
+        Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    });
     let flows = redirector
         .flow_reader()
         .context("reading the kernel's flow records")?;
+    // Connections the older pin set's programs redirected report their close there.
+    for older in redirector.older_flow_readers() {
+        tokio::spawn(crate::flow_feed::run(
+            older,
+            outbound.clone(),
+            tap.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ));
+    }
     // The flow feed ends only if the ring buffer fails (or on drain); that must not stop
     // the agent.
     tokio::spawn(crate::flow_feed::run(

@@ -32,6 +32,9 @@ pub struct TestAgent {
     /// Start the agent with this soft and hard `RLIMIT_NOFILE` (systemd's default soft
     /// limit is 1024; the hard one too, so the agent's raise cannot escape the test).
     pub fd_limit: Option<u64>,
+    /// The agent binary to run instead of this build's `target/<profile>/hms-node-agent`
+    /// (an older release, or the "installed" copy an upgrade replaces).
+    pub binary: Option<PathBuf>,
     /// Holds state dir, socket and log; removed on drop.
     dir: tempfile::TempDir,
 }
@@ -40,6 +43,20 @@ impl TestAgent {
     /// Starts an agent attached to `cgroup` and waits until it answers `status`.
     pub fn start(cgroup: &Path) -> anyhow::Result<TestAgent> {
         Self::start_with(cgroup, None, Vec::new())
+    }
+
+    /// Like [`TestAgent::start`] (or [`TestAgent::start_inside`] with `inside_cgroup`),
+    /// running `binary` (e.g. an older release's agent).
+    pub fn start_binary(
+        cgroup: &Path,
+        binary: PathBuf,
+        inside_cgroup: bool,
+    ) -> anyhow::Result<TestAgent> {
+        let mut agent =
+            Self::configure_with(cgroup, None, Vec::new(), inside_cgroup, None, None, false)?;
+        agent.binary = Some(binary);
+        agent.spawn()?;
+        Ok(agent)
     }
 
     /// Like [`TestAgent::start`], with the agent process itself inside `cgroup`.
@@ -137,6 +154,7 @@ impl TestAgent {
             extra_args,
             inside_cgroup,
             fd_limit,
+            binary: None,
             dir,
         };
         if start {
@@ -166,12 +184,16 @@ impl TestAgent {
             .append(true)
             .open(self.log_path())
             .context("agent log")?;
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| bins::path("hms-node-agent"));
         let mut cmd = match &self.netns {
-            Some(ns) => crate::tools::binary_in_netns(ns, bins::path("hms-node-agent")),
+            Some(ns) => crate::tools::binary_in_netns(ns, binary),
             None if self.inside_cgroup => {
-                crate::cgroup::TestCgroup::binary_in(&self.cgroup, bins::path("hms-node-agent"))
+                crate::cgroup::TestCgroup::binary_in(&self.cgroup, binary)
             }
-            None => crate::tools::workspace_binary(bins::path("hms-node-agent")),
+            None => crate::tools::workspace_binary(binary),
         };
         if let Some(limit) = self.fd_limit {
             use std::os::unix::process::CommandExt;
@@ -320,6 +342,16 @@ impl TestAgent {
         self.deploy_yaml(&format!(
             "name: {name}\nport: {port}\npolicy: allow_from_any\n"
         ))
+    }
+
+    /// The pin set (`pin_dir/layout-<version>`) the serving agent uses, from its status.
+    pub fn pin_set(&self) -> PathBuf {
+        let status = self.ctl_json(&["status"]).expect("agent status");
+        PathBuf::from(
+            status["redirect"]["pin_set"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no pin set in status: {status}")),
+        )
     }
 
     /// The pid of the agent serving the admin socket now.

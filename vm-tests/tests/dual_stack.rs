@@ -130,13 +130,15 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
             .clone()
     };
     let before = programs(&agent);
+    // In the agent's own pin set: a set of another layout would be retired, not completed.
+    let set = agent.pin_set();
     agent.stop().unwrap();
     // What an IPv4-only build leaves: its links and maps, none of the IPv6 ones. With the
     // agent stopped the pin is the link's last reference, so unpinning detaches it.
     for name in V6_LINKS.iter().chain(V6_MAPS.iter()) {
-        std::fs::remove_file(agent.pin_dir.join(name)).unwrap();
+        std::fs::remove_file(set.join(name)).unwrap();
     }
-    assert!(agent.pin_dir.join("link_connect4").exists());
+    assert!(set.join("link_connect4").exists());
     // Without connect6 the mapped VIP is plain loopback space: refused, nothing else.
     let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/before"]);
     assert!(!o.status.success(), "{}", text(&o));
@@ -174,7 +176,7 @@ fn an_agent_started_over_pins_without_the_ipv6_hooks_attaches_them_and_cleanup_r
         );
     }
     for name in V6_LINKS.iter().chain(V6_MAPS.iter()) {
-        assert!(agent.pin_dir.join(name).exists(), "{name} pinned again");
+        assert!(set.join(name).exists(), "{name} pinned again");
     }
     let o = python_in(&cg, RAW_GET6, &[&mapped, "80", "0", "/after"]);
     assert_ok(&o, &agent);

@@ -695,7 +695,8 @@ fn when_the_client_closes_first_the_close_record_says_so_and_counts_no_peer_fin(
     assert_eq!(r.ringbuf_drops(), 0);
 }
 
-/// A map pinned by an agent built with other ABI types must be refused with the cleanup hint,
+/// A map of another layout pinned in this build's own pin set (by hand: another build's maps
+/// land in a set of their own, see upgrade_layout.rs) must be refused with the cleanup hint,
 /// not reused (the programs would read and write garbage, the ring buffer reader would map
 /// the wrong size).
 #[test]
@@ -714,10 +715,11 @@ fn a_pinned_flow_map_of_another_size_is_refused_with_the_cleanup_hint() {
     for (name, map_type, key, value, entries) in cases {
         let cg = TestCgroup::new("old-abi").expect("test cgroup");
         let pin = PinDir::new("old-abi");
-        std::fs::create_dir(pin.path()).expect("create pin dir");
+        let set = hms_node_agent::redirect::pin_set_dir(pin.path()).expect("layout version");
+        std::fs::create_dir_all(&set).expect("create pin set dir");
         let output = vm_tests::tools::command("bpftool")
             .args(["map", "create"])
-            .arg(pin.path().join(name))
+            .arg(set.join(name))
             .args([
                 "type", map_type, "key", key, "value", value, "entries", entries, "name", name,
             ])

@@ -223,7 +223,7 @@ fn cleanup_leaves_no_sk_msg_program_or_sockhash() {
     };
     // This agent's sockhash, and the sk_msg program that uses it (other tests' agents have
     // their own).
-    let socks = agent.pin_dir.join("HMS_SOCKS");
+    let socks = agent.pin_set().join("HMS_SOCKS");
     let socks_id = bpftool(&["map", "show", "pinned", socks.to_str().expect("utf-8")])["id"]
         .as_u64()
         .expect("HMS_SOCKS is pinned");

@@ -309,6 +309,25 @@ fn node_remove_ends_the_hosts_registry_access_and_calls_while_others_keep_workin
         "MEASURED: host-c's calls stopped {} ms after `node remove`",
         removed_at.elapsed().as_millis()
     );
+    // Renewals end too: a renewal request for host-c (C itself can no longer write one;
+    // here the operator plants it) is refused by the CA, however it is signed.
+    m.etcdctl_as(
+        Some(0),
+        &["put", &format!("{P}blobs/ca/renew/host-c"), "{}"],
+    )
+    .unwrap();
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(5));
+    while !m.agents[0]
+        .log()
+        .contains("refused a renewal: the host is not a member")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A answered host-c's renewal:\n{}",
+            m.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for _ in 0..10 {
         let c = m.curl(2, &["--max-time", "2", "http://payments-svc.svc/pay"]);
         assert!(!answered(&c), "C reached payments-svc again: {}", text(&c));

@@ -115,6 +115,7 @@ pub const TOOLS: &[Tool] = &[
     deb("zlib.h", File, "/usr/include/zlib.h", "zlib1g-dev", "building bpf-linker (LLVM links zlib)", false),
     deb("libxml2", File, "/usr/include/libxml2/libxml/parser.h", "libxml2-dev", "building bpf-linker (LLVM links libxml2)", false),
     deb("cc", Program, "/usr/bin/gcc", "gcc", "build scripts that compile C (ring)", false),
+    deb("git", Program, "/usr/bin/git", "git", "upgrade_layout test: checks out the older release it upgrades from", false),
     // Build: etcd-client's build script runs protoc, which needs Google's well-known types
     // (descriptor.proto and friends). Debian's libprotobuf-dev ships them beside protoc's own
     // package; a crate that vendors protoc would download a prebuilt binary at build time.

@@ -113,9 +113,13 @@ pub enum DecodeError {
 
 /// Decodes one ring buffer record. `clock` maps the kernel's CLOCK_MONOTONIC to wall time.
 pub fn decode(bytes: &[u8], clock: &MonotonicClock) -> Result<FlowRecord, DecodeError> {
-    if bytes.len() != size_of::<FlowEvent>() {
-        return Err(DecodeError::Size(bytes.len()));
-    }
+    let widened;
+    let bytes = if bytes.len() == size_of::<FlowEvent>() {
+        bytes
+    } else {
+        widened = widen(bytes).ok_or(DecodeError::Size(bytes.len()))?;
+        &widened[..]
+    };
     // SAFETY: the length matches, FlowEvent is plain #[repr(C)] integers valid for any bit
     // pattern, and read_unaligned does not need the slice to be aligned.
     let ev: FlowEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
@@ -194,6 +198,25 @@ impl MonotonicClock {
             self.wall + Duration::from_nanos(monotonic_ns - self.monotonic_ns)
         }
     }
+}
+
+/// A record of an older layout (an older pin set's ring buffer, read while it is retired) in
+/// today's: only `OrigDst` ever grew (fields appended: `uid` + padding), so the bytes before
+/// its end stay where they are, the fields after it move up, and the new ones read 0.
+fn widen(bytes: &[u8]) -> Option<[u8; size_of::<FlowEvent>()]> {
+    const ORIG: usize = std::mem::offset_of!(FlowEvent, orig);
+    const AFTER_ORIG: usize = std::mem::offset_of!(FlowEvent, bytes_acked);
+    const TAIL: usize = size_of::<FlowEvent>() - AFTER_ORIG;
+    // The oldest OrigDst (before `uid`).
+    const ORIG_MIN: usize = 48;
+    let orig_len = bytes.len().checked_sub(ORIG + TAIL)?;
+    if !(ORIG_MIN..AFTER_ORIG - ORIG).contains(&orig_len) {
+        return None;
+    }
+    let mut out = [0u8; size_of::<FlowEvent>()];
+    out[..ORIG + orig_len].copy_from_slice(&bytes[..ORIG + orig_len]);
+    out[AFTER_ORIG..].copy_from_slice(&bytes[ORIG + orig_len..]);
+    Some(out)
 }
 
 /// The one consumer of `HMS_FLOW_EVENTS` (a ring buffer has a single consumer position, so
@@ -366,6 +389,29 @@ mod tests {
             )
         }
         .to_vec()
+    }
+
+    #[test]
+    fn a_record_of_the_layout_before_the_uid_decodes_with_uid_0() {
+        let clock = MonotonicClock::now();
+        let now = bytes(&event(FLOW_CLOSE));
+        let expected = decode(&now, &clock).expect("decodes");
+        // 120 bytes: OrigDst was 48 (no uid + padding), the fields after it 8 bytes earlier.
+        let orig = std::mem::offset_of!(FlowEvent, orig);
+        let after = std::mem::offset_of!(FlowEvent, bytes_acked);
+        let mut old = now[..orig + 48].to_vec();
+        old.extend_from_slice(&now[after..]);
+        assert_eq!(old.len(), 120);
+        let got = decode(&old, &clock).expect("an older record decodes");
+        assert_eq!(got.kind, expected.kind);
+        assert_eq!(got.original_dst, expected.original_dst);
+        assert_eq!(got.bytes_acked, expected.bytes_acked);
+        assert_eq!(got.total_retrans, expected.total_retrans);
+        assert_eq!(got.pid, expected.pid);
+        assert!(matches!(
+            decode(&old[..100], &clock),
+            Err(DecodeError::Size(100))
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! cgroup and pin its link, or adopt a link a previous agent pinned.
 //!
 //! Owns the decision "attach or adopt" per hook and the eBPF log drain. Must never attach a
-//! hook that is already attached from this pin dir (that would run every redirect twice), and
+//! hook that is already attached from this pin set (that would run every redirect twice), and
 //! never adopt a link that points at a different cgroup than the one asked for.
 
 use std::{
@@ -34,6 +34,11 @@ use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
 
 /// The kernel programs, built by build.rs from `hms-ebpf` for this very agent version.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hms-ebpf"));
+
+/// The embedded object, for `layout` to derive the pin set's version from.
+pub(crate) fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
 
 /// `aya_log_common::Level` values: what `AYA_LOG_LEVEL` in the object compares against.
 const EBPF_LOG_INFO: u8 = 3;

@@ -2,12 +2,18 @@
 //! them pinned across agent restarts, and answer "where did this caller really want to go?".
 //!
 //! Owns the pinned links and maps under one pin dir and the config record the programs read.
-//! Must never attach the same hook twice from one pin dir, never touch another agent's pin
-//! dir or cgroup (several agents run side by side), and never detach anything on drop:
-//! redirection outlives the agent process by design; only [`cleanup`] removes it.
+//! Must never attach the same hook twice from one pin set (a second set, of another layout,
+//! is attached beside an older one only for an upgrade, which retires the older one), never
+//! touch another agent's pin dir or cgroup (several agents run side by side), and never
+//! detach its own set on drop: redirection outlives the agent process by design; only
+//! [`cleanup`] removes it.
 //!
+//! - `layout`: this build's layout version (a digest of its maps and programs), which names
+//!   the pin set it uses.
+//! - `generation`: the pin sets in a pin dir, lookups in an older set's maps, retiring it
+//!   after an upgrade.
 //! - `loader`: load, attach or adopt, eBPF logs.
-//! - `pin`: the pin dir layout, raw link queries, `cleanup`.
+//! - `pin`: the files of a pin set, raw link and map queries, `cleanup`.
 //! - `sockdiag`: socket cookie of a UDP client from its 4-tuple.
 //! - `liveness`: the heartbeat that tells the hooks the agent is alive, and the agent's
 //!   network namespace cookie (sockets of other namespaces are left alone).
@@ -17,6 +23,8 @@
 //!   hooks fails on this host instead of leaving it.
 
 pub mod flows;
+mod generation;
+mod layout;
 mod liveness;
 mod loader;
 mod local_route;
@@ -27,7 +35,7 @@ mod sockdiag;
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, bail};
@@ -43,12 +51,23 @@ use serde::{Deserialize, Serialize};
 pub use flows::{EndedBy, FlowKind, FlowReader, FlowRecord};
 pub use pin::{CleanupReport, cleanup};
 
+/// This build's layout version: its pin set is `<pin dir>/layout-<version>` (see `layout`).
+pub fn layout_version() -> anyhow::Result<&'static str> {
+    layout::current()
+}
+
+/// The pin set this build uses under `pin_dir`.
+pub fn pin_set_dir(pin_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    Ok(generation::set_dir(pin_dir, layout::current()?))
+}
+
 /// What to redirect and where to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedirectOptions {
     /// cgroup v2 directory whose processes (and descendants) are redirected.
     pub cgroup: PathBuf,
-    /// Directory on bpffs for this agent's links and maps, e.g. `/sys/fs/bpf/hms`.
+    /// Directory on bpffs for this agent's links and maps, e.g. `/sys/fs/bpf/hms`; they go in
+    /// its `layout-<version>/` subdirectory.
     pub pin_dir: PathBuf,
     /// VIP range: TCP connects into it go to `outbound`.
     pub vip_net: Ipv4Addr,
@@ -93,8 +112,15 @@ pub struct Redirector {
     sk_msg_stats: Mutex<PerCpuArray<MapData, u64>>,
     /// `HMS_SOCKS` and `HMS_BYPASS_PENDING`, for [`Redirector::settle_instance_leg`].
     instance_leg: Option<Mutex<InstanceLeg>>,
+    /// Pin sets of other layouts found at start (an upgrade): looked up after our own maps
+    /// until [`Redirector::retire_older_sets`] is done with them.
+    older: Arc<Mutex<Vec<Arc<generation::OlderSet>>>>,
     _log_drain: Option<loader::LogDrain>,
 }
+
+/// How long an older set's records stay readable after it was retired: connections its
+/// programs redirected just before are still in the listeners' accept queues.
+const OLDER_SET_RETAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The maps `settle_instance_leg` works on.
 struct InstanceLeg {
@@ -117,6 +143,15 @@ pub struct SkMsgStats {
 pub struct RedirectStatus {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
+    /// This build's layout version (see `layout`), which names its pin set.
+    #[serde(default)]
+    pub layout: String,
+    /// The pin set this agent uses: `pin_dir/layout-<version>`.
+    #[serde(default)]
+    pub pin_set: PathBuf,
+    /// Sets of other layouts found at start, retired once this agent serves.
+    #[serde(default)]
+    pub older_sets: Vec<PathBuf>,
     /// True when every hook was adopted from a previous agent's pins (nothing newly attached).
     pub adopted: bool,
     /// `net/prefix`, e.g. `127.77.0.0/16`.
@@ -187,21 +222,31 @@ impl Redirector {
         });
         let cgroup_id = crate::cgroup::cgroup_id(&opts.cgroup)?;
         loader::prepare_pin_dir(&opts.pin_dir)?;
+        let layout = layout::current()?;
+        let set = generation::set_dir(&opts.pin_dir, layout);
+        loader::prepare_pin_dir(&set)?;
+        let older_dirs = generation::other_sets(&opts.pin_dir, &set)?;
+        if !older_dirs.is_empty() {
+            tracing::info!(
+                layout,
+                older = ?older_dirs,
+                "pin sets of other layouts found: attaching this build's beside them; they \
+                 are retired once this agent serves"
+            );
+        }
         // Links without their maps would leave adopted programs writing to maps we cannot
         // see; that state is only reachable by hand, so ask for a cleanup rather than guess.
-        let any_link = pin::HOOKS
-            .iter()
-            .any(|h| opts.pin_dir.join(h.link_file).exists());
-        let missing_map = pin::MAPS.iter().find(|m| !opts.pin_dir.join(m).exists());
+        let any_link = pin::HOOKS.iter().any(|h| set.join(h.link_file).exists());
+        let missing_map = pin::MAPS.iter().find(|m| !set.join(m).exists());
         if let (true, Some(map)) = (any_link, missing_map) {
             bail!(
                 "pin dir {} has pinned links but no map {map}; run `hms-node-agent cleanup` \
                  (it detaches the old programs) and start again",
-                opts.pin_dir.display()
+                set.display()
             );
         }
-        loader::check_pinned_maps(&opts.pin_dir)?;
-        let mut ebpf = loader::load_object(&opts.pin_dir)?;
+        loader::check_pinned_maps(&set)?;
+        let mut ebpf = loader::load_object(&set)?;
 
         // Config first: a hook attached a moment later already sees the right addresses.
         {
@@ -250,7 +295,7 @@ impl Redirector {
                 &cgroup,
                 &opts.cgroup,
                 cgroup_id,
-                &opts.pin_dir,
+                &set,
             )?);
         }
         let adopted = hooks.iter().all(|h| h.adopted);
@@ -316,6 +361,9 @@ impl Redirector {
         let status = RedirectStatus {
             cgroup: opts.cgroup.clone(),
             pin_dir: opts.pin_dir.clone(),
+            layout: layout.to_string(),
+            pin_set: set.clone(),
+            older_sets: older_dirs.clone(),
             adopted,
             vip_range: format!("{}/{}", opts.vip_net, opts.vip_prefix_len),
             outbound: opts.outbound,
@@ -344,11 +392,16 @@ impl Redirector {
         };
         tracing::info!(
             cgroup = %opts.cgroup.display(),
-            pin_dir = %opts.pin_dir.display(),
+            pin_set = %set.display(),
             adopted,
             sk_msg_bypass,
             "eBPF redirect attached"
         );
+        // After our own links: from here on either set's records are found.
+        let older = older_dirs
+            .iter()
+            .map(|dir| Arc::new(generation::OlderSet::open(dir)))
+            .collect();
         Ok(Redirector {
             status,
             orig_by_cookie: Mutex::new(orig_by_cookie),
@@ -362,8 +415,51 @@ impl Redirector {
             ringbuf_drops: Mutex::new(ringbuf_drops),
             sk_msg_stats: Mutex::new(sk_msg_stats),
             instance_leg,
+            older: Arc::new(Mutex::new(older)),
             _log_drain: log_drain,
         })
+    }
+
+    /// Once this agent serves the listeners (its predecessor stopped accepting): detach the
+    /// older pin sets found at start and unpin them (see `generation::retire`), on a thread
+    /// of its own; their records stay readable for [`OLDER_SET_RETAIN`] after. Returns at
+    /// once. A no-op without older sets. `settle`: how long the predecessor (if any) may still
+    /// be accepting.
+    pub fn retire_older_sets(&self, settle: std::time::Duration) {
+        let sets: Vec<Arc<generation::OlderSet>> =
+            self.older.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if sets.is_empty() {
+            return;
+        }
+        let older = Arc::clone(&self.older);
+        let pin_dir = self.status.pin_dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hms-retire".into())
+            .spawn(move || {
+                std::thread::sleep(settle);
+                let mut all = true;
+                for set in &sets {
+                    if let Err(e) = generation::retire(&set.dir, set.dir == pin_dir) {
+                        all = false;
+                        tracing::error!(
+                            set = %set.dir.display(),
+                            "retiring an older pin set: {e:#}; the next agent start retries, \
+                             or run `hms-node-agent cleanup` with the agent stopped"
+                        );
+                    }
+                }
+                std::thread::sleep(OLDER_SET_RETAIN);
+                if all {
+                    older.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("could not start retiring the older pin sets: {e}");
+        }
+    }
+
+    fn older_sets(&self) -> Vec<Arc<generation::OlderSet>> {
+        self.older.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Original destination of an accepted TCP connection; client = accepted socket's
@@ -393,6 +489,10 @@ impl Redirector {
                 return Some(orig);
             }
         }
+        let older = self.older_sets();
+        if let Some(orig) = older.iter().find_map(|set| set.take_flow4(&key)) {
+            return Some(orig);
+        }
         // sock_ops runs before the proxy can accept() on loopback, so this is only reached if
         // the flow map was full or the client is in another netns; the record may still be
         // under the client's cookie.
@@ -401,7 +501,10 @@ impl Redirector {
             .orig_by_cookie
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let orig = lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE")?;
+        let Some(orig) = lookup(&cookies, &cookie, "HMS_ORIG_BY_COOKIE") else {
+            drop(cookies);
+            return older.iter().find_map(|set| set.take_cookie4(cookie));
+        };
         if let Err(e) = cookies.remove(&cookie) {
             tracing::debug!(error = %e, "removing a taken cookie record");
         }
@@ -428,7 +531,8 @@ impl Redirector {
             }
             found
         };
-        let found = match found {
+        let older = self.older_sets();
+        let found = match found.or_else(|| older.iter().find_map(|set| set.take_flow6(&key))) {
             Some(f) => f,
             None => {
                 let cookie =
@@ -437,11 +541,18 @@ impl Redirector {
                     .orig6_by_cookie
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
-                let found = lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE")?;
-                if let Err(e) = cookies.remove(&cookie) {
-                    tracing::debug!(error = %e, "removing a taken cookie record");
+                match lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE") {
+                    Some(found) => {
+                        if let Err(e) = cookies.remove(&cookie) {
+                            tracing::debug!(error = %e, "removing a taken cookie record");
+                        }
+                        found
+                    }
+                    None => {
+                        drop(cookies);
+                        older.iter().find_map(|set| set.take_cookie6(cookie))?
+                    }
                 }
-                found
             }
         };
         Some(original6(found))
@@ -454,14 +565,22 @@ impl Redirector {
     pub fn udp_orig_dst(&self, client: SocketAddr, responder: SocketAddr) -> Option<Original> {
         let cookie = self.cookie_of(sockdiag::Transport::Udp, client, responder)?;
         if client.is_ipv4() {
-            let records = self.dns_udp_orig.lock().unwrap_or_else(|p| p.into_inner());
-            lookup(&records, &cookie, "HMS_DNS_UDP_ORIG").map(Original::v4)
+            let own = {
+                let records = self.dns_udp_orig.lock().unwrap_or_else(|p| p.into_inner());
+                lookup(&records, &cookie, "HMS_DNS_UDP_ORIG")
+            };
+            own.or_else(|| self.older_sets().iter().find_map(|s| s.udp4(cookie)))
+                .map(Original::v4)
         } else {
-            let cookies = self
-                .orig6_by_cookie
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE").map(original6)
+            let own = {
+                let cookies = self
+                    .orig6_by_cookie
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                lookup(&cookies, &cookie, "HMS_ORIG6_BY_COOKIE")
+            };
+            own.or_else(|| self.older_sets().iter().find_map(|s| s.udp6(cookie)))
+                .map(original6)
         }
     }
 
@@ -488,6 +607,34 @@ impl Redirector {
                  share the records from that reader",
             )?;
         Ok(FlowReader::new(ring))
+    }
+
+    /// Readers of the older pin sets' flow record ring buffers (an upgrade across a layout
+    /// change): the connections their sock_ops tracks (those their connect4 redirected) end
+    /// there. Their layout is widened to today's (`flows::decode`). Take them once the
+    /// predecessor stopped reading (a ring buffer has one consumer); each call opens them
+    /// anew, so call once.
+    pub fn older_flow_readers(&self) -> Vec<FlowReader> {
+        self.older_sets()
+            .iter()
+            .filter_map(|set| {
+                let path = set.dir.join(map_names::FLOW_EVENTS);
+                let ring = MapData::from_pin(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|data| Ok(RingBuf::try_from(aya::maps::Map::RingBuf(data))?));
+                match ring {
+                    Ok(ring) => Some(FlowReader::new(ring)),
+                    Err(e) => {
+                        tracing::warn!(
+                            map = %path.display(),
+                            "the older pin set's flow records cannot be read (its connections \
+                             miss from TCP taps and flow metrics): {e:#}"
+                        );
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Flow records the kernel dropped because the ring buffer was full (summed over CPUs,

@@ -1,5 +1,5 @@
 //! The pin directory: which file holds which link or map, reading a pinned link back, and
-//! tearing everything down (`hms-node-agent cleanup`).
+//! tearing everything down (`hms-node-agent cleanup`: every pin set, see `generation`).
 //!
 //! Owns the file layout under the pin dir and the few raw `bpf(2)` calls aya 0.14 does not
 //! expose (reading a cgroup link's target, forcing a link detach). Must never touch a file it
@@ -112,8 +112,8 @@ pub(crate) const HOOKS: [Hook; 10] = [
     },
 ];
 
-/// Maps added after the first release: an agent started over an older pin dir creates them
-/// (the old programs it adopts do not use them), so they are not required beside its links.
+/// Maps added after the first release: not required beside a set's links (a set an older
+/// release pinned lacks them; such a set is retired, see `generation`, not adopted).
 pub(crate) const LATER_MAPS: [&str; 6] = [
     map_names::AGENT_ALIVE,
     map_names::DNS_UDP_ORIG,
@@ -241,8 +241,10 @@ impl std::fmt::Display for CleanupReport {
     }
 }
 
-/// Detaches every pinned HMS link under `pin_dir`, unpins the maps and removes the directory.
-/// Idempotent: a missing directory is a successful no-op.
+/// Detaches every pinned HMS link under `pin_dir`, unpins the maps and removes the directory:
+/// every pin set in it (each layout's `layout-<version>/` and the unversioned set older
+/// releases pinned directly in `pin_dir`). Idempotent: a missing directory is a successful
+/// no-op.
 ///
 /// Links are force-detached (`BPF_LINK_DETACH`) before unpinning, because a still-running
 /// agent holding a link fd would otherwise keep the hooks attached after its pin is gone.
@@ -251,47 +253,42 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
         pin_dir: pin_dir.to_path_buf(),
         ..CleanupReport::default()
     };
-    let entries = match std::fs::read_dir(pin_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("reading pin dir {} (not root?)", pin_dir.display()));
-        }
+    let names = match list_dir(pin_dir)? {
+        Some(names) => names,
+        None => return Ok(report),
     };
-    let mut names: Vec<String> = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading pin dir {}", pin_dir.display()))?;
-        names.push(entry.file_name().to_string_lossy().into_owned());
-    }
-    names.sort();
+    let sets: Vec<String> = names
+        .iter()
+        .filter(|n| super::generation::is_set_dir_name(n) && pin_dir.join(n).is_dir())
+        .cloned()
+        .collect();
     // The route's prefix is only recorded in HMS_CONFIG6, so it goes before the maps do.
-    if names.iter().any(|n| n == map_names::CONFIG6) {
-        report.removed_route = remove_v6_route(&pin_dir.join(map_names::CONFIG6))?;
-    }
-
-    for name in names {
-        let path = pin_dir.join(&name);
-        if HOOKS.iter().any(|h| h.link_file == name) {
-            detach_pinned_link(&path)?;
-            remove_pin(&path)?;
-            report.detached_links.push(name);
-        } else if MAPS.contains(&name.as_str()) || LATER_MAPS.contains(&name.as_str()) {
-            remove_pin(&path)?;
-            report.unpinned_maps.push(name);
-        } else {
-            report.left_behind.push(name);
+    for dir in sets
+        .iter()
+        .map(|s| pin_dir.join(s))
+        .chain([pin_dir.to_path_buf()])
+    {
+        if report.removed_route.is_none() && dir.join(map_names::CONFIG6).exists() {
+            report.removed_route = remove_v6_route(&dir.join(map_names::CONFIG6))?;
         }
     }
+    for set in &sets {
+        let dir = pin_dir.join(set);
+        let left = remove_set(&dir, &format!("{set}/"), &mut report)?;
+        if left.is_empty() {
+            remove_dir(&dir)?;
+        } else {
+            report
+                .left_behind
+                .extend(left.into_iter().map(|n| format!("{set}/{n}")));
+        }
+    }
+    let root_files: Vec<String> = names.into_iter().filter(|n| !sets.contains(n)).collect();
+    let left = remove_files(pin_dir, &root_files, "", &mut report)?;
+    report.left_behind.extend(left);
 
     if report.left_behind.is_empty() {
-        match std::fs::remove_dir(pin_dir) {
-            Ok(()) => report.removed_dir = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("removing pin dir {}", pin_dir.display()));
-            }
-        }
+        report.removed_dir = remove_dir(pin_dir)?;
     } else {
         tracing::warn!(
             pin_dir = %pin_dir.display(),
@@ -302,7 +299,72 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<CleanupReport> {
     Ok(report)
 }
 
-fn detach_pinned_link(path: &Path) -> anyhow::Result<()> {
+/// The names in `dir`, sorted; `None` if it does not exist.
+fn list_dir(dir: &Path) -> anyhow::Result<Option<Vec<String>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading pin dir {} (not root?)", dir.display()));
+        }
+    };
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading pin dir {}", dir.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(Some(names))
+}
+
+/// Detaches and unpins the set in `dir` (links first); returns the names that are not ours.
+fn remove_set(dir: &Path, label: &str, report: &mut CleanupReport) -> anyhow::Result<Vec<String>> {
+    let names = list_dir(dir)?.unwrap_or_default();
+    remove_files(dir, &names, label, report)
+}
+
+fn remove_files(
+    dir: &Path,
+    names: &[String],
+    label: &str,
+    report: &mut CleanupReport,
+) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    for name in names {
+        let path = dir.join(name);
+        if is_link_file(name) {
+            detach_pinned_link(&path)?;
+            remove_pin(&path)?;
+            report.detached_links.push(format!("{label}{name}"));
+        } else if is_map_file(name) {
+            remove_pin(&path)?;
+            report.unpinned_maps.push(format!("{label}{name}"));
+        } else {
+            left.push(name.clone());
+        }
+    }
+    Ok(left)
+}
+
+pub(crate) fn is_link_file(name: &str) -> bool {
+    HOOKS.iter().any(|h| h.link_file == name)
+}
+
+pub(crate) fn is_map_file(name: &str) -> bool {
+    MAPS.contains(&name) || LATER_MAPS.contains(&name)
+}
+
+/// `Ok(true)` if it was removed, `Ok(false)` if it was already gone.
+pub(crate) fn remove_dir(dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing pin dir {}", dir.display())),
+    }
+}
+
+pub(crate) fn detach_pinned_link(path: &Path) -> anyhow::Result<()> {
     let fd = match sys::obj_get(path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -324,7 +386,7 @@ fn detach_pinned_link(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn remove_pin(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn remove_pin(path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -334,7 +396,7 @@ fn remove_pin(path: &Path) -> anyhow::Result<()> {
 
 /// Raw `bpf(2)` commands. The attr layouts are the leading fields of `union bpf_attr`; the
 /// kernel zero-extends shorter attrs, so only the fields we use are declared.
-mod sys {
+pub(crate) mod sys {
     use super::*;
 
     const BPF_OBJ_GET: libc::c_long = 7;
@@ -359,7 +421,7 @@ mod sys {
         }
     }
 
-    pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         #[repr(C)]
         struct ObjGet {
             pathname: u64,
@@ -427,6 +489,95 @@ mod sys {
             },
             attach_type: raw.attach_type,
         })
+    }
+
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        /// `value` for lookups, `next_key` for BPF_MAP_GET_NEXT_KEY.
+        value: u64,
+        flags: u64,
+    }
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+    /// `Ok(false)` when the key is not in the map. `value` must be the map's value size.
+    pub(crate) fn map_lookup(fd: &OwnedFd, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+        let mut attr = MapElem {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn map_delete(fd: &OwnedFd, key: &[u8]) -> io::Result<()> {
+        let mut attr = MapElem {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: 0,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every key of a hash map (`key_size` is the map's). A map changing meanwhile may give
+    /// a key twice or miss one, which the caller's next round makes up for.
+    pub(crate) fn map_keys(fd: &OwnedFd, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let mut next = vec![0u8; key_size];
+            let mut attr = MapElem {
+                map_fd: fd.as_raw_fd() as u32,
+                _pad: 0,
+                // A null key asks for the first one.
+                key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+                value: next.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                Ok(_) => keys.push(next),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                Err(e) => return Err(e),
+            }
+            // A hash map cannot hold more than this many keys; stop a cycle if it does.
+            if keys.len() > 1 << 24 {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// Whether the (hash) map holds any key; `key_size` is the map's.
+    pub(crate) fn map_is_empty(fd: &OwnedFd, key_size: usize) -> io::Result<bool> {
+        let mut next = vec![0u8; key_size.max(1)];
+        // A null key asks for the first one.
+        let mut attr = MapElem {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: 0,
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) fn link_detach(fd: &OwnedFd) -> io::Result<()> {

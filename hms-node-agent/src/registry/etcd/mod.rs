@@ -354,8 +354,13 @@ impl Store for EtcdStore {
     }
 
     fn describe(&self) -> String {
+        let access = match (&self.shared.opts.tls, self.shared.opts.operator) {
+            (Some(_), true) => "TLS, access control on, this host is the operator",
+            (Some(_), false) => "TLS, access control on",
+            (None, _) => "PLAINTEXT: anyone who reaches etcd can rewrite the mesh",
+        };
         format!(
-            "etcd ({}, prefix {}, node {})",
+            "etcd ({}, prefix {}, node {}; {access})",
             self.shared.opts.endpoints.join(","),
             self.shared.opts.prefix,
             self.shared.opts.node
