@@ -501,20 +501,30 @@ where
 {
     use crate::proxy::detect::{H2_PREFACE, Protocol, classify};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut head = Vec::with_capacity(H2_PREFACE.len());
+    // HTTP/1 servers skip empty lines before a request line (RFC 9112 2.2): look past
+    // them, or `\r\nGET ...` would pass as opaque.
+    const MAX_LEADING_BLANKS: usize = 64;
+    let limit = H2_PREFACE.len() + MAX_LEADING_BLANKS;
+    let mut head = Vec::with_capacity(limit);
     let mut buf = [0u8; 64];
     let mut ended = false;
     let verdict = loop {
-        let want = (H2_PREFACE.len() - head.len()).min(buf.len());
+        let want = (limit - head.len()).min(buf.len());
         let n = r.read(&mut buf[..want]).await?;
         if n == 0 {
             ended = true;
             break Protocol::Opaque;
         }
         head.extend_from_slice(&buf[..n]);
-        match classify(&head) {
+        let blanks = head
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+            .count();
+        match classify(&head[blanks..]) {
             Some(p) => break p,
-            None if head.len() >= H2_PREFACE.len() => break Protocol::Opaque,
+            None if blanks > MAX_LEADING_BLANKS || head.len() >= limit => {
+                break Protocol::Opaque;
+            }
             None => {}
         }
     };

@@ -786,6 +786,25 @@ async fn an_opaque_stream_that_opens_with_http_is_cut_and_a_declared_one_is_rela
         other => panic!("expected a cut flow, got {other:?}"),
     }
 
+    // Empty lines first (HTTP/1 servers skip them) do not hide the request.
+    let mut stream = pool
+        .open(server.addr, server_tls.spiffe_id(), &echo(), "payments")
+        .await
+        .unwrap();
+    stream.write_all(b"\r\n\r\n").await.unwrap();
+    stream.write_all(&request).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(SOON, stream.read_to_end(&mut got))
+        .await
+        .expect("the stream ended");
+    assert!(got.is_empty(), "the instance answered: {got:?}");
+    let flows = policy.wait_for_flows(2).await;
+    assert!(
+        matches!(&flows[1].outcome, FlowOutcome::Spliced { to_instance: 0, error: Some(e), .. } if e.contains("not declared HTTP")),
+        "{:?}",
+        flows[1].outcome
+    );
+
     // Declared HTTP/1.1: the policy's relay carries it (the test policy keeps the default
     // splice); the protocol reaches the policy.
     let mut stream = pool
@@ -800,7 +819,7 @@ async fn an_opaque_stream_that_opens_with_http_is_cut_and_a_declared_one_is_rela
         .unwrap();
     assert_eq!(exchange(&mut stream, &request).await, request);
     drop(stream);
-    let flows = policy.wait_for_flows(2).await;
-    assert_eq!(flows[1].request.protocol, StreamProtocol::Http1);
+    let flows = policy.wait_for_flows(3).await;
+    assert_eq!(flows[2].request.protocol, StreamProtocol::Http1);
     assert_eq!(flows[0].request.protocol, StreamProtocol::Opaque);
 }
