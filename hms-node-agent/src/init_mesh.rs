@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::identity::etcd_ca::{Credential, CredentialFiles, EtcdCa};
-use crate::identity::{CA_DIR, CertificateAuthority, NodeIdentity};
-use crate::mesh_identity::CERT_TTL;
+use crate::identity::{CA_DIR, CertificateAuthority};
 
 /// Where etcd's own certificate and key go (copy them where etcd can read them).
 pub const ETCD_SERVER_DIR: &str = "etcd-server";
@@ -59,10 +58,7 @@ pub fn run(args: &InitMeshArgs) -> anyhow::Result<String> {
             )
         })?
     };
-    let mut identity = NodeIdentity::load_or_create(&args.state_dir, &args.trust_domain, &node)?;
-    let csr = identity.create_csr()?;
-    let issued = ca.sign_node_csr(&csr, &node, CERT_TTL)?;
-    identity.install_issued(&issued)?;
+    let identity = crate::mesh_identity::own_certificate(&args.state_dir, &ca, &node)?;
 
     let etcd_ca = EtcdCa::load_or_create(&args.state_dir.join(CA_DIR), &args.trust_domain)?;
     let server = etcd_ca.server(&args.etcd_addresses)?;
@@ -95,7 +91,7 @@ pub fn run(args: &InitMeshArgs) -> anyhow::Result<String> {
             "moving an etcd:// mesh to etcds://: after etcd restarts with TLS, this host's agent places every deployed service on the hosts that run it; every other host joins again with a token (`hms-ctl node token create --node NAME --out FILE`) to get its registry credential"
         );
     }
-    let _ = writeln!(out, "this host is `{node}`: {}", issued.spiffe_id);
+    let _ = writeln!(out, "this host is `{node}`: {}", identity.spiffe_id());
     let _ = writeln!(
         out,
         "etcd's certificate and key: {} and {} (CA {}); start etcd with them and client certificates required:",

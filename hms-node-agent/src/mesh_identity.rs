@@ -120,6 +120,19 @@ pub struct IdentitySummary {
     pub trust_problem: Option<String>,
 }
 
+/// The CA host's own node certificate, signed directly (it needs no join).
+pub fn own_certificate(
+    state_dir: &std::path::Path,
+    ca: &CertificateAuthority,
+    node_name: &str,
+) -> anyhow::Result<NodeIdentity> {
+    let mut node = NodeIdentity::load_or_create(state_dir, ca.trust_domain(), node_name)?;
+    let csr = node.create_csr()?;
+    let issued = ca.sign_node_csr(&csr, node_name, CERT_TTL)?;
+    node.install_issued(&issued)?;
+    Ok(node)
+}
+
 fn digest(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -350,11 +363,7 @@ impl MeshIdentity {
             if !claimed {
                 bail!("another host created the mesh's CA at the same moment; join it instead");
             }
-            let mut node =
-                NodeIdentity::load_or_create(&self.state_dir, trust_domain, &self.node_name)?;
-            let csr = node.create_csr()?;
-            let issued = ca.sign_node_csr(&csr, &self.node_name, CERT_TTL)?;
-            node.install_issued(&issued)?;
+            let node = own_certificate(&self.state_dir, &ca, &self.node_name)?;
             inner.ca = Some(ca);
             inner.node = Some(node);
             self.refresh_tls(&inner)?;
@@ -430,11 +439,7 @@ impl MeshIdentity {
                 "the restored CA's roots differ from the registry's trust bundle (a rotation after the backup?); publishing the restored roots"
             );
         }
-        let td = ca.trust_domain().to_string();
-        let mut node = NodeIdentity::load_or_create(&self.state_dir, &td, &self.node_name)?;
-        let csr = node.create_csr()?;
-        let issued = ca.sign_node_csr(&csr, &self.node_name, CERT_TTL)?;
-        node.install_issued(&issued)?;
+        let node = own_certificate(&self.state_dir, &ca, &self.node_name)?;
         inner.ca = Some(ca);
         inner.node = Some(node);
         self.refresh_tls(&inner)?;
@@ -442,7 +447,7 @@ impl MeshIdentity {
         if registry_bundle.as_ref().map(|b| b.fingerprint()) != Some(bundle.fingerprint()) {
             self.publish_bundle(&bundle).await?;
         }
-        tracing::info!(trust_domain = %td, "this host holds the mesh CA again (restored from a backup)");
+        tracing::info!(trust_domain = %bundle.trust_domain(), "this host holds the mesh CA again (restored from a backup)");
         Ok((self.summary().await, replaced))
     }
 

@@ -136,20 +136,7 @@ impl Mesh {
             if i == 0 {
                 // The first host: CA and etcd certificates, then etcd, as the README says.
                 let state = agent.state_dir();
-                let out = crate::tools::workspace_binary(crate::bins::path("hms-node-agent"))
-                    .args([
-                        "init-mesh",
-                        "--trust-domain",
-                        TRUST_DOMAIN,
-                        "--node-name",
-                        name,
-                    ])
-                    .arg("--etcd-address")
-                    .arg(net.hosts[0].addr.to_string())
-                    .arg("--state-dir")
-                    .arg(&state)
-                    .output()
-                    .unwrap();
+                let out = init_mesh(&state, net.hosts[0].addr, name);
                 assert!(out.status.success(), "init-mesh: {}", text(&out));
                 let e = Etcd::start_tls_in(
                     &net.hosts[0].netns,
@@ -247,12 +234,73 @@ impl Mesh {
         );
     }
 
+    /// Waits until host `host` sees `n` instances of `service`.
+    pub fn wait_for_instances(&self, host: usize, service: &str, n: usize) {
+        let deadline = Instant::now() + crate::slack(Duration::from_secs(10));
+        loop {
+            let d = self.agents[host].ctl_json(&["describe", service]).ok();
+            if d.as_ref()
+                .and_then(|d| d["instances"].as_array())
+                .is_some_and(|i| i.len() == n)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} never had {n} instances on host {host}: {d:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// etcdctl with host `i`'s registry credential (what root on that host holds), or with
     /// none.
     pub fn etcdctl_as(&self, host: Option<usize>, args: &[&str]) -> anyhow::Result<String> {
         let dir = host.map(|i| self.agents[i].state_dir().join("etcd"));
         crate::etcd::etcdctl_as(&self.etcd, dir.as_deref(), args)
     }
+}
+
+/// `hms-node-agent init-mesh` for host `node` into `state` (etcd at `etcd_addr`), as the
+/// README's first step.
+pub fn init_mesh(
+    state: &std::path::Path,
+    etcd_addr: std::net::IpAddr,
+    node: &str,
+) -> std::process::Output {
+    crate::tools::workspace_binary(crate::bins::path("hms-node-agent"))
+        .args([
+            "init-mesh",
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--node-name",
+            node,
+        ])
+        .arg("--etcd-address")
+        .arg(etcd_addr.to_string())
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .expect("running hms-node-agent init-mesh")
+}
+
+/// The parameters of a node certificate for SPIFFE ID `uri` (as the CA issues them), for
+/// tests that sign one themselves with a real or a forged root.
+pub fn node_leaf_params(uri: &str) -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + Duration::from_secs(3600)).into();
+    params
 }
 
 pub fn text(o: &std::process::Output) -> String {

@@ -19,18 +19,6 @@ fn ctl_ok(m: &Mesh, host: usize, args: &[&str]) -> String {
     text(&out)
 }
 
-fn wait_for_instances(m: &Mesh, host: usize, service: &str, n: usize) {
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
-    loop {
-        let d = m.agents[host].ctl_json(&["describe", service]).unwrap();
-        if d["instances"].as_array().is_some_and(|i| i.len() == n) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{service} on host {host}: {d}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// curl from host `from` until it answers 200 with `want` (a tunnel may still be dialling),
 /// within a bounded time.
 fn call_until(m: &Mesh, from: usize, url: &str, want: &str) {
@@ -117,8 +105,8 @@ fn the_ca_host_loses_its_state_and_a_restored_backup_issues_certificates_the_oth
     let _a = Backend::start(&m.net, 0, "ledger-svc", on_a, m.dir.path());
     m.deploy(1, &format!("name: pay-svc\nport: {on_b}\n"));
     m.deploy(0, &format!("name: ledger-svc\nport: {on_a}\n"));
-    wait_for_instances(&m, 0, "pay-svc", 1);
-    wait_for_instances(&m, 2, "ledger-svc", 1);
+    m.wait_for_instances(0, "pay-svc", 1);
+    m.wait_for_instances(2, "ledger-svc", 1);
     call_until(&m, 0, "http://pay-svc.svc/x", "pay-svc on host-b");
     call_until(&m, 2, "http://ledger-svc.svc/y", "ledger-svc on host-a");
 

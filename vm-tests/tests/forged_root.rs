@@ -115,20 +115,9 @@ impl Forged {
 
     /// A node certificate for `uri` on `key`, signed by the forged root.
     fn leaf(&self, uri: &str, key: &rcgen::KeyPair) -> rcgen::Certificate {
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-        params.is_ca = rcgen::IsCa::ExplicitNoCa;
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + Duration::from_secs(3600)).into();
-        params.signed_by(key, &self.issuer()).unwrap()
+        vm_tests::mesh::node_leaf_params(uri)
+            .signed_by(key, &self.issuer())
+            .unwrap()
     }
 }
 

@@ -91,20 +91,9 @@ fn signed_by_real_root(ca_dir: &Path, root_id: u32, uri: &str) -> Arc<CertifiedK
     let issuer =
         rcgen::Issuer::from_ca_cert_pem(&read(format!("root-{root_id}.pem")), root_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.is_ca = rcgen::IsCa::ExplicitNoCa;
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    let now = SystemTime::now();
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(3600)).into();
-    let cert = params.signed_by(&leaf_key, &issuer).unwrap();
+    let cert = vm_tests::mesh::node_leaf_params(uri)
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
     certified(&cert.pem(), &leaf_key.serialize_pem())
 }
 
@@ -310,24 +299,6 @@ fn call(m: &Mesh, host: usize, url: &str) -> (String, std::process::Output) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), o)
 }
 
-fn wait_for_instances(m: &Mesh, host: usize, service: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let d = m.agents[host].ctl_json(&["describe", service]).ok();
-        if d.as_ref()
-            .and_then(|d| d["instances"].as_array())
-            .is_some_and(|i| i.len() == n)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{service} never had {n} instances on host {host}: {d:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn etcd_stopped_for_30_s_services_keep_working_and_a_deploy_after_it_returns_is_visible_everywhere_within_a_second()
  {
@@ -336,7 +307,7 @@ fn etcd_stopped_for_30_s_services_keep_working_and_a_deploy_after_it_returns_is_
     m.deploy(0, "name: orders-svc\nport: 7300\n");
     // Placing is the operator's act on A; B deploys (after the outage) what was placed on it.
     m.place("ledger-svc", 1);
-    wait_for_instances(&m, 2, "orders-svc", 1);
+    m.wait_for_instances(2, "orders-svc", 1);
     // Warm up (the backend may still be starting).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -573,7 +544,7 @@ fn a_ca_rotation_while_a_client_makes_steady_requests_fails_zero_requests() {
     let _b = Backend::start(&m.net, 1, "quotes-svc", 7500, m.dir.path());
     m.deploy(0, "name: quotes-svc\nport: 7500\n");
     m.deploy(1, "name: quotes-svc\nport: 7500\n");
-    wait_for_instances(&m, 2, "quotes-svc", 2);
+    m.wait_for_instances(2, "quotes-svc", 2);
     // Both backends listen before the steady client starts.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !(_a.seen().contains("/ready") && _b.seen().contains("/ready")) {

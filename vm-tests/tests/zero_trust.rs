@@ -423,20 +423,7 @@ fn a_plaintext_mesh_moves_to_tls_and_keeps_its_services() {
     // restarted onto etcds:// (its instances, kept under its lease, are adopted).
     etcd.stop();
     let state = a.state_dir();
-    let out = vm_tests::tools::workspace_binary(vm_tests::bins::path("hms-node-agent"))
-        .args([
-            "init-mesh",
-            "--trust-domain",
-            "test.mesh",
-            "--node-name",
-            "host-a",
-        ])
-        .arg("--etcd-address")
-        .arg(net.hosts[0].addr.to_string())
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    let out = vm_tests::mesh::init_mesh(&state, net.hosts[0].addr, "host-a");
     assert!(
         out.status.success(),
         "init-mesh over an existing CA: {}",

@@ -21,19 +21,6 @@ use std::time::{Duration, Instant};
 use vm_tests::attacker::{Answer, Attacker};
 use vm_tests::mesh::{Backend, Mesh, text};
 
-/// Waits until host `host` sees `n` instances of `service`.
-fn wait_for_instances(m: &Mesh, host: usize, service: &str, n: usize) {
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
-    loop {
-        let d = m.agents[host].ctl_json(&["describe", service]).unwrap();
-        if d["instances"].as_array().is_some_and(|i| i.len() == n) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{service} on host {host}: {d}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits until something accepts on 127.0.0.1:`port` in host `host`'s namespace.
 fn wait_listening(m: &Mesh, host: usize, port: u16) {
     let up = || {
@@ -87,7 +74,7 @@ fn host_c_reaches_only_host_a_s_own_instances_and_cannot_smuggle_http_in_an_opaq
     // host-b deploys the same service on `other`: the global spec now names `other`, which
     // is host-b's instance, not host-a's.
     m.deploy(1, &format!("name: ledger-svc\nport: {other}\n"));
-    wait_for_instances(&m, 0, "ledger-svc", 2);
+    m.wait_for_instances(0, "ledger-svc", 2);
     wait_listening(&m, 0, own);
     wait_listening(&m, 0, other);
 
@@ -192,7 +179,7 @@ fn fifty_requests_at_once_from_host_c_over_one_connection_get_40_to_45_429s_at_a
     let _server = Nghttpd::start(&m, 0, docs.path(), port);
     // Burst 5 (one second's worth) and no queue: the acceptance.
     m.deploy(0, &format!("name: rl-svc\nport: {port}\nlimit: 5rps\n"));
-    wait_for_instances(&m, 2, "rl-svc", 1);
+    m.wait_for_instances(2, "rl-svc", 1);
 
     // nghttp sends every request of its command line at once, on one HTTP/2 connection;
     // host-c's agent carries them on one pooled tunnel stream to host-a.
@@ -252,7 +239,7 @@ fn host_c_claiming_a_service_not_placed_on_it_gets_403_and_host_b_which_runs_it_
         &format!("name: ledger-svc\nport: {port}\npolicy:\n  allow_from: [payments-svc]\n"),
     );
     m.place("payments-svc", 1);
-    wait_for_instances(&m, 0, "ledger-svc", 1);
+    m.wait_for_instances(0, "ledger-svc", 1);
     let request = |path: &str| {
         format!("GET {path} HTTP/1.1\r\nhost: ledger-svc\r\nconnection: close\r\n\r\n")
     };
@@ -427,7 +414,7 @@ print(got.decode())
     .unwrap();
     assert_eq!(line.trim(), "listening");
     m.deploy(0, &format!("name: chat-svc\nport: {port}\n"));
-    wait_for_instances(&m, 2, "chat-svc", 1);
+    m.wait_for_instances(2, "chat-svc", 1);
     let out = m.cgs[2]
         .command("nsenter")
         .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
@@ -497,7 +484,7 @@ for i in range(3):
         .unwrap();
     wait_listening(&m, 0, port);
     m.deploy(0, &format!("name: idle-svc\nport: {port}\n"));
-    wait_for_instances(&m, 2, "idle-svc", 1);
+    m.wait_for_instances(2, "idle-svc", 1);
     let out = m.cgs[2]
         .command("nsenter")
         .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
