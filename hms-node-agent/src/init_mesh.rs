@@ -101,7 +101,7 @@ pub fn run(args: &InitMeshArgs) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         out,
-        "  etcd --data-dir /var/lib/etcd/hms --listen-client-urls https://{url_host}:2379 --advertise-client-urls https://{url_host}:2379 \\\n       --cert-file {} --key-file {} --trusted-ca-file {} --client-cert-auth",
+        "  etcd --data-dir /var/lib/etcd/hms --listen-client-urls https://{url_host}:2379 --advertise-client-urls https://{url_host}:2379 \\\n       --cert-file {} --key-file {} --trusted-ca-file {} --client-cert-auth \\\n       --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster default=http://127.0.0.1:2380",
         server_files.cert.display(),
         server_files.key.display(),
         server_files.ca.display()

@@ -119,8 +119,11 @@ impl HostShell {
             next: 0,
         };
         // The host's own state, sockets and pins, as on a machine of its own.
+        // No /etc/hosts either (a fresh debootstrap root has none): the README's commands
+        // must not depend on `localhost` resolving.
         let setup = "exec 2>&1; mount -t tmpfs tmpfs /var/lib && mkdir -p /var/lib/hms /var/lib/etcd \
-             && mount -t tmpfs tmpfs /run/hms && mount -t bpf bpf /sys/fs/bpf";
+             && mount -t tmpfs tmpfs /run/hms && mount -t bpf bpf /sys/fs/bpf \
+             && { [ ! -e /etc/hosts ] || mount --bind /dev/null /etc/hosts; }";
         let (rc, out) = shell.run_once(setup, Duration::from_secs(10));
         assert_eq!(rc, Some(0), "setting up {name}'s shell: {out}");
         shell
