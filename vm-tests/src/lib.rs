@@ -15,6 +15,7 @@ pub mod mesh;
 pub mod netns;
 pub mod nginx;
 pub mod old_release;
+pub mod peer_probe;
 pub mod ports;
 pub mod resolver;
 pub mod tools;

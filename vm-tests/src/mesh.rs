@@ -191,13 +191,19 @@ impl Mesh {
         mesh
     }
 
+    /// Program `name` (from the tool list) as an unmodified client inside host `i`'s cgroup
+    /// and namespace.
+    pub fn client_on(&self, i: usize, name: &str) -> std::process::Command {
+        let mut cmd = self.cgs[i].command("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.net.hosts[i].netns))
+            .arg("--")
+            .arg(crate::tools::path_of(name));
+        cmd
+    }
+
     /// `curl` run by an unmodified client inside host `i`'s cgroup and namespace.
     pub fn curl(&self, i: usize, args: &[&str]) -> std::process::Output {
-        self.cgs[i]
-            .command("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.net.hosts[i].netns))
-            .arg("--")
-            .arg(crate::tools::path_of("curl"))
+        self.client_on(i, "curl")
             .args(["-sS", "--max-time", "5"])
             .args(args)
             .output()

@@ -8,28 +8,22 @@
 //! `hms-ctl ca rotate` afterwards still completes: every host ends on the new root, with no
 //! refusal counted for it, and calls across hosts work.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use hms_node_agent::identity::testing::AcceptAnyServer;
 use hms_node_agent::identity::{
     CertificateAuthority, IssuedCertificate, SpiffeId, TrustBundle, root_fingerprint,
 };
 use hms_node_agent::mesh_identity::TRUST_BUNDLE_KEY;
 use hms_node_agent::registry::etcd::{DEFAULT_PREFIX, Key};
-use rustls::client::ResolvesClientCert;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, ClientConnection, SignatureScheme, StreamOwned};
 use serde_json::Value;
 use vm_tests::etcd::etcdctl_as;
 use vm_tests::mesh::{Backend, Mesh, NAMES, TRUST_DOMAIN, in_netns, text};
 use vm_tests::slack;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // The attacker's access to the registry: the one place this test writes etcd directly,
@@ -121,77 +115,16 @@ impl Forged {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// A TLS client for :15008 that offers whatever certificate it is given.
-
-#[derive(Debug)]
-struct Offer(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Offer {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
+/// `Ok` only if host `addr` accepted `cert` from us as a peer agent.
+fn try_peer_connection(addr: SocketAddrV4, cert: Arc<CertifiedKey>) -> Result<String, String> {
+    vm_tests::peer_probe::try_peer_connection(
+        addr,
+        vm_tests::peer_probe::hand_made_config(Some(cert)),
+    )
 }
 
 fn certified(chain_pem: &str, key_pem: &str) -> Arc<CertifiedKey> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
-    Arc::new(CertifiedKey::new(chain, signer))
-}
-
-/// TLS 1.3, ALPN h2, any server certificate (what is tested is the server's judgement of
-/// ours), offering `cert`.
-fn client_config(cert: Arc<CertifiedKey>) -> Arc<ClientConfig> {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider
-        .cipher_suites
-        .retain(|s| s.version() == &rustls::version::TLS13);
-    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
-        .with_client_cert_resolver(Arc::new(Offer(cert)));
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    config.enable_sni = false;
-    Arc::new(config)
-}
-
-/// `Ok` only if host `addr` accepted us as a peer agent: TLS handshake done and its HTTP/2
-/// SETTINGS received (TLS 1.3 delivers a refusal of our certificate as an alert on the first
-/// read). Every step bounded by [`IO_TIMEOUT`].
-fn try_peer_connection(addr: SocketAddrV4, cert: Arc<CertifiedKey>) -> Result<String, String> {
-    let tcp = TcpStream::connect_timeout(&SocketAddr::V4(addr), IO_TIMEOUT)
-        .map_err(|e| format!("TCP connect: {e}"))?;
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let name = ServerName::try_from("hms-peer.invalid").unwrap();
-    let conn = ClientConnection::new(client_config(cert), name)
-        .map_err(|e| format!("client setup: {e}"))?;
-    let mut tls = StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .map_err(|e| format!("handshake: {e}"))?;
-    }
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-    tls.write_all(preface)
-        .and_then(|()| tls.flush())
-        .map_err(|e| format!("after the handshake, writing: {e}"))?;
-    let mut frame = [0u8; 9];
-    tls.read_exact(&mut frame)
-        .map_err(|e| format!("after the handshake, reading: {e}"))?;
-    if frame[3] != 0x4 {
-        return Err(format!("first frame is type {} not SETTINGS", frame[3]));
-    }
-    Ok("accepted: server SETTINGS received".into())
+    vm_tests::peer_probe::certified(chain_pem, key_pem)
 }
 
 // ---------------------------------------------------------------------------------------

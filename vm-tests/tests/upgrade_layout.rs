@@ -331,6 +331,21 @@ fn new_then_old_then_new_leaves_one_generation() {
     eprintln!("MEASURED: new -> {OLD_RELEASE:.7} -> new: one generation attached after");
 }
 
+/// The release drains (nothing in flight) and exits, closing its copies of the listeners.
+fn wait_until_exited(agent: &TestAgent, release_pid: u32) {
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(5));
+    while std::fs::read_to_string(format!("/proc/{release_pid}/stat"))
+        .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the release did not exit\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_crash_of_the_new_agent_during_the_overlap_and_a_restart_leave_one_generation() {
     let Some(old) = old_agent() else { return };
@@ -345,17 +360,7 @@ fn a_crash_of_the_new_agent_during_the_overlap_and_a_restart_leave_one_generatio
     upgrade(&agent);
     // The release drains (nothing in flight) and exits, closing its copies of the listeners,
     // so the restart below can bind them.
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(5));
-    while std::fs::read_to_string(format!("/proc/{release_pid}/stat"))
-        .is_ok_and(|s| !s.contains(") Z "))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the release did not exit\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_exited(&agent, release_pid);
     // The older set's consumers (sock_ops among them) go 6 s after the hand-over at the
     // earliest: this is the middle of the overlap.
     assert!(
@@ -423,17 +428,7 @@ fn a_crash_half_way_through_retiring_is_finished_by_the_next_start() {
     installed.replace_with(&new_agent());
     let release_pid = agent.pid().unwrap();
     upgrade(&agent);
-    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(5));
-    while std::fs::read_to_string(format!("/proc/{release_pid}/stat"))
-        .is_ok_and(|s| !s.contains(") Z "))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the release did not exit\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_exited(&agent, release_pid);
     // Creators go 1 s after the hand-over, the rest 5 s after them: wait for the first.
     let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
     while agent.pin_dir.join("link_connect4").exists() {

@@ -415,11 +415,8 @@ print(got.decode())
     assert_eq!(line.trim(), "listening");
     m.deploy(0, &format!("name: chat-svc\nport: {port}\n"));
     m.wait_for_instances(2, "chat-svc", 1);
-    let out = m.cgs[2]
-        .command("nsenter")
-        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
-        .arg("--")
-        .arg(vm_tests::tools::path_of("python3"))
+    let out = m
+        .client_on(2, "python3")
         .args(["-c", CLIENT])
         .output()
         .unwrap();
@@ -485,11 +482,8 @@ for i in range(3):
     wait_listening(&m, 0, port);
     m.deploy(0, &format!("name: idle-svc\nport: {port}\n"));
     m.wait_for_instances(2, "idle-svc", 1);
-    let out = m.cgs[2]
-        .command("nsenter")
-        .arg(format!("--net=/run/netns/{}", m.net.hosts[2].netns))
-        .arg("--")
-        .arg(vm_tests::tools::path_of("python3"))
+    let out = m
+        .client_on(2, "python3")
         .args(["-c", CLIENT])
         .output()
         .unwrap();
