@@ -19,6 +19,7 @@ pub mod peer_probe;
 pub mod ports;
 pub mod resolver;
 pub mod tools;
+pub mod websocket;
 
 /// True inside `cargo xtask vm-test`'s VM, where software emulation makes everything several
 /// times slower.

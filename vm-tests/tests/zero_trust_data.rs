@@ -367,37 +367,7 @@ fn a_spec_whose_cgroup_is_an_ancestor_of_another_service_s_gives_no_identity() {
 /// declared-HTTP stream itself, and must still pass the 101 and then raw bytes both ways.
 #[test]
 fn a_websocket_upgrade_across_hosts_passes_the_destination_s_http_relay() {
-    const SERVER: &str = r#"
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()
-print('listening', flush=True)
-c, _ = s.accept()
-head = b''
-while b'\r\n\r\n' not in head:
-    head += c.recv(1024)
-ok = b'upgrade: websocket' in head.lower()
-c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n' if ok else b'HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n')
-while True:
-    d = c.recv(1024)
-    if not d:
-        break
-    c.sendall(d.upper())
-"#;
-    const CLIENT: &str = r#"
-import socket
-c = socket.create_connection(('chat-svc.svc', 80), timeout=5)
-c.sendall(b'GET /chat HTTP/1.1\r\nHost: chat-svc.svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
-head = b''
-while b'\r\n\r\n' not in head:
-    head += c.recv(1024)
-print(head.split(b'\r\n')[0].decode())
-c.sendall(b'hello over the upgraded stream')
-got = b''
-while len(got) < 30:
-    got += c.recv(1024)
-print(got.decode())
-"#;
+    use vm_tests::websocket::{CLIENT, SERVER};
     let m = Mesh::new();
     let port = vm_tests::ports::free_port();
     let mut server = m.net.hosts[0]
@@ -412,7 +382,7 @@ print(got.decode())
         &mut line,
     )
     .unwrap();
-    assert_eq!(line.trim(), "listening");
+    assert_eq!(line.trim(), port.to_string(), "the echo server listens");
     m.deploy(0, &format!("name: chat-svc\nport: {port}\n"));
     m.wait_for_instances(2, "chat-svc", 1);
     let out = m
