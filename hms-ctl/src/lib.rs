@@ -6,4 +6,5 @@
 pub mod api;
 pub mod client;
 pub mod escape;
+pub mod gateway;
 pub mod spec;

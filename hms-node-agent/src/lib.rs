@@ -18,6 +18,7 @@
 //! | `mesh_node` | this host's record in a multi-host registry |
 //! | `drain` | graceful shutdown of listeners and in-flight work |
 //! | `identity` | the mesh CA, join tokens, node certificates (SPIFFE IDs), mTLS configs for :15008 |
+//! | `gateway` | the door to the outside: gateway listeners, routes, and the checks at the door |
 //! | `tunnel` | cross-host transport: the :15008 inbound listener and the pool of HTTP/2 CONNECT-over-mTLS connections to peer agents |
 //! | `resilience` | per-request policies: balancing, circuit breaking, retries, rate limits, trace ids, access policy |
 //! | `original_dst` | the interface the data path uses to ask where a caller wanted to go |
@@ -33,6 +34,7 @@ pub mod config;
 pub mod dns;
 pub mod drain;
 pub mod flow_feed;
+pub mod gateway;
 pub mod handover;
 pub mod identity;
 pub mod init_mesh;

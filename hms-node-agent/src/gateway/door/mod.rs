@@ -1,0 +1,39 @@
+//! The checks at the gateway's door, per route: who the caller is (API key, JWT, client
+//! certificate), whether it is over its rate limit, CORS, the body size. The gateway's request
+//! path calls [`RouteDoor::admit`] before it picks a backend and [`RouteDoor::finish`] on the
+//! response; nothing here opens a listener or talks to a backend.
+
+use std::net::SocketAddr;
+
+use rustls_pki_types::CertificateDer;
+
+/// What the gateway knows of the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub tls: bool,
+    pub sni: Option<String>,
+    /// The client's certificate chain, leaf first, when it presented one.
+    pub client_chain: Vec<CertificateDer<'static>>,
+}
+
+/// Who the door found the caller to be: shown in taps, metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// `api-key`, `jwt` or `client-cert`.
+    pub method: &'static str,
+    /// The key's name, the token's `sub`, or the certificate's subject.
+    pub name: String,
+}
+
+/// The door's checks for one route (skeleton: the door engineer fills in).
+#[derive(Debug, Default)]
+pub struct RouteDoor {}
+
+/// A request the door let in.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub subject: Option<Subject>,
+    /// Headers to add to the request sent to the backend (forwarded claims).
+    pub add_headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+}
