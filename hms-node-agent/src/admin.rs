@@ -420,7 +420,9 @@ impl Admin {
             write.write_all(&line).await?;
             Ok(())
         }
-        if self.store.snapshot().service(&filter.service).is_none() {
+        // `host` is the caller in no service's cgroup: its calls (and its connects refused
+        // as undeclared egress) are tapped under that name too.
+        if filter.service != "host" && self.store.snapshot().service(&filter.service).is_none() {
             let message = format!(
                 "no service named `{}` is deployed (see `hms-ctl list`)",
                 filter.service

@@ -167,6 +167,7 @@ pub const TOOLS: &[Tool] = &[
     deb("busybox", Program, "/usr/bin/busybox", "busybox-static", "vm-test: the guest's /init shell and coreutils", false),
     deb("strip", Program, "/usr/bin/strip", "binutils", "vm-test: drops debug info from copied binaries", false),
     deb("ldd", Program, "/usr/bin/ldd", "libc-bin", "vm-test: the libraries each copied program loads", false),
+    deb("python3-ssl", PythonModule, "ssl", "libpython3.11-minimal", "egress: the outside HTTPS system (http.server with ssl, its own CA, TLS 1.2-only too)", false),
 ];
 
 /// The listed entry called `name`.
