@@ -52,7 +52,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
-use crate::spec::{SpecError, parse_duration, validate_dns_label};
+use crate::spec::{SpecError, validate_dns_label};
 
 /// Registry blob keys of gateway specs: `gateways/<name>` holds the YAML as applied.
 pub const BLOB_PREFIX: &str = "gateways/";
