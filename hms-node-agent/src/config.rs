@@ -119,6 +119,29 @@ pub struct RunArgs {
     /// `/metrics` and `hms-ctl status` [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub refuse_undeclared_egress: Option<bool>,
+    /// Serve gateways from the registry on this host: `all`, or gateway names separated by
+    /// commas (`hms-ctl gateway apply` declares them). In the config file also `gateway: true`
+    /// or a list of names [default: none].
+    #[arg(long, value_name = "all|NAMES")]
+    #[serde(default, deserialize_with = "de_gateway")]
+    pub gateway: Option<String>,
+}
+
+/// `gateway: true`, `gateway: all`, `gateway: [public, admin]` or `gateway: public,admin`.
+fn de_gateway<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Flag(bool),
+        Names(Vec<String>),
+        Text(String),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None => None,
+        Some(Form::Flag(b)) => Some(if b { "all" } else { "none" }.into()),
+        Some(Form::Names(n)) => Some(n.join(",")),
+        Some(Form::Text(t)) => Some(t),
+    })
 }
 
 fn parse_u32_auto(s: &str) -> Result<u32, String> {
@@ -171,6 +194,7 @@ impl RunArgs {
             refuse_undeclared_egress: self
                 .refuse_undeclared_egress
                 .or(base.refuse_undeclared_egress),
+            gateway: self.gateway.or(base.gateway),
         }
     }
 }
@@ -201,6 +225,8 @@ pub struct AgentConfig {
     pub vip6_prefix: Ipv6Prefix96,
     pub egress_resolver: Option<SocketAddr>,
     pub refuse_undeclared_egress: bool,
+    /// Which gateways this host serves.
+    pub gateway: crate::gateway::Serve,
 }
 
 impl AgentConfig {
@@ -256,6 +282,10 @@ impl AgentConfig {
             vip6_prefix: args.vip6_prefix.unwrap_or_default(),
             egress_resolver: args.egress_resolver,
             refuse_undeclared_egress: args.refuse_undeclared_egress.unwrap_or(false),
+            gateway: match &args.gateway {
+                None => crate::gateway::Serve::None,
+                Some(t) => crate::gateway::Serve::parse(t).map_err(|m| anyhow::anyhow!("{m}"))?,
+            },
         };
         config.validate()?;
         Ok(config)

@@ -89,6 +89,8 @@ fn publish_refused_egress(record: &FlowRecord, outbound: &Outbound, tap: &TapHub
         rtt_us: None,
         retransmits: None,
         connect_ms: None,
+        client: None,
+        subject: None,
     });
 }
 
@@ -164,5 +166,7 @@ fn publish_close(
         rtt_us: Some(record.srtt.as_micros() as u32),
         retransmits: Some(record.total_retrans),
         connect_ms: Some(record.connect_latency.as_secs_f64() * 1000.0),
+        client: None,
+        subject: None,
     });
 }
