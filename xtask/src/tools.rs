@@ -173,6 +173,7 @@ pub const TOOLS: &[Tool] = &[
     deb("python3-jwt", PythonModule, "jwt", "python3-jwt", "gateway_door: JWTs minted by PyJWT", false),
     deb("python3-cryptography", PythonModule, "cryptography", "python3-cryptography", "gateway_door: PyJWT's RS256/ES256/EdDSA signing", false),
     deb("python3-ssl", PythonModule, "ssl", "libpython3.11-minimal", "egress: the outside HTTPS system (http.server with ssl, its own CA, TLS 1.2-only too)", false),
+    deb("pebble", Program, "/usr/bin/pebble", "pebble", "gateway_acme: a real RFC 8555 server (validation on, nonce rejections on, 30 s certificates)", false),
 ];
 
 /// The listed entry called `name`.

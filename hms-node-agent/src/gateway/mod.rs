@@ -20,6 +20,7 @@
 //! 4. Every second the https listeners' certificate files are checked for changes
 //!    (`certs`).
 
+pub mod acme;
 pub mod certs;
 pub mod door;
 pub mod filters;
