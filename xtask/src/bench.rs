@@ -488,8 +488,8 @@ fn two_hosts(
             ""
         }
     );
-    let cg_a = BenchCgroup::create(&format!("hms-bench-{pid}{tag}-a"))?;
-    let cg_b = BenchCgroup::create(&format!("hms-bench-{pid}{tag}-b"))?;
+    let cg_a = BenchCgroup::create(&format!("hms-bench-{pid}-{tag}a"))?;
+    let cg_b = BenchCgroup::create(&format!("hms-bench-{pid}-{tag}b"))?;
     let backend = bench_env::start_backend(
         bins,
         Some(&ns.b),
