@@ -14,6 +14,7 @@ use hms_ctl::gateway::door::{AuthenticatorSpec, RouteDoorSpec};
 use hms_node_agent::gateway::door::{
     Authenticators, ConnInfo, DoorMetrics, DoorOptions, RouteDoor,
 };
+use http_body_util::BodyExt;
 use hyper::Request;
 use vm_tests::tools;
 
@@ -377,4 +378,399 @@ async fn a_jwks_that_never_loaded_answers_503_and_the_door_recovers_once_it_does
         .admit(&bearer(f.token("rs256")), &conn())
         .await
         .unwrap();
+}
+
+// ---- Certificates made by OpenSSL, for TLS servers and clients ----
+
+/// A CA: `NAME.pem`, `NAME.key`.
+fn openssl_ca(dir: &Path, name: &str) {
+    let mut c = tools::command("openssl");
+    c.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ])
+    .arg("-keyout")
+    .arg(dir.join(format!("{name}.key")))
+    .arg("-out")
+    .arg(dir.join(format!("{name}.pem")))
+    .args(["-days", "2", "-subj", &format!("/CN={name}")])
+    .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+    .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    run(c);
+}
+
+/// A leaf `NAME.pem`/`NAME.key` issued by `ca` with subject `cn` and these extensions.
+fn openssl_leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    let ext_file = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext_file, ext).unwrap();
+    let mut c = tools::command("openssl");
+    c.args([
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ])
+    .arg("-keyout")
+    .arg(dir.join(format!("{name}.key")))
+    .arg("-out")
+    .arg(dir.join(format!("{name}.csr")))
+    .args(["-subj", &format!("/CN={cn}")]);
+    run(c);
+    let mut c = tools::command("openssl");
+    c.args(["x509", "-req", "-in"])
+        .arg(dir.join(format!("{name}.csr")))
+        .arg("-CA")
+        .arg(dir.join(format!("{ca}.pem")))
+        .arg("-CAkey")
+        .arg(dir.join(format!("{ca}.key")))
+        .args([
+            "-set_serial",
+            &format!("{}", vm_tests::ports::unique() + 1000),
+        ])
+        .args(["-days", "2", "-extfile"])
+        .arg(&ext_file)
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")));
+    run(c);
+}
+
+const SERVER_EXT: &str = "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+const CLIENT_EXT: &str = "extendedKeyUsage=clientAuth\n";
+
+/// A process the test started, killed (by its handle) when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Python's http.server over TLS (ssl module) serving `dir`, on `port`; returns once it
+/// says it listens.
+fn https_file_server(dir: &Path, port: u16, cert: &Path, key: &Path) -> Running {
+    use std::io::BufRead;
+    const SERVE: &str = r#"
+import functools, http.server, ssl, sys
+d, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=d)
+srv = http.server.HTTPServer(("127.0.0.1", port), handler)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("listening", flush=True)
+srv.serve_forever()
+"#;
+    let mut c = tools::command("python3");
+    c.args(["-c", SERVE])
+        .arg(dir)
+        .arg(port.to_string())
+        .arg(cert)
+        .arg(key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening");
+    Running(child)
+}
+
+#[tokio::test]
+async fn keys_from_an_https_jwks_url_with_a_given_ca_and_the_last_good_kept_when_it_goes_away() {
+    let f = Fixture::new();
+    let d = f.dir.path();
+    openssl_ca(d, "idp-ca");
+    openssl_leaf(d, "idp-ca", "idp", "idp", SERVER_EXT);
+    let port = vm_tests::ports::free_port();
+    let server = https_file_server(d, port, &d.join("idp.pem"), &d.join("idp.key"));
+    let spec = AuthenticatorSpec::Jwt {
+        issuer: ISSUER.into(),
+        audiences: vec![AUDIENCE.into()],
+        jwks_file: None,
+        jwks_url: Some(format!("https://127.0.0.1:{port}/jwks.json")),
+        jwks_ca: Some(d.join("idp-ca.pem")),
+        leeway: Duration::from_secs(30),
+        refresh: Duration::ZERO,
+        forward_claims: BTreeMap::new(),
+    };
+    let from_url = door(spec, Duration::ZERO);
+    from_url
+        .door
+        .admit(&bearer(f.token("es256")), &conn())
+        .await
+        .unwrap();
+    assert_eq!(from_url.metrics.jwks_load_count("users", true), 1);
+    drop(server);
+    // The issuer is gone: every request tries again (refresh 0), fails, and keeps the keys.
+    from_url
+        .door
+        .admit(&bearer(f.token("rs256")), &conn())
+        .await
+        .unwrap();
+    assert!(from_url.metrics.jwks_load_count("users", false) >= 1);
+
+    // Without the CA the system's roots do not vouch for the test issuer: never loaded.
+    let server = https_file_server(d, port, &d.join("idp.pem"), &d.join("idp.key"));
+    let spec = AuthenticatorSpec::Jwt {
+        issuer: ISSUER.into(),
+        audiences: vec![AUDIENCE.into()],
+        jwks_file: None,
+        jwks_url: Some(format!("https://127.0.0.1:{port}/jwks.json")),
+        jwks_ca: None,
+        leeway: Duration::from_secs(30),
+        refresh: Duration::from_secs(300),
+        forward_claims: BTreeMap::new(),
+    };
+    let untrusted = door(spec, Duration::ZERO);
+    let r = untrusted
+        .door
+        .admit(&bearer(f.token("rs256")), &conn())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.headers()["x-hms-error"].to_str().unwrap()
+        ),
+        (503, "auth-unavailable")
+    );
+    let body =
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(body.contains("UnknownIssuer"), "{body}");
+    drop(server);
+}
+
+// ---- Client certificates over real TLS ----
+
+/// A stand-in for the gateway's HTTPS listener (the gateway's own request path is not on
+/// main yet): TLS with the door's listener verifier, then each request through the door of
+/// the route its first path segment names. Admitted: 200 with `x-subject`.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    routes: Arc<BTreeMap<String, RouteDoor>>,
+) {
+    use hyper::service::service_fn;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, client)) = listener.accept().await else {
+            return;
+        };
+        let acceptor = acceptor.clone();
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            // A client whose certificate the listener refuses ends here; others go on.
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let (_, session) = stream.get_ref();
+            let conn = ConnInfo {
+                client,
+                tls: true,
+                sni: session.server_name().map(str::to_owned),
+                client_chain: session
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default(),
+            };
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let routes = routes.clone();
+                let conn = conn.clone();
+                async move {
+                    let (parts, _body) = req.into_parts();
+                    let route = parts.uri.path().trim_start_matches('/').to_string();
+                    let door = routes.get(&route).expect("a route the test declared");
+                    let resp = match door.admit(&parts, &conn).await {
+                        Ok(admitted) => {
+                            let name = admitted.subject.map(|s| s.name).unwrap_or("-".into());
+                            hyper::Response::builder()
+                                .header("x-subject", name)
+                                .body(
+                                    http_body_util::Full::new(hyper::body::Bytes::new())
+                                        .map_err(|e| match e {})
+                                        .boxed(),
+                                )
+                                .unwrap()
+                        }
+                        Err(answer) => answer,
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// curl's answer: status, `x-subject`, `x-hms-error`; `None` if the TLS handshake failed.
+fn curl(port: u16, dir: &Path, route: &str, cert: Option<&str>) -> Option<(u16, String, String)> {
+    let mut c = tools::command("curl");
+    c.args(["-sS", "-i", "--max-time", "20", "--cacert"])
+        .arg(dir.join("gw-ca.pem"));
+    if let Some(name) = cert {
+        c.arg("--cert").arg(dir.join(format!("{name}.pem")));
+        c.arg("--key").arg(dir.join(format!("{name}.key")));
+    }
+    c.arg(format!("https://127.0.0.1:{port}/{route}"));
+    let out = c.output().unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let header = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+            .unwrap_or_default()
+    };
+    Some((status, header("x-subject"), header("x-hms-error")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_from_the_routes_ca_pass_others_do_not_and_plain_routes_share_the_listener()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for ca in ["gw-ca", "staff-ca", "partners-ca", "stranger-ca"] {
+        openssl_ca(d, ca);
+    }
+    openssl_leaf(d, "gw-ca", "gw", "gateway", SERVER_EXT);
+    openssl_leaf(d, "staff-ca", "alice", "alice", CLIENT_EXT);
+    openssl_leaf(d, "partners-ca", "acme", "acme", CLIENT_EXT);
+    openssl_leaf(d, "stranger-ca", "mallory", "mallory", CLIENT_EXT);
+
+    let specs: BTreeMap<String, AuthenticatorSpec> = [
+        (
+            "staff".to_string(),
+            AuthenticatorSpec::ClientCert {
+                ca: d.join("staff-ca.pem"),
+            },
+        ),
+        (
+            "partners".to_string(),
+            AuthenticatorSpec::ClientCert {
+                ca: d.join("partners-ca.pem"),
+            },
+        ),
+    ]
+    .into();
+    hms_ctl::gateway::door::validate_authenticators(&specs).unwrap();
+    let auths =
+        Authenticators::compile(&specs, Default::default(), &DoorOptions::default()).unwrap();
+    let route = |auth: Option<&str>| RouteDoorSpec {
+        auth: auth.map(str::to_owned),
+        ..RouteDoorSpec::default()
+    };
+    let routes: BTreeMap<String, RouteDoor> = [
+        ("staff", Some("staff")),
+        ("partners", Some("partners")),
+        ("open", None),
+    ]
+    .into_iter()
+    .map(|(name, auth)| {
+        (
+            name.to_string(),
+            RouteDoor::compile(name, &route(auth), &auths).unwrap(),
+        )
+    })
+    .collect();
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let verifier = auths
+        .client_verifier(["staff", "partners"])
+        .expect("client-cert routes");
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_client_cert_verifier(verifier)
+    .with_single_cert(
+        CertificateDer::pem_file_iter(d.join("gw.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        PrivateKeyDer::from_pem_file(d.join("gw.key")).unwrap(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind(vm_tests::ports::free_addr())
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(serve_tls(listener, Arc::new(tls), Arc::new(routes)));
+
+    let dir_path = d.to_path_buf();
+    let results = tokio::task::spawn_blocking(move || {
+        let d = dir_path.as_path();
+        vec![
+            ("open, no certificate", curl(port, d, "open", None)),
+            ("open, alice", curl(port, d, "open", Some("alice"))),
+            ("staff, alice", curl(port, d, "staff", Some("alice"))),
+            ("staff, no certificate", curl(port, d, "staff", None)),
+            (
+                "staff, acme (the partners' CA)",
+                curl(port, d, "staff", Some("acme")),
+            ),
+            ("partners, acme", curl(port, d, "partners", Some("acme"))),
+            (
+                "any, mallory (a CA no route names)",
+                curl(port, d, "open", Some("mallory")),
+            ),
+            ("open, after mallory", curl(port, d, "open", None)),
+        ]
+    })
+    .await
+    .unwrap();
+    let want: Vec<(&str, Option<(u16, &str, &str)>)> = vec![
+        ("open, no certificate", Some((200, "-", ""))),
+        ("open, alice", Some((200, "-", ""))),
+        ("staff, alice", Some((200, "alice", ""))),
+        (
+            "staff, no certificate",
+            Some((401, "", "client-cert-required")),
+        ),
+        (
+            "staff, acme (the partners' CA)",
+            Some((403, "", "client-cert-untrusted")),
+        ),
+        ("partners, acme", Some((200, "acme", ""))),
+        // Refused in the handshake: its chain leads to no CA of the listener.
+        ("any, mallory (a CA no route names)", None),
+        ("open, after mallory", Some((200, "-", ""))),
+    ];
+    for ((case, got), (_, want)) in results.iter().zip(&want) {
+        let got = got.as_ref().map(|(s, a, b)| (*s, a.as_str(), b.as_str()));
+        assert_eq!(got, *want, "{case}");
+    }
+
+    // Python requests with a client certificate (urllib3 over Python's ssl).
+    let mut c = tools::command("python3");
+    c.args([
+        "-c",
+        "import requests, sys; r = requests.get(sys.argv[1], cert=(sys.argv[2], sys.argv[3]), verify=sys.argv[4], timeout=20); print(r.status_code, r.headers.get('x-subject'))",
+    ])
+    .arg(format!("https://127.0.0.1:{port}/staff"))
+    .arg(d.join("alice.pem"))
+    .arg(d.join("alice.key"))
+    .arg(d.join("gw-ca.pem"));
+    let out = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert_eq!(out.trim(), "200 alice");
+    server.abort();
 }
