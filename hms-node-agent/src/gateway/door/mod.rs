@@ -21,7 +21,7 @@ mod fetch;
 pub mod jwks;
 pub mod jwt;
 mod jwt_ring;
-mod metrics;
+pub mod metrics;
 mod reject;
 
 use std::collections::BTreeMap;
