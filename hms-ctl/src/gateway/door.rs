@@ -950,3 +950,21 @@ routes:
         assert!(parse_byte_size("-1").is_err());
     }
 }
+
+#[cfg(test)]
+mod through_the_gateway_parse {
+    #[test]
+    fn the_gateway_spec_parse_reports_door_rules_with_field_and_line() {
+        let yaml = "name: edge\nlisteners:\n  - {name: web, port: 8080, protocol: http}\nauthenticators:\n  partners:\n    api_key:\n      keys: {}\nroutes:\n  - name: r\n    backends: [{service: a-svc}]\n";
+        let e = crate::gateway::parse(yaml, "gw.yaml").unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("authenticators.partners.api_key.keys")
+        );
+        assert_eq!(e.line, Some(5), "{e}");
+        let yaml = "name: edge\nlisteners:\n  - {name: web, port: 8080, protocol: http}\nroutes:\n  - name: r\n    backends: [{service: a-svc}]\n    auth: nobody\n";
+        let e = crate::gateway::parse(yaml, "gw.yaml").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routes[0].auth"));
+        assert_eq!(e.line, Some(7), "{e}");
+    }
+}
