@@ -774,3 +774,283 @@ async fn client_certificates_from_the_routes_ca_pass_others_do_not_and_plain_rou
     assert_eq!(out.trim(), "200 alice");
     server.abort();
 }
+
+// ---- Through the real gateway: an agent serving `hms-ctl gateway apply` ----
+
+/// curl against the gateway: status and the named response headers (lower case), body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+fn gw_curl(args: &[&str], url: &str) -> Answer {
+    let mut c = tools::command("curl");
+    c.args(["-sS", "-i", "--max-time", "20"])
+        .args(args)
+        .arg(url);
+    let out = run(c);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+#[test]
+fn through_the_gateway_keys_tokens_limits_cors_and_body_size_are_enforced_for_curl() {
+    use vm_tests::agent::TestAgent;
+    use vm_tests::backend::Backend;
+    use vm_tests::cgroup::TestCgroup;
+
+    let f = Fixture::new();
+    let cg = TestCgroup::new("gwdoor").expect("test cgroup");
+    let agent = TestAgent::start_with(cg.path(), None, vec!["--gateway".into(), "all".into()])
+        .expect("agent");
+    let backend = Backend::start("orders-svc", 0).unwrap();
+    agent.deploy("orders-svc", backend.addr.port()).unwrap();
+
+    let port = vm_tests::ports::free_port();
+    let key = "acme-key-0123456789";
+    let spec = format!(
+        r#"name: door-e2e
+listeners:
+  - {{name: web, address: 127.0.0.1, port: {port}, protocol: http}}
+authenticators:
+  partners:
+    api_key:
+      keys:
+        acme: {hash}
+  users:
+    jwt:
+      issuer: {ISSUER}
+      audiences: [{AUDIENCE}]
+      jwks_file: {jwks}
+      forward_claims: {{email: x-user-email}}
+routes:
+  - name: keys
+    matches: [{{path: {{prefix: /keys}}}}]
+    backends: [{{service: orders-svc}}]
+    auth: partners
+    rate_limit: {{rate: 1rpm, burst: 3, by: key}}
+  - name: tokens
+    matches: [{{path: {{prefix: /tokens}}}}]
+    backends: [{{service: orders-svc}}]
+    auth: users
+  - name: web
+    matches: [{{path: {{prefix: /web}}}}]
+    backends: [{{service: orders-svc}}]
+    cors:
+      allow_origins: ["https://shop.example.test"]
+      allow_methods: [GET, POST]
+      allow_headers: [content-type]
+      max_age: 10m
+    max_body: 1KiB
+"#,
+        hash = hms_ctl::gateway::door::KeyHash::of(key),
+        jwks = f.path("jwks.json").display(),
+    );
+    let file = f.path("gateway.yaml");
+    std::fs::write(&file, spec).unwrap();
+    let o = agent.ctl(&["gateway", "apply", file.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let base = format!("http://127.0.0.1:{port}");
+    // The listener starts when the agent sees the spec: poll (bounded) until it answers.
+    let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(20));
+    loop {
+        let mut c = tools::command("curl");
+        c.args(["-s", "-o", "/dev/null", "--max-time", "2"])
+            .arg(format!("{base}/web"));
+        if c.status().unwrap().success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway listener never answered\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // API key: none is 401 with the ApiKey challenge; a wrong one too; the right one reaches
+    // the backend without the key.
+    let a = gw_curl(&[], &format!("{base}/keys/a"));
+    assert_eq!(
+        (a.status, a.header("x-hms-error")),
+        (401, "unauthenticated"),
+        "{}",
+        a.body
+    );
+    assert!(
+        a.header("www-authenticate")
+            .starts_with("ApiKey realm=\"partners\"")
+    );
+    let a = gw_curl(&["-H", "x-api-key: wrong"], &format!("{base}/keys/a"));
+    assert_eq!((a.status, a.header("x-hms-error")), (401, "invalid-key"));
+    let before = backend.seen_count();
+    for i in 0..3 {
+        let a = gw_curl(
+            &["-H", &format!("x-api-key: {key}")],
+            &format!("{base}/keys/{i}"),
+        );
+        assert_eq!(a.status, 200, "{i}: {}", a.body);
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), before + 3);
+    assert!(
+        seen[before..]
+            .iter()
+            .all(|r| r.header("x-api-key").is_none()),
+        "the key never reaches the backend"
+    );
+    // Burst 3 at 1rpm: the fourth is 429 with Retry-After.
+    let a = gw_curl(
+        &["-H", &format!("x-api-key: {key}")],
+        &format!("{base}/keys/4"),
+    );
+    assert_eq!(
+        (a.status, a.header("x-hms-error")),
+        (429, "rate-limited"),
+        "{}",
+        a.body
+    );
+    let retry: u64 = a.header("retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // JWT: a good token passes with its claim forwarded and the caller's forged copy gone.
+    let a = gw_curl(
+        &[
+            "-H",
+            &format!("authorization: Bearer {}", f.token("rs256")),
+            "-H",
+            "x-user-email: mallory@example.test",
+        ],
+        &format!("{base}/tokens/me"),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let last = backend.seen().pop().unwrap();
+    assert_eq!(last.headers_named("x-user-email"), ["alice@example.test"]);
+    assert!(last.header("authorization").is_none());
+    for (name, error) in [
+        ("expired", "invalid_token"),
+        ("alg_none", "invalid_token"),
+        ("hs256_with_public_key", "invalid_token"),
+        ("wrong_aud", "invalid_token"),
+    ] {
+        let a = gw_curl(
+            &["-H", &format!("authorization: Bearer {}", f.token(name))],
+            &format!("{base}/tokens/me"),
+        );
+        assert_eq!(a.status, 401, "{name}: {}", a.body);
+        assert!(
+            a.header("www-authenticate")
+                .contains(&format!("error=\"{error}\"")),
+            "{name}"
+        );
+    }
+    // A forged claim header on a token-less request does not get through either.
+    let a = gw_curl(
+        &["-H", "x-user-email: mallory@example.test"],
+        &format!("{base}/tokens/me"),
+    );
+    assert_eq!(a.status, 401);
+
+    // CORS: the preflight is answered at the door; another origin gets no allow headers.
+    let a = gw_curl(
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://shop.example.test",
+            "-H",
+            "access-control-request-method: POST",
+        ],
+        &format!("{base}/web/form"),
+    );
+    assert_eq!(a.status, 204);
+    assert_eq!(
+        a.header("access-control-allow-origin"),
+        "https://shop.example.test"
+    );
+    assert_eq!(a.header("access-control-allow-methods"), "GET, POST");
+    assert_eq!(a.header("access-control-max-age"), "600");
+    let a = gw_curl(
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://evil.example.test",
+            "-H",
+            "access-control-request-method: POST",
+        ],
+        &format!("{base}/web/form"),
+    );
+    assert_eq!((a.status, a.header("x-hms-error")), (403, "cors-denied"));
+    assert!(
+        a.headers
+            .iter()
+            .all(|(k, _)| !k.starts_with("access-control-"))
+    );
+    let a = gw_curl(
+        &["-H", "origin: https://shop.example.test"],
+        &format!("{base}/web/page"),
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("access-control-allow-origin"),
+        "https://shop.example.test"
+    );
+
+    // Body size: a declared body over 1 KiB is 413 before the backend sees it.
+    let before = backend.seen_count();
+    let big = "x".repeat(1025);
+    let a = gw_curl(&["--data-binary", &big], &format!("{base}/web/form"));
+    assert_eq!(
+        (a.status, a.header("x-hms-error")),
+        (413, "body-too-large"),
+        "{}",
+        a.body
+    );
+    let a = gw_curl(
+        &["--data-binary", &big[..1024]],
+        &format!("{base}/web/form"),
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(backend.seen_count(), before + 1);
+
+    // And the door's counters are on /metrics.
+    let mut c = tools::command("curl");
+    c.args(["-s"])
+        .arg(format!("http://{}/metrics", agent.metrics));
+    let metrics = run(c);
+    assert!(
+        metrics
+            .contains("hms_gateway_door_refused_total{route=\"keys\",reason=\"rate-limited\"} 1"),
+        "{metrics}"
+    );
+}
