@@ -191,6 +191,46 @@ impl Authenticators {
     }
 }
 
+/// What a listener asks of clients' certificates: the verifier for its TLS config, and the
+/// CA files behind it (equal lists mean the same verifier, so the gateway can tell when a
+/// re-applied spec needs the listener's TLS config rebuilt).
+#[derive(Debug, Default)]
+pub struct ListenerClientAuth {
+    pub verifier: Option<Arc<dyn ClientCertVerifier>>,
+    pub ca_files: Vec<std::path::PathBuf>,
+}
+
+impl Authenticators {
+    /// The client-certificate side of listener `listener` of `spec`: the `client_cert`
+    /// authenticators named by the routes attached to it (a route with no `listeners`
+    /// attaches to all).
+    pub fn for_listener(
+        &self,
+        spec: &hms_ctl::gateway::GatewaySpec,
+        listener: &str,
+    ) -> ListenerClientAuth {
+        let mut names: Vec<&str> = spec
+            .routes
+            .iter()
+            .filter(|r| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
+            .filter_map(|r| r.door.auth.as_deref())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let ca_files = names
+            .iter()
+            .filter_map(|n| match spec.authenticators.get(*n) {
+                Some(AuthenticatorSpec::ClientCert { ca }) => Some(ca.clone()),
+                _ => None,
+            })
+            .collect();
+        ListenerClientAuth {
+            verifier: self.client_verifier(names),
+            ca_files,
+        }
+    }
+}
+
 /// A listener's client-certificate verifier: asks for (never requires) a certificate from
 /// the CA of any `client_cert` authenticator among those used on the listener. `None` when
 /// none is (the listener asks for no certificate).
