@@ -939,6 +939,27 @@ routes:
     }
 
     #[test]
+    fn the_readmes_door_example_parses_and_validates() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## The gateway's door")
+            .nth(1)
+            .expect("the README's door section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("its example");
+        let doc = parse(yaml).unwrap();
+        validate_authenticators(&doc.authenticators).unwrap();
+        for r in &doc.routes {
+            r.door.validate(&doc.authenticators).unwrap();
+        }
+        assert_eq!(doc.authenticators.len(), 3);
+        assert!(doc.routes[0].door.cors.is_some());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_byte_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_byte_size("10MB").unwrap(), 10_000_000);
