@@ -114,6 +114,10 @@ impl Authenticator {
 pub struct Authenticators {
     by_name: BTreeMap<String, Arc<Authenticator>>,
     metrics: Arc<DoorMetrics>,
+    /// Each route's client table, by route name: a route served on two listeners compiles
+    /// a door per listener, and both must count into one table (else a client doubles its
+    /// rate by using both).
+    limits: std::sync::Mutex<BTreeMap<String, Arc<ClientLimits>>>,
 }
 
 impl Authenticators {
@@ -171,7 +175,11 @@ impl Authenticators {
             };
             by_name.insert(name.clone(), Arc::new(compiled));
         }
-        Ok(Authenticators { by_name, metrics })
+        Ok(Authenticators {
+            by_name,
+            metrics,
+            limits: Default::default(),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Authenticator>> {
@@ -247,7 +255,7 @@ pub fn client_verifier(used_on_listener: &[&Authenticator]) -> Option<Arc<dyn Cl
 pub struct RouteDoor {
     route: String,
     auth: Option<Arc<Authenticator>>,
-    limits: Option<ClientLimits>,
+    limits: Option<Arc<ClientLimits>>,
     cors: Option<Cors>,
     max_body: Option<u64>,
     /// Headers no caller may send on to the backend: credentials, forwarded-claim headers.
@@ -297,10 +305,16 @@ impl RouteDoor {
                 })
             })
             .transpose()?;
-        let limits = spec
-            .rate_limit
-            .as_ref()
-            .map(|l| ClientLimits::new(l, auth.is_some()));
+        let limits = spec.rate_limit.as_ref().map(|l| {
+            let mut shared = authenticators
+                .limits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            shared
+                .entry(route.to_string())
+                .or_insert_with(|| Arc::new(ClientLimits::new(l, auth.is_some())))
+                .clone()
+        });
         if let Some(l) = &limits {
             match (l.by, auth.as_deref()) {
                 (ClientKey::Key, Some(Authenticator::ApiKey(_))) | (ClientKey::Address, _) => {}

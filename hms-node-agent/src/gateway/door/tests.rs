@@ -259,3 +259,31 @@ async fn a_route_without_door_fields_admits_everyone_unchanged() {
     assert!(a.subject.is_none() && a.remove_headers.is_empty() && a.add_headers.is_empty());
     assert_eq!(d.max_body(), None);
 }
+
+#[tokio::test]
+async fn one_route_on_two_listeners_counts_a_client_once() {
+    let (auths, route) = spec("route:\n  rate_limit: { rate: 1rpm, burst: 2, by: address }\n");
+    let auths =
+        Authenticators::compile(&auths, Default::default(), &DoorOptions::default()).unwrap();
+    let on_http = RouteDoor::compile("r", &route, &auths).unwrap();
+    let on_https = RouteDoor::compile("r", &route, &auths).unwrap();
+    let c = conn("192.0.2.1:1");
+    on_http.admit(&req("GET", &[]), &c).await.unwrap();
+    on_https.admit(&req("GET", &[]), &c).await.unwrap();
+    assert_eq!(
+        on_http
+            .admit(&req("GET", &[]), &c)
+            .await
+            .unwrap_err()
+            .status(),
+        429
+    );
+    assert_eq!(
+        on_https
+            .admit(&req("GET", &[]), &c)
+            .await
+            .unwrap_err()
+            .status(),
+        429
+    );
+}
