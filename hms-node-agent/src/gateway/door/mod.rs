@@ -417,10 +417,18 @@ impl RouteDoor {
             l.check(&format!("{}:{}", s.method, s.name), now)
                 .map_err(|retry_after| Rejection::RateLimited { retry_after })?;
         }
+        let mut remove_headers = self.strip.clone();
+        // A key sent as `Authorization: ApiKey KEY` is a credential too; another
+        // Authorization (the backend's own scheme) is left alone.
+        if let Some(Authenticator::ApiKey(_)) = self.auth.as_deref()
+            && api_key::in_authorization(&parts.headers)
+        {
+            remove_headers.push(hyper::header::AUTHORIZATION);
+        }
         Ok(Admitted {
             subject,
             add_headers,
-            remove_headers: self.strip.clone(),
+            remove_headers,
             cors_origin: None,
         })
     }

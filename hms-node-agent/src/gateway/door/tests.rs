@@ -67,6 +67,24 @@ async fn an_api_key_route_admits_the_key_names_it_and_strips_it_before_the_backe
     a.apply(&mut headers);
     assert!(headers.get("x-api-key").is_none());
     assert_eq!(headers["x-other"], "kept");
+    // Sent as `Authorization: ApiKey`, the key is removed with its header.
+    let parts = req("GET", &[("authorization", "ApiKey acme-secret")]);
+    let a = d.admit(&parts, &conn("192.0.2.1:5000")).await.unwrap();
+    let mut headers = parts.headers.clone();
+    a.apply(&mut headers);
+    assert!(headers.get("authorization").is_none());
+    // The backend's own Authorization beside an x-api-key is left alone.
+    let parts = req(
+        "GET",
+        &[
+            ("x-api-key", "acme-secret"),
+            ("authorization", "Basic dTpw"),
+        ],
+    );
+    let a = d.admit(&parts, &conn("192.0.2.1:5000")).await.unwrap();
+    let mut headers = parts.headers.clone();
+    a.apply(&mut headers);
+    assert_eq!(headers["authorization"], "Basic dTpw");
 
     let r = d
         .admit(&req("GET", &[]), &conn("192.0.2.1:5000"))
