@@ -612,7 +612,26 @@ fn through_the_gateway_keys_tokens_limits_cors_and_body_size_are_enforced_for_cu
     agent.deploy("orders-svc", backend.addr.port()).unwrap();
 
     let port = vm_tests::ports::free_port();
-    let key = "acme-key-0123456789";
+    // The key and its spec line as the operator makes them.
+    let made = agent.ctl(&["gateway", "key", "new", "acme"]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made = String::from_utf8(made.stdout).unwrap();
+    let field = |label: &str| {
+        made.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no `{label}` in {made}"))
+    };
+    let key = field("key:");
+    let spec_line = field("spec line:");
+    assert_eq!(
+        spec_line,
+        format!("acme: {}", hms_ctl::gateway::door::KeyHash::of(&key))
+    );
     let spec = format!(
         r#"name: door-e2e
 listeners:
@@ -621,7 +640,7 @@ authenticators:
   partners:
     api_key:
       keys:
-        acme: {hash}
+        {spec_line}
   users:
     jwt:
       issuer: {ISSUER}
@@ -648,7 +667,6 @@ routes:
       max_age: 10m
     max_body: 1KiB
 "#,
-        hash = hms_ctl::gateway::door::KeyHash::of(key),
         jwks = f.path("jwks.json").display(),
     );
     let file = f.path("gateway.yaml");
