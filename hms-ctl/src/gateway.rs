@@ -456,10 +456,22 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
             }
         }
     }
+    // The door's rules (door.rs): an authenticator's line is its key's under
+    // `authenticators:`; a route's door field is found from the route's line.
+    door::validate_authenticators(&spec.authenticators).map_err(|e| {
+        let name = e.field.split('.').nth(1).unwrap_or_default();
+        let from = key_line_from(yaml, "authenticators", 1).unwrap_or(1);
+        err(e.field.clone(), key_line_from(yaml, name, from), e.message)
+    })?;
     let mut route_names = BTreeSet::new();
     for (i, r) in spec.routes.iter().enumerate() {
         let f = |name: &str| format!("routes[{i}].{name}");
         let line = route_line(i);
+        r.door.validate(&spec.authenticators).map_err(|e| {
+            let key = e.field.split('.').next().unwrap_or_default();
+            let at = line.and_then(|l| key_line_from(yaml, key, l)).or(line);
+            err(f(&e.field), at, e.message)
+        })?;
         validate_dns_label(&r.name)
             .map_err(|m| err(f("name"), line, format!("`{}` {m}", r.name)))?;
         if !route_names.insert(r.name.as_str()) {

@@ -44,6 +44,8 @@ pub struct ListenerConfig {
     pub doors: std::collections::HashMap<String, door::RouteDoor>,
     /// `redirect_https`: the port of the gateway's first https listener.
     pub https_port: Option<u16>,
+    /// Client certificates for the routes' `client_cert` authenticators (the door's).
+    pub client_auth: door::ListenerClientAuth,
 }
 
 /// A running listener.
@@ -51,6 +53,8 @@ pub struct ListenerRuntime {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub certificate_files: Vec<CertificateFiles>,
+    /// The client-certificate CAs its TLS config asks for (fixed at start).
+    pub client_ca_files: Vec<std::path::PathBuf>,
     pub config: RwLock<Arc<ListenerConfig>>,
     pub certs: Option<Arc<CertStore>>,
     stop: watch::Sender<bool>,
@@ -75,13 +79,20 @@ impl ListenerRuntime {
 }
 
 /// The rustls server config of an https listener: TLS 1.3 only (the crate is built without
-/// TLS 1.2), ALPN h2 then http/1.1.
-fn tls_config(certs: Arc<CertStore>) -> anyhow::Result<rustls::ServerConfig> {
+/// TLS 1.2), ALPN h2 then http/1.1. With a client verifier (routes with `client_cert`
+/// auth) it asks every client for a certificate and requires none (the door decides).
+fn tls_config(
+    certs: Arc<CertStore>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver(certs)));
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver(certs)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -116,7 +127,10 @@ pub async fn start(
         }
     };
     let acceptor = match &certs {
-        Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(c.clone())?))),
+        Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(
+            c.clone(),
+            config.client_auth.verifier.clone(),
+        )?))),
         None => None,
     };
     let socket = match addr {
@@ -133,6 +147,7 @@ pub async fn start(
         addr,
         protocol: spec.protocol,
         certificate_files: spec.certificates.clone(),
+        client_ca_files: config.client_auth.ca_files.clone(),
         config: RwLock::new(Arc::new(config)),
         certs,
         stop,

@@ -251,6 +251,10 @@ impl GatewayHost {
                 }
                 let mut routes_spec = spec.clone();
                 routes_spec.routes.retain(|r| doors.contains_key(&r.name));
+                let client_auth = match &authenticators {
+                    Ok(a) => a.for_listener(&routes_spec, &l.name),
+                    Err(_) => Default::default(),
+                };
                 wanted.insert(
                     addr,
                     ListenerConfig {
@@ -259,6 +263,7 @@ impl GatewayHost {
                         routes: RouteTable::for_listener(&routes_spec, &l.name),
                         doors,
                         https_port,
+                        client_auth,
                     },
                 );
             }
@@ -271,7 +276,8 @@ impl GatewayHost {
                 match wanted.get(&addr) {
                     Some(w)
                         if w.spec.protocol == rt.protocol
-                            && w.spec.certificates == rt.certificate_files =>
+                            && w.spec.certificates == rt.certificate_files
+                            && w.client_auth.ca_files == rt.client_ca_files =>
                     {
                         keep.insert(addr, rt);
                     }

@@ -203,9 +203,9 @@ impl GatewayHost {
             return answer_local(resp, &parts, None);
         }
         filters::apply_headers(&spec.filters.request_headers, &mut parts.headers);
-        for (k, v) in &admitted.add_headers {
-            parts.headers.insert(k.clone(), v.clone());
-        }
+        // The door's changes: its credentials and any caller copy of a forwarded-claim
+        // header removed, the claims added.
+        admitted.apply(&mut parts.headers);
         let client_ip = conn.client.ip().to_string();
         let xff = match parts
             .headers
