@@ -167,6 +167,7 @@ pub const TOOLS: &[Tool] = &[
     deb("busybox", Program, "/usr/bin/busybox", "busybox-static", "vm-test: the guest's /init shell and coreutils", false),
     deb("strip", Program, "/usr/bin/strip", "binutils", "vm-test: drops debug info from copied binaries", false),
     deb("ldd", Program, "/usr/bin/ldd", "libc-bin", "vm-test: the libraries each copied program loads", false),
+    deb("openssl", Program, "/usr/bin/openssl", "openssl", "gateway tests: `openssl s_client` TLS 1.2-only and TLS 1.3 handshakes against https listeners", false),
 ];
 
 /// The listed entry called `name`.

@@ -6,7 +6,8 @@
 //! 4. the door (`door::RouteDoor::admit`): 401/403/413/429 are its answers;
 //! 5. the route's filters: a redirect answers here; request headers set/remove, the door's
 //!    forwarded headers, `x-forwarded-for`/`-proto`, the prefix rewrite;
-//! 6. the weighted backend pick, then the mesh's own HTTP path as caller `gateway`
+//! 6. the weighted backend pick, then the mesh's own HTTP path as caller `gateway`, always
+//!    HTTP/1.1 to the backend whatever the client negotiated
 //!    (`HttpProxy::serve_gateway_request`: policy, rate limit, timeouts, retries, breakers,
 //!    balancing; 502/503/504 and 403 `denied` in the `x-hms-error` style; the tap event with
 //!    the client and subject);
@@ -243,6 +244,9 @@ impl GatewayHost {
             per_try_timeout: spec.per_try_timeout,
             retries: spec.retries,
         };
+        // The client's ALPN says nothing about what the backend speaks: backends get
+        // HTTP/1.1 (the mesh's HTTP path then sends origin-form with `Host`).
+        parts.version = hyper::Version::HTTP_11;
         let req = Request::from_parts(parts, body);
         let resp = self.http.serve_gateway_request(req, call, drain).await;
 
