@@ -588,3 +588,113 @@ fn a_replaced_certificate_is_served_without_failing_requests_and_garbage_keeps_t
         tail(&s.agent.log(), 20)
     );
 }
+
+#[test]
+fn two_gateway_hosts_serve_the_same_routes_from_the_registry_and_only_the_operator_writes_them() {
+    use vm_tests::mesh::{Backend as HostBackend, Mesh, NAMES, text};
+    let m = Mesh::with_args(&|i| {
+        if i > 0 {
+            vec!["--gateway".into(), "all".into()]
+        } else {
+            Vec::new()
+        }
+    });
+    // shop-svc runs on host A only and lets only the gateway call it.
+    let port = ports::free_port();
+    let backend = HostBackend::start(&m.net, 0, "shop-svc", port, m.dir.path());
+    m.deploy(
+        0,
+        &format!("name: shop-svc\nport: {port}\npolicy: {{allow_from: [gateway]}}\n"),
+    );
+    m.wait_for_instances(1, "shop-svc", 1);
+    m.wait_for_instances(2, "shop-svc", 1);
+    // The operator lets hosts B and C speak as the gateway inside the mesh.
+    m.place("gateway", 1);
+    m.place("gateway", 2);
+
+    let ca = TestCa::new(m.dir.path(), "ca");
+    let (cert, key) = ca.issue(m.dir.path(), "shop", &["shop.test"]);
+    let gw_port = ports::free_port();
+    let file = m.dir.path().join("gateway.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: shop\nlisteners:\n  - name: web\n    port: {gw_port}\n    protocol: https\n    certificates: [{{cert: {}, key: {}}}]\nroutes:\n  - name: all\n    hostnames: [shop.test]\n    backends: [{{service: shop-svc}}]\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+
+    // A host that is not the operator may not write gateway specs.
+    let out = m.agents[1].ctl(&["gateway", "apply", file.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "host-b applied a gateway: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("CA host"), "{}", text(&out));
+    let out = m.agents[0].ctl(&["gateway", "apply", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // An outside client (no mesh cgroup, on host A's link) reaches shop-svc through either
+    // gateway host, which calls it across the mesh as `gateway`.
+    let client = |host: usize| {
+        let resolve = format!("shop.test:{gw_port}:{}", m.net.hosts[host].addr);
+        curl(
+            tools::in_netns(&m.net.hosts[0].netns, "curl"),
+            CURL_MAX,
+            &[
+                "--resolve",
+                &resolve,
+                "--cacert",
+                ca.pem.to_str().unwrap(),
+                &format!("https://shop.test:{gw_port}/x"),
+            ],
+        )
+    };
+    for host in [1, 2] {
+        let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(15));
+        loop {
+            let r = client(host);
+            if r.status == 200 {
+                assert_eq!(r.body, "shop-svc on host-a saw GET /x\n", "{r}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never served: {r}\n{}",
+                NAMES[host],
+                tail(&m.agents[host].log(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(backend.seen().lines().count(), 2, "{}", backend.seen());
+    let list = m.agents[2].ctl_json(&["gateway", "list"]).unwrap();
+    assert_eq!(list[0]["spec"]["name"], "shop", "{list}");
+    assert_eq!(list[0]["served_here"], true, "{list}");
+    assert_eq!(list[0]["listeners"][0]["state"], "serving", "{list}");
+    // Host A does not serve gateways: it says so.
+    let list = m.agents[0].ctl_json(&["gateway", "list"]).unwrap();
+    assert_eq!(list[0]["served_here"], false, "{list}");
+
+    // Deleted by the operator: both gateway hosts close the listener.
+    let out = m.agents[0].ctl(&["gateway", "delete", "shop"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for host in [1, 2] {
+        let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(10));
+        loop {
+            let r = client(host);
+            if r.status == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} still serves: {r}",
+                NAMES[host]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
