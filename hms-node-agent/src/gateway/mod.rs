@@ -119,6 +119,8 @@ pub struct GatewayHost {
     pub http: Arc<HttpProxy>,
     pub tap: Arc<TapHub>,
     pub metrics: GatewayMetrics,
+    /// The door's counters (refusals, admissions, JWKS loads), shared by every route.
+    pub door_metrics: Arc<door::metrics::DoorMetrics>,
     pub serve: Serve,
     /// Running listeners by bound address.
     running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
@@ -139,6 +141,11 @@ impl GatewayHost {
             http,
             tap,
             metrics: GatewayMetrics::registered(metrics),
+            door_metrics: {
+                let m = Arc::new(door::metrics::DoorMetrics::default());
+                metrics.register_collector(Box::new(door::metrics::DoorCollector(m.clone())));
+                m
+            },
             serve,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
@@ -209,6 +216,13 @@ impl GatewayHost {
                 .iter()
                 .find(|l| l.protocol == Protocol::Https)
                 .map(|l| l.port);
+            // One set per spec: its routes share JWKS caches and CA files.
+            let authenticators = door::Authenticators::compile(
+                &spec.authenticators,
+                self.door_metrics.clone(),
+                &door::DoorOptions::default(),
+            )
+            .map(Arc::new);
             for l in &spec.listeners {
                 let addr = SocketAddr::new(l.bind_ip(), l.port);
                 if wanted.contains_key(&addr) {
@@ -220,7 +234,11 @@ impl GatewayHost {
                 }
                 let mut doors = HashMap::new();
                 for r in &spec.routes {
-                    match door::RouteDoor::compile(spec, r) {
+                    let compiled = authenticators
+                        .as_ref()
+                        .map_err(|e| anyhow::anyhow!("{e:#}"))
+                        .and_then(|a| door::RouteDoor::compile(&r.name, &r.door, a));
+                    match compiled {
                         Ok(d) => {
                             doors.insert(r.name.clone(), d);
                         }
