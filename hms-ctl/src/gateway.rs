@@ -627,7 +627,16 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
         if r.retries.is_some_and(|n| n > 10) {
             return Err(err(f("retries"), line, "at most 10 retries".into()));
         }
+        r.door
+            .validate(&spec.authenticators)
+            .map_err(|e| err(f(&e.field), line, e.message))?;
     }
+    door::validate_authenticators(&spec.authenticators).map_err(|e| {
+        let name = e.field.split('.').nth(1).unwrap_or("authenticators");
+        let line =
+            key_line_from(yaml, name, 1).or_else(|| key_line_from(yaml, "authenticators", 1));
+        err(e.field, line, e.message)
+    })?;
     Ok(normalized(spec))
 }
 

@@ -20,6 +20,34 @@ pub enum GatewayCommand {
     Describe { name: String },
     /// Remove a gateway: every gateway host closes its listeners.
     Delete { name: String },
+    /// API keys for an `api_key` authenticator (only hashes go into the spec).
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// A new random key and the hash to put in the spec (`keys: {NAME: HASH}`).
+    New,
+    /// The hash of an existing key.
+    Hash { key: String },
+}
+
+/// `gateway key ...` needs no agent: the lines to print.
+pub fn local(cmd: &GatewayCommand) -> Option<Vec<String>> {
+    let GatewayCommand::Key(k) = cmd else {
+        return None;
+    };
+    Some(match k {
+        KeyCommand::New => {
+            let (key, hash) = hms_ctl::gateway::door::new_api_key();
+            vec![
+                format!("key:  {key}   (give it to the client; it is not stored anywhere)"),
+                format!("hash: {hash}   (put it in the spec: keys: {{NAME: {hash}}})"),
+            ]
+        }
+        KeyCommand::Hash { key } => vec![hms_ctl::gateway::door::KeyHash::of(key).to_string()],
+    })
 }
 
 pub fn request(cmd: &GatewayCommand) -> anyhow::Result<Request> {
@@ -32,6 +60,7 @@ pub fn request(cmd: &GatewayCommand) -> anyhow::Result<Request> {
         GatewayCommand::List => Request::GatewayList,
         GatewayCommand::Describe { name } => Request::GatewayDescribe { name: name.clone() },
         GatewayCommand::Delete { name } => Request::GatewayDelete { name: name.clone() },
+        GatewayCommand::Key(_) => unreachable!("answered without the agent (`local`)"),
     })
 }
 
@@ -54,6 +83,7 @@ pub fn show(cmd: &GatewayCommand, data: serde_json::Value) -> anyhow::Result<Vec
             ));
         }
         GatewayCommand::Delete { name } => out.push(format!("deleted gateway {name}")),
+        GatewayCommand::Key(_) => {}
         GatewayCommand::List => {
             let list: Vec<GatewayInfo> = serde_json::from_value(data)?;
             if list.is_empty() {

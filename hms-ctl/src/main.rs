@@ -259,6 +259,14 @@ fn invoked_as(argv0: Option<std::ffi::OsString>) -> &'static str {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = client::socket_path(cli.socket.as_deref());
+    if let Command::Gateway(g) = &cli.command
+        && let Some(lines) = gateway_cli::local(g)
+    {
+        for line in lines {
+            say!("{line}");
+        }
+        return Ok(());
+    }
     let request = match &cli.command {
         Command::Deploy { file } => Request::Deploy {
             file: file.display().to_string(),

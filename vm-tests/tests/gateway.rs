@@ -125,7 +125,18 @@ listeners:
     port: {http}
     protocol: http
     redirect_https: true
+authenticators:
+  partners:
+    api_key:
+      keys: {{acme: {partner_hash}}}
 routes:
+  - name: partner
+    hostnames: [shop.test]
+    matches: [{{path: {{prefix: /partner}}}}]
+    auth: partners
+    max_body: 1KiB
+    rate_limit: {{rate: 1rpm, burst: 2, by: key}}
+    backends: [{{service: stable-svc}}]
   - name: pay
     hostnames: [shop.test]
     matches:
@@ -163,8 +174,12 @@ routes:
         shop.1.display(),
         api.0.display(),
         api.1.display(),
+        partner_hash = hms_ctl::gateway::door::KeyHash::of(PARTNER_KEY),
     )
 }
+
+/// The API key of the `partners` authenticator (its hash is in the spec).
+const PARTNER_KEY: &str = "k3y-of-acme-0123456789";
 
 fn setup(name: &str) -> Setup {
     let cg = TestCgroup::new(name).expect("test cgroup");
@@ -349,6 +364,59 @@ fn an_outside_client_reaches_svc_backends_over_https_by_route_with_filters_and_e
     );
     assert_eq!(r.status, 503, "{r}");
     assert_eq!(r.header("x-hms-error"), Some("no-endpoint"), "{r}");
+
+    // The door: no key 401, a wrong one 401, acme's key lets in with its name as the subject
+    // (in the tap); a chunked body over max_body 413; acme's rate limit 429 + Retry-After.
+    let r = https(s.https, "shop.test", &s.shop_ca, "/partner/a", &[]);
+    assert_eq!(r.status, 401, "{r}\n{}", log());
+    assert!(r.header("www-authenticate").is_some(), "{r}");
+    let r = https(
+        s.https,
+        "shop.test",
+        &s.shop_ca,
+        "/partner/a",
+        &["-H", "x-api-key: nope"],
+    );
+    assert_eq!(r.status, 401, "{r}");
+    let key = format!("x-api-key: {PARTNER_KEY}");
+    let r = https(
+        s.https,
+        "shop.test",
+        &s.shop_ca,
+        "/partner/a",
+        &["-H", &key],
+    );
+    assert_eq!(r.status, 200, "{r}\n{}", log());
+    let events = s.agent.http_tap_events("gateway", "/partner/a", 1);
+    assert!(
+        events.iter().any(|e| e["subject"] == "api-key:acme"),
+        "{events:?}"
+    );
+    let big = "b".repeat(4096);
+    let r = https(
+        s.https,
+        "shop.test",
+        &s.shop_ca,
+        "/partner/upload",
+        &[
+            "-H",
+            &key,
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            &big,
+        ],
+    );
+    assert_eq!(r.status, 413, "{r}\n{}", log());
+    let r = https(
+        s.https,
+        "shop.test",
+        &s.shop_ca,
+        "/partner/b",
+        &["-H", &key],
+    );
+    assert_eq!(r.status, 429, "{r}");
+    assert!(r.header("retry-after").is_some(), "{r}");
 
     // The tap shows the gateway's requests with the outside client's address.
     let events = s.agent.http_tap_events("gateway", "/v2/x", 1);

@@ -251,6 +251,17 @@ impl GatewayHost {
                 }
                 let mut routes_spec = spec.clone();
                 routes_spec.routes.retain(|r| doors.contains_key(&r.name));
+                // Asks (never requires) for a client certificate when a route here uses a
+                // client_cert authenticator.
+                let client_verifier = authenticators.as_ref().ok().and_then(|a| {
+                    a.client_verifier(
+                        routes_spec
+                            .routes
+                            .iter()
+                            .filter(|r| r.listeners.is_empty() || r.listeners.contains(&l.name))
+                            .filter_map(|r| r.door.auth.as_deref()),
+                    )
+                });
                 wanted.insert(
                     addr,
                     ListenerConfig {
@@ -259,6 +270,7 @@ impl GatewayHost {
                         routes: RouteTable::for_listener(&routes_spec, &l.name),
                         doors,
                         https_port,
+                        client_verifier,
                     },
                 );
             }
@@ -285,7 +297,10 @@ impl GatewayHost {
         for (addr, config) in wanted {
             let key = format!("{}/{}", config.gateway, config.spec.name);
             if let Some(rt) = keep.get(&addr) {
-                rt.set_config(config);
+                if let Err(e) = rt.set_config(config) {
+                    tracing::warn!(%addr, listener = %key, "gateway listener keeps its TLS settings: {e:#}");
+                    problems.insert(key, format!("{e:#}"));
+                }
                 continue;
             }
             match listener::start(self.clone(), config, drain.clone()).await {

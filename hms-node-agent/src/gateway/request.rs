@@ -16,6 +16,7 @@
 //! Answers made here (404, redirects, the door's) get their own tap event.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http_body_util::BodyExt;
@@ -29,7 +30,7 @@ use hms_ctl::gateway::Protocol;
 use super::door::ConnInfo;
 use super::listener::ListenerRuntime;
 use super::metrics::RequestLabels;
-use super::{CALLER, GatewayHost, filters, routes};
+use super::{CALLER, GatewayHost, door, filters, routes};
 use crate::drain::Drain;
 use crate::proxy::http::body::{ProxyBody, full};
 use crate::proxy::http::errors::X_HMS_ERROR;
@@ -247,8 +248,35 @@ impl GatewayHost {
         // The client's ALPN says nothing about what the backend speaks: backends get
         // HTTP/1.1 (the mesh's HTTP path then sends origin-form with `Host`).
         parts.version = hyper::Version::HTTP_11;
+        // A body without Content-Length (or longer than it said) stops at the route's
+        // max_body; the answer is then 413, whatever the backend made of the cut body.
+        let too_large = Arc::new(AtomicBool::new(false));
+        let limit = door.and_then(|d| d.max_body());
+        let body: ProxyBody = match limit {
+            Some(limit) => {
+                let hit = too_large.clone();
+                door::LimitedBody::new(body, limit)
+                    .map_err(move |e| {
+                        if door::is_body_too_large(&*e).is_some() {
+                            hit.store(true, Ordering::Relaxed);
+                        }
+                        e
+                    })
+                    .boxed()
+            }
+            None => body.map_err(Into::into).boxed(),
+        };
+        let asked = (parts.method.clone(), parts.uri.clone());
         let req = Request::from_parts(parts, body);
         let resp = self.http.serve_gateway_request(req, call, drain).await;
+        if let Some(limit) = limit
+            && too_large.load(Ordering::Relaxed)
+        {
+            let resp = door::Rejection::TooLarge { limit }.response();
+            let (mut p, _) = Request::new(()).into_parts();
+            (p.method, p.uri) = asked;
+            return answer_local(resp, &p, Some("body-too-large"));
+        }
 
         // Step 7.
         let (mut rparts, rbody) = resp.into_parts();
