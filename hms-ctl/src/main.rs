@@ -810,6 +810,15 @@ fn print_status(s: &AgentStatus) {
         h.unprocessed
     );
     say!(
+        "egress: undeclared outside connections {} ({} refused)",
+        if s.egress.refuse_undeclared {
+            "refused"
+        } else {
+            "allowed"
+        },
+        s.egress.refused_total
+    );
+    say!(
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",
         s.ringbuf_records_lost,
         s.tap_events_lost

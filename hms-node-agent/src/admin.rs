@@ -577,6 +577,13 @@ impl Admin {
             registry_health: Some(self.store.health()),
             peers,
             ringbuf_records_lost: self.redirector.ringbuf_drops(),
+            egress: {
+                let (refuse_undeclared, refused_total) = self.redirector.egress_refusal();
+                hms_ctl::api::EgressInfo {
+                    refuse_undeclared,
+                    refused_total,
+                }
+            },
             limits: Some(self.caps.status()),
             sk_msg: {
                 let stats = self.redirector.sk_msg_stats();

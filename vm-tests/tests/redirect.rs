@@ -78,6 +78,7 @@ fn options(
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
         v6: None,
+        refuse_undeclared_egress: false,
     }
 }
 
@@ -496,6 +497,7 @@ fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
         v6: None,
+        refuse_undeclared_egress: false,
     };
     let err = Redirector::start(&opts).err().expect("start must fail");
     let msg = format!("{err:#}");
