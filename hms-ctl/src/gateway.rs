@@ -801,6 +801,23 @@ routes:
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_spec() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## The gateway: the mesh's door")
+            .nth(1)
+            .expect("README has the gateway section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("the section has a yaml block");
+        let spec = parse(yaml, "README.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.listeners.len(), 2);
+        assert_eq!(spec.routes.len(), 2);
+    }
+
+    #[test]
     fn a_redirect_route_needs_no_backend() {
         let yaml = "name: g\nlisteners: [{name: a, port: 80, protocol: http}]\nroutes:\n  - name: old\n    filters: {redirect: {path: /new, status: 301}}\n";
         let spec = parse(yaml, "g").unwrap();

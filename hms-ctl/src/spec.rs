@@ -296,8 +296,7 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     let external = match raw.external {
         None => None,
         Some(Value::String(url)) => Some(
-            external::parse_url(&url)
-                .map_err(|m| err(Some("external"), line_of("external"), m))?,
+            external::parse_url(&url).map_err(|m| err(Some("external"), line_of("external"), m))?,
         ),
         Some(other) => {
             return Err(err(
@@ -312,7 +311,10 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
     };
     let mut external = external;
     if let Some(tls) = raw.tls {
-        let Some(ext) = external.as_mut().filter(|e| e.scheme == ExternalScheme::Https) else {
+        let Some(ext) = external
+            .as_mut()
+            .filter(|e| e.scheme == ExternalScheme::Https)
+        else {
             return Err(err(
                 Some("tls"),
                 line_of("tls"),
@@ -1218,7 +1220,9 @@ mod tests {
         let e = reject("name: t\nexternal: https://a.example\ntls:\n  ca_fle: /x.pem\n");
         assert!(e.message.contains("did you mean `ca_file`"), "{e}");
         assert_eq!(e.line, Some(4));
-        let e = reject("name: t\nexternal: https://a.example\ntls:\n  sni: a.example\n  ca_file: rel.pem\n");
+        let e = reject(
+            "name: t\nexternal: https://a.example\ntls:\n  sni: a.example\n  ca_file: rel.pem\n",
+        );
         assert_eq!((e.field.as_deref(), e.line), (Some("tls.ca_file"), Some(5)));
         let e = reject("name: t\nexternal: https://a.example/pay\n");
         assert_eq!((e.field.as_deref(), e.line), (Some("external"), Some(2)));

@@ -49,10 +49,10 @@ mod programs {
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        AGENT_ALIVE_WINDOW_NS, BypassBytes, EgressAddr, EgressConfig, FLOW_CLOSE, FLOW_EGRESS_REFUSED, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
-        FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP,
-        ORIG_FLAG_V6, OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6,
-        byte_order,
+        AGENT_ALIVE_WINDOW_NS, BypassBytes, EgressAddr, EgressConfig, FLOW_CLOSE,
+        FLOW_EGRESS_REFUSED, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN, FlowEvent,
+        FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP, ORIG_FLAG_V6, OrigDst, OrigDst6,
+        RedirectConfig, RedirectConfig6, SockKey, SockKey6, byte_order,
         rule::{self, Addr},
         sk_msg_stat,
     };

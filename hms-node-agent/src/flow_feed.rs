@@ -55,7 +55,11 @@ fn publish_refused_egress(record: &FlowRecord, outbound: &Outbound, tap: &TapHub
         .caller_of(record.cgroup_id, record.pid, &snapshot)
         .to_string();
     let destination = if record.ipv6 {
-        format!("[ipv6 ..:{:x}]:{}", u32::from(*record.original_dst.ip()), record.original_dst.port())
+        format!(
+            "[ipv6 ..:{:x}]:{}",
+            u32::from(*record.original_dst.ip()),
+            record.original_dst.port()
+        )
     } else {
         record.original_dst.to_string()
     };

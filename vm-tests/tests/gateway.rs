@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use vm_tests::agent::TestAgent;
-use vm_tests::backend::Backend;
+use vm_tests::backend::{Backend, Behavior};
 use vm_tests::cgroup::TestCgroup;
 use vm_tests::client::{Reply, curl, tail, wait_output};
 use vm_tests::{ports, tools};
@@ -101,6 +101,8 @@ struct Setup {
     api_ca: PathBuf,
     /// The shop.test certificate and key files the https listener serves.
     shop_cert: (PathBuf, PathBuf),
+    /// Backends only held until the test ends.
+    _more: Vec<Backend>,
 }
 
 fn gateway_yaml(
@@ -166,6 +168,16 @@ routes:
     hostnames: [shop.test]
     matches: [{{path: {{prefix: /old}}}}]
     filters: {{redirect: {{path: /new, status: 301}}}}
+  - name: slow
+    hostnames: [shop.test]
+    matches: [{{path: {{prefix: /slow}}}}]
+    timeout: 300ms
+    backends: [{{service: slow-svc}}]
+  - name: broken
+    hostnames: [shop.test]
+    matches: [{{path: {{prefix: /broken}}}}]
+    retries: 0
+    backends: [{{service: broken-svc}}]
   - name: locked
     hostnames: [api.test]
     backends: [{{service: locked-svc}}]
@@ -192,6 +204,10 @@ fn setup(name: &str) -> Setup {
     let stable = Backend::start("stable-svc", 0).unwrap();
     let canary = Backend::start("canary-svc", 0).unwrap();
     let locked = Backend::start("locked-svc", 0).unwrap();
+    let slow = Backend::start_with("slow-svc", 0, Behavior::delay(Duration::from_secs(5))).unwrap();
+    let broken = Backend::start_with("broken-svc", 0, Behavior::reset_first(1000)).unwrap();
+    agent.deploy("slow-svc", slow.addr.port()).unwrap();
+    agent.deploy("broken-svc", broken.addr.port()).unwrap();
     agent.deploy("stable-svc", stable.addr.port()).unwrap();
     agent.deploy("canary-svc", canary.addr.port()).unwrap();
     agent
@@ -221,6 +237,7 @@ fn setup(name: &str) -> Setup {
         shop_ca: ca.pem.clone(),
         api_ca: ca.pem.clone(),
         shop_cert: shop,
+        _more: vec![slow, broken],
     };
     wait_serving(&s);
     s
@@ -353,6 +370,15 @@ fn an_outside_client_reaches_svc_backends_over_https_by_route_with_filters_and_e
     let r = https(s.https, "api.test", &s.api_ca, "/", &[]);
     assert_eq!(r.status, 200, "{r}\n{}", log());
 
+    // The route's timeout: 504 timeout; a backend that resets (no retries): 502.
+    let r = https(s.https, "shop.test", &s.shop_ca, "/slow", &[]);
+    assert_eq!(r.status, 504, "{r}");
+    assert_eq!(r.header("x-hms-error"), Some("timeout"), "{r}");
+    assert!(r.elapsed < Duration::from_secs(4), "{r}");
+    let r = https(s.https, "shop.test", &s.shop_ca, "/broken", &[]);
+    assert_eq!(r.status, 502, "{r}");
+    assert!(r.header("x-hms-error").is_some(), "{r}");
+
     // A backend with no instance: 503 no-endpoint in the mesh's style.
     s.agent.ctl(&["undeploy", "canary-svc"]);
     let r = https(
@@ -378,6 +404,17 @@ fn an_outside_client_reaches_svc_backends_over_https_by_route_with_filters_and_e
         &["-H", "x-api-key: nope"],
     );
     assert_eq!(r.status, 401, "{r}");
+    // A POST with a body refused over HTTP/2: the 401 arrives whole (curl sees no stream
+    // error), as the survivor's form without a key does in the demo.
+    let r = https(
+        s.https,
+        "shop.test",
+        &s.shop_ca,
+        "/partner/a",
+        &["-X", "POST", "-d", r#"{"userId":"HUD123","amount":500}"#],
+    );
+    assert_eq!(r.status, 401, "{r}");
+    assert_eq!(r.exit, Some(0), "{r}");
     let key = format!("x-api-key: {PARTNER_KEY}");
     let r = https(
         s.https,

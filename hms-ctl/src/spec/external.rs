@@ -134,8 +134,7 @@ pub const TLS_KEYS: &[&str] = &["ca_file", "sni", "client_cert", "client_key", "
 
 /// `https://host:port`, `http://host:port` or `tcp://host:port` (no path, no user info).
 pub fn parse_url(text: &str) -> Result<ExternalSpec, String> {
-    const SHAPE: &str =
-        "write it like `https://api.treasury.example:443`, `http://host:8080` or `tcp://db.example:5432`";
+    const SHAPE: &str = "write it like `https://api.treasury.example:443`, `http://host:8080` or `tcp://db.example:5432`";
     let t = text.trim();
     let (scheme, rest) = t
         .split_once("://")
@@ -200,9 +199,7 @@ fn validate_host(host: &str) -> Result<(), String> {
         return Err("must be a DNS name of 1 to 253 characters or an IP address".into());
     }
     if host.ends_with(".svc") {
-        return Err(
-            "is a mesh name; an external service names a system outside the mesh".into(),
-        );
+        return Err("is a mesh name; an external service names a system outside the mesh".into());
     }
     for label in host.split('.') {
         let ok = !label.is_empty()

@@ -126,6 +126,12 @@ pub struct GatewayHost {
     running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
     /// Why a listener is not serving, by `<gateway>/<listener>`.
     problems: Mutex<HashMap<String, String>>,
+    /// ACME's seam: HTTP-01 answers (token -> key authorization) every http listener gives
+    /// at `/.well-known/acme-challenge/<token>`, before redirects and routes.
+    pub acme_challenges: Arc<std::sync::RwLock<HashMap<String, String>>>,
+    /// ACME's seam: certificates issued at runtime, by host name; every https listener serves
+    /// them (also listeners started later).
+    issued: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
 }
 
 impl GatewayHost {
@@ -149,6 +155,8 @@ impl GatewayHost {
             serve,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
+            acme_challenges: Arc::default(),
+            issued: Mutex::new(HashMap::new()),
         }
     }
 
@@ -305,6 +313,13 @@ impl GatewayHost {
             }
             match listener::start(self.clone(), config, drain.clone()).await {
                 Ok(rt) => {
+                    if let Some(c) = &rt.certs {
+                        for (name, key) in
+                            self.issued.lock().unwrap_or_else(|p| p.into_inner()).iter()
+                        {
+                            c.insert(name, key.clone());
+                        }
+                    }
                     keep.insert(addr, rt);
                 }
                 Err(e) => {
@@ -370,6 +385,25 @@ impl GatewayHost {
             yaml,
             served_here,
             listeners,
+        }
+    }
+
+    /// ACME's seam: serve `key` for `hostname` on every https listener from now on (the
+    /// same store file reloads go through).
+    pub fn install_certificate(&self, hostname: &str, key: Arc<rustls::sign::CertifiedKey>) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hostname.to_ascii_lowercase(), key.clone());
+        for rt in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if let Some(c) = &rt.certs {
+                c.insert(hostname, key.clone());
+            }
         }
     }
 

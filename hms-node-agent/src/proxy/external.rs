@@ -121,10 +121,10 @@ impl EgressResolver {
                 reply.response_code()
             );
         }
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.to_string(), (addrs.clone(), Instant::now() + ttl.max(MIN_TTL)));
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            host.to_string(),
+            (addrs.clone(), Instant::now() + ttl.max(MIN_TTL)),
+        );
         Ok(addrs)
     }
 }

@@ -26,8 +26,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
-    BypassBytes, EgressAddr, EgressConfig, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState, OrigDst, OrigDst6,
-    RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names, program_names, sk_msg_stat,
+    BypassBytes, EgressAddr, EgressConfig, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState,
+    OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names,
+    program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};

@@ -22,8 +22,8 @@
 //! - `local_route`: the IPv6 VIP prefix routed to loopback, so a connect that misses the
 //!   hooks fails on this host instead of leaving it.
 
-pub mod flows;
 mod egress;
+pub mod flows;
 mod generation;
 mod layout;
 mod liveness;

@@ -13,8 +13,8 @@ use hms_ctl::api::ServiceInfo;
 use hms_ctl::spec::{RateLimit, ServiceSpec};
 
 use super::upstream::Via;
-use crate::proxy::external::{EgressResolver, ExternalTarget};
 use crate::cgroup::ServiceCgroups;
+use crate::proxy::external::{EgressResolver, ExternalTarget};
 
 use crate::registry::Snapshot;
 use crate::resilience::balance::Balancer;

@@ -32,8 +32,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
-use crate::proxy::external::ExternalTarget;
 use crate::identity::SpiffeId;
+use crate::proxy::external::ExternalTarget;
 use crate::tunnel::{
     LinkFate, PeerPool, StreamProtocol, TunnelError, TunnelLink, TunnelStream, TunnelTarget,
 };
