@@ -639,7 +639,16 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
         if r.retries.is_some_and(|n| n > 10) {
             return Err(err(f("retries"), line, "at most 10 retries".into()));
         }
+        r.door
+            .validate(&spec.authenticators)
+            .map_err(|e| err(f(&e.field), line, e.message))?;
     }
+    door::validate_authenticators(&spec.authenticators).map_err(|e| {
+        let name = e.field.split('.').nth(1).unwrap_or("authenticators");
+        let line =
+            key_line_from(yaml, name, 1).or_else(|| key_line_from(yaml, "authenticators", 1));
+        err(e.field, line, e.message)
+    })?;
     Ok(normalized(spec))
 }
 
@@ -801,6 +810,23 @@ routes:
         );
         assert_eq!(e.field.as_deref(), Some("routes[0].backends"));
         assert_eq!(e.line, Some(27), "{e}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_spec() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## The gateway: the mesh's door")
+            .nth(1)
+            .expect("README has the gateway section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("the section has a yaml block");
+        let spec = parse(yaml, "README.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.listeners.len(), 2);
+        assert_eq!(spec.routes.len(), 2);
     }
 
     #[test]

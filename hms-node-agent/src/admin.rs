@@ -467,7 +467,11 @@ impl Admin {
             write.write_all(&line).await?;
             Ok(())
         }
-        if self.store.snapshot().service(&filter.service).is_none() {
+        // `gateway` is the gateway's caller name: its requests into the mesh and its own
+        // answers (404, redirects, the door's) are tapped under it.
+        if filter.service != crate::gateway::CALLER
+            && self.store.snapshot().service(&filter.service).is_none()
+        {
             let message = format!(
                 "no service named `{}` is deployed (see `hms-ctl list`)",
                 filter.service

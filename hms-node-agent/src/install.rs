@@ -238,6 +238,11 @@ const KEYS: &[Key] = &[
         doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
         default: "fd48:4d53::/96",
     },
+    Key {
+        name: "gateway",
+        doc: "Serve gateways from the registry on this host: `all` (or `true`), or gateway names separated by commas (`hms-ctl gateway apply`).",
+        default: "none",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -269,6 +274,7 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
         "ipv6" => args.ipv6.map(|b| b.to_string()),
         "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
+        "gateway" => args.gateway.as_ref().map(s),
         _ => None,
     }
 }

@@ -44,8 +44,8 @@ pub struct ListenerConfig {
     pub doors: std::collections::HashMap<String, door::RouteDoor>,
     /// `redirect_https`: the port of the gateway's first https listener.
     pub https_port: Option<u16>,
-    /// Client certificates for the routes' `client_cert` authenticators (the door's).
-    pub client_auth: door::ListenerClientAuth,
+    /// https: asks clients for a certificate (the door's `client_cert` authenticators).
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// A running listener.
@@ -53,10 +53,10 @@ pub struct ListenerRuntime {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub certificate_files: Vec<CertificateFiles>,
-    /// The client-certificate CAs its TLS config asks for (fixed at start).
-    pub client_ca_files: Vec<std::path::PathBuf>,
     pub config: RwLock<Arc<ListenerConfig>>,
     pub certs: Option<Arc<CertStore>>,
+    /// https: rebuilt with the config (the client verifier follows the routes).
+    tls: RwLock<Option<TlsAcceptor>>,
     stop: watch::Sender<bool>,
 }
 
@@ -68,8 +68,21 @@ impl ListenerRuntime {
             .clone()
     }
 
-    pub fn set_config(&self, c: ListenerConfig) {
+    /// New routes (and TLS settings) for the next requests and handshakes.
+    pub fn set_config(&self, c: ListenerConfig) -> anyhow::Result<()> {
+        if let Some(certs) = &self.certs {
+            let acceptor = TlsAcceptor::from(Arc::new(tls_config(
+                certs.clone(),
+                c.client_verifier.clone(),
+            )?));
+            *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(acceptor);
+        }
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops accepting; open connections finish on their own.
@@ -79,8 +92,7 @@ impl ListenerRuntime {
 }
 
 /// The rustls server config of an https listener: TLS 1.3 only (the crate is built without
-/// TLS 1.2), ALPN h2 then http/1.1. With a client verifier (routes with `client_cert`
-/// auth) it asks every client for a certificate and requires none (the door decides).
+/// TLS 1.2), ALPN h2 then http/1.1.
 fn tls_config(
     certs: Arc<CertStore>,
     client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -129,7 +141,7 @@ pub async fn start(
     let acceptor = match &certs {
         Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(
             c.clone(),
-            config.client_auth.verifier.clone(),
+            config.client_verifier.clone(),
         )?))),
         None => None,
     };
@@ -147,20 +159,13 @@ pub async fn start(
         addr,
         protocol: spec.protocol,
         certificate_files: spec.certificates.clone(),
-        client_ca_files: config.client_auth.ca_files.clone(),
         config: RwLock::new(Arc::new(config)),
         certs,
+        tls: RwLock::new(acceptor),
         stop,
     });
     tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, "gateway listener serving");
-    tokio::spawn(accept_loop(
-        host,
-        rt.clone(),
-        listener,
-        acceptor,
-        stopped,
-        drain,
-    ));
+    tokio::spawn(accept_loop(host, rt.clone(), listener, stopped, drain));
     Ok(rt)
 }
 
@@ -168,7 +173,6 @@ async fn accept_loop(
     host: Arc<GatewayHost>,
     rt: Arc<ListenerRuntime>,
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
     mut stopped: watch::Receiver<bool>,
     drain: Drain,
 ) {
@@ -189,7 +193,7 @@ async fn accept_loop(
         };
         let host = host.clone();
         let rt = rt.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = rt.acceptor();
         let drain = drain.clone();
         tokio::spawn(async move {
             let _guard = drain.guard();
