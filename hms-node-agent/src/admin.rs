@@ -467,9 +467,13 @@ impl Admin {
             write.write_all(&line).await?;
             Ok(())
         }
-        // `host` is the caller in no service's cgroup: its calls (and its connects refused
-        // as undeclared egress) are tapped under that name too.
-        if filter.service != "host" && self.store.snapshot().service(&filter.service).is_none() {
+        // `host` is the caller in no service's cgroup (its calls, and its connects refused as
+        // undeclared egress); `gateway` is the gateway's caller name (its requests into the
+        // mesh and its own answers): both are tapped under those names too.
+        if filter.service != "host"
+            && filter.service != crate::gateway::CALLER
+            && self.store.snapshot().service(&filter.service).is_none()
+        {
             let message = format!(
                 "no service named `{}` is deployed (see `hms-ctl list`)",
                 filter.service

@@ -248,6 +248,11 @@ const KEYS: &[Key] = &[
         doc: "Refuse (EPERM) connects from the redirected cgroup to outside addresses that are no declared external service's.",
         default: "false",
     },
+    Key {
+        name: "gateway",
+        doc: "Serve gateways from the registry on this host: `all` (or `true`), or gateway names separated by commas (`hms-ctl gateway apply`).",
+        default: "none",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -281,6 +286,7 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
         "egress-resolver" => args.egress_resolver.as_ref().map(s),
         "refuse-undeclared-egress" => args.refuse_undeclared_egress.map(|b| b.to_string()),
+        "gateway" => args.gateway.as_ref().map(s),
         _ => None,
     }
 }

@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -81,6 +80,22 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a request body must be for the HTTP path: hyper's own (`Incoming`) or the
+/// gateway's (limited to a route's `max_body`).
+pub trait RequestBody:
+    hyper::body::Body<Data = bytes::Bytes, Error: Into<body::BoxError>> + Send + Sync + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = bytes::Bytes, Error: Into<body::BoxError>>
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
+}
 
 /// One request from the gateway (`crate::gateway::request`): it goes through the same
 /// decisions as a meshed caller's, as the caller `gateway`.
@@ -245,7 +260,7 @@ impl HttpProxy {
     /// connection of its own: the gateway's connections carry requests for many services.
     pub async fn serve_gateway_request(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         call: GatewayCall,
         drain: Drain,
     ) -> Response<ProxyBody> {
@@ -260,7 +275,11 @@ impl HttpProxy {
         self.handle(req, Arc::new(conn)).await
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+    async fn handle<B: RequestBody>(
+        &self,
+        mut req: Request<B>,
+        conn: Arc<Conn>,
+    ) -> Response<ProxyBody> {
         conn.request_started();
         let ds = &conn.ds;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -389,9 +408,9 @@ impl HttpProxy {
         Response::from_parts(parts, body.boxed())
     }
 
-    async fn decide_and_forward(
+    async fn decide_and_forward<B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         svc: &ServiceInfo,
         snapshot: &Snapshot,
         conn: &Conn,
@@ -438,9 +457,9 @@ impl HttpProxy {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward<B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
         route: RouteSettings,
@@ -698,9 +717,9 @@ impl HttpProxy {
 
     /// WebSocket and other `Upgrade` requests: one attempt on a connection of their own,
     /// then the two upgraded streams are spliced.
-    async fn forward_upgrade(
+    async fn forward_upgrade<B: RequestBody>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
         conn: &Conn,
