@@ -14,8 +14,10 @@ pub struct RequestLabels {
     /// The route's name; `-` when none matched.
     pub route: String,
     pub status_class: String,
-    /// `<method>:<name>` of the door's subject; empty for anonymous requests.
-    pub subject: String,
+    /// How the door authenticated the caller (`api-key`, `jwt`, `client-cert`) or `none`.
+    /// Not the subject itself: token subjects are unbounded, and a label per caller would
+    /// grow the exposition without limit. Taps carry the subject.
+    pub auth: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,7 +43,7 @@ impl GatewayMetrics {
         let m = GatewayMetrics::default();
         metrics.register(
             "gateway_requests",
-            "Requests the gateway answered, by gateway, listener, route, status class and authenticated subject",
+            "Requests the gateway answered, by gateway, listener, route, status class and authentication method",
             m.requests.clone(),
         );
         metrics.register(

@@ -371,7 +371,10 @@ impl GatewayHost {
                 listener: listener.into(),
                 route: route.into(),
                 status_class: format!("{}xx", status.as_u16() / 100),
-                subject: subject.unwrap_or("").into(),
+                auth: subject
+                    .and_then(|s| s.split(':').next())
+                    .unwrap_or("none")
+                    .into(),
             })
             .inc();
     }

@@ -384,6 +384,35 @@ async fn within<T>(
     }
 }
 
+/// etcd answers "revision of auth store is old" when a user or role change was applied
+/// between its permission check of a request and the request's apply (another host being
+/// admitted, a placement granting roles). The request itself was fine: send it again, as
+/// etcd's own Go client does.
+pub(super) fn auth_raced(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("revision of auth store is old")
+}
+
+/// [`within`] for a request that may be sent again: retried (a few times, briefly) when it
+/// only lost the race above.
+pub(super) async fn within_retrying_auth_race<T, Fut>(
+    limit: Duration,
+    mut request: impl FnMut() -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match within(limit, request()).await {
+            Err(e) if auth_raced(&e) && attempt < 6 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// etcd's "permission denied" becomes what the operator can do about it.
 fn explain_denied(e: anyhow::Error, service: &str, node: &str) -> anyhow::Error {
     if format!("{e:#}").contains("permission denied") {
