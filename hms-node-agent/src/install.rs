@@ -1397,6 +1397,8 @@ mod tests {
             "--egress-resolver",
             "127.0.0.53:53",
             "--refuse-undeclared-egress",
+            "--gateway",
+            "public,admin",
         ]);
         // Only from a file (install reads --join-token-file into it).
         given.join_token = Some("hms2.abc".into());
