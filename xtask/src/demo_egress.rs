@@ -137,18 +137,22 @@ impl Treasury {
             println!("     nothing: payments-svc's calls did not reach it; see the agent's log");
         }
         println!("   What the mesh saw: hms-ctl tap treasury-api --last 3 -o wide");
-        print!(
-            "{}",
-            indent(&ctl(&[
-                "tap".as_ref(),
-                "treasury-api".as_ref(),
-                "--last".as_ref(),
-                "3".as_ref(),
-                "-o".as_ref(),
-                "wide".as_ref(),
-            ])?)
-        );
-        Ok(!transfers.is_empty())
+        let tap = ctl(&[
+            "tap".as_ref(),
+            "treasury-api".as_ref(),
+            "--last".as_ref(),
+            "3".as_ref(),
+            "-o".as_ref(),
+            "wide".as_ref(),
+        ])?;
+        print!("{}", indent(&tap));
+        // The treasury's log proves the transfer arrived; the tap's upstream proves it
+        // arrived through the mesh's egress, not by some direct path.
+        let upstream = format!("https://127.0.0.1:{PORT}");
+        if !tap.contains(&upstream) {
+            println!("     no tap line with upstream {upstream}: the mesh did not carry the call");
+        }
+        Ok(!transfers.is_empty() && tap.contains(&upstream))
     }
 }
 
