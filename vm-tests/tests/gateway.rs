@@ -714,8 +714,23 @@ fn two_gateway_hosts_serve_the_same_routes_from_the_registry_and_only_the_operat
     m.wait_for_instances(1, "shop-svc", 1);
     m.wait_for_instances(2, "shop-svc", 1);
     // The operator lets hosts B and C speak as the gateway inside the mesh.
-    m.place("gateway", 1);
-    m.place("gateway", 2);
+    // etcd refuses a request made with an auth revision its role changes just moved past
+    // ("revision of auth store is old": the placement of shop-svc granted roles a moment
+    // ago); the operator's command is then simply run again.
+    let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    loop {
+        let out = m.agents[0].ctl(&["place", "gateway", "--on", "host-b,host-c"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            text(&out).contains("revision of auth store is old")
+                && std::time::Instant::now() < deadline,
+            "place gateway: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let ca = TestCa::new(m.dir.path(), "ca");
     let (cert, key) = ca.issue(m.dir.path(), "shop", &["shop.test"]);
