@@ -7,6 +7,7 @@ mod bench_env;
 mod bench_load;
 mod cgroup;
 mod demo;
+mod demo_egress;
 mod demo_gateway;
 mod interrupt;
 mod loopback_ports;
