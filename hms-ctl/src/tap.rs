@@ -33,12 +33,14 @@ impl Printer {
         if self.output == Output::Wide {
             cols.extend(["PROCESS", "UPSTREAM", "MESH", "RTT"]);
         }
-        let mut line = cols.join("\t");
-        for h in &self.headers {
-            line.push('\t');
-            line.push_str(h);
-        }
-        println!("{}", hms_ctl::escape::lines(&line));
+        // Each column escaped on its own: the tabs between them are the layout (escaping the
+        // joined line printed them as `\x09`).
+        let line: Vec<_> = cols
+            .into_iter()
+            .chain(self.headers.iter().map(String::as_str))
+            .map(hms_ctl::escape::cell)
+            .collect();
+        println!("{}", line.join("\t"));
     }
 
     /// Prints one message; false ends the stream.
