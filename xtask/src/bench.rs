@@ -114,6 +114,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub reps: Option<u32>,
     pub bin_dir: Option<PathBuf>,
+    /// Fixed rates (`1000`, `max`) instead of the mode's; the scale bench's rate curve.
+    pub rates: Vec<String>,
     /// Filled in by `run`.
     pub loadavg_at_start: Option<f64>,
 }
@@ -306,6 +308,20 @@ fn plan(opts: &Options) -> anyhow::Result<Plan> {
             Duration::from_secs(10),
         )
     };
+    let rates = if opts.rates.is_empty() {
+        rates
+    } else {
+        opts.rates
+            .iter()
+            .map(|r| match r.as_str() {
+                "max" => Ok(None),
+                n => n
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| anyhow::anyhow!("--rates: numbers or `max`, not `{n}`")),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     Ok(Plan {
         scenarios,
         rates,
@@ -314,7 +330,7 @@ fn plan(opts: &Options) -> anyhow::Result<Plan> {
     })
 }
 
-fn binaries(opts: &Options) -> anyhow::Result<Bins> {
+pub fn binaries(opts: &Options) -> anyhow::Result<Bins> {
     let (dir, xtask) = match &opts.bin_dir {
         Some(d) => (
             d.clone(),

@@ -5,6 +5,14 @@ mod bench;
 mod bench_backend;
 mod bench_env;
 mod bench_load;
+mod bench_scale;
+mod bench_scale_conns;
+mod bench_scale_hold;
+mod bench_scale_hosts;
+mod bench_scale_mesh;
+mod bench_scale_plot;
+mod bench_scale_rate;
+mod bench_scale_services;
 mod cgroup;
 mod demo;
 mod interrupt;
@@ -89,6 +97,17 @@ enum Command {
         /// Use hms-node-agent and hms-ctl from this directory instead of building release ones.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Cost curves instead (services, hosts, connections, request rate), plotted as SVG
+        /// into docs/ (with --quick: into target/hms-bench/scale/). See docs/bench.md.
+        #[arg(long)]
+        scale: bool,
+        /// Only these curves with --scale (comma-separated): services, hosts, connections, rate.
+        #[arg(long, value_delimiter = ',')]
+        curve: Vec<String>,
+        /// Fixed rates instead of the default ones (comma-separated numbers or `max`); the
+        /// scale bench's rate curve uses it.
+        #[arg(long, value_delimiter = ',', hide = true)]
+        rates: Vec<String>,
     },
     /// The bench's 1 KiB HTTP backend (internal).
     #[command(hide = true)]
@@ -98,6 +117,15 @@ enum Command {
     },
     /// The bench's load generator (internal): prints one JSON line.
     #[command(hide = true)]
+    /// The scale bench's connection holder (internal): opens N keep-alive connections,
+    /// then obeys `check` / `active RATE SECONDS` lines on stdin.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        connections: usize,
+    },
     BenchLoad {
         #[arg(long)]
         url: String,
@@ -127,10 +155,27 @@ fn main() -> ExitCode {
         Command::Bench {
             quick,
             output,
+            duration,
+            bin_dir,
+            scale,
+            curve,
+            ..
+        } if scale => bench_scale::run(bench_scale::Options {
+            quick,
+            json: output == Output::Json,
+            bin_dir,
+            curves: curve,
+            duration,
+        }),
+        Command::Bench {
+            quick,
+            output,
             scenario,
             duration,
             reps,
             bin_dir,
+            rates,
+            ..
         } => bench::run(bench::Options {
             quick,
             json: output == Output::Json,
@@ -138,8 +183,10 @@ fn main() -> ExitCode {
             duration,
             reps,
             bin_dir,
+            rates,
             loadavg_at_start: None,
         }),
+        Command::BenchHold { url, connections } => bench_scale_hold::run(&url, connections),
         Command::BenchBackend { listen } => bench_backend::run(listen),
         Command::BenchLoad {
             url,
