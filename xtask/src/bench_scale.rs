@@ -227,7 +227,8 @@ fn targets(report: &Value) -> Value {
         }
     }
     for p in points(report, "connections") {
-        let n = f(&p["connections"]);
+        // Budgeted for the connections the agent holds open (the cap may refuse some).
+        let n = f(&p["opened"]);
         let rss = f(&p["agent_rss_mb"]).max(f(&p["agent_rss_mb_active"]));
         rss_checks.push((format!("{n} connections"), rss, rss_budget_mb(n, 1.0)));
     }
@@ -583,17 +584,18 @@ fn markdown(r: &Value) -> String {
     if !cv.is_empty() {
         s.push_str(&format!(
             "\n## Connections (one host; agent fd limit {}, outbound cap {})\n\n",
-            conns::FD_LIMIT,
-            cv[0]["outbound_cap"]
+            cv[0]["fd_limit"], cv[0]["outbound_cap"]
         ));
-        s.push_str("| connections | held (answered at the end) | agent RSS idle / active MB | KB per connection | agent fds | 1000 rps beside idle: p50 / p99 µs | beside active: p50 / p99 µs | requests answered (idle + active + holder) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| connections | opened / refused | held (answered at the end) | agent RSS idle / active MB | KB per connection | agent fds | 1000 rps beside idle: p50 / p99 µs | beside active: p50 / p99 µs | requests answered (idle + active + holder) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in cv {
             let answered = p["idle"]["completed"].as_u64().unwrap_or(0)
                 + p["active"]["completed"].as_u64().unwrap_or(0)
                 + p["active_holder"]["answered"].as_u64().unwrap_or(0);
             s.push_str(&format!(
-                "| {} | {} | {} / {} | {} | {} | {} / {} | {} / {} | {answered} |\n",
+                "| {} | {} / {} | {} | {} / {} | {} | {} | {} / {} | {} / {} | {answered} |\n",
                 p["connections"],
+                p["opened"],
+                p["refused"],
                 p["held"],
                 num(&p["agent_rss_mb"], 1),
                 num(&p["agent_rss_mb_active"], 1),
