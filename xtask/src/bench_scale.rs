@@ -109,6 +109,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let ids = DnsIds(AtomicU16::new(1));
     let mut report = json!({
         "mode": if q { "quick" } else { "full" },
+        "pid": std::process::id(),
+        "out_dir": out_dir.display().to_string(),
         "loadavg_at_start": loadavg0,
     });
     let result = (|| -> anyhow::Result<()> {
@@ -153,14 +155,16 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         if want("rate") {
             let plan = rate::Plan {
                 rates: if q {
-                    vec![1000, 2000, 4000]
+                    vec![1000, 2000, 3000]
                 } else {
                     vec![1000, 2000, 5000, 10_000, 20_000]
                 },
                 duration: load_d,
                 reps: if q { 1 } else { 2 },
             };
-            report["rate"] = json!(rate::run(&bins, &work, &plan)?);
+            let (points, child) = rate::run(&bins, &work, &plan)?;
+            report["rate"] = json!(points);
+            report["rate_bench"] = child;
         }
         Ok(())
     })();

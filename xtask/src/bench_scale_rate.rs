@@ -22,7 +22,8 @@ pub struct Plan {
 
 pub const SCENARIOS: [&str; 3] = ["haproxy", "hms-one-host-sk-msg", "hms-two-hosts"];
 
-pub fn run(bins: &Bins, work: &Path, plan: &Plan) -> anyhow::Result<Vec<Value>> {
+/// The curve's points, and the child bench's report (for its pid and machine).
+pub fn run(bins: &Bins, work: &Path, plan: &Plan) -> anyhow::Result<(Vec<Value>, Value)> {
     let bin_dir = bins.agent.parent().context("agent's directory")?;
     let mut rates: Vec<String> = plan.rates.iter().map(|r| r.to_string()).collect();
     rates.push("max".into());
@@ -87,5 +88,5 @@ pub fn run(bins: &Bins, work: &Path, plan: &Plan) -> anyhow::Result<Vec<Value>> 
         eprintln!("bench: rate {p}");
         points.push(p);
     }
-    Ok(points)
+    Ok((points, json!({"pid": report["pid"], "command": report["command"]})))
 }
