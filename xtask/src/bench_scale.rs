@@ -528,10 +528,10 @@ fn markdown(r: &Value) -> String {
     let sv = points(r, "services");
     if !sv.is_empty() {
         s.push_str("\n## Services (3 hosts, deployed on host 1)\n\n");
-        s.push_str("| services | resolved per host | deploy→resolvable same host p50 / p99 ms | every other host p50 / p99 ms | RSS deployer / watcher MB | DNS p50 / p99 µs | watch CPU ms per deploy | batch s |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| services | resolved per host | deploy→resolvable same host p50 / p99 ms | every other host p50 / p99 ms | RSS deployer / watcher MB | DNS p50 / p99 µs | watch CPU ms per deploy | batch s | etcd keys / DB MB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in sv {
             s.push_str(&format!(
-                "| {} | {} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} |\n",
+                "| {} | {} | {} / {} | {} / {} | {} / {} | {} / {} | {} | {} | {} / {} |\n",
                 p["services"],
                 p["resolved_per_host"],
                 ms(&p["deploy_same_host_ms"]["p50"]),
@@ -544,6 +544,8 @@ fn markdown(r: &Value) -> String {
                 num(&p["dns_us"]["p99"], 0),
                 num(&p["watch_cpu_ms_per_change"], 3),
                 num(&p["batch_s"], 1),
+                p["etcd_keys"],
+                num(&p["etcd_db_mb"], 1),
             ));
         }
         s.push('\n');
@@ -559,15 +561,16 @@ fn markdown(r: &Value) -> String {
     let hv = points(r, "hosts");
     if !hv.is_empty() {
         s.push_str("\n## Hosts (one etcd; the services above stay deployed)\n\n");
-        s.push_str("| hosts | services in registry | deploy→resolvable on every host p50 / p99 ms | etcd keys | etcd CPU % of a core | etcd RSS MB | death → left every view s (hosts that saw it) |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| hosts | services in registry | deploy→resolvable on every host p50 / p99 ms | etcd keys | etcd DB MB | etcd CPU % of a core | etcd RSS MB | death → left every view s (hosts that saw it) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in hv {
             s.push_str(&format!(
-                "| {} | {} | {} / {} | {} | {} | {} | {} ({}) |\n",
+                "| {} | {} | {} / {} | {} | {} | {} | {} | {} ({}) |\n",
                 p["hosts"],
                 p["services_in_registry"],
                 ms(&p["deploy_every_host_ms"]["p50"]),
                 ms(&p["deploy_every_host_ms"]["p99"]),
                 p["etcd_keys"],
+                num(&p["etcd_db_mb"], 1),
                 num(&json!(f(&p["etcd_cores"]) * 100.0), 1),
                 num(&p["etcd_rss_mb"], 0),
                 num(&p["death_left_every_view_s"], 2),

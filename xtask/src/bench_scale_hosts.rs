@@ -112,6 +112,7 @@ pub fn run(mesh: &mut ScaleMesh, plan: &Plan, ids: &DnsIds) -> anyhow::Result<Ve
             "deploy_same_host_ms": {"p50": pct(&mut same, 50.0), "p99": pct(&mut same, 99.0)},
             "deploy_every_host_ms": {"p50": pct(&mut every, 50.0), "p99": pct(&mut every, 99.0)},
             "etcd_keys": keys,
+            "etcd_db_mb": mesh.etcd_db_bytes().map(|b| b / 1e6),
             "etcd_cpu_s": etcd_cpu,
             "etcd_cores": etcd_cpu.as_f64().map(|c| c / wall),
             "etcd_rss_mb": crate::bench_env::rss_mb(mesh.etcd.pid()),

@@ -245,6 +245,28 @@ impl ScaleMesh {
     }
 }
 
+impl ScaleMesh {
+    /// etcd's database size in use (bytes, `etcd_mvcc_db_total_size_in_use_in_bytes` from its
+    /// /metrics): what the registry costs etcd on disk and in its page cache.
+    pub fn etcd_db_bytes(&self) -> Option<f64> {
+        let ns = &self.hosts.first()?.netns;
+        let out = crate::tools::command("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(crate::tools::path_of("curl"))
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{}:2379/metrics", host_addr(1)))
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            l.strip_prefix("etcd_mvcc_db_total_size_in_use_in_bytes ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
 fn host_addr(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], index as u8)
 }

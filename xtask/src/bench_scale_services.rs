@@ -223,6 +223,8 @@ pub fn run(mesh: &ScaleMesh, plan: &Plan, ids: &DnsIds) -> anyhow::Result<Vec<Va
             "dns_us": {"p50": pct(&mut dns.clone(), 50.0), "p99": pct(&mut dns.clone(), 99.0)},
             "dns_answered": answered,
             "watch_cpu_s": watch_cpu,
+            "etcd_keys": mesh.etcd_keys().ok(),
+            "etcd_db_mb": mesh.etcd_db_bytes().map(|b| b / 1e6),
             "watch_cpu_ms_per_change": if added > 0 { json!(watch_cpu * 1e3 / added as f64) } else { Value::Null },
         }));
         eprintln!("bench: services {n}: {}", points.last().expect("pushed"));
