@@ -29,6 +29,13 @@ fn u(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn every_point_of_every_scale_curve_really_ran() {
+    if vm_tests::in_vm() {
+        // About 2.5 minutes on the host (thirty agents, four lease expiries); under software
+        // emulation many times that, for a measurement tool whose kernel paths (hooks,
+        // namespaces, etcd meshes) the other tests already run on 6.1.
+        eprintln!("NOT RUN in the VM: the scale bench's quick form is too slow under emulation");
+        return;
+    }
     let xtask = bins::path("xtask");
     let bin_dir = xtask.parent().unwrap().to_path_buf();
     let out = vm_tests::tools::workspace_binary(&xtask)
@@ -38,7 +45,10 @@ fn every_point_of_every_scale_curve_really_ran() {
         .output()
         .expect("running xtask bench --scale");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "xtask bench --scale failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "xtask bench --scale failed:\n{stderr}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("bench --scale -o json is not JSON ({e}):\n{stderr}"));
 
@@ -50,9 +60,17 @@ fn every_point_of_every_scale_curve_really_ran() {
             .iter()
             .map(u)
             .collect();
-        assert_eq!(resolved, vec![n; 3], "every service resolved on every host: {p}");
+        assert_eq!(
+            resolved,
+            vec![n; 3],
+            "every service resolved on every host: {p}"
+        );
         assert_eq!(u(&p["probes"]), 5, "{p}");
-        assert_eq!(u(&p["dns_answered"]), 200, "every timed DNS query answered: {p}");
+        assert_eq!(
+            u(&p["dns_answered"]),
+            200,
+            "every timed DNS query answered: {p}"
+        );
         assert!(p["rss_mb_deployer"].as_f64().unwrap() > 0.0, "{p}");
     }
     let mut last_hosts = 0;
@@ -61,7 +79,11 @@ fn every_point_of_every_scale_curve_really_ran() {
         assert!(n > last_hosts, "the mesh grew: {p}");
         last_hosts = n;
         assert_eq!(u(&p["hosts_up"]), n, "{p}");
-        assert_eq!(u(&p["death_seen_by"]), n, "every survivor saw the death: {p}");
+        assert_eq!(
+            u(&p["death_seen_by"]),
+            n,
+            "every survivor saw the death: {p}"
+        );
         assert_eq!(u(&p["probes"]), 3, "{p}");
         assert!(u(&p["etcd_keys"]) > 0, "{p}");
     }
@@ -69,7 +91,10 @@ fn every_point_of_every_scale_curve_really_ran() {
         let n = u(&p["connections"]);
         assert_eq!(u(&p["opened"]), n, "{p}");
         assert_eq!(u(&p["held"]), n, "still open and answering at the end: {p}");
-        assert!(u(&p["agent_fds"]) >= n, "the agent holds a socket per connection: {p}");
+        assert!(
+            u(&p["agent_fds"]) >= n,
+            "the agent holds a socket per connection: {p}"
+        );
         for run in ["idle", "active"] {
             assert_eq!(u(&p[run]["completed"]), 500, "1000 rps for 500 ms: {p}");
             assert_eq!(u(&p[run]["failed"]), 0, "{p}");
@@ -106,7 +131,11 @@ fn every_point_of_every_scale_curve_really_ran() {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with(&prefix))
                 .collect();
-            assert!(left.is_empty(), "the bench left {left:?} in {}", dir.display());
+            assert!(
+                left.is_empty(),
+                "the bench left {left:?} in {}",
+                dir.display()
+            );
         }
         let ns_prefix = format!("hmsb{pid}-");
         let left: Vec<String> = std::fs::read_dir("/run/netns")

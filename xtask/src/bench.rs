@@ -1431,6 +1431,7 @@ mod tests {
             duration: None,
             reps: None,
             bin_dir: None,
+            rates: vec![],
             loadavg_at_start: None,
         };
         let p = plan(&opts).unwrap();
@@ -1439,6 +1440,12 @@ mod tests {
             vec![Scenario::DirectTwoHosts, Scenario::HmsTwoHosts]
         );
         assert_eq!(p.rates, vec![Some(1000), None]);
+        let p = plan(&Options {
+            rates: vec!["1000".into(), "5000".into(), "max".into()],
+            ..opts
+        })
+        .unwrap();
+        assert_eq!(p.rates, vec![Some(1000), Some(5000), None]);
         assert!(Scenario::parse("nope").is_err());
     }
 

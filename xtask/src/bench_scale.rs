@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::bench_scale_plot::{self as plot, Chart, Series};
 use crate::bench_scale_conns as conns;
 use crate::bench_scale_hosts as hosts;
+use crate::bench_scale_plot::{self as plot, Chart, Series};
 use crate::bench_scale_rate as rate;
 use crate::bench_scale_services as services;
 use crate::{bench, bench_env, interrupt, workspace};
@@ -133,7 +133,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             interrupt::check()?;
             if want("hosts") {
                 let plan = hosts::Plan {
-                    points: if q { vec![3, 4, 5, 6] } else { vec![3, 6, 12, 24] },
+                    points: if q {
+                        vec![3, 4, 5, 6]
+                    } else {
+                        vec![3, 6, 12, 24]
+                    },
                     probes: if q { 3 } else { 20 },
                 };
                 report["hosts"] = json!(hosts::run(&mut mesh, &plan, &ids)?);
@@ -239,7 +243,7 @@ fn targets(report: &Value) -> Value {
     if !rss_checks.is_empty() {
         let missed: Vec<String> = rss_checks
             .iter()
-            .filter(|(_, rss, budget)| !(rss <= budget))
+            .filter(|(_, rss, budget)| !at_most(*rss, *budget))
             .map(|(at, rss, budget)| format!("{at}: {rss:.1} MB > {budget:.1} MB"))
             .collect();
         out.push(json!({
@@ -259,7 +263,7 @@ fn targets(report: &Value) -> Value {
         for p in rate {
             let hms = f(&p["hms-one-host-sk-msg"]["cpu_s_per_1000"]);
             let ha = f(&p["haproxy"]["cpu_s_per_1000"]);
-            if !(hms <= ha) {
+            if !at_most(hms, ha) {
                 worse.push(format!("{}: {hms:.3} > {ha:.3}", p["rate"]));
             }
         }
@@ -286,6 +290,12 @@ fn targets(report: &Value) -> Value {
     json!(out)
 }
 
+/// `a <= b`, false when either is not a number (unmeasured counts as not met).
+fn at_most(a: f64, b: f64) -> bool {
+    a.partial_cmp(&b)
+        .is_some_and(|o| o != std::cmp::Ordering::Greater)
+}
+
 fn series(name: &str, pts: &[Value], x: &str, y: impl Fn(&Value) -> f64) -> Series {
     Series {
         name: name.into(),
@@ -307,8 +317,12 @@ fn plots(report: &Value, dir: &Path) -> anyhow::Result<Vec<String>> {
                 y_label: "ms",
                 log_x: true,
                 series: vec![
-                    series("same host p50", sv, x, |p| f(&p["deploy_same_host_ms"]["p50"])),
-                    series("same host p99", sv, x, |p| f(&p["deploy_same_host_ms"]["p99"])),
+                    series("same host p50", sv, x, |p| {
+                        f(&p["deploy_same_host_ms"]["p50"])
+                    }),
+                    series("same host p99", sv, x, |p| {
+                        f(&p["deploy_same_host_ms"]["p99"])
+                    }),
                     series("every other host p50", sv, x, |p| {
                         f(&p["deploy_every_host_ms"]["p50"])
                     }),
@@ -328,7 +342,9 @@ fn plots(report: &Value, dir: &Path) -> anyhow::Result<Vec<String>> {
                 series: vec![
                     series("deploying host", sv, x, |p| f(&p["rss_mb_deployer"])),
                     series("watching host", sv, x, |p| f(&p["rss_mb_watcher"])),
-                    series("target", sv, x, |p| rss_budget_mb(0.0, f(&p["services_total"]))),
+                    series("target", sv, x, |p| {
+                        rss_budget_mb(0.0, f(&p["services_total"]))
+                    }),
                 ],
             },
         ));
@@ -420,7 +436,9 @@ fn plots(report: &Value, dir: &Path) -> anyhow::Result<Vec<String>> {
                 series: vec![
                     series("idle", cv, x, |p| f(&p["agent_rss_mb"])),
                     series("active", cv, x, |p| f(&p["agent_rss_mb_active"])),
-                    series("target", cv, x, |p| rss_budget_mb(f(&p["connections"]), 1.0)),
+                    series("target", cv, x, |p| {
+                        rss_budget_mb(f(&p["connections"]), 1.0)
+                    }),
                 ],
             },
         ));
@@ -640,7 +658,10 @@ fn markdown(r: &Value) -> String {
                 num(&ha["cpu_s_per_1000"], 3),
                 num(&one["rps"], 0),
                 num(&one["cpu_s_per_1000"], 3),
-                num(&json!(f(&one["cpu_s_per_1000"]) / f(&ha["cpu_s_per_1000"])), 2),
+                num(
+                    &json!(f(&one["cpu_s_per_1000"]) / f(&ha["cpu_s_per_1000"])),
+                    2
+                ),
                 num(&two["rps"], 0),
                 num(&two["cpu_s_per_1000"], 3),
             ));

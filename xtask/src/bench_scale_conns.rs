@@ -88,7 +88,7 @@ impl Holder {
         Ok(serde_json::from_str(&l)?)
     }
 
-    fn command(&mut self, cmd: &str) -> anyhow::Result<()> {
+    fn send(&mut self, cmd: &str) -> anyhow::Result<()> {
         writeln!(self.stdin, "{cmd}")?;
         self.stdin.flush()?;
         Ok(())
@@ -121,11 +121,19 @@ fn setup(bins: &Bins, work: &Path, sock_dir: &Path) -> anyhow::Result<OneHost> {
         },
     )?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, bench_env::free_port()?));
-    let backend =
-        bench_env::start_backend(bins, None, Some(&cgroup.path), addr, &work.join("backend-conn.log"))?;
+    let backend = bench_env::start_backend(
+        bins,
+        None,
+        Some(&cgroup.path),
+        addr,
+        &work.join("backend-conn.log"),
+    )?;
     agent.deploy(
         work,
-        &format!("name: {SERVICE}\nport: {}\npolicy: allow_from_any\n", addr.port()),
+        &format!(
+            "name: {SERVICE}\nport: {}\npolicy: allow_from_any\n",
+            addr.port()
+        ),
     )?;
     Ok(OneHost {
         agent,
@@ -172,7 +180,10 @@ pub fn run(bins: &Bins, work: &Path, sock_dir: &Path, plan: &Plan) -> anyhow::Re
     // Warm-up (first connections, pools, allocator), then the baseline.
     let warm = load_1000(bins, &host.cgroup.path, Duration::from_secs(1), "warmup")?;
     if warm["completed"].as_u64().unwrap_or(0) == 0 {
-        bail!("warm-up through the agent failed: {warm}\n{}", host.agent.log());
+        bail!(
+            "warm-up through the agent failed: {warm}\n{}",
+            host.agent.log()
+        );
     }
     let rss0 = rss_mb(pid);
     let fds0 = fds(pid);
@@ -189,11 +200,16 @@ pub fn run(bins: &Bins, work: &Path, sock_dir: &Path, plan: &Plan) -> anyhow::Re
         let rss = rss_mb(pid);
         let fds_n = fds(pid);
         let idle = load_1000(bins, &host.cgroup.path, plan.duration, &format!("idle-{n}"))?;
-        holder.command(&format!("active 1000 {}", plan.duration.as_secs_f64()))?;
-        let active = load_1000(bins, &host.cgroup.path, plan.duration, &format!("active-{n}"))?;
+        holder.send(&format!("active 1000 {}", plan.duration.as_secs_f64()))?;
+        let active = load_1000(
+            bins,
+            &host.cgroup.path,
+            plan.duration,
+            &format!("active-{n}"),
+        )?;
         let active_hold = holder.line()?;
         let rss_active = rss_mb(pid);
-        holder.command("check")?;
+        holder.send("check")?;
         let check = holder.line()?;
         // Per connection the agent really holds (the cap may have refused some).
         let opened = holder.opened["open"].as_u64().unwrap_or(0).max(1) as f64;

@@ -43,7 +43,9 @@ pub fn draw(path: &Path, chart: &Chart) -> anyhow::Result<()> {
             .flat_map(|s| s.points.iter())
             .filter(|(x, y)| x.is_finite() && y.is_finite())
     };
-    let (mut x0, mut x1) = all().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+    let (mut x0, mut x1) = all().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| {
+        (a.min(*x), b.max(*x))
+    });
     let y1 = all().fold(0.0f64, |a, (_, y)| a.max(*y));
     if x0 > x1 {
         (x0, x1) = (1.0, 10.0);
@@ -92,14 +94,18 @@ pub fn draw(path: &Path, chart: &Chart) -> anyhow::Result<()> {
         }};
     }
     if chart.log_x {
-        body!(builder
-            .build_cartesian_2d((x0.max(1e-3)..x1 * 1.1).log_scale(), 0.0..y1)
-            .map_err(plot_err)?);
+        body!(
+            builder
+                .build_cartesian_2d((x0.max(1e-3)..x1 * 1.1).log_scale(), 0.0..y1)
+                .map_err(plot_err)?
+        );
     } else {
         let pad = (x1 - x0).max(1.0) * 0.05;
-        body!(builder
-            .build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y1)
-            .map_err(plot_err)?);
+        body!(
+            builder
+                .build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y1)
+                .map_err(plot_err)?
+        );
     }
     root.present()
         .map_err(plot_err)

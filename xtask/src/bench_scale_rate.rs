@@ -88,5 +88,8 @@ pub fn run(bins: &Bins, work: &Path, plan: &Plan) -> anyhow::Result<(Vec<Value>,
         eprintln!("bench: rate {p}");
         points.push(p);
     }
-    Ok((points, json!({"pid": report["pid"], "command": report["command"]})))
+    Ok((
+        points,
+        json!({"pid": report["pid"], "command": report["command"]}),
+    ))
 }
