@@ -18,8 +18,9 @@ use crate::bench_scale::{DnsIds, pct};
 use crate::bench_scale_mesh::{AdminConn, Host, ScaleMesh, dns_socket, resolve};
 use crate::interrupt;
 
-/// Admin connections deploying at once (the agent serves each connection in order).
-const DEPLOYERS: usize = 4;
+/// Admin connections deploying at once (the agent serves each connection in order; with
+/// many in flight its watch delivers several changes per response, as under real churn).
+const DEPLOYERS: usize = 32;
 
 pub struct Plan {
     pub points: Vec<usize>,
