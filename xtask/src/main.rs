@@ -104,6 +104,10 @@ enum Command {
         /// Only these curves with --scale (comma-separated): services, hosts, connections, rate.
         #[arg(long, value_delimiter = ',')]
         curve: Vec<String>,
+        /// The services curve's points with --scale (comma-separated counts)
+        /// [default: 10,100,1000,3000; --quick 10,30,100,300].
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<usize>,
         /// Fixed rates instead of the default ones (comma-separated numbers or `max`); the
         /// scale bench's rate curve uses it.
         #[arg(long, value_delimiter = ',', hide = true)]
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
             bin_dir,
             scale,
             curve,
+            services,
             ..
         } if scale => bench_scale::run(bench_scale::Options {
             quick,
@@ -166,6 +171,7 @@ fn main() -> ExitCode {
             bin_dir,
             curves: curve,
             duration,
+            services,
         }),
         Command::Bench {
             quick,
