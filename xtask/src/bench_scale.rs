@@ -136,7 +136,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     probes: if q { 5 } else { 20 },
                     dns_queries: if q { 200 } else { 1000 },
                 };
-                report["services"] = json!(services::run(&mesh, &plan, &ids)?);
+                match services::run(&mesh, &plan, &ids) {
+                    Ok(p) => report["services"] = json!(p),
+                    Err(e) => curve_failed(&mut report, "services", e)?,
+                }
             }
             interrupt::check()?;
             if want("hosts") {
@@ -148,7 +151,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     },
                     probes: if q { 3 } else { 20 },
                 };
-                report["hosts"] = json!(hosts::run(&mut mesh, &plan, &ids)?);
+                match hosts::run(&mut mesh, &plan, &ids) {
+                    Ok(p) => report["hosts"] = json!(p),
+                    Err(e) => curve_failed(&mut report, "hosts", e)?,
+                }
             }
         }
         interrupt::check()?;
@@ -161,7 +167,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 },
                 duration: load_d,
             };
-            report["connections"] = json!(conns::run(&bins, &work, &sock_dir, &plan)?);
+            match conns::run(&bins, &work, &sock_dir, &plan) {
+                Ok(p) => report["connections"] = json!(p),
+                Err(e) => curve_failed(&mut report, "connections", e)?,
+            }
         }
         interrupt::check()?;
         if want("rate") {
@@ -174,9 +183,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 duration: load_d,
                 reps: if q { 1 } else { 2 },
             };
-            let (points, child) = rate::run(&bins, &work, &plan)?;
-            report["rate"] = json!(points);
-            report["rate_bench"] = child;
+            match rate::run(&bins, &work, &plan) {
+                Ok((points, child)) => {
+                    report["rate"] = json!(points);
+                    report["rate_bench"] = child;
+                }
+                Err(e) => curve_failed(&mut report, "rate", e)?,
+            }
         }
         Ok(())
     })();
@@ -201,6 +214,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         print!("{md}");
     }
+    Ok(())
+}
+
+/// A curve that failed is reported (`errors`) and the others still run; Ctrl-C stops all.
+fn curve_failed(report: &mut Value, curve: &str, e: anyhow::Error) -> anyhow::Result<()> {
+    interrupt::check()?;
+    eprintln!("bench: the {curve} curve failed: {e:#}");
+    report["errors"][curve] = json!(format!("{e:#}"));
     Ok(())
 }
 
@@ -530,6 +551,14 @@ fn markdown(r: &Value) -> String {
         num(&r["loadavg_at_start"], 2),
         num(&r["loadavg_at_end"], 2),
     );
+    if let Some(errors) = r["errors"].as_object() {
+        for (curve, e) in errors {
+            s.push_str(&format!(
+                "**The {curve} curve failed:** {}\n\n",
+                e.as_str().unwrap_or("")
+            ));
+        }
+    }
     s.push_str("## Targets\n\n");
     for t in r["targets"].as_array().into_iter().flatten() {
         let verdict = match t["met"].as_bool() {

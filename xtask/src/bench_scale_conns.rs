@@ -6,6 +6,9 @@
 //! requests too (round-robin, 1000 rps). The holder's `check` at the end proves the N
 //! connections were still open and answering.
 //!
+//! The holder runs as its own user: the agent lets one user hold at most half its outbound
+//! cap (`limits/cap.rs`), and the 1000 rps client is root.
+//!
 //! The agent runs at the fd limit it inherits (this machine's: 20,000; raising the hard
 //! limit needs CAP_SYS_RESOURCE, which this machine's root lacks). Its outbound cap is a
 //! fifth of that (`limits`): 4,000 outbound connections, beyond which it sheds the oldest
@@ -26,6 +29,10 @@ use crate::bench_env::{
     self, Agent, AgentSpec, BenchCgroup, Bins, CLIENT_CORE, Place, Proc, SERVICE, rss_mb,
 };
 use crate::interrupt;
+
+/// The holder's user (`nobody`): the agent lets one user hold half its outbound cap, so the
+/// holder and the 1000 rps client must be different users (as a service and its callers are).
+const HOLDER_UID: u32 = 65534;
 
 pub struct Plan {
     pub points: Vec<usize>,
@@ -58,6 +65,7 @@ impl Holder {
         cmd.args(["bench-hold", "--url"])
             .arg(format!("http://{SERVICE}.svc/hold"))
             .args(["--connections", &n.to_string()])
+            .args(["--uid", &HOLDER_UID.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?);
@@ -199,14 +207,22 @@ pub fn run(bins: &Bins, work: &Path, sock_dir: &Path, plan: &Plan) -> anyhow::Re
         )?;
         let rss = rss_mb(pid);
         let fds_n = fds(pid);
-        let idle = load_1000(bins, &host.cgroup.path, plan.duration, &format!("idle-{n}"))?;
+        // A run the agent refuses (its caps) is recorded in the point, not fatal.
+        let or_error =
+            |r: anyhow::Result<Value>| r.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        let idle = or_error(load_1000(
+            bins,
+            &host.cgroup.path,
+            plan.duration,
+            &format!("idle-{n}"),
+        ));
         holder.send(&format!("active 1000 {}", plan.duration.as_secs_f64()))?;
-        let active = load_1000(
+        let active = or_error(load_1000(
             bins,
             &host.cgroup.path,
             plan.duration,
             &format!("active-{n}"),
-        )?;
+        ));
         let active_hold = holder.line()?;
         let rss_active = rss_mb(pid);
         holder.send("check")?;
@@ -250,6 +266,7 @@ fn summary(load: &Value) -> Value {
         .map(|k| load[*k].as_u64().unwrap_or(0))
         .sum();
     json!({
+        "error": load["error"],
         "completed": load["completed"],
         "failed": failed,
         "p50_us": load["p50_us"],

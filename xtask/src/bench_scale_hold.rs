@@ -18,8 +18,16 @@ use anyhow::{Context, bail};
 
 use crate::bench_load::{complete, parse_url};
 
-pub fn run(url: &str, connections: usize) -> anyhow::Result<()> {
+pub fn run(url: &str, connections: usize, uid: Option<u32>) -> anyhow::Result<()> {
     raise_nofile();
+    if let Some(uid) = uid {
+        // Its own user: the agent lets one user hold half its outbound cap, and the
+        // bench's 1000 rps client (root) must not be refused for the holder's connections.
+        // SAFETY: setresuid(2) on our own process.
+        if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+            bail!("setresuid({uid}): {}", std::io::Error::last_os_error());
+        }
+    }
     let (host, port, path) = parse_url(url)?;
     let addr = (host.as_str(), port)
         .to_socket_addrs()

@@ -129,6 +129,9 @@ enum Command {
         url: String,
         #[arg(long)]
         connections: usize,
+        /// Drop to this uid after start (a user of its own).
+        #[arg(long)]
+        uid: Option<u32>,
     },
     BenchLoad {
         #[arg(long)]
@@ -192,7 +195,11 @@ fn main() -> ExitCode {
             rates,
             loadavg_at_start: None,
         }),
-        Command::BenchHold { url, connections } => bench_scale_hold::run(&url, connections),
+        Command::BenchHold {
+            url,
+            connections,
+            uid,
+        } => bench_scale_hold::run(&url, connections, uid),
         Command::BenchBackend { listen } => bench_backend::run(listen),
         Command::BenchLoad {
             url,
