@@ -151,9 +151,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     },
                     probes: if q { 3 } else { 20 },
                 };
-                match hosts::run(&mut mesh, &plan, &ids) {
-                    Ok(p) => report["hosts"] = json!(p),
-                    Err(e) => curve_failed(&mut report, "hosts", e)?,
+                let (p, err) = hosts::run(&mut mesh, &plan, &ids);
+                report["hosts"] = json!(p);
+                if let Some(e) = err {
+                    curve_failed(&mut report, "hosts", e)?;
                 }
             }
         }
@@ -201,10 +202,16 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let plots = plots(&report, &out_dir)?;
     report["plots"] = json!(plots);
     let md = markdown(&report);
-    std::fs::write(out_dir.join("bench-scale.md"), &md)
+    // A run of some curves only does not overwrite the whole run's tables.
+    let stem = if opts.curves.is_empty() {
+        "bench-scale".to_owned()
+    } else {
+        format!("bench-scale-{}", opts.curves.join("-"))
+    };
+    std::fs::write(out_dir.join(format!("{stem}.md")), &md)
         .with_context(|| format!("writing {}", out_dir.display()))?;
     std::fs::write(
-        out_dir.join("bench-scale.json"),
+        out_dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)?,
     )?;
     eprintln!("bench: plots and tables in {}", out_dir.display());

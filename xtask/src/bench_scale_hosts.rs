@@ -39,9 +39,20 @@ fn lists(conn: &mut AdminConn, service: &str, node: &str) -> anyhow::Result<bool
         .is_some_and(|is| is.iter().any(|i| i["node"] == node)))
 }
 
-pub fn run(mesh: &mut ScaleMesh, plan: &Plan, ids: &DnsIds) -> anyhow::Result<Vec<Value>> {
+/// The points measured; a point that fails ends the curve, keeping the ones before it.
+pub fn run(mesh: &mut ScaleMesh, plan: &Plan, ids: &DnsIds) -> (Vec<Value>, Option<anyhow::Error>) {
     let mut points = Vec::new();
     for &n in &plan.points {
+        match point(mesh, plan, ids, n) {
+            Ok(p) => points.push(p),
+            Err(e) => return (points, Some(e.context(format!("at {n} hosts")))),
+        }
+    }
+    (points, None)
+}
+
+fn point(mesh: &mut ScaleMesh, plan: &Plan, ids: &DnsIds, n: usize) -> anyhow::Result<Value> {
+    {
         interrupt::check()?;
         let t = Instant::now();
         mesh.add_hosts(n + 1)?;
@@ -122,9 +133,8 @@ pub fn run(mesh: &mut ScaleMesh, plan: &Plan, ids: &DnsIds) -> anyhow::Result<Ve
                 .ok().and_then(|s| s["services"].as_u64()),
         });
         eprintln!("bench: hosts {n}: {point}");
-        points.push(point);
+        Ok(point)
     }
-    Ok(points)
 }
 
 /// Polls every survivor until none lists the dead node's instances: seconds from the kill

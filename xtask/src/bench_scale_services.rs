@@ -135,7 +135,9 @@ pub fn probe(
                 s.spawn(move || -> anyhow::Result<f64> {
                     let deadline = t0 + Duration::from_secs(30);
                     loop {
-                        if resolve(sock, name, ids.next())?.is_some() {
+                        // An agent too busy to answer within the resolver's tries (24 agents
+                        // on one core) is "not resolvable yet", not a failed run.
+                        if resolve(sock, name, ids.next()).ok().flatten().is_some() {
                             return Ok(t0.elapsed().as_secs_f64() * 1e3);
                         }
                         if Instant::now() > deadline {
