@@ -64,6 +64,26 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// Redraws the plots and tables of a saved report (`bench-scale*.json`) into `out_dir`, for
+/// a report assembled from several runs' numbers.
+pub fn replot(
+    report: &std::path::Path,
+    out_dir: &std::path::Path,
+    stem: &str,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
+    let mut report: Value = serde_json::from_str(&text).context("the report is not JSON")?;
+    report["targets"] = targets(&report);
+    report["plots"] = json!(plots(&report, out_dir)?);
+    std::fs::write(out_dir.join(format!("{stem}.md")), markdown(&report))?;
+    std::fs::write(
+        out_dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(())
+}
+
 pub fn run(opts: Options) -> anyhow::Result<()> {
     interrupt::install();
     // SAFETY: geteuid has no preconditions.

@@ -113,6 +113,15 @@ enum Command {
         #[arg(long, value_delimiter = ',', hide = true)]
         rates: Vec<String>,
     },
+    /// Redraw the scale bench's plots and tables from a saved report (internal).
+    #[command(hide = true)]
+    BenchScaleReplot {
+        report: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long)]
+        stem: String,
+    },
     /// The bench's 1 KiB HTTP backend (internal).
     #[command(hide = true)]
     BenchBackend {
@@ -200,6 +209,11 @@ fn main() -> ExitCode {
             connections,
             uid,
         } => bench_scale_hold::run(&url, connections, uid),
+        Command::BenchScaleReplot {
+            report,
+            out_dir,
+            stem,
+        } => bench_scale::replot(&report, &out_dir, &stem),
         Command::BenchBackend { listen } => bench_backend::run(listen),
         Command::BenchLoad {
             url,
