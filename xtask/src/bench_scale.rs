@@ -274,7 +274,7 @@ fn targets(report: &Value) -> Value {
             "met": (p99 <= 1000.0),
             "at_target_scale": at_scale,
             "measured": format!("p99 {p99:.0} ms at {hosts} hosts, {services} services{}",
-                if at_scale { "" } else { " (not the target's scale: quick run)" }),
+                if at_scale { "" } else { " (not the target's scale: judged where measured)" }),
         }));
     }
     // 2. RSS under 12 MB + 12 KB per connection + 1 KB per service, at every point.
