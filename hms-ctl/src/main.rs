@@ -17,6 +17,7 @@ macro_rules! say {
     ($($t:tt)*) => { println!("{}", hms_ctl::escape::lines(&format!($($t)*))) };
 }
 
+mod gateway_cli;
 mod run;
 mod tap;
 use hms_ctl::spec::{RateLimit, RouteSpec};
@@ -106,6 +107,9 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         on: Vec<String>,
     },
+    /// The mesh's door: listeners and routes from outside to `.svc` services.
+    #[command(subcommand)]
+    Gateway(gateway_cli::GatewayCommand),
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
@@ -254,6 +258,14 @@ fn invoked_as(argv0: Option<std::ffi::OsString>) -> &'static str {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Gateway(g) = &cli.command
+        && let Some(lines) = gateway_cli::local(g)?
+    {
+        for l in lines {
+            println!("{l}");
+        }
+        return Ok(());
+    }
     let socket = client::socket_path(cli.socket.as_deref());
     let request = match &cli.command {
         Command::Deploy { file } => Request::Deploy {
@@ -261,6 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             yaml: std::fs::read_to_string(file)
                 .with_context(|| format!("reading spec file {}", file.display()))?,
         },
+        Command::Gateway(g) => gateway_cli::request(g)?,
         Command::Undeploy { name } => Request::Undeploy { name: name.clone() },
         Command::List => Request::List,
         Command::Describe { name } => Request::Describe { name: name.clone() },
@@ -529,6 +542,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 port = r.service.spec.port
             );
         }
+        Command::Gateway(g) => {
+            for line in gateway_cli::show(&g, data)? {
+                say!("{line}");
+            }
+        }
         Command::Undeploy { name } => say!("undeployed {name}"),
         Command::List => {
             let services: Vec<ServiceInfo> = serde_json::from_value(data)?;
@@ -790,6 +808,15 @@ fn print_status(s: &AgentStatus) {
         h.mesh_errors,
         h.bad_requests,
         h.unprocessed
+    );
+    say!(
+        "egress: undeclared outside connections {} ({} refused)",
+        if s.egress.refuse_undeclared {
+            "refused"
+        } else {
+            "allowed"
+        },
+        s.egress.refused_total
     );
     say!(
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",

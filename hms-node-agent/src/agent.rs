@@ -115,6 +115,7 @@ pub async fn run(
                 outbound: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.outbound.port(), 0, 0),
                 dns: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.dns.port(), 0, 0),
             }),
+            refuse_undeclared_egress: config.refuse_undeclared_egress,
         })
         .context("setting up the eBPF redirect")?,
     );
@@ -169,6 +170,19 @@ pub async fn run(
         metrics.clone(),
         caps.outbound.clone(),
     ));
+    // Egress: outside names resolve at --egress-resolver (else resolv.conf's), marked like
+    // the DNS responder's own queries; the kernel learns the declared addresses.
+    let egress_resolver = outbound.http.states.egress().clone();
+    egress_resolver.configure(config.egress_resolver, config.dns_mark);
+    {
+        let r = redirector.clone();
+        tokio::spawn(crate::proxy::external::keep_declared_set(
+            store.clone(),
+            egress_resolver,
+            move |declared| r.sync_egress(declared),
+            drain.clone(),
+        ));
+    }
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
         origins: redirector.clone(),
@@ -180,7 +194,15 @@ pub async fn run(
         local_only: (!config.dns.ip().is_loopback()).then(crate::dns::LocalClients::default),
         vip6_prefix: listeners.v6.as_ref().map(|_| config.vip6_prefix.0),
     });
+    let gateway = Arc::new(crate::gateway::GatewayHost::new(
+        store.clone(),
+        outbound.http.clone(),
+        tap.clone(),
+        &metrics,
+        config.gateway.clone(),
+    ));
     let admin = Arc::new(Admin {
+        gateway: gateway.clone(),
         store: store.clone(),
         config: config.clone(),
         redirect: redirect_info,
@@ -215,6 +237,8 @@ pub async fn run(
         tasks.spawn(dns.clone().serve_tcp(v6.dns_tcp, drain.clone()));
     }
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
+    // The gateway's loop ends at once on a host that serves none; it must not end the agent.
+    tokio::spawn(gateway.run(drain.clone()));
     tasks.spawn(crate::metrics::serve(
         metrics.clone(),
         listeners.metrics,

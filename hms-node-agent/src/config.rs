@@ -110,6 +110,38 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
     pub vip6_prefix: Option<Ipv6Prefix96>,
+    /// Serve gateways from the registry on this host: `all`, or gateway names separated by
+    /// commas (`hms-ctl gateway apply` declares them). In the config file also `gateway: true`
+    /// or a list of names [default: none].
+    #[arg(long, value_name = "all|NAMES")]
+    #[serde(default, deserialize_with = "de_gateway")]
+    pub gateway: Option<String>,
+    /// Resolver the agent asks for external services' host names (`external:` in a spec)
+    /// [default: the first `nameserver` of /etc/resolv.conf].
+    #[arg(long, value_name = "IP:PORT")]
+    pub egress_resolver: Option<SocketAddr>,
+    /// Refuse (EPERM) connections from the redirected cgroup to anything that is neither
+    /// loopback, nor a VIP, nor a declared external service's address; counted in
+    /// `/metrics` and `hms-ctl status` [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub refuse_undeclared_egress: Option<bool>,
+}
+
+/// `gateway: true`, `gateway: all`, `gateway: [public, admin]` or `gateway: public,admin`.
+fn de_gateway<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Flag(bool),
+        Names(Vec<String>),
+        Text(String),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None => None,
+        Some(Form::Flag(b)) => Some(if b { "all" } else { "none" }.into()),
+        Some(Form::Names(n)) => Some(n.join(",")),
+        Some(Form::Text(t)) => Some(t),
+    })
 }
 
 fn parse_u32_auto(s: &str) -> Result<u32, String> {
@@ -158,6 +190,11 @@ impl RunArgs {
             sk_msg_bypass: self.sk_msg_bypass.or(base.sk_msg_bypass),
             ipv6: self.ipv6.or(base.ipv6),
             vip6_prefix: self.vip6_prefix.or(base.vip6_prefix),
+            gateway: self.gateway.or(base.gateway),
+            egress_resolver: self.egress_resolver.or(base.egress_resolver),
+            refuse_undeclared_egress: self
+                .refuse_undeclared_egress
+                .or(base.refuse_undeclared_egress),
         }
     }
 }
@@ -186,6 +223,10 @@ pub struct AgentConfig {
     pub sk_msg_bypass: bool,
     pub ipv6: bool,
     pub vip6_prefix: Ipv6Prefix96,
+    /// Which gateways this host serves.
+    pub gateway: crate::gateway::Serve,
+    pub egress_resolver: Option<SocketAddr>,
+    pub refuse_undeclared_egress: bool,
 }
 
 impl AgentConfig {
@@ -239,6 +280,12 @@ impl AgentConfig {
             sk_msg_bypass: args.sk_msg_bypass.unwrap_or(true),
             ipv6: args.ipv6.unwrap_or(true),
             vip6_prefix: args.vip6_prefix.unwrap_or_default(),
+            gateway: match &args.gateway {
+                None => crate::gateway::Serve::None,
+                Some(t) => crate::gateway::Serve::parse(t).map_err(|m| anyhow::anyhow!("{m}"))?,
+            },
+            egress_resolver: args.egress_resolver,
+            refuse_undeclared_egress: args.refuse_undeclared_egress.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)

@@ -238,6 +238,21 @@ const KEYS: &[Key] = &[
         doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
         default: "fd48:4d53::/96",
     },
+    Key {
+        name: "egress-resolver",
+        doc: "Resolver (IP:PORT) the agent asks for external services' host names (`external:` in a spec).",
+        default: "the first nameserver of /etc/resolv.conf",
+    },
+    Key {
+        name: "refuse-undeclared-egress",
+        doc: "Refuse (EPERM) connects from the redirected cgroup to outside addresses that are no declared external service's.",
+        default: "false",
+    },
+    Key {
+        name: "gateway",
+        doc: "Serve gateways from the registry on this host: `all` (or `true`), or gateway names separated by commas (`hms-ctl gateway apply`).",
+        default: "none",
+    },
 ];
 
 /// The value of `key` in `args` as a YAML scalar, or `None` when unset.
@@ -269,6 +284,9 @@ fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
         "ipv6" => args.ipv6.map(|b| b.to_string()),
         "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
+        "egress-resolver" => args.egress_resolver.as_ref().map(s),
+        "refuse-undeclared-egress" => args.refuse_undeclared_egress.map(|b| b.to_string()),
+        "gateway" => args.gateway.as_ref().map(s),
         _ => None,
     }
 }
@@ -1376,6 +1394,11 @@ mod tests {
             "--ipv6=false",
             "--vip6-prefix",
             "fd00:1234::/96",
+            "--egress-resolver",
+            "127.0.0.53:53",
+            "--refuse-undeclared-egress",
+            "--gateway",
+            "public,admin",
         ]);
         // Only from a file (install reads --join-token-file into it).
         given.join_token = Some("hms2.abc".into());
@@ -1395,6 +1418,7 @@ mod tests {
         assert_eq!(back.sk_msg_bypass, Some(false));
         assert_eq!(back.ipv6, Some(false));
         assert_eq!(back.vip6_prefix, Some("fd00:1234::/96".parse().unwrap()));
+        assert_eq!(back.refuse_undeclared_egress, Some(true));
     }
 
     #[test]

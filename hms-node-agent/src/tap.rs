@@ -74,9 +74,14 @@ pub struct HttpTap {
     pub response_bytes: u64,
     pub retries: u32,
     pub upstream: Option<SocketAddrV4>,
+    /// An external service's outside system (`https://host:port`): shown as the upstream.
+    pub external: Option<Arc<str>>,
     pub trace_id: Box<str>,
     pub mesh_error: Option<&'static str>,
     pub headers: TapHeaders,
+    /// Gateway requests: the outside client and the door's subject.
+    pub client: Option<std::net::SocketAddr>,
+    pub subject: Option<Arc<str>>,
 }
 
 impl HttpTap {
@@ -95,13 +100,18 @@ impl HttpTap {
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
             retries: self.retries,
-            upstream: self.upstream.map(|a| a.to_string()),
+            upstream: match &self.external {
+                Some(name) => Some(name.to_string()),
+                None => self.upstream.map(|a| a.to_string()),
+            },
             trace_id: Some(self.trace_id.to_string()),
             mesh_error: self.mesh_error.map(str::to_owned),
             headers: self.headers.to_pairs(),
             rtt_us: None,
             retransmits: None,
             connect_ms: None,
+            client: self.client.map(|c| c.to_string()),
+            subject: self.subject.as_deref().map(str::to_owned),
         }
     }
 }
@@ -330,6 +340,8 @@ mod tests {
             rtt_us: None,
             retransmits: None,
             connect_ms: None,
+            client: None,
+            subject: None,
         }
     }
 

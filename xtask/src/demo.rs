@@ -1,7 +1,9 @@
 //! `cargo xtask demo [--once]`: the seed story on this host, told step by step. Owns the
 //! demo's choreography: build, demo cgroup, agent (outside the cgroup), the four demo-svc
 //! services (inside it), `hms-ctl deploy`, then an unmodified curl inside the cgroup calling
-//! payments-svc.svc and notify-svc.svc by name.
+//! payments-svc.svc and notify-svc.svc by name; then the survivor's form from outside
+//! through the gateway over HTTPS with an API key (`demo_gateway`), whose payment goes out to
+//! a stand-in outside system through egress (`demo_egress`).
 //!
 //! Teardown is never a step that can be skipped: every resource is held by a guard whose Drop
 //! releases it, declared so that Rust drops them in reverse order (services, agent, pinned
@@ -177,6 +179,10 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         print_indented(&out);
     }
 
+    step("An outside system: the treasury, which payments-svc calls through the mesh's egress");
+    let mut treasury =
+        crate::demo_egress::start(&paths.root, &paths.work, &|args| ctl(&paths, args))?;
+
     step("What the mesh knows now: hms-ctl list");
     print_indented(&ctl(&paths, &["list".as_ref()])?);
 
@@ -193,6 +199,17 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         let ok = call(cgroup.path(), url, body)?;
         all_ok &= ok;
     }
+
+    interrupt::check()?;
+    step(&format!(
+        "The survivor's form from outside: HTTPS to the gateway on 127.0.0.1:{}, with an API key",
+        crate::demo_gateway::PORT
+    ));
+    let gateway_ok = crate::demo_gateway::run(&paths.work, &|args| ctl(&paths, args))?;
+    all_ok &= gateway_ok;
+
+    step("The payments went out through egress: TLS from the mesh to the treasury");
+    all_ok &= treasury.show(&|args| ctl(&paths, args))?;
 
     step("The mesh's access policy: eligibility-svc only takes calls from payments-svc");
     show_denied_call(cgroup.path())?;
@@ -213,7 +230,9 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         println!(
             "   Both calls succeeded. curl knew only the names payments-svc.svc and notify-svc.svc;\n   \
              the kernel hooks sent DNS to the agent and the connections to its proxy, which\n   \
-             found the services and forwarded the requests - no code change, no sidecar."
+             found the services and forwarded the requests - no code change, no sidecar.\n   \
+             payments-svc paid through the treasury by the name treasury-api.svc, in plain\n   \
+             HTTP; the mesh originated the TLS to the outside system (egress)."
         );
     } else {
         println!(
@@ -229,6 +248,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     step("Tearing down");
     // Explicit drops in teardown order (the same order an early return would use).
     drop(services);
+    drop(treasury);
     drop(agent);
     drop(pins);
     drop(cgroup);
@@ -312,6 +332,8 @@ fn start_agent(paths: &Paths, cgroup: &Path) -> anyhow::Result<Supervised> {
         .arg(&paths.socket)
         .arg("--pin-dir")
         .arg(PIN_DIR)
+        // This host is also the mesh's door (demo_gateway.rs).
+        .args(["--gateway", "all"])
         .current_dir(&paths.root);
     println!("   $ {}", proc::describe(&cmd));
     let log = paths.work.join("agent.log");
@@ -359,6 +381,9 @@ fn start_service(paths: &Paths, svc: &DemoService, cgroup: &Path) -> anyhow::Res
     let mut cmd = tools::workspace_binary(&paths.demo_svc);
     cmd.args(["--role", svc.role, "--listen"])
         .arg(format!("127.0.0.1:{}", svc.port));
+    if svc.name == "payments-svc" {
+        cmd.args(crate::demo_egress::PAYMENTS_ARGS);
+    }
     proc::join_cgroup_at_exec(&mut cmd, cgroup)?;
     println!("   $ {}", proc::describe(&cmd));
     let log = paths.work.join(format!("{}.log", svc.name));

@@ -15,6 +15,8 @@ mod bench_scale_rate;
 mod bench_scale_services;
 mod cgroup;
 mod demo;
+mod demo_egress;
+mod demo_gateway;
 mod interrupt;
 mod loopback_ports;
 mod proc;

@@ -39,6 +39,11 @@ struct Args {
     /// Where to listen, e.g. 127.0.0.1:7103.
     #[arg(long)]
     listen: SocketAddr,
+    /// payments only: after both checks pass, POST the transfer to this URL (e.g.
+    /// http://treasury-api.svc/transfer, an outside system behind the mesh's egress) and put
+    /// its receipt id into the answer. Without it, /pay approves without calling out.
+    #[arg(long, value_name = "URL")]
+    treasury: Option<String>,
 }
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -68,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             args.listen
         )
     })?;
-    let services = Arc::new(Services::new(args.role));
+    let services = Arc::new(Services::new(args.role, args.treasury));
     println!(
         "{} listening on http://{}",
         args.role.service_name(),

@@ -1,4 +1,5 @@
-//! What each demo role answers, and payments-svc's calls to identity-svc and eligibility-svc.
+//! What each demo role answers, and payments-svc's calls to identity-svc, eligibility-svc
+//! and (with `--treasury`) the outside treasury.
 //! Owns the story's business rules (tiny on purpose); never touches sockets directly.
 //!
 //! | role        | route            | answer                                              |
@@ -6,6 +7,7 @@
 //! | identity    | GET /verify      | 200 `{"status":"verified"}` for a well-formed userId |
 //! | eligibility | GET /check       | 200 `{"status":"eligible"}` for a well-formed userId |
 //! | payments    | POST /pay        | 200 approved after both checks, 422 declined, 502 if a check could not be made |
+//! |             |                  | with `--treasury URL`: also POSTs the transfer there; its `receiptId` goes into the answer, 502 if it fails |
 //! | notify      | POST /sms        | 202 `{"status":"queued"}`                            |
 //! | every role  | GET /, /healthz  | its name; `{"status":"ok"}`                          |
 
@@ -49,15 +51,19 @@ impl Role {
 
 pub struct Services {
     role: Role,
+    /// payments only: the outside system that moves the money (`--treasury`); none: /pay
+    /// approves without calling out, as every test but the demo expects.
+    treasury: Option<String>,
     /// Plain HTTP client with the default resolver (getaddrinfo): names go through the
     /// system's DNS path, which the mesh captures.
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Services {
-    pub fn new(role: Role) -> Self {
+    pub fn new(role: Role, treasury: Option<String>) -> Self {
         Self {
             role,
+            treasury,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -137,10 +143,19 @@ impl Services {
         };
         let checks = json!({"identity": identity, "eligibility": eligibility});
         let resp = if identity == "verified" && eligibility == "eligible" {
-            crate::json(
-                StatusCode::OK,
-                json!({"status": "approved", "paymentId": new_id("pay"), "userId": user, "amount": amount, "checks": checks}),
-            )
+            let payment_id = new_id("pay");
+            let mut answer = json!({"status": "approved", "paymentId": payment_id, "userId": user, "amount": amount, "checks": checks});
+            if let Some(url) = &self.treasury {
+                let transfer = json!({"paymentId": payment_id, "userId": user, "amount": amount});
+                match self.transfer(url, transfer).await {
+                    Ok(receipt) => answer["treasuryReceipt"] = Value::String(receipt),
+                    Err(err) => {
+                        let note = format!("{note} treasury=error({err})");
+                        return (error(StatusCode::BAD_GATEWAY, err), note);
+                    }
+                }
+            }
+            crate::json(StatusCode::OK, answer)
         } else {
             crate::json(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -148,6 +163,42 @@ impl Services {
             )
         };
         (resp, note)
+    }
+
+    /// POST the transfer to the treasury, expecting 200 with `{"receiptId": ...}`; the
+    /// receipt id or an error that names the URL.
+    async fn transfer(&self, url: &str, transfer: Value) -> Result<String, String> {
+        let request = hyper::Request::post(url)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(transfer.to_string())))
+            .map_err(|e| format!("bad treasury url {url}: {e}"))?;
+        let call = async {
+            let resp = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| format!("POST {url} failed: {}", error_chain(&e)))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("POST {url}: reading the answer failed: {e}"))?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(format!(
+                    "POST {url} answered {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                ));
+            }
+            serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["receiptId"].as_str().map(str::to_owned))
+                .ok_or_else(|| format!("POST {url} answered without a JSON \"receiptId\""))
+        };
+        tokio::time::timeout(CHECK_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("POST {url} timed out after {CHECK_TIMEOUT:?}")))
     }
 
     /// GET `url`, expecting 200 with `{"status": ...}`; the status string or an error that

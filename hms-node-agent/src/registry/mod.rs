@@ -56,6 +56,8 @@ pub trait Store: Send + Sync {
     /// Reads `key` from the registry itself (not the snapshot), so a value another host just
     /// wrote is seen.
     fn get_blob(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Removes `key`; false if it did not exist (gateway specs: `hms-ctl gateway delete`).
+    fn delete_blob(&self, key: &str) -> anyhow::Result<bool>;
     /// Withdraws this host's instances and node record now (a clean stop) instead of when
     /// its lease runs out; the services themselves stay. The store serves no more writes.
     fn leave(&self) -> anyhow::Result<()> {
@@ -107,8 +109,12 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Where this host's instances of `spec` listen: its `port` and `replicas` on loopback.
+/// Where this host's instances of `spec` listen: its `port` and `replicas` on loopback. An
+/// external service has none (its endpoint is the outside system, `proxy/external.rs`).
 pub(crate) fn local_addrs(spec: &ServiceSpec) -> Vec<SocketAddrV4> {
+    if spec.is_external() {
+        return Vec::new();
+    }
     std::iter::once(spec.port)
         .chain(spec.replicas.iter().copied())
         .map(|port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))

@@ -21,7 +21,7 @@ use anyhow::Context;
 use etcd_client::{Client, Permission, UserAddOptions};
 
 use super::keys::Key;
-use super::within;
+use super::{within, within_retrying_auth_race};
 use crate::identity::etcd_ca::join_user;
 
 fn node_role(node: &str) -> String {
@@ -156,12 +156,12 @@ pub async fn grant_service(
     service: &str,
     t: Duration,
 ) -> anyhow::Result<()> {
-    let mut c = client.clone();
     for key in service_keys(prefix, node, service) {
-        within(
-            t,
-            c.role_grant_permission(node_role(node), Permission::read_write(key)),
-        )
+        within_retrying_auth_race(t, || {
+            let mut c = client.clone();
+            let (role, perm) = (node_role(node), Permission::read_write(key.clone()));
+            async move { c.role_grant_permission(role, perm).await }
+        })
         .await
         .with_context(|| format!("letting {node} write {service}"))?;
     }
@@ -175,12 +175,15 @@ pub async fn revoke_service(
     service: &str,
     t: Duration,
 ) -> anyhow::Result<()> {
-    let mut c = client.clone();
     for key in service_keys(prefix, node, service) {
         tolerate_missing(
-            within(t, c.role_revoke_permission(node_role(node), key, None))
-                .await
-                .map(drop),
+            within_retrying_auth_race(t, || {
+                let mut c = client.clone();
+                let (role, key) = (node_role(node), key.clone());
+                async move { c.role_revoke_permission(role, key, None).await }
+            })
+            .await
+            .map(drop),
         )
         .with_context(|| format!("taking {service} from {node}"))?;
     }

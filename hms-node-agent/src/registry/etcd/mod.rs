@@ -282,6 +282,10 @@ impl Store for EtcdStore {
         self.block_on(self.shared.get_blob(key))
     }
 
+    fn delete_blob(&self, key: &str) -> anyhow::Result<bool> {
+        self.block_on(self.shared.delete_blob(key))
+    }
+
     fn leave(&self) -> anyhow::Result<()> {
         self.block_on(self.leave_now())
     }
@@ -377,6 +381,35 @@ async fn within<T>(
     match tokio::time::timeout(limit, f).await {
         Ok(r) => r.map_err(anyhow::Error::from),
         Err(_) => bail!("etcd did not answer within {limit:?}"),
+    }
+}
+
+/// etcd answers "revision of auth store is old" when a user or role change was applied
+/// between its permission check of a request and the request's apply (another host being
+/// admitted, a placement granting roles). The request itself was fine: send it again, as
+/// etcd's own Go client does.
+pub(super) fn auth_raced(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("revision of auth store is old")
+}
+
+/// [`within`] for a request that may be sent again: retried (a few times, briefly) when it
+/// only lost the race above.
+pub(super) async fn within_retrying_auth_race<T, Fut>(
+    limit: Duration,
+    mut request: impl FnMut() -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match within(limit, request()).await {
+            Err(e) if auth_raced(&e) && attempt < 6 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -1087,6 +1120,18 @@ impl Shared {
         let txn = txn.and_then([TxnOp::put(k, value.to_vec(), None)]);
         let resp = within(self.timeout(), self.client.kv_client().txn(txn)).await?;
         if !resp.succeeded() {
+            return Ok(false);
+        }
+        self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))
+            .await;
+        Ok(true)
+    }
+
+    async fn delete_blob(&self, key: &str) -> anyhow::Result<bool> {
+        validate_blob_key(key)?;
+        let k = self.key(Key::Blob(key.to_string()));
+        let resp = within(self.timeout(), self.client.kv_client().delete(k, None)).await?;
+        if resp.deleted() == 0 {
             return Ok(false);
         }
         self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))

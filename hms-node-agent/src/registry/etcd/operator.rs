@@ -12,7 +12,7 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use super::keys::{self, Key};
 use super::view::{MemberRecord, PlacementRecord};
-use super::{MAX_TXN_ATTEMPTS, Shared, access, within};
+use super::{MAX_TXN_ATTEMPTS, Shared, access, within, within_retrying_auth_race};
 use crate::registry::vip;
 
 /// What `hms-ctl node remove` took away.
@@ -95,12 +95,11 @@ impl Shared {
                 when.push(Compare::create_revision(claim.clone(), CompareOp::Equal, 0));
                 ops.push(TxnOp::put(claim.clone(), service, None));
             }
-            let resp = within(
-                self.timeout(),
-                self.client
-                    .kv_client()
-                    .txn(Txn::new().when(when).and_then(ops)),
-            )
+            let txn = Txn::new().when(when).and_then(ops);
+            let resp = within_retrying_auth_race(self.timeout(), || {
+                let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
             .await?;
             if !resp.succeeded() {
                 continue;
