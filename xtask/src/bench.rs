@@ -120,6 +120,8 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub reps: Option<u32>,
     pub bin_dir: Option<PathBuf>,
+    /// Fixed rates (`1000`, `max`) instead of the mode's; the scale bench's rate curve.
+    pub rates: Vec<String>,
     /// Filled in by `run`.
     pub loadavg_at_start: Option<f64>,
 }
@@ -315,6 +317,20 @@ fn plan(opts: &Options) -> anyhow::Result<Plan> {
             Duration::from_secs(10),
         )
     };
+    let rates = if opts.rates.is_empty() {
+        rates
+    } else {
+        opts.rates
+            .iter()
+            .map(|r| match r.as_str() {
+                "max" => Ok(None),
+                n => n
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| anyhow::anyhow!("--rates: numbers or `max`, not `{n}`")),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     Ok(Plan {
         scenarios,
         rates,
@@ -323,7 +339,7 @@ fn plan(opts: &Options) -> anyhow::Result<Plan> {
     })
 }
 
-fn binaries(opts: &Options) -> anyhow::Result<Bins> {
+pub fn binaries(opts: &Options) -> anyhow::Result<Bins> {
     let (dir, xtask) = match &opts.bin_dir {
         Some(d) => (
             d.clone(),
@@ -1503,6 +1519,7 @@ mod tests {
             duration: None,
             reps: None,
             bin_dir: None,
+            rates: vec![],
             loadavg_at_start: None,
         };
         let p = plan(&opts).unwrap();
@@ -1511,6 +1528,12 @@ mod tests {
             vec![Scenario::DirectTwoHosts, Scenario::HmsTwoHosts]
         );
         assert_eq!(p.rates, vec![Some(1000), None]);
+        let p = plan(&Options {
+            rates: vec!["1000".into(), "5000".into(), "max".into()],
+            ..opts
+        })
+        .unwrap();
+        assert_eq!(p.rates, vec![Some(1000), Some(5000), None]);
         assert!(Scenario::parse("nope").is_err());
     }
 

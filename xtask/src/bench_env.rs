@@ -474,7 +474,7 @@ pub struct TwoNs {
     pub b: String,
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = tools::command("ip")
         .args(args)
         .output()
@@ -524,7 +524,7 @@ impl TwoNs {
     }
 }
 
-fn delete_netns(name: &str) {
+pub fn delete_netns(name: &str) {
     if let Ok(out) = tools::command("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             if let Ok(pid) = pid.parse::<i32>() {

@@ -53,7 +53,7 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn parse_url(url: &str) -> anyhow::Result<(String, u16, String)> {
+pub fn parse_url(url: &str) -> anyhow::Result<(String, u16, String)> {
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("{url}: only http:// URLs"))?;
@@ -85,7 +85,7 @@ fn connect(addr: SocketAddr, epoll: i32, index: usize) -> anyhow::Result<TcpStre
 }
 
 /// Complete response in `buf`? Returns (status, total length).
-fn complete(buf: &[u8]) -> anyhow::Result<Option<(u16, usize)>> {
+pub fn complete(buf: &[u8]) -> anyhow::Result<Option<(u16, usize)>> {
     let Some(head_end) = find(buf, b"\r\n\r\n") else {
         return Ok(None);
     };

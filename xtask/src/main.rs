@@ -5,6 +5,14 @@ mod bench;
 mod bench_backend;
 mod bench_env;
 mod bench_load;
+mod bench_scale;
+mod bench_scale_conns;
+mod bench_scale_hold;
+mod bench_scale_hosts;
+mod bench_scale_mesh;
+mod bench_scale_plot;
+mod bench_scale_rate;
+mod bench_scale_services;
 mod cgroup;
 mod demo;
 mod demo_egress;
@@ -91,6 +99,30 @@ enum Command {
         /// Use hms-node-agent and hms-ctl from this directory instead of building release ones.
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// Cost curves instead (services, hosts, connections, request rate), plotted as SVG
+        /// into docs/ (with --quick: into target/hms-bench/scale/). See docs/bench.md.
+        #[arg(long)]
+        scale: bool,
+        /// Only these curves with --scale (comma-separated): services, hosts, connections, rate.
+        #[arg(long, value_delimiter = ',')]
+        curve: Vec<String>,
+        /// The services curve's points with --scale (comma-separated counts)
+        /// [default: 10,100,1000,3000; --quick 10,30,100,300].
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<usize>,
+        /// Fixed rates instead of the default ones (comma-separated numbers or `max`); the
+        /// scale bench's rate curve uses it.
+        #[arg(long, value_delimiter = ',', hide = true)]
+        rates: Vec<String>,
+    },
+    /// Redraw the scale bench's plots and tables from a saved report (internal).
+    #[command(hide = true)]
+    BenchScaleReplot {
+        report: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long)]
+        stem: String,
     },
     /// The bench's 1 KiB HTTP backend (internal).
     #[command(hide = true)]
@@ -100,6 +132,18 @@ enum Command {
     },
     /// The bench's load generator (internal): prints one JSON line.
     #[command(hide = true)]
+    /// The scale bench's connection holder (internal): opens N keep-alive connections,
+    /// then obeys `check` / `active RATE SECONDS` lines on stdin.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        connections: usize,
+        /// Drop to this uid after start (a user of its own).
+        #[arg(long)]
+        uid: Option<u32>,
+    },
     BenchLoad {
         #[arg(long)]
         url: String,
@@ -129,10 +173,29 @@ fn main() -> ExitCode {
         Command::Bench {
             quick,
             output,
+            duration,
+            bin_dir,
+            scale,
+            curve,
+            services,
+            ..
+        } if scale => bench_scale::run(bench_scale::Options {
+            quick,
+            json: output == Output::Json,
+            bin_dir,
+            curves: curve,
+            duration,
+            services,
+        }),
+        Command::Bench {
+            quick,
+            output,
             scenario,
             duration,
             reps,
             bin_dir,
+            rates,
+            ..
         } => bench::run(bench::Options {
             quick,
             json: output == Output::Json,
@@ -140,8 +203,19 @@ fn main() -> ExitCode {
             duration,
             reps,
             bin_dir,
+            rates,
             loadavg_at_start: None,
         }),
+        Command::BenchHold {
+            url,
+            connections,
+            uid,
+        } => bench_scale_hold::run(&url, connections, uid),
+        Command::BenchScaleReplot {
+            report,
+            out_dir,
+            stem,
+        } => bench_scale::replot(&report, &out_dir, &stem),
         Command::BenchBackend { listen } => bench_backend::run(listen),
         Command::BenchLoad {
             url,
