@@ -87,6 +87,7 @@ pub struct UninstallArgs {
 }
 
 mod files;
+mod package;
 mod remove;
 mod settings;
 mod steps;
@@ -96,9 +97,13 @@ mod units;
 
 pub use files::FileAction;
 use files::*;
+pub use package::{PACKAGE_UNIT_DIR, stage as stage_package};
 pub use remove::{UninstallReport, uninstall};
 use settings::*;
-pub use settings::{parse_config, render_config};
+pub use settings::{parse_config, render_config, render_package_config};
 use steps::*;
 pub use steps::{InstallReport, install};
-pub use units::{LISTENERS, Listener, UnitSettings, render_service, render_socket};
+pub use units::{
+    BY_INSTALL, BY_PACKAGE, LISTENERS, Listener, UnitOrigin, UnitSettings, render_service,
+    render_socket,
+};

@@ -158,7 +158,8 @@ pub(super) fn set_values(args: &RunArgs) -> Vec<(&'static str, String)> {
 /// agent.yaml for these settings: every key documented, unset ones commented out with their
 /// default.
 pub fn render_config(args: &RunArgs) -> String {
-    let mut out = String::from(
+    render_config_with(
+        args,
         "# HMS node agent settings, read by `hms-node-agent run --config /etc/hms/agent.yaml`.\n\
          # Written by `hms-node-agent install`. Keys are the `run` flags without the dashes;\n\
          # a key left commented out takes the default shown.\n\
@@ -166,7 +167,28 @@ pub fn render_config(args: &RunArgs) -> String {
          # You may edit this file: `hms-node-agent install` then keeps it (it overwrites an\n\
          # edited file only with --force). After changing outbound, dns, inbound or metrics, run\n\
          # `hms-node-agent install` again: it rewrites the socket units from this file.\n",
-    );
+    )
+}
+
+/// The package's conffile: every key commented out with its default.
+pub fn render_package_config() -> String {
+    render_config_with(
+        &RunArgs::default(),
+        "# HMS node agent settings, read by `hms-node-agent run --config /etc/hms/agent.yaml`.\n\
+         # Keys are the `run` flags without the dashes; a key left commented out takes the\n\
+         # default shown.\n\
+         #\n\
+         # A conffile of the hms package: upgrades keep your edits (dpkg asks when the packaged\n\
+         # file changed too). `systemctl reload hms-node-agent` re-reads it and logs which\n\
+         # changes need `systemctl restart hms-node-agent`. outbound, dns, inbound and metrics\n\
+         # are also the socket units' addresses: change those with a drop-in as well\n\
+         # (`systemctl edit hms-node-agent-outbound.socket`), then stop the service and restart\n\
+         # its sockets.\n",
+    )
+}
+
+fn render_config_with(args: &RunArgs, header: &str) -> String {
+    let mut out = String::from(header);
     for key in KEYS {
         let _ = writeln!(out, "\n# {}", key.doc);
         match yaml_value(args, key.name) {

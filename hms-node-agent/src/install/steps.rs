@@ -184,7 +184,7 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
     for l in &LISTENERS {
         let a = w.file(
             &format!("{UNIT_DIR}/{}", l.unit),
-            render_socket(l, &units).as_bytes(),
+            render_socket(l, &units, &BY_INSTALL).as_bytes(),
             0o644,
         )?;
         sockets_changed |= a == FileAction::Wrote;
@@ -192,7 +192,7 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<InstallReport> {
     changed |= sockets_changed;
     changed |= w.file(
         &format!("{UNIT_DIR}/{SERVICE_UNIT}"),
-        render_service(&units).as_bytes(),
+        render_service(&units, &BY_INSTALL).as_bytes(),
         0o644,
     )? == FileAction::Wrote;
 

@@ -191,7 +191,7 @@ fn socket_units_listen_where_the_config_says() {
     ]);
     let text = render_config(&given);
     let s = UnitSettings::resolve(&parse_config(&text, Path::new("t")).unwrap(), false).unwrap();
-    let units: Vec<String> = LISTENERS.iter().map(|l| render_socket(l, &s)).collect();
+    let units: Vec<String> = LISTENERS.iter().map(|l| render_socket(l, &s, &BY_INSTALL)).collect();
     assert_eq!(directive(&units[0], "ListenStream"), ["127.0.0.1:25001"]);
     assert_eq!(directive(&units[1], "ListenDatagram"), ["127.0.0.3:25053"]);
     assert_eq!(directive(&units[2], "ListenStream"), ["127.0.0.3:25053"]);
@@ -205,15 +205,15 @@ fn socket_units_listen_where_the_config_says() {
     // Defaults when nothing is set.
     let s = UnitSettings::resolve(&RunArgs::default(), false).unwrap();
     assert_eq!(
-        directive(&render_socket(&LISTENERS[0], &s), "ListenStream"),
+        directive(&render_socket(&LISTENERS[0], &s, &BY_INSTALL), "ListenStream"),
         ["127.0.0.1:15001"]
     );
     assert_eq!(
-        directive(&render_socket(&LISTENERS[1], &s), "ListenDatagram"),
+        directive(&render_socket(&LISTENERS[1], &s, &BY_INSTALL), "ListenDatagram"),
         ["127.0.0.1:15053"]
     );
     assert_eq!(
-        directive(&render_socket(&LISTENERS[3], &s), "ListenStream"),
+        directive(&render_socket(&LISTENERS[3], &s, &BY_INSTALL), "ListenStream"),
         ["0.0.0.0:15008"]
     );
 }
@@ -221,7 +221,7 @@ fn socket_units_listen_where_the_config_says() {
 #[test]
 fn service_runs_the_installed_config_with_its_sockets() {
     let s = UnitSettings::resolve(&args(&["--state-dir", "/srv/hms"]), false).unwrap();
-    let unit = render_service(&s);
+    let unit = render_service(&s, &BY_INSTALL);
     assert_eq!(
         directive(&unit, "ExecStart"),
         ["/usr/local/bin/hms-node-agent run --config /etc/hms/agent.yaml"]
@@ -260,7 +260,7 @@ fn systemd_manages_state_and_runtime_dirs_it_can() {
         false,
     )
     .unwrap();
-    let unit = render_service(&s);
+    let unit = render_service(&s, &BY_INSTALL);
     assert_eq!(directive(&unit, "StateDirectory"), ["hms/a"]);
     assert_eq!(directive(&unit, "RuntimeDirectory"), ["hms-b"]);
     assert_eq!(managed_dir(Path::new("/var/lib"), "/var/lib"), None);

@@ -107,14 +107,32 @@ pub(super) fn managed_dir(dir: &Path, base: &str) -> Option<String> {
     plain.then(|| rel.to_string())
 }
 
-pub(super) fn header() -> &'static str {
-    "# Written by `hms-node-agent install` from /etc/hms/agent.yaml; it rewrites this file.\n\
-     # For local changes use a drop-in (`systemctl edit`), which install leaves alone.\n"
+/// Who writes the units and where the agent binary is: `hms-node-agent install` (under
+/// `/usr/local`, rewritten from agent.yaml) or the Debian package (`/usr/bin`, shipped as is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitOrigin {
+    pub agent_bin: &'static str,
+    header: &'static str,
 }
 
+/// The units `hms-node-agent install` writes into /etc/systemd/system.
+pub const BY_INSTALL: UnitOrigin = UnitOrigin {
+    agent_bin: AGENT_BIN,
+    header: "# Written by `hms-node-agent install` from /etc/hms/agent.yaml; it rewrites this file.\n\
+             # For local changes use a drop-in (`systemctl edit`), which install leaves alone.\n",
+};
+
+/// The units the `hms` package ships in /lib/systemd/system (`cargo xtask deb`).
+pub const BY_PACKAGE: UnitOrigin = UnitOrigin {
+    agent_bin: "/usr/bin/hms-node-agent",
+    header: "# Shipped by the hms package (rendered from the default /etc/hms/agent.yaml).\n\
+             # For local changes (other listen addresses included) use a drop-in\n\
+             # (`systemctl edit`); an upgrade replaces this file.\n",
+};
+
 /// One socket unit per listener, so each descriptor has its own name in LISTEN_FDNAMES.
-pub fn render_socket(l: &Listener, s: &UnitSettings) -> String {
-    let mut out = String::from(header());
+pub fn render_socket(l: &Listener, s: &UnitSettings, origin: &UnitOrigin) -> String {
+    let mut out = String::from(origin.header);
     let directive = if l.datagram {
         "ListenDatagram"
     } else {
@@ -144,7 +162,7 @@ pub fn render_socket(l: &Listener, s: &UnitSettings) -> String {
 }
 
 /// The service unit.
-pub fn render_service(s: &UnitSettings) -> String {
+pub fn render_service(s: &UnitSettings, origin: &UnitOrigin) -> String {
     let sockets: Vec<&str> = LISTENERS.iter().map(|l| l.unit).collect();
     let sockets = sockets.join(" ");
     let mut rw: Vec<String> = Vec::new();
@@ -189,8 +207,12 @@ pub fn render_service(s: &UnitSettings) -> String {
          StartLimitIntervalSec=0\n\
          \n\
          [Service]\n\
-         Type=exec\n\
-         ExecStart={AGENT_BIN} run --config {CONFIG_PATH}\n\
+         # READY=1 once every listener serves (units ordered after this one start then), and\n\
+         # STATUS= with the node and what it serves, for `systemctl status`.\n\
+         Type=notify\n\
+         ExecStart={agent_bin} run --config {CONFIG_PATH}\n\
+         # SIGHUP: the agent re-reads {CONFIG_PATH} and logs which changes need a restart.\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
          # The listeners come from the socket units (LISTEN_FDS / LISTEN_FDNAMES).\n\
          Sockets={sockets}\n\
          # Hand-over (upgrade without closing a listener) starts a successor in this cgroup;\n\
@@ -207,11 +229,12 @@ pub fn render_service(s: &UnitSettings) -> String {
          #   CAP_BPF        load programs, create and pin maps and links (Linux 5.8+)\n\
          #   CAP_PERFMON    the verifier refuses the sock_ops program without it (EACCES)\n\
          #   CAP_NET_ADMIN  attach cgroup sock_addr/sock_ops programs; SO_MARK on DNS upstream sockets\n\
+         #   CAP_NET_BIND_SERVICE  listeners below port 1024 (a gateway on :80 or :443)\n\
          # No CAP_SYS_ADMIN: CAP_BPF and CAP_PERFMON replace it for BPF since Linux 5.8, which the\n\
          # ring buffer needs anyway. No CAP_SYS_RESOURCE: LimitMEMLOCK below is set by systemd\n\
          # (BPF memory is charged to memlock before Linux 5.11).\n\
-         CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN\n\
-         AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN\n\
+         CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n\
+         AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_BIND_SERVICE\n\
          LimitMEMLOCK=infinity\n\
          # systemd's default is 1024 soft: the agent raises its soft limit to this hard one at\n\
          # start and gives each listener a share of it (see `hms-ctl status`, limits).\n\
@@ -245,7 +268,8 @@ pub fn render_service(s: &UnitSettings) -> String {
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
-        header = header(),
+        header = origin.header,
+        agent_bin = origin.agent_bin,
         rw = rw.join(" "),
     )
 }
