@@ -6,6 +6,7 @@ mod bench_backend;
 mod bench_env;
 mod bench_load;
 mod cgroup;
+mod deb;
 mod demo;
 mod interrupt;
 mod loopback_ports;
@@ -58,6 +59,23 @@ enum Command {
         /// Passed to the test binaries in the VM, e.g. a name filter: `cargo xtask vm-test -- dns`.
         #[arg(last = true)]
         test_args: Vec<String>,
+    },
+    /// Build the Debian package target/deb/hms_<version>_amd64.deb (release binaries,
+    /// systemd units, /etc/hms/agent.yaml as a conffile, maintainer scripts) and run lintian
+    /// on it.
+    Deb {
+        /// Package the debug build (stripped) instead of a release build.
+        #[arg(long)]
+        debug: bool,
+        /// Package version [default: the workspace's].
+        #[arg(long)]
+        version: Option<String>,
+        /// Package hms-node-agent and hms-ctl from this directory instead.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Skip lintian.
+        #[arg(long)]
+        no_lintian: bool,
     },
     /// Run the seed story on this host: agent, four services in a demo cgroup, an unmodified
     /// curl calling payments-svc.svc and notify-svc.svc; tears everything down afterwards.
@@ -123,6 +141,20 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(),
         Command::Test { no_vm, test_args } => test::run(&test_args, !no_vm),
         Command::VmTest { test_args } => vmtest::run(&test_args),
+        Command::Deb {
+            debug,
+            version,
+            bin_dir,
+            no_lintian,
+        } => deb::build(&deb::Options {
+            release: !debug,
+            version,
+            bin_dir,
+            pre_notify: false,
+            out_dir: None,
+            lintian: !no_lintian,
+        })
+        .map(|_| ()),
         Command::Demo { once } => demo::run(once),
         Command::Bench {
             quick,

@@ -167,6 +167,12 @@ pub const TOOLS: &[Tool] = &[
     deb("busybox", Program, "/usr/bin/busybox", "busybox-static", "vm-test: the guest's /init shell and coreutils", false),
     deb("strip", Program, "/usr/bin/strip", "binutils", "vm-test: drops debug info from copied binaries", false),
     deb("ldd", Program, "/usr/bin/ldd", "libc-bin", "vm-test: the libraries each copied program loads", false),
+    // `cargo xtask deb` and `vm-test --system`: the package, its checks, the real Debian guest.
+    deb("lintian", Program, "/usr/bin/lintian", "lintian", "deb: checks the hms package against Debian policy", false),
+    deb("gzip", Program, "/usr/bin/gzip", "gzip", "deb: the package's changelog.Debian.gz", false),
+    deb("debootstrap", Program, "/usr/sbin/debootstrap", "debootstrap", "vm-test --system: the guest's Debian 12 root (cached under target/vm-system)", false),
+    deb("mkfs.ext4", Program, "/usr/sbin/mkfs.ext4", "e2fsprogs", "vm-test --system: the guest's disk image, made from the root directory", false),
+    deb("chroot", Program, "/usr/sbin/chroot", "coreutils", "vm-test --system: installs the guest's driver units into the root", false),
 ];
 
 /// The listed entry called `name`.
