@@ -160,7 +160,7 @@ pub fn pre_notify_unit(unit: &str) -> String {
         + "\n"
 }
 
-fn workspace_version(root: &Path) -> anyhow::Result<String> {
+pub fn workspace_version(root: &Path) -> anyhow::Result<String> {
     let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
     let mut in_package = false;
     for line in manifest.lines() {

@@ -21,6 +21,7 @@ mod vm_init;
 mod vm_kernel;
 mod vm_qemu;
 mod vm_rootfs;
+mod vm_system;
 mod vmtest;
 mod workspace;
 
@@ -56,6 +57,10 @@ enum Command {
     /// Run the vm-tests inside a QEMU VM (no network) on Debian's 6.1 kernel, downloaded
     /// once into target/vm/; the console is streamed and kept in target/vm/console.log.
     VmTest {
+        /// Instead: the hms package on a real Debian 12 system (debootstrap root, systemd as
+        /// PID 1): install, restart, kill, upgrade under load, reboot, purge.
+        #[arg(long)]
+        system: bool,
         /// Passed to the test binaries in the VM, e.g. a name filter: `cargo xtask vm-test -- dns`.
         #[arg(last = true)]
         test_args: Vec<String>,
@@ -140,7 +145,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(),
         Command::Test { no_vm, test_args } => test::run(&test_args, !no_vm),
-        Command::VmTest { test_args } => vmtest::run(&test_args),
+        Command::VmTest { system: true, .. } => vm_system::run(),
+        Command::VmTest { test_args, .. } => vmtest::run(&test_args),
         Command::Deb {
             debug,
             version,

@@ -54,7 +54,18 @@ pub struct Vm<'a> {
     pub timeout: Duration,
     /// Every console line is appended here.
     pub log: &'a Path,
+    /// A raw disk image as virtio-blk (`/dev/vda` in the guest), for a guest whose root
+    /// survives a reboot (`vm-test --system`).
+    pub disk: Option<&'a Path>,
+    /// The kernel command line.
+    pub append: &'a str,
+    /// Let a guest reboot (qemu restarts it with the same kernel, initrd and disk) instead
+    /// of exiting at the first reboot.
+    pub reboot: bool,
 }
+
+/// The suite VM's kernel command line.
+pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 pub struct Outcome {
     /// Console lines, without `\r`.
@@ -73,20 +84,20 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     }
     cmd.args(["-m", vm.memory])
         .args(["-smp", &vm.cpus.to_string()])
-        .args([
-            "-nographic",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
+        .args(["-nographic", "-monitor", "none", "-nic", "none"])
+        .args(if vm.reboot { None } else { Some("-no-reboot") })
         .arg("-kernel")
         .arg(vm.kernel)
         .arg("-initrd")
         .arg(vm.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
+        .args(["-append", vm.append]);
+    if let Some(disk) = vm.disk {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            disk.display()
+        ));
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Own process group: a Ctrl-C reaches only xtask, which then kills qemu itself.
@@ -232,6 +243,9 @@ pub fn choose_accel(vm_dir: &Path, kernel: &Path, probe_initrd: &Path) -> anyhow
             cpus: 1,
             timeout: Duration::from_secs(20),
             log: &log,
+            disk: None,
+            append: APPEND,
+            reboot: false,
         },
         |_| {},
     );
