@@ -33,7 +33,9 @@ pub fn build(opts: &Options) -> anyhow::Result<PathBuf> {
     let root = workspace::root();
     let target = workspace::target_dir();
     let profile = if opts.release { "release" } else { "debug" };
-    if opts.bin_dir.is_none() || !target.join(profile).join("hms-node-agent").exists() {
+    // With --bin-dir the binaries are there already (a `cargo build -p` here would rebuild
+    // the agent with other features than the workspace build made it with).
+    if opts.bin_dir.is_none() {
         let mut cargo = workspace::cargo();
         cargo.args(["build", "-p", "hms-node-agent", "-p", "hms-ctl", "--bins"]);
         if opts.release {
@@ -42,6 +44,13 @@ pub fn build(opts: &Options) -> anyhow::Result<PathBuf> {
         proc::run(&mut cargo).context("building the binaries to package")?;
     }
     let own_agent = target.join(profile).join("hms-node-agent");
+    if !own_agent.exists() {
+        bail!(
+            "{} is missing (it renders the package's units): `cargo build --bins{}` first",
+            own_agent.display(),
+            if opts.release { " --release" } else { "" }
+        );
+    }
     let bins = opts.bin_dir.clone().unwrap_or_else(|| target.join(profile));
     let version = match &opts.version {
         Some(v) => v.clone(),
