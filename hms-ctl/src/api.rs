@@ -78,6 +78,19 @@ pub enum Request {
         service: String,
         hosts: Vec<String>,
     },
+    /// Validate a gateway spec and keep it in the registry (replacing one of that name);
+    /// every gateway host serves it. `file` only names the source in errors.
+    GatewayApply {
+        file: String,
+        yaml: String,
+    },
+    GatewayList,
+    GatewayDescribe {
+        name: String,
+    },
+    GatewayDelete {
+        name: String,
+    },
     /// Traffic to and from a service: the `last` recorded events, then (with `follow`) live
     /// ones. Answered by a stream of [`TapMessage`] lines instead of one [`Response`].
     Tap {
@@ -179,6 +192,12 @@ pub struct TapEvent {
     /// TCP: connect() to established.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_ms: Option<f64>,
+    /// Gateway requests: the outside client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// Gateway requests: who the door found the client to be (`api-key:ops`, `jwt:alice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// One line of a tap stream.
@@ -467,4 +486,28 @@ pub struct RedirectInfo {
     /// (detached, then unpinned) once this agent serves.
     #[serde(default)]
     pub older_sets: Vec<String>,
+}
+
+/// A gateway as `hms-ctl gateway list/describe` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GatewayInfo {
+    pub spec: crate::gateway::GatewaySpec,
+    /// The YAML as applied.
+    pub yaml: String,
+    /// Whether this host serves it (`--gateway`), and what its listeners are doing here.
+    pub served_here: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<GatewayListenerState>,
+}
+
+/// One listener of a gateway on this host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GatewayListenerState {
+    pub name: String,
+    pub address: String,
+    /// `serving`, or why not (a port taken, a certificate that does not load).
+    pub state: String,
+    /// https: the host names its certificates cover, with each one's expiry (unix seconds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<String>,
 }

@@ -17,6 +17,7 @@ macro_rules! say {
     ($($t:tt)*) => { println!("{}", hms_ctl::escape::lines(&format!($($t)*))) };
 }
 
+mod gateway_cli;
 mod run;
 mod tap;
 use hms_ctl::spec::{RateLimit, RouteSpec};
@@ -106,6 +107,9 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         on: Vec<String>,
     },
+    /// The mesh's door: listeners and routes from outside to `.svc` services.
+    #[command(subcommand)]
+    Gateway(gateway_cli::GatewayCommand),
     /// Per-route timeouts and retries of a service, by path prefix.
     #[command(subcommand)]
     Route(RouteCommand),
@@ -261,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             yaml: std::fs::read_to_string(file)
                 .with_context(|| format!("reading spec file {}", file.display()))?,
         },
+        Command::Gateway(g) => gateway_cli::request(g)?,
         Command::Undeploy { name } => Request::Undeploy { name: name.clone() },
         Command::List => Request::List,
         Command::Describe { name } => Request::Describe { name: name.clone() },
@@ -528,6 +533,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vip = r.service.vip,
                 port = r.service.spec.port
             );
+        }
+        Command::Gateway(g) => {
+            for line in gateway_cli::show(&g, data)? {
+                say!("{line}");
+            }
         }
         Command::Undeploy { name } => say!("undeployed {name}"),
         Command::List => {

@@ -28,6 +28,7 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
+    pub gateway: Arc<crate::gateway::GatewayHost>,
     pub config: AgentConfig,
     pub redirect: RedirectInfo,
     pub started: Instant,
@@ -221,6 +222,19 @@ impl Admin {
         }
     }
 
+    /// Validates and stores a gateway spec; an invalid one changes nothing.
+    async fn gateway_apply(&self, file: &str, yaml: String) -> anyhow::Result<serde_json::Value> {
+        let spec = hms_ctl::gateway::parse(&yaml, file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = self.store.clone();
+        let key = crate::gateway::blob_key(&spec.name);
+        let value = yaml.clone();
+        tokio::task::spawn_blocking(move || store.put_blob(&key, value.as_bytes()))
+            .await?
+            .map_err(|e| registry_write_error(e, "applying a gateway"))?;
+        tracing::info!(gateway = %spec.name, "gateway applied");
+        ok(&self.gateway.info(spec, yaml))
+    }
+
     async fn handle(&self, req: Request) -> Response {
         let result = match req {
             Request::Deploy { file, yaml } => self.deploy(&file, &yaml).await,
@@ -342,6 +356,39 @@ impl Admin {
                 match tokio::task::spawn_blocking(move || store.place(&service, hosts)).await {
                     Ok(Ok(h)) => ok(&serde_json::json!({ "hosts": h })),
                     Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Request::GatewayApply { file, yaml } => self.gateway_apply(&file, yaml).await,
+            Request::GatewayList => {
+                let snap = self.store.snapshot();
+                let list: Vec<_> = crate::gateway::specs_in(&snap)
+                    .into_values()
+                    .map(|(spec, yaml)| self.gateway.info(spec, yaml))
+                    .collect();
+                ok(&list)
+            }
+            Request::GatewayDescribe { name } => {
+                let snap = self.store.snapshot();
+                match crate::gateway::specs_in(&snap).remove(&name) {
+                    Some((spec, yaml)) => ok(&self.gateway.info(spec, yaml)),
+                    None => Err(anyhow::anyhow!(
+                        "no gateway named `{name}` (see `hms-ctl gateway list`)"
+                    )),
+                }
+            }
+            Request::GatewayDelete { name } => {
+                let store = self.store.clone();
+                let key = crate::gateway::blob_key(&name);
+                match tokio::task::spawn_blocking(move || store.delete_blob(&key)).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(gateway = %name, "gateway deleted");
+                        ok(&serde_json::json!({ "deleted": name }))
+                    }
+                    Ok(Ok(false)) => Err(anyhow::anyhow!(
+                        "no gateway named `{name}` (see `hms-ctl gateway list`)"
+                    )),
+                    Ok(Err(e)) => Err(registry_write_error(e, "deleting a gateway")),
                     Err(e) => Err(e.into()),
                 }
             }
@@ -573,4 +620,16 @@ async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
 
 fn ok<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<serde_json::Value> {
     serde_json::to_value(v).context("encoding the answer")
+}
+
+/// A registry write refused by etcd's access control means this host is not the operator.
+fn registry_write_error(e: anyhow::Error, what: &str) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("permission denied") {
+        anyhow::anyhow!(
+            "{what} is the operator's: the registry refused this host's write ({text}); run it on the CA host"
+        )
+    } else {
+        e
+    }
 }

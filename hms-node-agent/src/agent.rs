@@ -180,7 +180,15 @@ pub async fn run(
         local_only: (!config.dns.ip().is_loopback()).then(crate::dns::LocalClients::default),
         vip6_prefix: listeners.v6.as_ref().map(|_| config.vip6_prefix.0),
     });
+    let gateway = Arc::new(crate::gateway::GatewayHost::new(
+        store.clone(),
+        outbound.http.clone(),
+        tap.clone(),
+        &metrics,
+        config.gateway.clone(),
+    ));
     let admin = Arc::new(Admin {
+        gateway: gateway.clone(),
         store: store.clone(),
         config: config.clone(),
         redirect: redirect_info,
@@ -215,6 +223,8 @@ pub async fn run(
         tasks.spawn(dns.clone().serve_tcp(v6.dns_tcp, drain.clone()));
     }
     tasks.spawn(admin.serve(admin_listener, drain.clone()));
+    // The gateway's loop ends at once on a host that serves none; it must not end the agent.
+    tokio::spawn(gateway.run(drain.clone()));
     tasks.spawn(crate::metrics::serve(
         metrics.clone(),
         listeners.metrics,

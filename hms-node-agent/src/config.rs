@@ -110,6 +110,29 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_from_str")]
     pub vip6_prefix: Option<Ipv6Prefix96>,
+    /// Serve gateways from the registry on this host: `all`, or gateway names separated by
+    /// commas (`hms-ctl gateway apply` declares them). In the config file also `gateway: true`
+    /// or a list of names [default: none].
+    #[arg(long, value_name = "all|NAMES")]
+    #[serde(default, deserialize_with = "de_gateway")]
+    pub gateway: Option<String>,
+}
+
+/// `gateway: true`, `gateway: all`, `gateway: [public, admin]` or `gateway: public,admin`.
+fn de_gateway<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Flag(bool),
+        Names(Vec<String>),
+        Text(String),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None => None,
+        Some(Form::Flag(b)) => Some(if b { "all" } else { "none" }.into()),
+        Some(Form::Names(n)) => Some(n.join(",")),
+        Some(Form::Text(t)) => Some(t),
+    })
 }
 
 fn parse_u32_auto(s: &str) -> Result<u32, String> {
@@ -158,6 +181,7 @@ impl RunArgs {
             sk_msg_bypass: self.sk_msg_bypass.or(base.sk_msg_bypass),
             ipv6: self.ipv6.or(base.ipv6),
             vip6_prefix: self.vip6_prefix.or(base.vip6_prefix),
+            gateway: self.gateway.or(base.gateway),
         }
     }
 }
@@ -186,6 +210,8 @@ pub struct AgentConfig {
     pub sk_msg_bypass: bool,
     pub ipv6: bool,
     pub vip6_prefix: Ipv6Prefix96,
+    /// Which gateways this host serves.
+    pub gateway: crate::gateway::Serve,
 }
 
 impl AgentConfig {
@@ -239,6 +265,10 @@ impl AgentConfig {
             sk_msg_bypass: args.sk_msg_bypass.unwrap_or(true),
             ipv6: args.ipv6.unwrap_or(true),
             vip6_prefix: args.vip6_prefix.unwrap_or_default(),
+            gateway: match &args.gateway {
+                None => crate::gateway::Serve::None,
+                Some(t) => crate::gateway::Serve::parse(t).map_err(|m| anyhow::anyhow!("{m}"))?,
+            },
         };
         config.validate()?;
         Ok(config)

@@ -115,5 +115,7 @@ fn publish_close(
         rtt_us: Some(record.srtt.as_micros() as u32),
         retransmits: Some(record.total_retrans),
         connect_ms: Some(record.connect_latency.as_secs_f64() * 1000.0),
+        client: None,
+        subject: None,
     });
 }

@@ -142,6 +142,19 @@ impl Metrics {
         }
     }
 
+    /// Adds a family a module owns (the gateway's), under the `hms_` prefix.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(name, help, metric);
+    }
+
     pub fn register_collector(&self, collector: Box<dyn Collector>) {
         self.registry
             .lock()

@@ -38,7 +38,12 @@ pub fn status_line(node: &str, services: &[String], pending_restart: &[&str]) ->
     let mut line = match services.len() {
         0 => format!("node {node}: serving, no services deployed"),
         n => {
-            let mut names = services.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            let mut names = services
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
             if n > 5 {
                 names.push_str(", ...");
             }

@@ -77,6 +77,9 @@ pub struct HttpTap {
     pub trace_id: Box<str>,
     pub mesh_error: Option<&'static str>,
     pub headers: TapHeaders,
+    /// Gateway requests: the outside client and the door's subject.
+    pub client: Option<std::net::SocketAddr>,
+    pub subject: Option<Arc<str>>,
 }
 
 impl HttpTap {
@@ -102,6 +105,8 @@ impl HttpTap {
             rtt_us: None,
             retransmits: None,
             connect_ms: None,
+            client: self.client.map(|c| c.to_string()),
+            subject: self.subject.as_deref().map(str::to_owned),
         }
     }
 }
@@ -330,6 +335,8 @@ mod tests {
             rtt_us: None,
             retransmits: None,
             connect_ms: None,
+            client: None,
+            subject: None,
         }
     }
 

@@ -167,12 +167,16 @@ pub const TOOLS: &[Tool] = &[
     deb("busybox", Program, "/usr/bin/busybox", "busybox-static", "vm-test: the guest's /init shell and coreutils", false),
     deb("strip", Program, "/usr/bin/strip", "binutils", "vm-test: drops debug info from copied binaries", false),
     deb("ldd", Program, "/usr/bin/ldd", "libc-bin", "vm-test: the libraries each copied program loads", false),
+    // The gateway's door (vm-tests/tests/gateway_door.rs): keys made by OpenSSL, tokens
+    // minted by PyJWT (with python3-cryptography for RS256/ES256/EdDSA).
+    deb("openssl", Program, "/usr/bin/openssl", "openssl", "gateway_door: RSA, EC and Ed25519 keys for JWTs; CA and client certificates", false),
+    deb("python3-jwt", PythonModule, "jwt", "python3-jwt", "gateway_door: JWTs minted by PyJWT", false),
+    deb("python3-cryptography", PythonModule, "cryptography", "python3-cryptography", "gateway_door: PyJWT's RS256/ES256/EdDSA signing", false),
     // `cargo xtask deb` and `vm-test --system`: the package, its checks, the real Debian guest.
     deb("lintian", Program, "/usr/bin/lintian", "lintian", "deb: checks the hms package against Debian policy", false),
-    deb("gzip", Program, "/usr/bin/gzip", "gzip", "deb: the package's changelog.Debian.gz", false),
+    deb("gzip", Program, "/usr/bin/gzip", "gzip", "deb: the package's changelog.gz", false),
     deb("debootstrap", Program, "/usr/sbin/debootstrap", "debootstrap", "vm-test --system: the guest's Debian 12 root (cached under target/vm-system)", false),
     deb("mkfs.ext4", Program, "/usr/sbin/mkfs.ext4", "e2fsprogs", "vm-test --system: the guest's disk image, made from the root directory", false),
-    deb("chroot", Program, "/usr/sbin/chroot", "coreutils", "vm-test --system: installs the guest's driver units into the root", false),
 ];
 
 /// The listed entry called `name`.

@@ -2,5 +2,368 @@
 //! certificates chosen by SNI, routes to `.svc` services through the mesh's own resilience.
 //! Inside the mesh the gateway is a caller named `gateway`. What is asked of callers at the
 //! door (authentication, per-client limits, CORS, body size) is [`door`]'s.
+//!
+//! Owns which gateways this host serves and keeping their listeners in step with the
+//! registry; never writes the registry on its own (only the admin API's apply/delete do),
+//! never dials a VIP (requests go through the node proxy's HTTP path).
+//!
+//! 1. Specs live in the registry as blobs `gateways/<name>` (the YAML as applied), so every
+//!    gateway host reads the same ones; with etcd's access control only the operator's
+//!    connection may write them (hosts read the whole prefix).
+//! 2. Which hosts serve: `--gateway all` (or `gateway: true` in the config file) serves every
+//!    gateway in the registry, `--gateway public,admin` only those; default none.
+//! 3. On every registry change (and at start) [`GatewayHost::reconcile`] parses the served
+//!    specs with the same `hms_ctl::gateway::parse` the apply used, and for each listener:
+//!    same address, protocol and certificate files as a running one -> its routes are
+//!    swapped in place (open connections stay); otherwise the old one stops accepting and a
+//!    new one binds. Listeners no served spec names stop accepting.
+//! 4. Every second the https listeners' certificate files are checked for changes
+//!    (`certs`).
 
+pub mod certs;
 pub mod door;
+pub mod filters;
+pub mod listener;
+pub mod metrics;
+pub mod request;
+pub mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hms_ctl::api::{GatewayInfo, GatewayListenerState};
+use hms_ctl::gateway::{BLOB_PREFIX, GatewaySpec, Protocol};
+
+use crate::drain::Drain;
+use crate::proxy::http::HttpProxy;
+use crate::registry::{Snapshot, Store};
+use crate::tap::TapHub;
+use listener::{ListenerConfig, ListenerRuntime};
+use metrics::GatewayMetrics;
+use routes::RouteTable;
+
+/// The caller name of every request the gateway sends into the mesh (`allow_from: [gateway]`).
+pub const CALLER: &str = "gateway";
+
+/// How often certificate files are checked for changes.
+const CERT_CHECK: Duration = Duration::from_secs(1);
+
+/// Step 2: which gateways this host serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Serve {
+    #[default]
+    None,
+    All,
+    Named(Vec<String>),
+}
+
+impl Serve {
+    pub fn parse(text: &str) -> Result<Serve, String> {
+        let t = text.trim();
+        match t {
+            "" | "false" | "none" => Ok(Serve::None),
+            "true" | "all" => Ok(Serve::All),
+            _ => {
+                let names: Vec<String> = t.split(',').map(|s| s.trim().to_string()).collect();
+                for n in &names {
+                    hms_ctl::spec::validate_dns_label(n).map_err(|m| {
+                        format!(
+                            "--gateway: `{n}` {m}; use `all` or gateway names separated by commas"
+                        )
+                    })?;
+                }
+                Ok(Serve::Named(names))
+            }
+        }
+    }
+
+    pub fn serves(&self, name: &str) -> bool {
+        match self {
+            Serve::None => false,
+            Serve::All => true,
+            Serve::Named(n) => n.iter().any(|x| x == name),
+        }
+    }
+}
+
+/// The key of a gateway spec in the registry's blobs.
+pub fn blob_key(name: &str) -> String {
+    format!("{BLOB_PREFIX}{name}")
+}
+
+/// The gateway specs in a snapshot, by name; a blob that no longer parses (written by a
+/// newer hms-ctl?) is logged and skipped.
+pub fn specs_in(snapshot: &Snapshot) -> BTreeMap<String, (GatewaySpec, String)> {
+    let mut out = BTreeMap::new();
+    for (key, value) in snapshot.blobs_under(BLOB_PREFIX) {
+        let Ok(yaml) = std::str::from_utf8(value) else {
+            tracing::warn!(%key, "gateway spec in the registry is not UTF-8; skipped");
+            continue;
+        };
+        match hms_ctl::gateway::parse(yaml, key) {
+            Ok(spec) => {
+                out.insert(spec.name.clone(), (spec, yaml.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(%key, "gateway spec in the registry does not parse; skipped: {e}")
+            }
+        }
+    }
+    out
+}
+
+pub struct GatewayHost {
+    pub store: Arc<dyn Store>,
+    pub http: Arc<HttpProxy>,
+    pub tap: Arc<TapHub>,
+    pub metrics: GatewayMetrics,
+    /// The door's counters (refusals, admissions, JWKS loads), shared by every route.
+    pub door_metrics: Arc<door::metrics::DoorMetrics>,
+    pub serve: Serve,
+    /// Running listeners by bound address.
+    running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
+    /// Why a listener is not serving, by `<gateway>/<listener>`.
+    problems: Mutex<HashMap<String, String>>,
+}
+
+impl GatewayHost {
+    pub fn new(
+        store: Arc<dyn Store>,
+        http: Arc<HttpProxy>,
+        tap: Arc<TapHub>,
+        metrics: &crate::metrics::Metrics,
+        serve: Serve,
+    ) -> GatewayHost {
+        GatewayHost {
+            store,
+            http,
+            tap,
+            metrics: GatewayMetrics::registered(metrics),
+            door_metrics: {
+                let m = Arc::new(door::metrics::DoorMetrics::default());
+                metrics.register_collector(Box::new(door::metrics::DoorCollector(m.clone())));
+                m
+            },
+            serve,
+            running: Mutex::new(HashMap::new()),
+            problems: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Steps 3 and 4, until the agent drains.
+    pub async fn run(self: Arc<Self>, drain: Drain) {
+        if self.serve == Serve::None {
+            return;
+        }
+        let mut updates = self.store.subscribe();
+        let mut tick = tokio::time::interval(CERT_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_revision = None;
+        loop {
+            let snapshot = updates.borrow_and_update().clone();
+            let specs = specs_in(&snapshot);
+            let fingerprint: Vec<(String, String)> = specs
+                .iter()
+                .map(|(n, (_, y))| (n.clone(), y.clone()))
+                .collect();
+            if last_revision.as_ref() != Some(&fingerprint) {
+                self.reconcile(&specs, &drain).await;
+                last_revision = Some(fingerprint);
+            }
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                _ = tick.tick() => self.reload_certificates(),
+                _ = drain.signaled() => break,
+            }
+        }
+        for rt in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            rt.stop();
+        }
+    }
+
+    fn reload_certificates(&self) {
+        let running: Vec<Arc<ListenerRuntime>> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for rt in running {
+            if let Some(c) = &rt.certs {
+                c.reload_changed();
+            }
+        }
+    }
+
+    async fn reconcile(
+        self: &Arc<Self>,
+        specs: &BTreeMap<String, (GatewaySpec, String)>,
+        drain: &Drain,
+    ) {
+        let mut wanted: HashMap<SocketAddr, ListenerConfig> = HashMap::new();
+        let mut problems = HashMap::new();
+        for (name, (spec, _)) in specs.iter().filter(|(n, _)| self.serve.serves(n)) {
+            let https_port = spec
+                .listeners
+                .iter()
+                .find(|l| l.protocol == Protocol::Https)
+                .map(|l| l.port);
+            // One set per spec: its routes share JWKS caches and CA files.
+            let authenticators = door::Authenticators::compile(
+                &spec.authenticators,
+                self.door_metrics.clone(),
+                &door::DoorOptions::default(),
+            )
+            .map(Arc::new);
+            for l in &spec.listeners {
+                let addr = SocketAddr::new(l.bind_ip(), l.port);
+                if wanted.contains_key(&addr) {
+                    problems.insert(
+                        format!("{name}/{}", l.name),
+                        format!("{addr} is already a listener of another gateway"),
+                    );
+                    continue;
+                }
+                let mut doors = HashMap::new();
+                for r in &spec.routes {
+                    let compiled = authenticators
+                        .as_ref()
+                        .map_err(|e| anyhow::anyhow!("{e:#}"))
+                        .and_then(|a| door::RouteDoor::compile(&r.name, &r.door, a));
+                    match compiled {
+                        Ok(d) => {
+                            doors.insert(r.name.clone(), d);
+                        }
+                        Err(e) => {
+                            // A door that cannot be built must not leave the route open.
+                            tracing::warn!(gateway = %name, route = %r.name, "route's door does not build; the route is not served: {e:#}");
+                            problems.insert(format!("{name}/{}", r.name), format!("{e:#}"));
+                        }
+                    }
+                }
+                let mut routes_spec = spec.clone();
+                routes_spec.routes.retain(|r| doors.contains_key(&r.name));
+                wanted.insert(
+                    addr,
+                    ListenerConfig {
+                        gateway: name.clone(),
+                        spec: l.clone(),
+                        routes: RouteTable::for_listener(&routes_spec, &l.name),
+                        doors,
+                        https_port,
+                    },
+                );
+            }
+        }
+        // Stop what is no longer wanted, or wanted differently.
+        let mut keep = HashMap::new();
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            for (addr, rt) in running.drain() {
+                match wanted.get(&addr) {
+                    Some(w)
+                        if w.spec.protocol == rt.protocol
+                            && w.spec.certificates == rt.certificate_files =>
+                    {
+                        keep.insert(addr, rt);
+                    }
+                    _ => {
+                        tracing::info!(%addr, "gateway listener no longer in the spec; closing");
+                        rt.stop();
+                    }
+                }
+            }
+        }
+        for (addr, config) in wanted {
+            let key = format!("{}/{}", config.gateway, config.spec.name);
+            if let Some(rt) = keep.get(&addr) {
+                rt.set_config(config);
+                continue;
+            }
+            match listener::start(self.clone(), config, drain.clone()).await {
+                Ok(rt) => {
+                    keep.insert(addr, rt);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, listener = %key, "gateway listener not serving: {e:#}");
+                    problems.insert(key, format!("{e:#}"));
+                }
+            }
+        }
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = keep;
+        *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+    }
+
+    /// `describe`/`list`: the spec and, on a host that serves it, its listeners' state.
+    pub fn info(&self, spec: GatewaySpec, yaml: String) -> GatewayInfo {
+        let served_here = self.serve.serves(&spec.name);
+        let mut listeners = Vec::new();
+        if served_here {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+            for l in &spec.listeners {
+                let addr = SocketAddr::new(l.bind_ip(), l.port);
+                let rt = running
+                    .get(&addr)
+                    .filter(|rt| rt.config().gateway == spec.name);
+                let key = format!("{}/{}", spec.name, l.name);
+                let state = match (rt, problems.get(&key)) {
+                    (Some(_), _) => "serving".to_string(),
+                    (None, Some(p)) => format!("not serving: {p}"),
+                    (None, None) => "starting".to_string(),
+                };
+                let certificates = rt
+                    .and_then(|rt| rt.certs.as_ref())
+                    .map(|c| {
+                        c.states()
+                            .into_iter()
+                            .map(|s| {
+                                let mut line = format!(
+                                    "{} names {} expires {}",
+                                    s.file,
+                                    s.names.join(","),
+                                    s.not_after_unix.map(|t| t.to_string()).unwrap_or_default()
+                                );
+                                if let Some(p) = s.problem {
+                                    line.push_str(&format!(
+                                        " (reload failed, serving the last good one: {p})"
+                                    ));
+                                }
+                                line
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                listeners.push(GatewayListenerState {
+                    name: l.name.clone(),
+                    address: addr.to_string(),
+                    state,
+                    certificates,
+                });
+            }
+        }
+        GatewayInfo {
+            spec,
+            yaml,
+            served_here,
+            listeners,
+        }
+    }
+
+    /// The store for ACME and tests: the certificate store of the https listener on `addr`.
+    pub fn certificates_of(&self, addr: SocketAddr) -> Option<Arc<certs::CertStore>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .and_then(|rt| rt.certs.clone())
+    }
+}

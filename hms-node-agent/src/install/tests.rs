@@ -1,4 +1,3 @@
-
 use super::units::*;
 use super::*;
 
@@ -191,7 +190,10 @@ fn socket_units_listen_where_the_config_says() {
     ]);
     let text = render_config(&given);
     let s = UnitSettings::resolve(&parse_config(&text, Path::new("t")).unwrap(), false).unwrap();
-    let units: Vec<String> = LISTENERS.iter().map(|l| render_socket(l, &s, &BY_INSTALL)).collect();
+    let units: Vec<String> = LISTENERS
+        .iter()
+        .map(|l| render_socket(l, &s, &BY_INSTALL))
+        .collect();
     assert_eq!(directive(&units[0], "ListenStream"), ["127.0.0.1:25001"]);
     assert_eq!(directive(&units[1], "ListenDatagram"), ["127.0.0.3:25053"]);
     assert_eq!(directive(&units[2], "ListenStream"), ["127.0.0.3:25053"]);
@@ -205,15 +207,24 @@ fn socket_units_listen_where_the_config_says() {
     // Defaults when nothing is set.
     let s = UnitSettings::resolve(&RunArgs::default(), false).unwrap();
     assert_eq!(
-        directive(&render_socket(&LISTENERS[0], &s, &BY_INSTALL), "ListenStream"),
+        directive(
+            &render_socket(&LISTENERS[0], &s, &BY_INSTALL),
+            "ListenStream"
+        ),
         ["127.0.0.1:15001"]
     );
     assert_eq!(
-        directive(&render_socket(&LISTENERS[1], &s, &BY_INSTALL), "ListenDatagram"),
+        directive(
+            &render_socket(&LISTENERS[1], &s, &BY_INSTALL),
+            "ListenDatagram"
+        ),
         ["127.0.0.1:15053"]
     );
     assert_eq!(
-        directive(&render_socket(&LISTENERS[3], &s, &BY_INSTALL), "ListenStream"),
+        directive(
+            &render_socket(&LISTENERS[3], &s, &BY_INSTALL),
+            "ListenStream"
+        ),
         ["0.0.0.0:15008"]
     );
 }

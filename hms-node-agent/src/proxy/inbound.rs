@@ -185,6 +185,9 @@ mod tests {
         fn get_blob(&self, _: &str) -> anyhow::Result<Option<Vec<u8>>> {
             Ok(None)
         }
+        fn delete_blob(&self, _: &str) -> anyhow::Result<bool> {
+            anyhow::bail!("read-only")
+        }
         fn snapshot(&self) -> Arc<Snapshot> {
             self.0.clone()
         }

@@ -255,6 +255,14 @@ impl Store for EmbeddedStore {
         Ok(self.lock_state().blobs.get(key).cloned())
     }
 
+    fn delete_blob(&self, key: &str) -> anyhow::Result<bool> {
+        validate_blob_key(key)?;
+        if !self.lock_state().blobs.contains_key(key) {
+            return Ok(false);
+        }
+        self.commit(|next| Ok(next.blobs.remove(key).is_some()))
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }

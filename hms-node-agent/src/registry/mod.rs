@@ -56,6 +56,8 @@ pub trait Store: Send + Sync {
     /// Reads `key` from the registry itself (not the snapshot), so a value another host just
     /// wrote is seen.
     fn get_blob(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Removes `key`; false if it did not exist (gateway specs: `hms-ctl gateway delete`).
+    fn delete_blob(&self, key: &str) -> anyhow::Result<bool>;
     /// Withdraws this host's instances and node record now (a clean stop) instead of when
     /// its lease runs out; the services themselves stay. The store serves no more writes.
     fn leave(&self) -> anyhow::Result<()> {

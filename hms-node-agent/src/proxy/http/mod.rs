@@ -82,6 +82,25 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// One request from the gateway (`crate::gateway::request`): it goes through the same
+/// decisions as a meshed caller's, as the caller `gateway`.
+#[derive(Debug, Clone)]
+pub struct GatewayCall {
+    /// The backend the gateway picked.
+    pub service: String,
+    /// The outside client, for taps and logs.
+    pub client: std::net::SocketAddr,
+    /// `<gateway>/<route>`: shown where a meshed caller's process is.
+    pub route: String,
+    /// Who the door found the client to be (`api-key:ops`).
+    pub subject: Option<Arc<str>>,
+    /// The gateway route's timeout, per-try timeout and retries, where it sets them; the
+    /// service's own route settings fill the rest.
+    pub timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub retries: Option<u32>,
+}
+
 /// Who is calling and whom, fixed for the whole downstream connection.
 #[derive(Debug, Clone)]
 pub struct Downstream {
@@ -221,6 +240,26 @@ impl HttpProxy {
         }
     }
 
+    /// One gateway request through the mesh's HTTP path (policy with caller `gateway`, rate
+    /// limit, retries, timeouts, breakers, balancing, taps and metrics), as a request on a
+    /// connection of its own: the gateway's connections carry requests for many services.
+    pub async fn serve_gateway_request(
+        &self,
+        req: Request<Incoming>,
+        call: GatewayCall,
+        drain: Drain,
+    ) -> Response<ProxyBody> {
+        let ds = Downstream {
+            service: call.service.clone(),
+            caller: Caller::service(crate::gateway::CALLER),
+            caller_process: call.route.clone(),
+            peer: call.client,
+        };
+        let mut conn = Conn::new(ds, drain, crate::limits::IdleFlag::detached());
+        conn.gateway = Some(call);
+        self.handle(req, Arc::new(conn)).await
+    }
+
     async fn handle(&self, mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
         conn.request_started();
         let ds = &conn.ds;
@@ -330,6 +369,8 @@ impl HttpProxy {
             trace_id: trace_id.as_str().into(),
             mesh_error,
             headers,
+            client: conn.gateway.as_ref().map(|g| g.client),
+            subject: conn.gateway.as_ref().and_then(|g| g.subject.clone()),
         };
         let tap = self.tap.clone();
         let metrics = self.metrics.clone();
@@ -376,7 +417,12 @@ impl HttpProxy {
                 }
             }
         }
-        let route = RouteSettings::for_path(&svc.spec, req.uri().path());
+        let mut route = RouteSettings::for_path(&svc.spec, req.uri().path());
+        if let Some(g) = &conn.gateway {
+            route.retries = g.retries.unwrap_or(route.retries);
+            route.timeout = g.timeout.or(route.timeout);
+            route.per_try = g.per_try_timeout.or(route.per_try);
+        }
         let deadline = route.timeout.map(|t| tokio::time::Instant::now() + t);
         exchange.deadline = deadline;
         let work = self.forward(req, svc, &state, route, conn, trace_id, exchange);
@@ -732,6 +778,8 @@ struct Conn {
     caller_process: Arc<str>,
     callee: Arc<str>,
     series: EdgeSeries,
+    /// Set when the gateway made this request.
+    gateway: Option<GatewayCall>,
 }
 
 impl Conn {
@@ -758,6 +806,7 @@ impl Conn {
             caller_process: ds.caller_process.as_str().into(),
             callee: ds.service.as_str().into(),
             ds,
+            gateway: None,
         }
     }
 }

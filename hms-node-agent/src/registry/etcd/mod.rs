@@ -282,6 +282,10 @@ impl Store for EtcdStore {
         self.block_on(self.shared.get_blob(key))
     }
 
+    fn delete_blob(&self, key: &str) -> anyhow::Result<bool> {
+        self.block_on(self.shared.delete_blob(key))
+    }
+
     fn leave(&self) -> anyhow::Result<()> {
         self.block_on(self.leave_now())
     }
@@ -1087,6 +1091,18 @@ impl Shared {
         let txn = txn.and_then([TxnOp::put(k, value.to_vec(), None)]);
         let resp = within(self.timeout(), self.client.kv_client().txn(txn)).await?;
         if !resp.succeeded() {
+            return Ok(false);
+        }
+        self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))
+            .await;
+        Ok(true)
+    }
+
+    async fn delete_blob(&self, key: &str) -> anyhow::Result<bool> {
+        validate_blob_key(key)?;
+        let k = self.key(Key::Blob(key.to_string()));
+        let resp = within(self.timeout(), self.client.kv_client().delete(k, None)).await?;
+        if resp.deleted() == 0 {
             return Ok(false);
         }
         self.caught_up(resp.header().map(|h| h.revision()).unwrap_or(0))

@@ -1,0 +1,332 @@
+//! One gateway listener: the socket, TLS (rustls, TLS 1.3 only, certificate by SNI, ALPN h2
+//! and http/1.1) and hyper's HTTP/1.1 or HTTP/2 server per connection. Owns the accept path;
+//! never decides about a request (that is `request`).
+//!
+//! The accept path survives whatever a client sends: every connection runs in its own task,
+//! the TLS handshake has a deadline, a failed handshake (garbage, TLS 1.2 or older, an SNI
+//! no certificate covers) is counted and logged and ends only that connection. A request
+//! head over 64 KiB gets 431 from hyper, a head slower than 10 s ends the connection.
+//!
+//! The routes and certificates a listener uses can change while it runs (`hms-ctl gateway
+//! apply`, a renewed certificate file): new requests see the new routes; open connections
+//! are not dropped.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use hms_ctl::gateway::{CertificateFiles, ListenerSpec, Protocol};
+
+use super::certs::{CertStore, SniResolver};
+use super::door::ConnInfo;
+use super::metrics::ListenerLabels;
+use super::routes::RouteTable;
+use super::{GatewayHost, door};
+use crate::drain::Drain;
+use crate::proxy::http::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES};
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a listener serves now; swapped whole when the spec changes.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    pub gateway: String,
+    pub spec: ListenerSpec,
+    pub routes: RouteTable,
+    /// Each route's door, by route name.
+    pub doors: std::collections::HashMap<String, door::RouteDoor>,
+    /// `redirect_https`: the port of the gateway's first https listener.
+    pub https_port: Option<u16>,
+}
+
+/// A running listener.
+pub struct ListenerRuntime {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub certificate_files: Vec<CertificateFiles>,
+    pub config: RwLock<Arc<ListenerConfig>>,
+    pub certs: Option<Arc<CertStore>>,
+    stop: watch::Sender<bool>,
+}
+
+impl ListenerRuntime {
+    pub fn config(&self) -> Arc<ListenerConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_config(&self, c: ListenerConfig) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+    }
+
+    /// Stops accepting; open connections finish on their own.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The rustls server config of an https listener: TLS 1.3 only (the crate is built without
+/// TLS 1.2), ALPN h2 then http/1.1.
+fn tls_config(certs: Arc<CertStore>) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver(certs)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Binds and starts serving. Errors name the address (a port taken, a certificate that
+/// does not load) so `describe` can say why a listener is not serving.
+pub async fn start(
+    host: Arc<GatewayHost>,
+    config: ListenerConfig,
+    drain: Drain,
+) -> anyhow::Result<Arc<ListenerRuntime>> {
+    let spec = config.spec.clone();
+    let addr = SocketAddr::new(spec.bind_ip(), spec.port);
+    let certs = match spec.protocol {
+        Protocol::Http => None,
+        Protocol::Https => {
+            let metrics = host.metrics.clone();
+            let labels = ListenerLabels {
+                gateway: config.gateway.clone(),
+                listener: spec.name.clone(),
+                reason: "load-failed".into(),
+            };
+            Some(Arc::new(CertStore::load(
+                &spec.certificates,
+                Box::new(move |_| {
+                    metrics
+                        .certificate_reload_failures
+                        .get_or_create(&labels)
+                        .inc();
+                }),
+            )?))
+        }
+    };
+    let acceptor = match &certs {
+        Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(c.clone())?))),
+        None => None,
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind gateway listener {addr}: {e}"))?;
+    let listener = socket.listen(1024)?;
+    let (stop, stopped) = watch::channel(false);
+    let rt = Arc::new(ListenerRuntime {
+        addr,
+        protocol: spec.protocol,
+        certificate_files: spec.certificates.clone(),
+        config: RwLock::new(Arc::new(config)),
+        certs,
+        stop,
+    });
+    tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, "gateway listener serving");
+    tokio::spawn(accept_loop(
+        host,
+        rt.clone(),
+        listener,
+        acceptor,
+        stopped,
+        drain,
+    ));
+    Ok(rt)
+}
+
+async fn accept_loop(
+    host: Arc<GatewayHost>,
+    rt: Arc<ListenerRuntime>,
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+    drain: Drain,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped.wait_for(|s| *s) => break,
+            _ = drain.signaled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and the like: back off a little instead of spinning.
+                tracing::warn!(addr = %rt.addr, "gateway accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let host = host.clone();
+        let rt = rt.clone();
+        let acceptor = acceptor.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _guard = drain.guard();
+            serve_connection(host, rt, stream, peer, acceptor, drain).await;
+        });
+    }
+    tracing::info!(addr = %rt.addr, "gateway listener closed");
+}
+
+async fn serve_connection(
+    host: Arc<GatewayHost>,
+    rt: Arc<ListenerRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    drain: Drain,
+) {
+    let _ = stream.set_nodelay(true);
+    let labels = |reason: &str| {
+        let c = rt.config();
+        ListenerLabels {
+            gateway: c.gateway.clone(),
+            listener: c.spec.name.clone(),
+            reason: reason.into(),
+        }
+    };
+    match acceptor {
+        None => {
+            let info = ConnInfo {
+                client: peer,
+                tls: false,
+                sni: None,
+                client_chain: Vec::new(),
+            };
+            serve_http(host, rt, TokioIo::new(stream), info, false, drain).await
+        }
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Err(_) => {
+                    host.metrics
+                        .handshake_failures
+                        .get_or_create(&labels("timeout"))
+                        .inc();
+                    tracing::info!(%peer, addr = %rt.addr, "gateway TLS handshake timed out");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    let reason = handshake_reason(&e);
+                    host.metrics
+                        .handshake_failures
+                        .get_or_create(&labels(reason))
+                        .inc();
+                    tracing::info!(%peer, addr = %rt.addr, reason, "gateway TLS handshake failed: {e}");
+                    return;
+                }
+                Ok(Ok(tls)) => tls,
+            };
+            let (_, session) = tls.get_ref();
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let info = ConnInfo {
+                client: peer,
+                tls: true,
+                sni: session.server_name().map(str::to_owned),
+                client_chain: session
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default(),
+            };
+            serve_http(host, rt, TokioIo::new(tls), info, h2, drain).await
+        }
+    }
+}
+
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    let text = e.to_string();
+    if text.contains("no server certificate chain resolved") {
+        "unknown-sni"
+    } else if text.contains("ProtocolVersion") || text.contains("protocol version") {
+        "protocol-version"
+    } else {
+        "other"
+    }
+}
+
+async fn serve_http<I>(
+    host: Arc<GatewayHost>,
+    rt: Arc<ListenerRuntime>,
+    io: TokioIo<I>,
+    info: ConnInfo,
+    h2: bool,
+    drain: Drain,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let peer = info.client;
+    let service = {
+        let host = host.clone();
+        let rt = rt.clone();
+        let drain = drain.clone();
+        hyper::service::service_fn(move |req| {
+            let host = host.clone();
+            let rt = rt.clone();
+            let info = info.clone();
+            let drain = drain.clone();
+            async move { Ok::<_, Infallible>(host.handle(req, &rt, &info, drain).await) }
+        })
+    };
+    let result = if h2 {
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(io, service);
+        tokio::pin!(served);
+        tokio::select! {
+            r = served.as_mut() => r,
+            _ = drain.signaled() => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        }
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_header_size(MAX_HEADER_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
+            let c = rt.config();
+            host.metrics
+                .bad_requests
+                .get_or_create(&ListenerLabels {
+                    gateway: c.gateway.clone(),
+                    listener: c.spec.name.clone(),
+                    reason: if e.is_parse_too_large() {
+                        "too-large"
+                    } else if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "malformed"
+                    }
+                    .into(),
+                })
+                .inc();
+            tracing::info!(%peer, addr = %rt.addr, "bad request at the gateway: {e}");
+        } else {
+            tracing::debug!(%peer, addr = %rt.addr, "gateway connection ended: {e}");
+        }
+    }
+}
