@@ -241,7 +241,7 @@ fn package_units_pass_systemd_analyze_verify() {
     for line in [
         "Type=notify",
         "ExecStart=/usr/bin/hms-node-agent run --config /etc/hms/agent.yaml",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/sh -c \"kill -HUP $MAINPID\"",
         "LimitNOFILE=524288",
     ] {
         assert!(

@@ -267,8 +267,7 @@ mod tests {
 
     #[test]
     fn a_pre_notify_unit_is_type_exec_without_reload() {
-        let unit =
-            "[Service]\nType=notify\nExecStart=/usr/bin/x\nExecReload=/bin/kill -HUP $MAINPID\n";
+        let unit = "[Service]\nType=notify\nExecStart=/usr/bin/x\nExecReload=/bin/sh -c \"kill -HUP $MAINPID\"\n";
         assert_eq!(
             pre_notify_unit(unit),
             "[Service]\nType=exec\nExecStart=/usr/bin/x\n"

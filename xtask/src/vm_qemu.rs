@@ -62,6 +62,9 @@ pub struct Vm<'a> {
     /// Let a guest reboot (qemu restarts it with the same kernel, initrd and disk) instead
     /// of exiting at the first reboot.
     pub reboot: bool,
+    /// With `reboot`: kill qemu when the firmware starts more boots than this (a guest that
+    /// panics at boot would otherwise reboot until the time limit).
+    pub max_boots: u32,
 }
 
 /// The suite VM's kernel command line.
@@ -127,11 +130,19 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     let deadline = start + vm.timeout;
     let mut lines = Vec::new();
     let mut timed_out = false;
+    let mut boots = 0;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(text) => {
                 let _ = writeln!(log, "{text}");
                 on_line(&text);
+                if text.contains("Booting from ROM") {
+                    boots += 1;
+                    if vm.reboot && boots > vm.max_boots {
+                        let _ = writeln!(log, "xtask: boot {boots} is one too many; stopping qemu");
+                        let _ = child.kill();
+                    }
+                }
                 lines.push(text);
             }
             // Both pipes closed: qemu (and anything holding its pipes) has exited.
@@ -246,6 +257,7 @@ pub fn choose_accel(vm_dir: &Path, kernel: &Path, probe_initrd: &Path) -> anyhow
             disk: None,
             append: APPEND,
             reboot: false,
+            max_boots: 1,
         },
         |_| {},
     );

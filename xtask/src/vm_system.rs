@@ -104,6 +104,8 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
             disk: Some(&disk),
             append: "console=ttyS0 root=/dev/vda rw panic=-1 quiet systemd.show_status=false",
             reboot: true,
+            // The first boot and the driver's reboot.
+            max_boots: 2,
         },
         |line| {
             if line.contains("HMS-SYS-") {
@@ -459,7 +461,7 @@ fn initramfs(modules: &[PathBuf], out: &Path) -> anyhow::Result<()> {
         "#!/usr/bin/busybox sh\n\
          # The system VM's initramfs (xtask/src/vm_system.rs): load the disk's modules, mount\n\
          # /dev/vda, switch to its systemd.\n\
-         export PATH=/usr/bin\n\
+         export PATH=/usr/bin:/usr/sbin:/bin:/sbin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n",

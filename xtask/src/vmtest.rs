@@ -164,6 +164,7 @@ pub fn run_counted(test_args: &[String]) -> anyhow::Result<VmRun> {
             disk: None,
             append: crate::vm_qemu::APPEND,
             reboot: false,
+            max_boots: 1,
         },
         |line| println!("   [vm] {line}"),
     )?;

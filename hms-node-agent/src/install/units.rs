@@ -211,8 +211,9 @@ pub fn render_service(s: &UnitSettings, origin: &UnitOrigin) -> String {
          # STATUS= with the node and what it serves, for `systemctl status`.\n\
          Type=notify\n\
          ExecStart={agent_bin} run --config {CONFIG_PATH}\n\
-         # SIGHUP: the agent re-reads {CONFIG_PATH} and logs which changes need a restart.\n\
-         ExecReload=/bin/kill -HUP $MAINPID\n\
+         # SIGHUP: the agent re-reads {CONFIG_PATH} and logs which changes need a restart\n\
+         # (sh's own kill: /bin/kill comes with procps, which a minimal system lacks).\n\
+         ExecReload=/bin/sh -c \"kill -HUP $MAINPID\"\n\
          # The listeners come from the socket units (LISTEN_FDS / LISTEN_FDNAMES).\n\
          Sockets={sockets}\n\
          # Hand-over (upgrade without closing a listener) starts a successor in this cgroup;\n\
