@@ -257,10 +257,7 @@ fn old_release(target: &Path) -> anyhow::Result<PathBuf> {
 
 /// The Debian mirror this host's apt uses (as ../shared/tools/fresh-debian-check finds it).
 fn mirror() -> anyhow::Result<String> {
-    let mut texts = Vec::new();
-    for path in ["/etc/apt/sources.list"] {
-        texts.push(std::fs::read_to_string(path).unwrap_or_default());
-    }
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
         for e in dir.flatten() {
             texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());

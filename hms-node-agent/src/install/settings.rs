@@ -109,6 +109,11 @@ pub(super) const KEYS: &[Key] = &[
         default: "true",
     },
     Key {
+        name: "gateway",
+        doc: "Gateways this host serves from the registry: all, or names separated by commas (`hms-ctl gateway apply` declares them).",
+        default: "none",
+    },
+    Key {
         name: "vip6-prefix",
         doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
         default: "fd48:4d53::/96",
@@ -144,6 +149,7 @@ pub(super) fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
         "ipv6" => args.ipv6.map(|b| b.to_string()),
         "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
+        "gateway" => args.gateway.as_ref().map(s),
         _ => None,
     }
 }

@@ -76,6 +76,8 @@ fn config_round_trips_the_flags() {
         "--ipv6=false",
         "--vip6-prefix",
         "fd00:1234::/96",
+        "--gateway",
+        "public,admin",
     ]);
     // Only from a file (install reads --join-token-file into it).
     given.join_token = Some("hms2.abc".into());
