@@ -341,6 +341,17 @@ pub struct AgentStatus {
     pub sk_msg: SkMsgInfo,
     /// Tap events live subscribers missed because they read too slowly.
     pub tap_events_lost: u64,
+    /// Egress: whether undeclared outside connects are refused, and how many were.
+    #[serde(default)]
+    pub egress: EgressInfo,
+}
+
+/// The host's egress setting (`--refuse-undeclared-egress`), for `status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EgressInfo {
+    pub refuse_undeclared: bool,
+    /// Connects the kernel refused (EPERM) as undeclared egress since its maps were made.
+    pub refused_total: u64,
 }
 
 /// The agent's fd limit and what each listener may hold, for `status` (`limits`).

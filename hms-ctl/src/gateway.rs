@@ -456,10 +456,22 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
             }
         }
     }
+    // The door's rules (door.rs): an authenticator's line is its key's under
+    // `authenticators:`; a route's door field is found from the route's line.
+    door::validate_authenticators(&spec.authenticators).map_err(|e| {
+        let name = e.field.split('.').nth(1).unwrap_or_default();
+        let from = key_line_from(yaml, "authenticators", 1).unwrap_or(1);
+        err(e.field.clone(), key_line_from(yaml, name, from), e.message)
+    })?;
     let mut route_names = BTreeSet::new();
     for (i, r) in spec.routes.iter().enumerate() {
         let f = |name: &str| format!("routes[{i}].{name}");
         let line = route_line(i);
+        r.door.validate(&spec.authenticators).map_err(|e| {
+            let key = e.field.split('.').next().unwrap_or_default();
+            let at = line.and_then(|l| key_line_from(yaml, key, l)).or(line);
+            err(f(&e.field), at, e.message)
+        })?;
         validate_dns_label(&r.name)
             .map_err(|m| err(f("name"), line, format!("`{}` {m}", r.name)))?;
         if !route_names.insert(r.name.as_str()) {
@@ -627,7 +639,16 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
         if r.retries.is_some_and(|n| n > 10) {
             return Err(err(f("retries"), line, "at most 10 retries".into()));
         }
+        r.door
+            .validate(&spec.authenticators)
+            .map_err(|e| err(f(&e.field), line, e.message))?;
     }
+    door::validate_authenticators(&spec.authenticators).map_err(|e| {
+        let name = e.field.split('.').nth(1).unwrap_or("authenticators");
+        let line =
+            key_line_from(yaml, name, 1).or_else(|| key_line_from(yaml, "authenticators", 1));
+        err(e.field, line, e.message)
+    })?;
     Ok(normalized(spec))
 }
 
@@ -789,6 +810,23 @@ routes:
         );
         assert_eq!(e.field.as_deref(), Some("routes[0].backends"));
         assert_eq!(e.line, Some(27), "{e}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_spec() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## The gateway: the mesh's door")
+            .nth(1)
+            .expect("README has the gateway section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("the section has a yaml block");
+        let spec = parse(yaml, "README.md").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.listeners.len(), 2);
+        assert_eq!(spec.routes.len(), 2);
     }
 
     #[test]

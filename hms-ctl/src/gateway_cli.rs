@@ -20,6 +20,48 @@ pub enum GatewayCommand {
     Describe { name: String },
     /// Remove a gateway: every gateway host closes its listeners.
     Delete { name: String },
+    /// API keys for a spec's `api_key` authenticators (only their hashes go in the spec).
+    /// Runs here; needs no agent.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// A new random key for NAME: prints the key (give it to the client) and the spec line
+    /// (`NAME: sha256:...`) to put under the authenticator's `keys:`.
+    New { name: String },
+    /// The hash of a key read from standard input (one line), for an existing key.
+    Hash,
+}
+
+/// Commands that run here without the agent; `None` for the others.
+pub fn local(cmd: &GatewayCommand) -> anyhow::Result<Option<Vec<String>>> {
+    use hms_ctl::gateway::door::{KeyHash, new_api_key};
+    let GatewayCommand::Key(key) = cmd else {
+        return Ok(None);
+    };
+    Ok(Some(match key {
+        KeyCommand::New { name } => {
+            let (key, hash) = new_api_key();
+            vec![
+                format!("key:       {key}"),
+                format!("spec line: {name}: {hash}"),
+                "(the key is shown once; the spec keeps only its hash)".into(),
+            ]
+        }
+        KeyCommand::Hash => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the key from standard input")?;
+            let key = line.trim_end_matches(['\r', '\n']);
+            if key.is_empty() {
+                anyhow::bail!("no key on standard input: `echo -n KEY | hms-ctl gateway key hash`");
+            }
+            vec![KeyHash::of(key).to_string()]
+        }
+    }))
 }
 
 pub fn request(cmd: &GatewayCommand) -> anyhow::Result<Request> {
@@ -32,6 +74,7 @@ pub fn request(cmd: &GatewayCommand) -> anyhow::Result<Request> {
         GatewayCommand::List => Request::GatewayList,
         GatewayCommand::Describe { name } => Request::GatewayDescribe { name: name.clone() },
         GatewayCommand::Delete { name } => Request::GatewayDelete { name: name.clone() },
+        GatewayCommand::Key(_) => anyhow::bail!("`gateway key` runs locally (see `local`)"),
     })
 }
 
@@ -54,6 +97,7 @@ pub fn show(cmd: &GatewayCommand, data: serde_json::Value) -> anyhow::Result<Vec
             ));
         }
         GatewayCommand::Delete { name } => out.push(format!("deleted gateway {name}")),
+        GatewayCommand::Key(_) => {}
         GatewayCommand::List => {
             let list: Vec<GatewayInfo> = serde_json::from_value(data)?;
             if list.is_empty() {

@@ -258,6 +258,14 @@ fn invoked_as(argv0: Option<std::ffi::OsString>) -> &'static str {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Gateway(g) = &cli.command
+        && let Some(lines) = gateway_cli::local(g)?
+    {
+        for l in lines {
+            println!("{l}");
+        }
+        return Ok(());
+    }
     let socket = client::socket_path(cli.socket.as_deref());
     let request = match &cli.command {
         Command::Deploy { file } => Request::Deploy {
@@ -800,6 +808,15 @@ fn print_status(s: &AgentStatus) {
         h.mesh_errors,
         h.bad_requests,
         h.unprocessed
+    );
+    say!(
+        "egress: undeclared outside connections {} ({} refused)",
+        if s.egress.refuse_undeclared {
+            "refused"
+        } else {
+            "allowed"
+        },
+        s.egress.refused_total
     );
     say!(
         "observation: {} kernel flow records lost (ring buffer full), {} tap events lost (slow readers)",

@@ -14,12 +14,18 @@
 //!     per_try_timeout: 1s    # optional: one attempt
 //!     retries: 1
 //! ```
+//!
+//! An external service (`external: https://api.example:443`, see [`external`]) has no
+//! `port`, `replicas`, `cgroup` or `health`: its one endpoint is the outside system.
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+pub mod external;
+pub use external::{ExternalScheme, ExternalSpec, ExternalTls, TlsMinVersion};
 
 /// A validated service spec.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,6 +51,16 @@ pub struct ServiceSpec {
     /// Informational (the seed's specs carry one); HMS does not run containers.
     #[serde(default)]
     pub image: Option<String>,
+    /// An outside system this service names (egress); then `port` is the outside port and
+    /// the service has no instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalSpec>,
+}
+
+impl ServiceSpec {
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -190,6 +206,7 @@ impl std::error::Error for SpecError {}
 /// The keys a spec may have, in the order the README documents them.
 const SPEC_KEYS: &[&str] = &[
     "name", "port", "replicas", "policy", "limit", "routes", "cgroup", "health", "image",
+    "external", "tls",
 ];
 /// The keys one entry of `routes:` may have.
 const ROUTE_KEYS: &[&str] = &["path", "timeout", "per_try_timeout", "retries"];
@@ -242,6 +259,8 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         cgroup: top.remove("cgroup"),
         health: top.remove("health"),
         image: top.remove("image"),
+        external: top.remove("external"),
+        tls: top.remove("tls"),
     };
     let line_of = |key: &str| key_line(yaml, key, 0);
 
@@ -274,7 +293,70 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         ));
     }
 
+    let external = match raw.external {
+        None => None,
+        Some(Value::String(url)) => Some(
+            external::parse_url(&url).map_err(|m| err(Some("external"), line_of("external"), m))?,
+        ),
+        Some(other) => {
+            return Err(err(
+                Some("external"),
+                line_of("external"),
+                format!(
+                    "must be a URL like `https://api.treasury.example:443`, got {}",
+                    describe(&other)
+                ),
+            ));
+        }
+    };
+    let mut external = external;
+    if let Some(tls) = raw.tls {
+        let Some(ext) = external
+            .as_mut()
+            .filter(|e| e.scheme == ExternalScheme::Https)
+        else {
+            return Err(err(
+                Some("tls"),
+                line_of("tls"),
+                "only an external `https://` service has TLS options; remove `tls:` or write `external: https://HOST:PORT`".into(),
+            ));
+        };
+        if let Value::Object(map) = &tls
+            && let Some((line, key)) = first_unknown_key(yaml, map, external::TLS_KEYS, 2)
+        {
+            return Err(err(
+                Some("tls"),
+                line.or_else(|| line_of("tls")),
+                unknown_key_message(&key, external::TLS_KEYS, "`tls:`'s", None),
+            ));
+        }
+        ext.tls = Some(external::parse_tls(tls).map_err(|(field, m)| {
+            let line = key_line_anywhere_after(yaml, &field, "tls").or_else(|| line_of("tls"));
+            err(Some(&field), line, m)
+        })?);
+    }
+    if let Some(ext) = &external {
+        // The outside system is the one endpoint: nothing of this host's instances applies.
+        for (key, present) in [
+            ("port", raw.port.is_some()),
+            ("replicas", raw.replicas.is_some()),
+            ("cgroup", raw.cgroup.is_some()),
+            ("health", raw.health.is_some()),
+        ] {
+            if present {
+                return Err(err(
+                    Some(key),
+                    line_of(key),
+                    format!(
+                        "an external service has no instances on this host, so no `{key}`; its endpoint is `{ext}`"
+                    ),
+                ));
+            }
+        }
+    }
+
     let port = match raw.port {
+        _ if external.is_some() => external.as_ref().map_or(0, |e| e.port),
         Some(Value::Number(n)) => match n.as_i64() {
             Some(p) if (1..=65535).contains(&p) => p as u16,
             _ => {
@@ -495,7 +577,23 @@ pub fn parse(yaml: &str, file: &str) -> Result<ServiceSpec, SpecError> {
         cgroup,
         health,
         image,
+        external,
     })
+}
+
+/// The line of `field`'s last segment (`tls.ca_file` -> `ca_file:`) below `parent:`.
+fn key_line_anywhere_after(yaml: &str, field: &str, parent: &str) -> Option<usize> {
+    let key = field.rsplit('.').next()?;
+    let start = key_line(yaml, parent, 0)?;
+    yaml.lines()
+        .enumerate()
+        .skip(start)
+        .take_while(|(_, l)| l.starts_with(' ') || l.trim().is_empty())
+        .find(|(_, l)| {
+            let t = l.trim_start();
+            t.starts_with(key) && t[key.len()..].trim_start().starts_with(':')
+        })
+        .map(|(i, _)| i + 1)
 }
 
 fn parse_policy(v: &Value) -> Result<Policy, String> {
@@ -544,6 +642,8 @@ struct RawSpec {
     cgroup: Option<Value>,
     health: Option<Value>,
     image: Option<Value>,
+    external: Option<Value>,
+    tls: Option<Value>,
 }
 
 /// Names a spec may not take: `host` is how taps, policies and logs name a caller in no
@@ -1088,6 +1188,49 @@ mod tests {
     }
 
     #[test]
+    fn an_external_service_names_an_outside_system() {
+        let spec = parse(
+            "name: treasury-api\nexternal: https://api.treasury.example:443\ntls:\n  ca_file: /etc/hms/treasury-ca.pem\n  min_version: \"1.3\"\npolicy: {allow_from: [payments-svc]}\nlimit: 5rps\nroutes:\n  - path: /\n    timeout: 2s\n",
+            "treasury.yaml",
+        )
+        .unwrap();
+        let ext = spec.external.as_ref().unwrap();
+        assert_eq!(ext.server_name(), "api.treasury.example");
+        assert_eq!(spec.port, 443, "the outside port");
+        assert!(spec.replicas.is_empty());
+        assert_eq!(ext.tls.as_ref().unwrap().min_version, TlsMinVersion::Tls13);
+        // Round trip through the registry's JSON keeps every field.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<ServiceSpec>(&json).unwrap(), spec);
+        // A spec of before egress (no `external`) still reads.
+        let old: ServiceSpec = serde_json::from_str(
+            r#"{"name":"a","port":7000,"policy":"allow_from_any","limit":null,"routes":[],"cgroup":null,"health":null,"image":null}"#,
+        )
+        .unwrap();
+        assert!(!old.is_external());
+    }
+
+    #[test]
+    fn an_external_service_has_no_instances_and_tls_only_with_https() {
+        let e = reject("name: t\nexternal: https://a.example\nport: 7000\n");
+        assert_eq!((e.field.as_deref(), e.line), (Some("port"), Some(3)));
+        assert!(e.message.contains("no instances"), "{e}");
+        let e = reject("name: t\nexternal: tcp://a.example:5432\ntls:\n  sni: a.example\n");
+        assert_eq!(e.field.as_deref(), Some("tls"));
+        let e = reject("name: t\nexternal: https://a.example\ntls:\n  ca_fle: /x.pem\n");
+        assert!(e.message.contains("did you mean `ca_file`"), "{e}");
+        assert_eq!(e.line, Some(4));
+        let e = reject(
+            "name: t\nexternal: https://a.example\ntls:\n  sni: a.example\n  ca_file: rel.pem\n",
+        );
+        assert_eq!((e.field.as_deref(), e.line), (Some("tls.ca_file"), Some(5)));
+        let e = reject("name: t\nexternal: https://a.example/pay\n");
+        assert_eq!((e.field.as_deref(), e.line), (Some("external"), Some(2)));
+        let e = reject("name: t\nexternal: 443\n");
+        assert!(e.message.contains("must be a URL"), "{e}");
+    }
+
+    #[test]
     fn host_and_gateway_are_not_service_names() {
         for name in ["host", "gateway"] {
             let e = reject(&format!("name: {name}\nport: 7000\n"));
@@ -1117,7 +1260,7 @@ mod pinned_messages {
     const CASES: &[(&str, &str)] = &[
         (
             "name: a\nport: 7000\nprot: 8\n",
-            "svc.yaml:3: unknown field `prot` (did you mean `port`?); a spec's fields are `name`, `port`, `replicas`, `policy`, `limit`, `routes`, `cgroup`, `health`, `image`",
+            "svc.yaml:3: unknown field `prot` (did you mean `port`?); a spec's fields are `name`, `port`, `replicas`, `policy`, `limit`, `routes`, `cgroup`, `health`, `image`, `external`, `tls`",
         ),
         (
             "port: 7000\nname: Payments_Svc\n",

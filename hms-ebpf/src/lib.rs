@@ -54,6 +54,14 @@ pub mod map_names {
     /// connections (IPv4-mapped ones are IPv4 and use `HMS_SOCKS`). `hms_sk_msg` is attached
     /// to both.
     pub const SOCKS6: &str = "HMS_SOCKS6";
+    /// `ARRAY`, one [`EgressConfig`](super::EgressConfig): whether connect4/connect6 refuse
+    /// undeclared outside destinations (the host setting `--refuse-undeclared-egress`).
+    pub const EGRESS: &str = "HMS_EGRESS";
+    /// `HASH` [`EgressAddr`](super::EgressAddr) -> u32 (1): the declared external services'
+    /// addresses, which stay reachable while refusal is on.
+    pub const EGRESS_ALLOW: &str = "HMS_EGRESS_ALLOW";
+    /// `PERCPU_ARRAY<u64>`, one entry: connects refused as undeclared egress. Sum over CPUs.
+    pub const EGRESS_REFUSED: &str = "HMS_EGRESS_REFUSED";
 }
 
 /// Names of the programs (the functions in `main.rs`).
@@ -99,6 +107,30 @@ pub struct RedirectConfig {
     /// namespace (containers, `ip netns exec`, sandboxes) are left alone, since the agent's
     /// listeners do not exist there. 0 disables the check.
     pub netns_cookie: u64,
+}
+
+/// The egress setting (index 0 of `HMS_EGRESS`). Absent or `refuse_undeclared == 0`: no
+/// connect is ever refused (the hooks only redirect).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// 1: a TCP or UDP connect from the redirected cgroup (agent's namespace, agent alive) to
+    /// an address that is neither loopback, nor unspecified, nor a VIP, nor in
+    /// `HMS_EGRESS_ALLOW` fails with EPERM, is counted and reported in the flow ring buffer
+    /// ([`FLOW_EGRESS_REFUSED`]).
+    pub refuse_undeclared: u32,
+    /// The agent's own process (thread-group id): its connections (registry, peers,
+    /// external services) are never refused, marked or not.
+    pub agent_tgid: u32,
+}
+
+/// A key of `HMS_EGRESS_ALLOW`: an address as the four host-order words of its IPv6 form
+/// (IPv4 as `::ffff:a.b.c.d`, the form `rule::Addr::v6_words` gives), so one map serves
+/// both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EgressAddr {
+    pub words: [u32; 4],
 }
 
 /// How long after the agent's last heartbeat (written every
@@ -280,6 +312,10 @@ pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 pub const FLOW_OPEN: u8 = 1;
 /// [`FlowEvent::kind`]: a tracked connection reached `TCP_CLOSE`.
 pub const FLOW_CLOSE: u8 = 2;
+/// [`FlowEvent::kind`]: a connect refused as undeclared egress. Only `orig` (the refused
+/// destination, low 32 bits of an IPv6 one with `FLOW_FLAG_V6`, and the caller) and
+/// `established_ns` (when) are set.
+pub const FLOW_EGRESS_REFUSED: u8 = 3;
 
 /// [`FlowEvent::flags`]: the connection was redirected to the DNS responder (DNS over TCP to
 /// port 53), not to the outbound proxy.
@@ -385,6 +421,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst6 {}
     unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::SockKey6 {}
+    unsafe impl aya::Pod for super::EgressConfig {}
+    unsafe impl aya::Pod for super::EgressAddr {}
 }
 
 // The layouts are the ABI: a change here must be deliberate (and makes a pinned map of the old
@@ -401,4 +439,6 @@ const _: () = {
     assert!(size_of::<FlowState>() == 88);
     assert!(size_of::<FlowEvent>() == 128);
     assert!(align_of::<FlowEvent>() == 8);
+    assert!(size_of::<EgressConfig>() == 8);
+    assert!(size_of::<EgressAddr>() == 16);
 };

@@ -13,7 +13,9 @@
 //! connection go into a sockhash and what one sends is moved straight into the other's receive
 //! queue (`hms_sk_msg`), skipping the loopback TCP/IP stack.
 //! Must never: drop or refuse a socket operation (every hook returns "allow"; a missing config
-//! or a full map means "leave the socket alone"), or redirect a socket carrying the agent's
+//! or a full map means "leave the socket alone") -- with one exception the agent turns on:
+//! with `EgressConfig::refuse_undeclared`, connect4/connect6 refuse (EPERM) a connect to an
+//! undeclared outside address (`refuse_undeclared_egress`) -- or redirect a socket carrying the agent's
 //! skip mark (that is how the agent's own upstream DNS avoids looping back into itself), or
 //! wait for the agent: a flow record that does not fit in the ring buffer is dropped and
 //! counted in `HMS_RINGBUF_DROPS`, never retried.
@@ -42,15 +44,15 @@ mod programs {
             },
         },
         macros::{cgroup_sock, cgroup_sock_addr, map, sk_msg, sock_ops},
-        maps::{Array, LruHashMap, PerCpuArray, RingBuf, SockHash},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
         programs::{SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use hms_ebpf::{
-        AGENT_ALIVE_WINDOW_NS, BypassBytes, FLOW_CLOSE, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS,
-        FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP,
-        ORIG_FLAG_V6, OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6,
-        byte_order,
+        AGENT_ALIVE_WINDOW_NS, BypassBytes, EgressAddr, EgressConfig, FLOW_CLOSE,
+        FLOW_EGRESS_REFUSED, FLOW_EVENTS_BYTES, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN, FlowEvent,
+        FlowKey, FlowKey6, FlowState, IPPROTO_TCP, IPPROTO_UDP, ORIG_FLAG_V6, OrigDst, OrigDst6,
+        RedirectConfig, RedirectConfig6, SockKey, SockKey6, byte_order,
         rule::{self, Addr},
         sk_msg_stat,
     };
@@ -58,8 +60,9 @@ mod programs {
     /// `AF_INET6` (include/linux/socket.h), as `bpf_sock_ops.family` reports it.
     const AF_INET6: u32 = 10;
 
-    /// cgroup sock_addr programs: 1 lets the syscall proceed (0 would fail it with EPERM).
+    /// cgroup sock_addr programs: 1 lets the syscall proceed, 0 fails it with EPERM.
     const SOCK_ADDR_ALLOW: i32 = 1;
+    const SOCK_ADDR_REFUSE: i32 = 0;
     /// sock_ops programs: the return value is ignored for the callbacks we handle; 1 is the
     /// conventional "ok".
     const SOCK_OPS_OK: u32 = 1;
@@ -67,6 +70,8 @@ mod programs {
     /// LRU so a record nobody collects (client gave up, proxy down) ages out instead of
     /// filling the map.
     const ORIG_DST_ENTRIES: u32 = 65536;
+    /// Addresses of declared external services (each resolves to a few).
+    const EGRESS_ALLOW_ENTRIES: u32 = 4096;
 
     #[map(name = "HMS_CONFIG")]
     static HMS_CONFIG: Array<RedirectConfig> = Array::pinned(1, 0);
@@ -142,6 +147,18 @@ mod programs {
     /// What `hms_sk_msg` did, per CPU (`sk_msg_stat` indices).
     #[map(name = "HMS_SK_MSG_STATS")]
     static HMS_SK_MSG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(sk_msg_stat::COUNT, 0);
+
+    /// The egress setting; all zero (nothing refused) until the agent writes it.
+    #[map(name = "HMS_EGRESS")]
+    static HMS_EGRESS: Array<EgressConfig> = Array::pinned(1, 0);
+
+    /// Declared external services' addresses (written by the agent from the registry).
+    #[map(name = "HMS_EGRESS_ALLOW")]
+    static HMS_EGRESS_ALLOW: HashMap<EgressAddr, u32> = HashMap::pinned(EGRESS_ALLOW_ENTRIES, 0);
+
+    /// Connects refused as undeclared egress.
+    #[map(name = "HMS_EGRESS_REFUSED")]
+    static HMS_EGRESS_REFUSED: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
     /// Which `bpf_sock_addr` address fields a hook reads and writes.
     #[derive(Clone, Copy)]
@@ -307,19 +324,27 @@ mod programs {
     /// still redirect: the proxy then sees an unknown connection and refuses it, which is
     /// louder than silently bypassing it.
     #[inline(always)]
-    fn redirect(ctx: &SockAddrContext, family: Family, udp_only: bool) {
-        let Some(cfg) = config() else { return };
+    /// Returns the hook's verdict: [`SOCK_ADDR_REFUSE`] only for a connect refused as
+    /// undeclared egress, [`SOCK_ADDR_ALLOW`] for everything else.
+    fn redirect(ctx: &SockAddrContext, family: Family, udp_only: bool) -> i32 {
+        let Some(cfg) = config() else {
+            return SOCK_ADDR_ALLOW;
+        };
         if carries_skip_mark(ctx, cfg) || !in_agent_netns(cfg, ctx.as_ptr()) || !agent_alive() {
-            return;
+            return SOCK_ADDR_ALLOW;
         }
         let cfg6 = config6();
         let (to, port) = dest(ctx, family);
         let protocol = protocol(ctx);
         let Some(target) = rule::decide(cfg, cfg6, to, port, protocol, udp_only) else {
-            return;
+            if !udp_only && refuses_egress(cfg, cfg6, to) {
+                report_refused_egress(to, port, protocol);
+                return SOCK_ADDR_REFUSE;
+            }
+            return SOCK_ADDR_ALLOW;
         };
         let Some((new, new_port)) = rule::target_addr(cfg, cfg6, to, target) else {
-            return;
+            return SOCK_ADDR_ALLOW;
         };
         let cookie = socket_cookie(ctx);
         let pid = match to {
@@ -344,34 +369,77 @@ mod programs {
         };
         set_dest(ctx, family, new, new_port);
         debug!(ctx, "hms: pid {} port {} -> port {}", pid, port, new_port);
+        SOCK_ADDR_ALLOW
+    }
+
+    /// Whether a connect to `to` (not redirected) is undeclared egress the agent refuses.
+    #[inline(always)]
+    fn refuses_egress(cfg: &RedirectConfig, cfg6: Option<&RedirectConfig6>, to: Addr) -> bool {
+        let Some(egress) = HMS_EGRESS.get(0) else {
+            return false;
+        };
+        if egress.refuse_undeclared == 0
+            || (bpf_get_current_pid_tgid() >> 32) as u32 == egress.agent_tgid
+            || rule::egress_exempt(cfg, cfg6, to)
+        {
+            return false;
+        }
+        let key = EgressAddr {
+            words: to.v6_words(),
+        };
+        // SAFETY: the value is only tested for presence.
+        unsafe { HMS_EGRESS_ALLOW.get(&key) }.is_none()
+    }
+
+    /// Counts a refused connect and tells the agent (flow ring buffer; dropped and counted
+    /// like any flow record when it is full).
+    #[inline(always)]
+    fn report_refused_egress(to: Addr, port: u16, protocol: u16) {
+        if let Some(n) = HMS_EGRESS_REFUSED.get_ptr_mut(0) {
+            // SAFETY: this CPU's live u64 slot; not atomic (see `count_drop`).
+            unsafe { *n += 1 };
+        }
+        let (ip, flags) = match to {
+            Addr::V4(ip) => (ip, 0),
+            Addr::V6(w) => (w[3], ORIG_FLAG_V6),
+        };
+        let Some(mut entry) = HMS_FLOW_EVENTS.reserve::<FlowEvent>(0) else {
+            count_drop();
+            return;
+        };
+        let orig = orig_dst(ip, port, protocol, flags);
+        entry.write(FlowEvent {
+            kind: FLOW_EGRESS_REFUSED,
+            flags: if flags != 0 { FLOW_FLAG_V6 } else { 0 },
+            established_ns: orig.connect_ns,
+            orig,
+            ..FlowEvent::default()
+        });
+        entry.submit(0);
     }
 
     #[cgroup_sock_addr(connect4)]
     pub fn hms_connect4(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, Family::Inet, false);
-        SOCK_ADDR_ALLOW
+        redirect(&ctx, Family::Inet, false)
     }
 
     /// `AF_INET6` sockets: dual-stack ones dialling mapped VIPs (JVMs, gRPC C-core, .NET do
     /// this for every IPv4 address) and real IPv6 VIPs.
     #[cgroup_sock_addr(connect6)]
     pub fn hms_connect6(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, Family::Inet6, false);
-        SOCK_ADDR_ALLOW
+        redirect(&ctx, Family::Inet6, false)
     }
 
     /// Unconnected UDP (sendto with an address). Connected UDP went through connect4 already.
     #[cgroup_sock_addr(sendmsg4)]
     pub fn hms_sendmsg4(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, Family::Inet, true);
-        SOCK_ADDR_ALLOW
+        redirect(&ctx, Family::Inet, true)
     }
 
     /// Unconnected UDP on `AF_INET6` sockets, to a mapped or real IPv6 resolver.
     #[cgroup_sock_addr(sendmsg6)]
     pub fn hms_sendmsg6(ctx: SockAddrContext) -> i32 {
-        redirect(&ctx, Family::Inet6, true);
-        SOCK_ADDR_ALLOW
+        redirect(&ctx, Family::Inet6, true)
     }
 
     /// A resolver (glibc, dig) drops a reply whose source is not the server it asked, so the

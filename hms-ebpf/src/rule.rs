@@ -131,6 +131,19 @@ pub fn decide(
     None
 }
 
+/// Destinations a refusal of undeclared egress never touches: loopback (127/8, `::1`),
+/// the unspecified address (a connect to the host itself), and VIPs (a UDP connect to a VIP
+/// is not redirected but is the mesh's own address). Declared externals are the map's
+/// business, not this rule's.
+#[inline(always)]
+pub fn egress_exempt(cfg: &RedirectConfig, cfg6: Option<&RedirectConfig6>, to: Addr) -> bool {
+    let local = match to {
+        Addr::V4(ip) => ip >> 24 == 127 || ip == 0,
+        Addr::V6(w) => w[0] == 0 && w[1] == 0 && w[2] == 0 && (w[3] == 1 || w[3] == 0),
+    };
+    local || is_vip(cfg, cfg6, to)
+}
+
 /// The address and port a socket that dialled `to` is sent to for `target`: the listener of
 /// the same family. `None` only for real IPv6 with IPv6 off (which [`decide`] never picks).
 #[inline(always)]
@@ -188,6 +201,31 @@ mod tests {
             outbound_ip: [0, 0, 0, 1],
             dns_ip: [0, 0, 0, 1],
             enabled: 1,
+        }
+    }
+
+    #[test]
+    fn loopback_unspecified_and_vips_are_exempt_from_egress_refusal() {
+        let (c, c6) = (cfg(), cfg6());
+        for exempt in [
+            Addr::V4(0x7f00_0001),
+            Addr::V4(0x7f0a_0b0c),
+            Addr::V4(0),
+            Addr::V4(VIP),
+            Addr::from_v6_words([0, 0, 0xffff, 0x7f00_0001]),
+            Addr::V6([0, 0, 0, 1]),
+            Addr::V6([0, 0, 0, 0]),
+            Addr::V6([PREFIX[0], PREFIX[1], PREFIX[2], VIP]),
+        ] {
+            assert!(egress_exempt(&c, Some(&c6), exempt), "{exempt:?}");
+        }
+        for outside in [
+            Addr::V4(0x0a62_0002),
+            Addr::from_v6_words([0, 0, 0xffff, 0x0a62_0002]),
+            Addr::V6([0xfd98_0000, 0, 0, 2]),
+            Addr::V6([0, 0, 0, 2]),
+        ] {
+            assert!(!egress_exempt(&c, Some(&c6), outside), "{outside:?}");
         }
     }
 

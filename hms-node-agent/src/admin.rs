@@ -467,7 +467,13 @@ impl Admin {
             write.write_all(&line).await?;
             Ok(())
         }
-        if self.store.snapshot().service(&filter.service).is_none() {
+        // `host` is the caller in no service's cgroup (its calls, and its connects refused as
+        // undeclared egress); `gateway` is the gateway's caller name (its requests into the
+        // mesh and its own answers): both are tapped under those names too.
+        if filter.service != "host"
+            && filter.service != crate::gateway::CALLER
+            && self.store.snapshot().service(&filter.service).is_none()
+        {
             let message = format!(
                 "no service named `{}` is deployed (see `hms-ctl list`)",
                 filter.service
@@ -573,6 +579,13 @@ impl Admin {
             registry_health: Some(self.store.health()),
             peers,
             ringbuf_records_lost: self.redirector.ringbuf_drops(),
+            egress: {
+                let (refuse_undeclared, refused_total) = self.redirector.egress_refusal();
+                hms_ctl::api::EgressInfo {
+                    refuse_undeclared,
+                    refused_total,
+                }
+            },
             limits: Some(self.caps.status()),
             sk_msg: {
                 let stats = self.redirector.sk_msg_stats();

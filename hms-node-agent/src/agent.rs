@@ -115,6 +115,7 @@ pub async fn run(
                 outbound: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.outbound.port(), 0, 0),
                 dns: SocketAddrV6::new(Ipv6Addr::LOCALHOST, config.dns.port(), 0, 0),
             }),
+            refuse_undeclared_egress: config.refuse_undeclared_egress,
         })
         .context("setting up the eBPF redirect")?,
     );
@@ -169,6 +170,19 @@ pub async fn run(
         metrics.clone(),
         caps.outbound.clone(),
     ));
+    // Egress: outside names resolve at --egress-resolver (else resolv.conf's), marked like
+    // the DNS responder's own queries; the kernel learns the declared addresses.
+    let egress_resolver = outbound.http.states.egress().clone();
+    egress_resolver.configure(config.egress_resolver, config.dns_mark);
+    {
+        let r = redirector.clone();
+        tokio::spawn(crate::proxy::external::keep_declared_set(
+            store.clone(),
+            egress_resolver,
+            move |declared| r.sync_egress(declared),
+            drain.clone(),
+        ));
+    }
     let dns = Arc::new(DnsResponder {
         store: store.clone(),
         origins: redirector.clone(),

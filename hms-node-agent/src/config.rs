@@ -116,6 +116,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "all|NAMES")]
     #[serde(default, deserialize_with = "de_gateway")]
     pub gateway: Option<String>,
+    /// Resolver the agent asks for external services' host names (`external:` in a spec)
+    /// [default: the first `nameserver` of /etc/resolv.conf].
+    #[arg(long, value_name = "IP:PORT")]
+    pub egress_resolver: Option<SocketAddr>,
+    /// Refuse (EPERM) connections from the redirected cgroup to anything that is neither
+    /// loopback, nor a VIP, nor a declared external service's address; counted in
+    /// `/metrics` and `hms-ctl status` [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub refuse_undeclared_egress: Option<bool>,
 }
 
 /// `gateway: true`, `gateway: all`, `gateway: [public, admin]` or `gateway: public,admin`.
@@ -182,6 +191,10 @@ impl RunArgs {
             ipv6: self.ipv6.or(base.ipv6),
             vip6_prefix: self.vip6_prefix.or(base.vip6_prefix),
             gateway: self.gateway.or(base.gateway),
+            egress_resolver: self.egress_resolver.or(base.egress_resolver),
+            refuse_undeclared_egress: self
+                .refuse_undeclared_egress
+                .or(base.refuse_undeclared_egress),
         }
     }
 }
@@ -212,6 +225,8 @@ pub struct AgentConfig {
     pub vip6_prefix: Ipv6Prefix96,
     /// Which gateways this host serves.
     pub gateway: crate::gateway::Serve,
+    pub egress_resolver: Option<SocketAddr>,
+    pub refuse_undeclared_egress: bool,
 }
 
 impl AgentConfig {
@@ -269,6 +284,8 @@ impl AgentConfig {
                 None => crate::gateway::Serve::None,
                 Some(t) => crate::gateway::Serve::parse(t).map_err(|m| anyhow::anyhow!("{m}"))?,
             },
+            egress_resolver: args.egress_resolver,
+            refuse_undeclared_egress: args.refuse_undeclared_egress.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)

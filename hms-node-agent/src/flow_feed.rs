@@ -31,6 +31,10 @@ pub async fn run(
         if record.dns {
             continue;
         }
+        if record.kind == FlowKind::EgressRefused {
+            publish_refused_egress(&record, &outbound, &tap);
+            continue;
+        }
         if let FlowKind::Close {
             duration, ended_by, ..
         } = record.kind
@@ -41,6 +45,53 @@ pub async fn run(
     tracing::warn!(
         "the flow record reader stopped; TCP taps and flow metrics are no longer updated"
     );
+}
+
+/// A connect the kernel refused as undeclared egress: one TCP tap line under the caller,
+/// with the destination as callee and `egress-refused` as the mesh's decision.
+fn publish_refused_egress(record: &FlowRecord, outbound: &Outbound, tap: &TapHub) {
+    let snapshot = outbound.store.snapshot();
+    let caller = outbound
+        .caller_of(record.cgroup_id, record.pid, &snapshot)
+        .to_string();
+    let destination = if record.ipv6 {
+        format!(
+            "[ipv6 ..:{:x}]:{}",
+            u32::from(*record.original_dst.ip()),
+            record.original_dst.port()
+        )
+    } else {
+        record.original_dst.to_string()
+    };
+    tracing::info!(%caller, process = %format!("{}[{}]", record.comm, record.pid), %destination, "refused undeclared egress (EPERM)");
+    tap.publish(TapEvent {
+        time_unix_ms: record
+            .connected_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        kind: TapKind::Tcp,
+        caller,
+        caller_process: format!("{}[{}]", record.comm, record.pid),
+        callee: destination.clone(),
+        method: None,
+        authority: None,
+        path: None,
+        status: None,
+        latency_ms: 0.0,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries: 0,
+        upstream: Some(destination),
+        trace_id: None,
+        mesh_error: Some("egress-refused".into()),
+        headers: Vec::new(),
+        rtt_us: None,
+        retransmits: None,
+        connect_ms: None,
+        client: None,
+        subject: None,
+    });
 }
 
 /// Payload bytes from the kernel's sequence counters: SYN and FIN each take one.

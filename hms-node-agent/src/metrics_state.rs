@@ -41,6 +41,16 @@ pub fn collector(
         read: Box::new(move || u64::from(identity.trust_chain_broken())),
     });
     readings.push(ReadingSpec {
+        name: "egress_refused".into(),
+        help: "Connects from the redirected cgroup the kernel refused (EPERM) as undeclared egress (--refuse-undeclared-egress)".into(),
+        counter: true,
+        labels: vec![],
+        read: {
+            let r = redirector.clone();
+            Box::new(move || r.egress_refusal().1)
+        },
+    });
+    readings.push(ReadingSpec {
         name: "ringbuf_records_lost".into(),
         help: "Kernel flow records dropped because the ring buffer was full".into(),
         counter: true,

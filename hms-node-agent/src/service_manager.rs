@@ -145,6 +145,8 @@ pub fn changed(a: &AgentConfig, b: &AgentConfig) -> Vec<&'static str> {
         sk_msg_bypass => "sk-msg-bypass",
         ipv6 => "ipv6",
         vip6_prefix => "vip6-prefix",
+        egress_resolver => "egress-resolver",
+        refuse_undeclared_egress => "refuse-undeclared-egress",
         gateway => "gateway",
     )
 }

@@ -74,6 +74,8 @@ pub struct HttpTap {
     pub response_bytes: u64,
     pub retries: u32,
     pub upstream: Option<SocketAddrV4>,
+    /// An external service's outside system (`https://host:port`): shown as the upstream.
+    pub external: Option<Arc<str>>,
     pub trace_id: Box<str>,
     pub mesh_error: Option<&'static str>,
     pub headers: TapHeaders,
@@ -98,7 +100,10 @@ impl HttpTap {
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
             retries: self.retries,
-            upstream: self.upstream.map(|a| a.to_string()),
+            upstream: match &self.external {
+                Some(name) => Some(name.to_string()),
+                None => self.upstream.map(|a| a.to_string()),
+            },
             trace_id: Some(self.trace_id.to_string()),
             mesh_error: self.mesh_error.map(str::to_owned),
             headers: self.headers.to_pairs(),

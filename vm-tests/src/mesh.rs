@@ -95,15 +95,23 @@ impl Mesh {
     // No `Default`: building a mesh starts namespaces, etcd and three agents.
     #[allow(clippy::new_without_default)]
     pub fn new() -> Mesh {
-        Self::on(TestNet::new(3).expect("test network"))
+        Self::on(TestNet::new(3).expect("test network"), &|_| Vec::new())
+    }
+
+    /// Like [`Mesh::new`], with more agent flags for host `i` (`--gateway all`).
+    pub fn with_args(extra: &dyn Fn(usize) -> Vec<String>) -> Mesh {
+        Self::on(TestNet::new(3).expect("test network"), extra)
     }
 
     /// The same mesh on links that carry IPv6 only (etcd, :15008 and the tunnels over IPv6).
     pub fn ipv6_only() -> Mesh {
-        Self::on(TestNet::ipv6_only(3).expect("IPv6-only test network"))
+        Self::on(
+            TestNet::ipv6_only(3).expect("IPv6-only test network"),
+            &|_| Vec::new(),
+        )
     }
 
-    fn on(net: TestNet) -> Mesh {
+    fn on(net: TestNet, extra: &dyn Fn(usize) -> Vec<String>) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let mut cgs = Vec::new();
         let mut agents: Vec<TestAgent> = Vec::new();
@@ -117,6 +125,7 @@ impl Mesh {
                 "--node-name".into(),
                 name.to_string(),
             ];
+            args.extend(extra(i));
             if i > 0 {
                 let token = dir.path().join(format!("{name}.token"));
                 let out = agents[0].ctl(&[

@@ -9,7 +9,9 @@
 //!   backend -> proxy -> app; none fell back to TCP), and in hms-one-host it carried nothing;
 //! - every direct request reached the backend without the proxy, and the agent's tap has none
 //!   of them;
-//! - the bench cleaned up: no cgroup or pin dir of its own is left.
+//! - the bench cleaned up: no cgroup or pin dir of its own is left;
+//! - and for two hosts (second test): the bypass carries only the local legs, and only in the
+//!   default placement.
 
 use vm_tests::bins;
 
@@ -103,6 +105,83 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
     for dir in [root, "/sys/fs/bpf".into()] {
         let left: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "the bench left {left:?} in {}",
+            dir.display()
+        );
+    }
+}
+
+/// Both two-host scenarios: `hms-two-hosts` keeps every leg on TCP (its agents run outside
+/// their cgroups), `hms-two-hosts-sk-msg` is a host's default placement, where each host's
+/// bypass carries its one local leg (client <-> agent A, agent B <-> backend: at least two
+/// redirected sends per request on each agent, request and response) and the tunnel stays
+/// TCP. Every request crossed the tunnel to B's backend, and both pairs of namespaces,
+/// cgroups and pin dirs are gone afterwards.
+#[test]
+fn two_host_scenarios_bypass_only_the_local_legs_of_the_default_placement() {
+    let xtask = bins::path("xtask");
+    let bin_dir = xtask.parent().unwrap().to_path_buf();
+    let out = vm_tests::tools::workspace_binary(&xtask)
+        .args(["bench", "--quick", "--scenario", "hms-two-hosts"])
+        .args(["--scenario", "hms-two-hosts-sk-msg"])
+        .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
+        .arg(&bin_dir)
+        .output()
+        .expect("running xtask bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "xtask bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
+
+    let plain = runs(&report, "hms-two-hosts");
+    let default = runs(&report, "hms-two-hosts-sk-msg");
+    assert_eq!(plain.len(), 2, "{report}");
+    assert_eq!(default.len(), 2, "{report}");
+    for r in &plain {
+        for host in ["a", "b"] {
+            assert_eq!(r["sk_msg"][host]["redirected"], 0, "{r}");
+            assert_eq!(r["sk_msg"][host]["passed"], 0, "{r}");
+        }
+    }
+    for r in &default {
+        let completed = r["load"]["completed"].as_u64().unwrap();
+        for host in ["a", "b"] {
+            assert!(
+                r["sk_msg"][host]["redirected"].as_u64().unwrap() >= 2 * completed,
+                "agent {host}'s bypass carried every request and response of its local leg: {r}"
+            );
+            assert_eq!(r["sk_msg"][host]["passed"], 0, "{r}");
+        }
+    }
+    for r in plain.iter().chain(&default) {
+        let completed = r["load"]["completed"].as_u64().unwrap();
+        assert!(completed > 0, "{r}");
+        assert!(
+            r["backend_saw"]["hms"].as_u64().unwrap() >= completed,
+            "every request reached B's backend through the mesh: {r}"
+        );
+        assert_eq!(r["backend_saw"]["direct"], 0, "{r}");
+        assert!(r["tap_events"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["path_ok"], true, "{r}");
+        // Both agents' CPU was measured.
+        assert!(r["proxy_cpu_s"].as_f64().is_some(), "{r}");
+    }
+    let pid = report["pid"].as_u64().unwrap();
+    let root = hms_node_agent::cgroup::v2_root().unwrap();
+    for (dir, prefix) in [
+        (root, format!("hms-bench-{pid}-")),
+        ("/sys/fs/bpf".into(), format!("hms-bench-{pid}-")),
+        ("/run/netns".into(), format!("hmsb{pid}")),
+    ] {
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with(&prefix))

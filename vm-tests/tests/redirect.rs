@@ -78,6 +78,7 @@ fn options(
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
         v6: None,
+        refuse_undeclared_egress: false,
     }
 }
 
@@ -451,7 +452,7 @@ fn cleanup_leaves_no_hms_program_attached_and_nothing_pinned() {
         HMS_PROGRAMS.len(),
         "{report:?}"
     );
-    assert_eq!(report.unpinned_maps.len(), 16, "{report:?}");
+    assert_eq!(report.unpinned_maps.len(), 19, "{report:?}");
     assert!(report.removed_dir, "{report:?}");
     assert!(!pin.path().exists(), "pin dir still exists");
 
@@ -496,6 +497,7 @@ fn starting_on_a_missing_cgroup_says_so_and_pins_nothing() {
         skip_mark: SKIP_MARK,
         sk_msg_bypass: false,
         v6: None,
+        refuse_undeclared_egress: false,
     };
     let err = Redirector::start(&opts).err().expect("start must fail");
     let msg = format!("{err:#}");

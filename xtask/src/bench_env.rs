@@ -491,10 +491,15 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 impl TwoNs {
     pub fn new() -> anyhow::Result<TwoNs> {
+        Self::tagged("")
+    }
+
+    /// A second (third...) pair in the same run: `hmsb<pid><tag>-a`, `-b`.
+    pub fn tagged(tag: &str) -> anyhow::Result<TwoNs> {
         let pid = std::process::id();
         let ns = TwoNs {
-            a: format!("hmsb{pid}-a"),
-            b: format!("hmsb{pid}-b"),
+            a: format!("hmsb{pid}{tag}-a"),
+            b: format!("hmsb{pid}{tag}-b"),
         };
         ip(&["netns", "add", &ns.a])?;
         ip(&["netns", "add", &ns.b])?;

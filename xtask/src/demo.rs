@@ -1,7 +1,8 @@
 //! `cargo xtask demo [--once]`: the seed story on this host, told step by step. Owns the
 //! demo's choreography: build, demo cgroup, agent (outside the cgroup), the four demo-svc
 //! services (inside it), `hms-ctl deploy`, then an unmodified curl inside the cgroup calling
-//! payments-svc.svc and notify-svc.svc by name.
+//! payments-svc.svc and notify-svc.svc by name; then the survivor's form from outside
+//! through the gateway over HTTPS with an API key (`demo_gateway`).
 //!
 //! Teardown is never a step that can be skipped: every resource is held by a guard whose Drop
 //! releases it, declared so that Rust drops them in reverse order (services, agent, pinned
@@ -194,6 +195,14 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         all_ok &= ok;
     }
 
+    interrupt::check()?;
+    step(&format!(
+        "The survivor's form from outside: HTTPS to the gateway on 127.0.0.1:{}, with an API key",
+        crate::demo_gateway::PORT
+    ));
+    let gateway_ok = crate::demo_gateway::run(&paths.work, &|args| ctl(&paths, args))?;
+    all_ok &= gateway_ok;
+
     step("The mesh's access policy: eligibility-svc only takes calls from payments-svc");
     show_denied_call(cgroup.path())?;
 
@@ -312,6 +321,8 @@ fn start_agent(paths: &Paths, cgroup: &Path) -> anyhow::Result<Supervised> {
         .arg(&paths.socket)
         .arg("--pin-dir")
         .arg(PIN_DIR)
+        // This host is also the mesh's door (demo_gateway.rs).
+        .args(["--gateway", "all"])
         .current_dir(&paths.root);
     println!("   $ {}", proc::describe(&cmd));
     let log = paths.work.join("agent.log");

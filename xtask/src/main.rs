@@ -8,6 +8,7 @@ mod bench_load;
 mod cgroup;
 mod deb;
 mod demo;
+mod demo_gateway;
 mod interrupt;
 mod loopback_ports;
 mod proc;

@@ -169,9 +169,11 @@ pub const TOOLS: &[Tool] = &[
     deb("ldd", Program, "/usr/bin/ldd", "libc-bin", "vm-test: the libraries each copied program loads", false),
     // The gateway's door (vm-tests/tests/gateway_door.rs): keys made by OpenSSL, tokens
     // minted by PyJWT (with python3-cryptography for RS256/ES256/EdDSA).
-    deb("openssl", Program, "/usr/bin/openssl", "openssl", "gateway_door: RSA, EC and Ed25519 keys for JWTs; CA and client certificates", false),
+    deb("openssl", Program, "/usr/bin/openssl", "openssl", "gateway_door: RSA, EC and Ed25519 keys for JWTs; CA and client certificates; gateway: `openssl s_client` TLS 1.2-only and TLS 1.3 handshakes", false),
     deb("python3-jwt", PythonModule, "jwt", "python3-jwt", "gateway_door: JWTs minted by PyJWT", false),
     deb("python3-cryptography", PythonModule, "cryptography", "python3-cryptography", "gateway_door: PyJWT's RS256/ES256/EdDSA signing", false),
+    deb("python3-ssl", PythonModule, "ssl", "libpython3.11-minimal", "egress: the outside HTTPS system (http.server with ssl, its own CA, TLS 1.2-only too)", false),
+    deb("pebble", Program, "/usr/bin/pebble", "pebble", "gateway_acme: a real RFC 8555 server (validation on, nonce rejections on, 30 s certificates)", false),
     // `cargo xtask deb` and `vm-test --system`: the package, its checks, the real Debian guest.
     deb("lintian", Program, "/usr/bin/lintian", "lintian", "deb: checks the hms package against Debian policy", false),
     deb("gzip", Program, "/usr/bin/gzip", "gzip", "deb: the package's changelog.gz", false),

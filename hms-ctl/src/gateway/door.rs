@@ -939,6 +939,27 @@ routes:
     }
 
     #[test]
+    fn the_readmes_door_example_parses_and_validates() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## The gateway's door")
+            .nth(1)
+            .expect("the README's door section");
+        let yaml = section
+            .split("```yaml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("its example");
+        let doc = parse(yaml).unwrap();
+        validate_authenticators(&doc.authenticators).unwrap();
+        for r in &doc.routes {
+            r.door.validate(&doc.authenticators).unwrap();
+        }
+        assert_eq!(doc.authenticators.len(), 3);
+        assert!(doc.routes[0].door.cors.is_some());
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_byte_size("1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_byte_size("10MB").unwrap(), 10_000_000);
@@ -948,5 +969,23 @@ routes:
         assert!(parse_byte_size("1.5MiB").is_err());
         assert!(parse_byte_size("99999999999999999999GiB").is_err());
         assert!(parse_byte_size("-1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod through_the_gateway_parse {
+    #[test]
+    fn the_gateway_spec_parse_reports_door_rules_with_field_and_line() {
+        let yaml = "name: edge\nlisteners:\n  - {name: web, port: 8080, protocol: http}\nauthenticators:\n  partners:\n    api_key:\n      keys: {}\nroutes:\n  - name: r\n    backends: [{service: a-svc}]\n";
+        let e = crate::gateway::parse(yaml, "gw.yaml").unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("authenticators.partners.api_key.keys")
+        );
+        assert_eq!(e.line, Some(5), "{e}");
+        let yaml = "name: edge\nlisteners:\n  - {name: web, port: 8080, protocol: http}\nroutes:\n  - name: r\n    backends: [{service: a-svc}]\n    auth: nobody\n";
+        let e = crate::gateway::parse(yaml, "gw.yaml").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routes[0].auth"));
+        assert_eq!(e.line, Some(7), "{e}");
     }
 }

@@ -44,6 +44,8 @@ pub struct ListenerConfig {
     pub doors: std::collections::HashMap<String, door::RouteDoor>,
     /// `redirect_https`: the port of the gateway's first https listener.
     pub https_port: Option<u16>,
+    /// https: asks clients for a certificate (the door's `client_cert` authenticators).
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// A running listener.
@@ -53,6 +55,8 @@ pub struct ListenerRuntime {
     pub certificate_files: Vec<CertificateFiles>,
     pub config: RwLock<Arc<ListenerConfig>>,
     pub certs: Option<Arc<CertStore>>,
+    /// https: rebuilt with the config (the client verifier follows the routes).
+    tls: RwLock<Option<TlsAcceptor>>,
     stop: watch::Sender<bool>,
 }
 
@@ -64,8 +68,21 @@ impl ListenerRuntime {
             .clone()
     }
 
-    pub fn set_config(&self, c: ListenerConfig) {
+    /// New routes (and TLS settings) for the next requests and handshakes.
+    pub fn set_config(&self, c: ListenerConfig) -> anyhow::Result<()> {
+        if let Some(certs) = &self.certs {
+            let acceptor = TlsAcceptor::from(Arc::new(tls_config(
+                certs.clone(),
+                c.client_verifier.clone(),
+            )?));
+            *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Some(acceptor);
+        }
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops accepting; open connections finish on their own.
@@ -76,12 +93,18 @@ impl ListenerRuntime {
 
 /// The rustls server config of an https listener: TLS 1.3 only (the crate is built without
 /// TLS 1.2), ALPN h2 then http/1.1.
-fn tls_config(certs: Arc<CertStore>) -> anyhow::Result<rustls::ServerConfig> {
+fn tls_config(
+    certs: Arc<CertStore>,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver(certs)));
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver(certs)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -116,7 +139,10 @@ pub async fn start(
         }
     };
     let acceptor = match &certs {
-        Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(c.clone())?))),
+        Some(c) => Some(TlsAcceptor::from(Arc::new(tls_config(
+            c.clone(),
+            config.client_verifier.clone(),
+        )?))),
         None => None,
     };
     let socket = match addr {
@@ -135,17 +161,11 @@ pub async fn start(
         certificate_files: spec.certificates.clone(),
         config: RwLock::new(Arc::new(config)),
         certs,
+        tls: RwLock::new(acceptor),
         stop,
     });
     tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, "gateway listener serving");
-    tokio::spawn(accept_loop(
-        host,
-        rt.clone(),
-        listener,
-        acceptor,
-        stopped,
-        drain,
-    ));
+    tokio::spawn(accept_loop(host, rt.clone(), listener, stopped, drain));
     Ok(rt)
 }
 
@@ -153,7 +173,6 @@ async fn accept_loop(
     host: Arc<GatewayHost>,
     rt: Arc<ListenerRuntime>,
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
     mut stopped: watch::Receiver<bool>,
     drain: Drain,
 ) {
@@ -174,7 +193,7 @@ async fn accept_loop(
         };
         let host = host.clone();
         let rt = rt.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = rt.acceptor();
         let drain = drain.clone();
         tokio::spawn(async move {
             let _guard = drain.guard();

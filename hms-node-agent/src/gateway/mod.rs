@@ -20,6 +20,7 @@
 //! 4. Every second the https listeners' certificate files are checked for changes
 //!    (`certs`).
 
+pub mod acme;
 pub mod certs;
 pub mod door;
 pub mod filters;
@@ -126,6 +127,12 @@ pub struct GatewayHost {
     running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
     /// Why a listener is not serving, by `<gateway>/<listener>`.
     problems: Mutex<HashMap<String, String>>,
+    /// ACME's seam: HTTP-01 answers (token -> key authorization) every http listener gives
+    /// at `/.well-known/acme-challenge/<token>`, before redirects and routes.
+    pub acme_challenges: Arc<std::sync::RwLock<HashMap<String, String>>>,
+    /// ACME's seam: certificates issued at runtime, by host name; every https listener serves
+    /// them (also listeners started later).
+    issued: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
 }
 
 impl GatewayHost {
@@ -149,6 +156,8 @@ impl GatewayHost {
             serve,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
+            acme_challenges: Arc::default(),
+            issued: Mutex::new(HashMap::new()),
         }
     }
 
@@ -251,6 +260,17 @@ impl GatewayHost {
                 }
                 let mut routes_spec = spec.clone();
                 routes_spec.routes.retain(|r| doors.contains_key(&r.name));
+                // Asks (never requires) for a client certificate when a route here uses a
+                // client_cert authenticator.
+                let client_verifier = authenticators.as_ref().ok().and_then(|a| {
+                    a.client_verifier(
+                        routes_spec
+                            .routes
+                            .iter()
+                            .filter(|r| r.listeners.is_empty() || r.listeners.contains(&l.name))
+                            .filter_map(|r| r.door.auth.as_deref()),
+                    )
+                });
                 wanted.insert(
                     addr,
                     ListenerConfig {
@@ -259,6 +279,7 @@ impl GatewayHost {
                         routes: RouteTable::for_listener(&routes_spec, &l.name),
                         doors,
                         https_port,
+                        client_verifier,
                     },
                 );
             }
@@ -285,11 +306,21 @@ impl GatewayHost {
         for (addr, config) in wanted {
             let key = format!("{}/{}", config.gateway, config.spec.name);
             if let Some(rt) = keep.get(&addr) {
-                rt.set_config(config);
+                if let Err(e) = rt.set_config(config) {
+                    tracing::warn!(%addr, listener = %key, "gateway listener keeps its TLS settings: {e:#}");
+                    problems.insert(key, format!("{e:#}"));
+                }
                 continue;
             }
             match listener::start(self.clone(), config, drain.clone()).await {
                 Ok(rt) => {
+                    if let Some(c) = &rt.certs {
+                        for (name, key) in
+                            self.issued.lock().unwrap_or_else(|p| p.into_inner()).iter()
+                        {
+                            c.insert(name, key.clone());
+                        }
+                    }
                     keep.insert(addr, rt);
                 }
                 Err(e) => {
@@ -355,6 +386,25 @@ impl GatewayHost {
             yaml,
             served_here,
             listeners,
+        }
+    }
+
+    /// ACME's seam: serve `key` for `hostname` on every https listener from now on (the
+    /// same store file reloads go through).
+    pub fn install_certificate(&self, hostname: &str, key: Arc<rustls::sign::CertifiedKey>) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hostname.to_ascii_lowercase(), key.clone());
+        for rt in self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if let Some(c) = &rt.certs {
+                c.insert(hostname, key.clone());
+            }
         }
     }
 

@@ -1,12 +1,14 @@
 //! The gateway's request path, in this order:
 //!
 //! 1. trace id (`x-hms-trace-id`, kept when the client sent one);
-//! 2. an http listener with `redirect_https` answers 308 to the https listener;
+//! 2. an http listener answers ACME HTTP-01 challenges it holds, then, with
+//!    `redirect_https`, answers 308 to the https listener;
 //! 3. the listener's hostname and the routes (`routes`): none matches -> 404 `no-route`;
 //! 4. the door (`door::RouteDoor::admit`): 401/403/413/429 are its answers;
 //! 5. the route's filters: a redirect answers here; request headers set/remove, the door's
 //!    forwarded headers, `x-forwarded-for`/`-proto`, the prefix rewrite;
-//! 6. the weighted backend pick, then the mesh's own HTTP path as caller `gateway`
+//! 6. the weighted backend pick, then the mesh's own HTTP path as caller `gateway`, always
+//!    HTTP/1.1 to the backend whatever the client negotiated
 //!    (`HttpProxy::serve_gateway_request`: policy, rate limit, timeouts, retries, breakers,
 //!    balancing; 502/503/504 and 403 `denied` in the `x-hms-error` style; the tap event with
 //!    the client and subject);
@@ -15,6 +17,7 @@
 //! Answers made here (404, redirects, the door's) get their own tap event.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http_body_util::BodyExt;
@@ -28,12 +31,33 @@ use hms_ctl::gateway::Protocol;
 use super::door::ConnInfo;
 use super::listener::ListenerRuntime;
 use super::metrics::RequestLabels;
-use super::{CALLER, GatewayHost, filters, routes};
+use super::{CALLER, GatewayHost, door, filters, routes};
 use crate::drain::Drain;
 use crate::proxy::http::body::{ProxyBody, full};
 use crate::proxy::http::errors::X_HMS_ERROR;
 use crate::proxy::http::{GatewayCall, unix_ms};
 use crate::resilience::trace;
+
+/// The largest request body read (and dropped) before the gateway answers a request itself.
+const SETTLE_MAX: u64 = 64 * 1024;
+/// How long the gateway waits for such a body.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads a small request body the gateway answers without forwarding (a 401, a 404, a
+/// redirect) before the answer goes out. An HTTP/2 stream whose request body is left unread
+/// is reset under the answer, and clients (curl) then report a stream error instead of the
+/// 401; HTTP/1.1 keep-alive needs the body off the connection too. Large or slow bodies are
+/// left: the connection's own handling (reset, close) applies to them.
+async fn settle(body: Incoming) {
+    use hyper::body::Body as _;
+    if body.is_end_stream() || body.size_hint().upper().is_none_or(|n| n > SETTLE_MAX) {
+        return;
+    }
+    let _ = tokio::time::timeout(SETTLE_WAIT, body.collect()).await;
+}
+
+/// Where ACME's HTTP-01 validation asks (RFC 8555 8.3).
+pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 /// An answer of the gateway itself, in the mesh's error style.
 pub fn gateway_error(
@@ -82,6 +106,40 @@ impl GatewayHost {
             Protocol::Http => "http",
             Protocol::Https => "https",
         };
+        // ACME HTTP-01 (the seam for gateway::acme): plain-HTTP listeners answer challenges
+        // before anything else, redirects included.
+        if config.spec.protocol == Protocol::Http
+            && let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE_PATH)
+            && let Some(answer) = self
+                .acme_challenges
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(token)
+                .cloned()
+        {
+            let mut resp = Response::new(full(answer));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            let (mut parts, _) = Request::new(()).into_parts();
+            parts.uri = req.uri().clone();
+            parts.method = req.method().clone();
+            return self.local_answer(
+                resp,
+                &config.gateway,
+                &config.spec.name,
+                "acme",
+                conn,
+                &parts.method,
+                parts.uri.path(),
+                host_header.as_deref(),
+                &trace_id,
+                None,
+                started,
+            );
+        }
+
         // Step 2.
         if config.spec.redirect_https
             && let Some(port) = config.https_port
@@ -137,6 +195,7 @@ impl GatewayHost {
                     config.gateway
                 ),
             );
+            settle(body).await;
             let req = Request::from_parts(parts, ());
             return self.local_answer(
                 resp,
@@ -183,6 +242,10 @@ impl GatewayHost {
                         .get(X_HMS_ERROR)
                         .and_then(|v| v.to_str().ok())
                         .map(|_| "door");
+                    // Not for a declared body over max_body (413): that one is not read.
+                    if resp.status() != StatusCode::PAYLOAD_TOO_LARGE {
+                        settle(body).await;
+                    }
                     return answer_local(resp, &parts, reason);
                 }
             },
@@ -200,12 +263,13 @@ impl GatewayHost {
                 .clone()
                 .unwrap_or_else(|| rt.addr.ip().to_string());
             let resp = filters::redirect(rd, &parts, scheme, &host, port);
+            settle(body).await;
             return answer_local(resp, &parts, None);
         }
         filters::apply_headers(&spec.filters.request_headers, &mut parts.headers);
-        for (k, v) in &admitted.add_headers {
-            parts.headers.insert(k.clone(), v.clone());
-        }
+        // The door's changes: its credentials and any caller copy of a forwarded-claim
+        // header removed, the claims added.
+        admitted.apply(&mut parts.headers);
         let client_ip = conn.client.ip().to_string();
         let xff = match parts
             .headers
@@ -243,8 +307,38 @@ impl GatewayHost {
             per_try_timeout: spec.per_try_timeout,
             retries: spec.retries,
         };
+        // The client's ALPN says nothing about what the backend speaks: backends get
+        // HTTP/1.1 (the mesh's HTTP path then sends origin-form with `Host`).
+        parts.version = hyper::Version::HTTP_11;
+        // A body without Content-Length (or longer than it said) stops at the route's
+        // max_body; the answer is then 413, whatever the backend made of the cut body.
+        let too_large = Arc::new(AtomicBool::new(false));
+        let limit = door.and_then(|d| d.max_body());
+        let body: ProxyBody = match limit {
+            Some(limit) => {
+                let hit = too_large.clone();
+                door::LimitedBody::new(body, limit)
+                    .map_err(move |e| {
+                        if door::is_body_too_large(&*e).is_some() {
+                            hit.store(true, Ordering::Relaxed);
+                        }
+                        e
+                    })
+                    .boxed()
+            }
+            None => body.map_err(Into::into).boxed(),
+        };
+        let asked = (parts.method.clone(), parts.uri.clone());
         let req = Request::from_parts(parts, body);
         let resp = self.http.serve_gateway_request(req, call, drain).await;
+        if let Some(limit) = limit
+            && too_large.load(Ordering::Relaxed)
+        {
+            let resp = door::Rejection::TooLarge { limit }.response();
+            let (mut p, _) = Request::new(()).into_parts();
+            (p.method, p.uri) = asked;
+            return answer_local(resp, &p, Some("body-too-large"));
+        }
 
         // Step 7.
         let (mut rparts, rbody) = resp.into_parts();

@@ -215,6 +215,53 @@ async fn the_inbound_listener_refuses_a_client_without_certificate() {
     assert_refused(result, "no client certificate");
 }
 
+/// rustls is built with TLS 1.2 (for egress to outside systems); the mesh's own links must
+/// still refuse it, whatever the peer's certificate.
+#[tokio::test]
+async fn a_tls12_only_peer_is_refused_both_ways_even_with_a_valid_certificate() {
+    let (_dir, ca) = new_ca();
+    let a = node_tls(&ca, "host-a");
+    let b = node_tls(&ca, "host-b");
+    let full = Arc::new(rustls::crypto::ring::default_provider());
+    assert!(
+        full.cipher_suites
+            .iter()
+            .any(|s| s.version() == &rustls::version::TLS12),
+        "this test needs rustls built with TLS 1.2"
+    );
+    // A TLS 1.2-only dialer presenting host-a's valid certificate.
+    let mut tls12_client = ClientConfig::builder_with_provider(full.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer))
+        .with_client_cert_resolver(Arc::new(Fixed(certify(
+            &ca,
+            "host-a",
+            SystemTime::now(),
+            DAY,
+        ))));
+    tls12_client.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let result = handshake(b.server_config().unwrap(), Arc::new(tls12_client)).await;
+    let err = result.0.as_ref().unwrap_err().to_lowercase();
+    assert!(err.contains("tls12notoffered"), "{err}");
+    assert_refused(result, "TLS 1.2-only dialer");
+    // A TLS 1.2-only server with host-b's valid certificate: our dialer refuses it.
+    let cert = certify(&ca, "host-b", SystemTime::now(), DAY);
+    let mut tls12_server = rustls::ServerConfig::builder_with_provider(full)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedServer(cert)));
+    tls12_server.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let (server, client) = handshake(
+        Arc::new(tls12_server),
+        a.client_config(b.spiffe_id()).unwrap(),
+    )
+    .await;
+    assert!(server.is_err() && client.is_err(), "{server:?} {client:?}");
+}
+
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_both_ways() {
     let (_d1, ca) = new_ca();
@@ -557,6 +604,16 @@ fn keys_are_private_and_the_ca_layout_is_as_documented() {
 /// Test-only: always presents one certificate.
 #[derive(Debug)]
 struct Fixed(Arc<CertifiedKey>);
+
+/// A server that always presents one certificate.
+#[derive(Debug)]
+struct FixedServer(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedServer {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
 
 impl rustls::client::ResolvesClientCert for Fixed {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {

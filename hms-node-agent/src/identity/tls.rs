@@ -15,7 +15,9 @@
 //! Session resumption is off both ways, so every connection is verified against the bundle
 //! in force when it was made (after a root is retired, nothing resumes a session it signed).
 //!
-//! Must never accept a peer without a certificate, nor fall back to TLS 1.2.
+//! Must never accept a peer without a certificate, nor fall back to TLS 1.2: rustls is built
+//! with TLS 1.2 for egress (`proxy/external.rs`), so every config here names TLS 1.3 and a
+//! provider with only its suites (`provider`); a test checks a 1.2-only peer is refused.
 
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -109,14 +109,24 @@ pub(super) const KEYS: &[Key] = &[
         default: "true",
     },
     Key {
-        name: "gateway",
-        doc: "Gateways this host serves from the registry: all, or names separated by commas (`hms-ctl gateway apply` declares them).",
-        default: "none",
-    },
-    Key {
         name: "vip6-prefix",
         doc: "IPv6 VIP range, a /96; a service's IPv6 VIP is the prefix followed by its IPv4 VIP.",
         default: "fd48:4d53::/96",
+    },
+    Key {
+        name: "egress-resolver",
+        doc: "Resolver (IP:PORT) the agent asks for external services' host names (`external:` in a spec).",
+        default: "the first nameserver of /etc/resolv.conf",
+    },
+    Key {
+        name: "refuse-undeclared-egress",
+        doc: "Refuse (EPERM) connects from the redirected cgroup to outside addresses that are no declared external service's.",
+        default: "false",
+    },
+    Key {
+        name: "gateway",
+        doc: "Serve gateways from the registry on this host: `all` (or `true`), or gateway names separated by commas (`hms-ctl gateway apply`).",
+        default: "none",
     },
 ];
 
@@ -149,6 +159,8 @@ pub(super) fn yaml_value(args: &RunArgs, key: &str) -> Option<String> {
         "sk-msg-bypass" => args.sk_msg_bypass.map(|b| b.to_string()),
         "ipv6" => args.ipv6.map(|b| b.to_string()),
         "vip6-prefix" => args.vip6_prefix.as_ref().map(s),
+        "egress-resolver" => args.egress_resolver.as_ref().map(s),
+        "refuse-undeclared-egress" => args.refuse_undeclared_egress.map(|b| b.to_string()),
         "gateway" => args.gateway.as_ref().map(s),
         _ => None,
     }

@@ -76,6 +76,9 @@ fn config_round_trips_the_flags() {
         "--ipv6=false",
         "--vip6-prefix",
         "fd00:1234::/96",
+        "--egress-resolver",
+        "127.0.0.53:53",
+        "--refuse-undeclared-egress",
         "--gateway",
         "public,admin",
     ]);
@@ -95,6 +98,7 @@ fn config_round_trips_the_flags() {
     assert_eq!(back.dns_mark, Some(0x1234));
     assert_eq!(back.inbound, Some("[::]:25008".parse().unwrap()));
     assert_eq!(back.sk_msg_bypass, Some(false));
+    assert_eq!(back.refuse_undeclared_egress, Some(true));
     assert_eq!(back.ipv6, Some(false));
     assert_eq!(back.vip6_prefix, Some("fd00:1234::/96".parse().unwrap()));
 }

@@ -18,7 +18,9 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use hms_ebpf::{FLOW_CLOSE, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, tcp_state};
+use hms_ebpf::{
+    FLOW_CLOSE, FLOW_EGRESS_REFUSED, FLOW_FLAG_DNS, FLOW_FLAG_V6, FLOW_OPEN, FlowEvent, tcp_state,
+};
 use tokio::io::unix::AsyncFd;
 
 /// One flow record. Field names follow the client's view: it connected from `client` to
@@ -76,6 +78,9 @@ pub enum FlowKind {
         /// That state (`hms_ebpf::tcp_state`), for whoever needs more than `ended_by`.
         state_before_close: u8,
     },
+    /// connect() refused (EPERM) as undeclared egress: `original_dst` is where it wanted to
+    /// go (the low 32 bits of an IPv6 address when `ipv6`); no connection exists.
+    EgressRefused,
 }
 
 /// How a connection ended, from the client socket's last state before `TCP_CLOSE`.
@@ -130,6 +135,7 @@ pub fn decode(bytes: &[u8], clock: &MonotonicClock) -> Result<FlowRecord, Decode
             ended_by: EndedBy::from_state(ev.state_before_close),
             state_before_close: ev.state_before_close,
         },
+        FLOW_EGRESS_REFUSED => FlowKind::EgressRefused,
         other => return Err(DecodeError::Kind(other)),
     };
     let comm_len = ev.orig.comm.iter().position(|b| *b == 0).unwrap_or(16);

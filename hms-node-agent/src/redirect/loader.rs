@@ -26,8 +26,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use hms_ebpf::{
-    BypassBytes, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState, OrigDst, OrigDst6,
-    RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names, program_names, sk_msg_stat,
+    BypassBytes, EgressAddr, EgressConfig, FLOW_EVENTS_BYTES, FlowKey, FlowKey6, FlowState,
+    OrigDst, OrigDst6, RedirectConfig, RedirectConfig6, SockKey, SockKey6, map_names,
+    program_names, sk_msg_stat,
 };
 
 use super::pin::{self, BPF_LINK_TYPE_CGROUP, Hook};
@@ -122,7 +123,7 @@ struct ExpectedMap {
     max_entries: Option<u32>,
 }
 
-fn expected_maps() -> [ExpectedMap; 16] {
+fn expected_maps() -> [ExpectedMap; 19] {
     let map = |name, map_type, key_size, value_size| ExpectedMap {
         name,
         map_type,
@@ -223,6 +224,24 @@ fn expected_maps() -> [ExpectedMap; 16] {
             MapType::SockHash,
             size_of::<SockKey6>(),
             size_of::<u32>(),
+        ),
+        map(
+            map_names::EGRESS,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<EgressConfig>(),
+        ),
+        map(
+            map_names::EGRESS_ALLOW,
+            MapType::Hash,
+            size_of::<EgressAddr>(),
+            size_of::<u32>(),
+        ),
+        map(
+            map_names::EGRESS_REFUSED,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
         ),
         ExpectedMap {
             max_entries: Some(FLOW_EVENTS_BYTES),

@@ -22,6 +22,7 @@
 //! - `local_route`: the IPv6 VIP prefix routed to loopback, so a connect that misses the
 //!   hooks fails on this host instead of leaving it.
 
+mod egress;
 pub mod flows;
 mod generation;
 mod layout;
@@ -83,6 +84,9 @@ pub struct RedirectOptions {
     /// IPv6 callers: `None` leaves real IPv6 alone (IPv4-mapped destinations are IPv4 and
     /// always redirected).
     pub v6: Option<RedirectOptions6>,
+    /// Refuse connects to undeclared outside addresses (`egress`); in force once
+    /// [`Redirector::sync_egress`] wrote the declared set.
+    pub refuse_undeclared_egress: bool,
 }
 
 /// Where IPv6 callers go. The ports are those of the IPv4 listeners (one port per role in
@@ -115,6 +119,7 @@ pub struct Redirector {
     /// Pin sets of other layouts found at start (an upgrade): looked up after our own maps
     /// until [`Redirector::retire_older_sets`] is done with them.
     older: Arc<Mutex<Vec<Arc<generation::OlderSet>>>>,
+    egress: egress::EgressMaps,
     _log_drain: Option<loader::LogDrain>,
 }
 
@@ -310,6 +315,7 @@ impl Redirector {
         loader::attach_sk_msg(&mut ebpf)?;
         let log_drain = loader::LogDrain::start(any_fresh.then_some(&mut ebpf), &adopted_programs);
 
+        let egress = egress::EgressMaps::take(&mut ebpf, opts.refuse_undeclared_egress)?;
         let orig_by_cookie = HashMap::try_from(
             ebpf.take_map(map_names::ORIG_BY_COOKIE)
                 .context("map HMS_ORIG_BY_COOKIE missing from the eBPF object")?,
@@ -416,6 +422,7 @@ impl Redirector {
             sk_msg_stats: Mutex::new(sk_msg_stats),
             instance_leg,
             older: Arc::new(Mutex::new(older)),
+            egress,
             _log_drain: log_drain,
         })
     }
@@ -582,6 +589,19 @@ impl Redirector {
             own.or_else(|| self.older_sets().iter().find_map(|s| s.udp6(cookie)))
                 .map(original6)
         }
+    }
+
+    /// Makes the kernel's set of declared external addresses exactly `declared` (and, with
+    /// `--refuse-undeclared-egress`, turns refusal on after the first write).
+    pub fn sync_egress(&self, declared: &std::collections::BTreeSet<std::net::IpAddr>) {
+        if let Err(e) = self.egress.sync(declared) {
+            tracing::warn!("updating the declared external addresses in the kernel: {e:#}");
+        }
+    }
+
+    /// Whether undeclared egress is refused, and how many connects were.
+    pub fn egress_refusal(&self) -> (bool, u64) {
+        (self.egress.refusing(), self.egress.refused_total())
     }
 
     /// The agent stops and no successor takes over: the hooks stand aside now (DNS to each
@@ -814,6 +834,7 @@ mod tests {
             skip_mark: 0x4853,
             sk_msg_bypass: false,
             v6: None,
+            refuse_undeclared_egress: false,
         }
     }
 

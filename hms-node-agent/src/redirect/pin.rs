@@ -114,13 +114,16 @@ pub(crate) const HOOKS: [Hook; 10] = [
 
 /// Maps added after the first release: not required beside a set's links (a set an older
 /// release pinned lacks them; such a set is retired, see `generation`, not adopted).
-pub(crate) const LATER_MAPS: [&str; 6] = [
+pub(crate) const LATER_MAPS: [&str; 9] = [
     map_names::AGENT_ALIVE,
     map_names::DNS_UDP_ORIG,
     map_names::CONFIG6,
     map_names::ORIG6_BY_COOKIE,
     map_names::ORIG6_BY_FLOW,
     map_names::SOCKS6,
+    map_names::EGRESS,
+    map_names::EGRESS_ALLOW,
+    map_names::EGRESS_REFUSED,
 ];
 
 pub(crate) const MAPS: [&str; 10] = [

@@ -109,8 +109,12 @@ pub trait Store: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Where this host's instances of `spec` listen: its `port` and `replicas` on loopback.
+/// Where this host's instances of `spec` listen: its `port` and `replicas` on loopback. An
+/// external service has none (its endpoint is the outside system, `proxy/external.rs`).
 pub(crate) fn local_addrs(spec: &ServiceSpec) -> Vec<SocketAddrV4> {
+    if spec.is_external() {
+        return Vec::new();
+    }
     std::iter::once(spec.port)
         .chain(spec.replicas.iter().copied())
         .map(|port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))

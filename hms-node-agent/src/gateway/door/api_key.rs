@@ -108,6 +108,18 @@ impl ApiKeyAuth {
     }
 }
 
+/// Whether the request carries `Authorization: ApiKey ...`.
+pub fn in_authorization(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split_once(' ')
+                .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("apikey"))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

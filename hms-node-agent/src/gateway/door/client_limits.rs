@@ -104,7 +104,7 @@ impl ClientLimits {
     }
 
     /// How many clients are remembered now.
-    pub fn len(&self) -> usize {
+    pub fn remembered(&self) -> usize {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
@@ -160,7 +160,7 @@ mod tests {
                     "heavy client was forgotten at {i}"
                 );
             }
-            assert!(l.len() <= 1000);
+            assert!(l.remembered() <= 1000);
         }
     }
 
@@ -174,7 +174,7 @@ mod tests {
         l.check("recent", t + Duration::from_millis(900)).unwrap();
         // `old`'s bucket refilled after 1 s: forgetting it for `new` changes nothing.
         l.check("new", t + Duration::from_millis(1100)).unwrap();
-        assert_eq!(l.len(), 2);
+        assert_eq!(l.remembered(), 2);
         for _ in 0..10 {
             l.check("old", t + Duration::from_millis(1200)).unwrap();
         }

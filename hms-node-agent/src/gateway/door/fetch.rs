@@ -38,7 +38,7 @@ pub async fn get(url: &str, ca: Option<&Path>, max_bytes: usize) -> anyhow::Resu
     let req = Request::get(path)
         .header(
             HOST,
-            HeaderValue::from_str(&uri.authority().context("no authority")?.to_string())?,
+            HeaderValue::from_str(uri.authority().context("no authority")?.as_str())?,
         )
         .header(ACCEPT, "application/jwk-set+json, application/json")
         .body(Empty::<Bytes>::new())?;

@@ -123,10 +123,10 @@ impl Jwks {
             (s.keys.clone(), stale)
         };
         let mut found = matching(&keys, kid, alg);
-        if stale || found.is_empty() {
-            if let Some(fresh) = self.reload_if_allowed().await {
-                found = matching(&fresh, kid, alg);
-            }
+        if (stale || found.is_empty())
+            && let Some(fresh) = self.reload_if_allowed().await
+        {
+            found = matching(&fresh, kid, alg);
         }
         if !found.is_empty() {
             return Ok(found);

@@ -86,7 +86,8 @@ impl Default for DoorOptions {
 #[derive(Debug)]
 pub enum Authenticator {
     ApiKey(api_key::ApiKeyAuth),
-    Jwt(jwt::JwtAuth),
+    /// Boxed: its key cache makes it several times the others' size.
+    Jwt(Box<jwt::JwtAuth>),
     ClientCert(client_cert::ClientCertAuth),
 }
 
@@ -113,6 +114,10 @@ impl Authenticator {
 pub struct Authenticators {
     by_name: BTreeMap<String, Arc<Authenticator>>,
     metrics: Arc<DoorMetrics>,
+    /// Each route's client table, by route name: a route served on two listeners compiles
+    /// a door per listener, and both must count into one table (else a client doubles its
+    /// rate by using both).
+    limits: std::sync::Mutex<BTreeMap<String, Arc<ClientLimits>>>,
 }
 
 impl Authenticators {
@@ -155,14 +160,14 @@ impl Authenticators {
                         options.jwks_timeout,
                         metrics.clone(),
                     );
-                    Authenticator::Jwt(jwt::JwtAuth::compile(
+                    Authenticator::Jwt(Box::new(jwt::JwtAuth::compile(
                         name,
                         issuer,
                         audiences,
                         *leeway,
                         forward_claims,
                         cache,
-                    )?)
+                    )?))
                 }
                 AuthenticatorSpec::ClientCert { ca } => {
                     Authenticator::ClientCert(client_cert::ClientCertAuth::compile(name, ca)?)
@@ -170,7 +175,11 @@ impl Authenticators {
             };
             by_name.insert(name.clone(), Arc::new(compiled));
         }
-        Ok(Authenticators { by_name, metrics })
+        Ok(Authenticators {
+            by_name,
+            metrics,
+            limits: Default::default(),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Authenticator>> {
@@ -191,6 +200,46 @@ impl Authenticators {
     }
 }
 
+/// What a listener asks of clients' certificates: the verifier for its TLS config, and the
+/// CA files behind it (equal lists mean the same verifier, so the gateway can tell when a
+/// re-applied spec needs the listener's TLS config rebuilt).
+#[derive(Debug, Default)]
+pub struct ListenerClientAuth {
+    pub verifier: Option<Arc<dyn ClientCertVerifier>>,
+    pub ca_files: Vec<std::path::PathBuf>,
+}
+
+impl Authenticators {
+    /// The client-certificate side of listener `listener` of `spec`: the `client_cert`
+    /// authenticators named by the routes attached to it (a route with no `listeners`
+    /// attaches to all).
+    pub fn for_listener(
+        &self,
+        spec: &hms_ctl::gateway::GatewaySpec,
+        listener: &str,
+    ) -> ListenerClientAuth {
+        let mut names: Vec<&str> = spec
+            .routes
+            .iter()
+            .filter(|r| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
+            .filter_map(|r| r.door.auth.as_deref())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let ca_files = names
+            .iter()
+            .filter_map(|n| match spec.authenticators.get(*n) {
+                Some(AuthenticatorSpec::ClientCert { ca }) => Some(ca.clone()),
+                _ => None,
+            })
+            .collect();
+        ListenerClientAuth {
+            verifier: self.client_verifier(names),
+            ca_files,
+        }
+    }
+}
+
 /// A listener's client-certificate verifier: asks for (never requires) a certificate from
 /// the CA of any `client_cert` authenticator among those used on the listener. `None` when
 /// none is (the listener asks for no certificate).
@@ -206,7 +255,7 @@ pub fn client_verifier(used_on_listener: &[&Authenticator]) -> Option<Arc<dyn Cl
 pub struct RouteDoor {
     route: String,
     auth: Option<Arc<Authenticator>>,
-    limits: Option<ClientLimits>,
+    limits: Option<Arc<ClientLimits>>,
     cors: Option<Cors>,
     max_body: Option<u64>,
     /// Headers no caller may send on to the backend: credentials, forwarded-claim headers.
@@ -256,10 +305,16 @@ impl RouteDoor {
                 })
             })
             .transpose()?;
-        let limits = spec
-            .rate_limit
-            .as_ref()
-            .map(|l| ClientLimits::new(l, auth.is_some()));
+        let limits = spec.rate_limit.as_ref().map(|l| {
+            let mut shared = authenticators
+                .limits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            shared
+                .entry(route.to_string())
+                .or_insert_with(|| Arc::new(ClientLimits::new(l, auth.is_some())))
+                .clone()
+        });
         if let Some(l) = &limits {
             match (l.by, auth.as_deref()) {
                 (ClientKey::Key, Some(Authenticator::ApiKey(_))) | (ClientKey::Address, _) => {}
@@ -362,10 +417,18 @@ impl RouteDoor {
             l.check(&format!("{}:{}", s.method, s.name), now)
                 .map_err(|retry_after| Rejection::RateLimited { retry_after })?;
         }
+        let mut remove_headers = self.strip.clone();
+        // A key sent as `Authorization: ApiKey KEY` is a credential too; another
+        // Authorization (the backend's own scheme) is left alone.
+        if let Some(Authenticator::ApiKey(_)) = self.auth.as_deref()
+            && api_key::in_authorization(&parts.headers)
+        {
+            remove_headers.push(hyper::header::AUTHORIZATION);
+        }
         Ok(Admitted {
             subject,
             add_headers,
-            remove_headers: self.strip.clone(),
+            remove_headers,
             cors_origin: None,
         })
     }

@@ -67,6 +67,24 @@ async fn an_api_key_route_admits_the_key_names_it_and_strips_it_before_the_backe
     a.apply(&mut headers);
     assert!(headers.get("x-api-key").is_none());
     assert_eq!(headers["x-other"], "kept");
+    // Sent as `Authorization: ApiKey`, the key is removed with its header.
+    let parts = req("GET", &[("authorization", "ApiKey acme-secret")]);
+    let a = d.admit(&parts, &conn("192.0.2.1:5000")).await.unwrap();
+    let mut headers = parts.headers.clone();
+    a.apply(&mut headers);
+    assert!(headers.get("authorization").is_none());
+    // The backend's own Authorization beside an x-api-key is left alone.
+    let parts = req(
+        "GET",
+        &[
+            ("x-api-key", "acme-secret"),
+            ("authorization", "Basic dTpw"),
+        ],
+    );
+    let a = d.admit(&parts, &conn("192.0.2.1:5000")).await.unwrap();
+    let mut headers = parts.headers.clone();
+    a.apply(&mut headers);
+    assert_eq!(headers["authorization"], "Basic dTpw");
 
     let r = d
         .admit(&req("GET", &[]), &conn("192.0.2.1:5000"))
@@ -258,4 +276,32 @@ async fn a_route_without_door_fields_admits_everyone_unchanged() {
         .unwrap();
     assert!(a.subject.is_none() && a.remove_headers.is_empty() && a.add_headers.is_empty());
     assert_eq!(d.max_body(), None);
+}
+
+#[tokio::test]
+async fn one_route_on_two_listeners_counts_a_client_once() {
+    let (auths, route) = spec("route:\n  rate_limit: { rate: 1rpm, burst: 2, by: address }\n");
+    let auths =
+        Authenticators::compile(&auths, Default::default(), &DoorOptions::default()).unwrap();
+    let on_http = RouteDoor::compile("r", &route, &auths).unwrap();
+    let on_https = RouteDoor::compile("r", &route, &auths).unwrap();
+    let c = conn("192.0.2.1:1");
+    on_http.admit(&req("GET", &[]), &c).await.unwrap();
+    on_https.admit(&req("GET", &[]), &c).await.unwrap();
+    assert_eq!(
+        on_http
+            .admit(&req("GET", &[]), &c)
+            .await
+            .unwrap_err()
+            .status(),
+        429
+    );
+    assert_eq!(
+        on_https
+            .admit(&req("GET", &[]), &c)
+            .await
+            .unwrap_err()
+            .status(),
+        429
+    );
 }

@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -81,6 +80,22 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a request body must be for the HTTP path: hyper's own (`Incoming`) or the
+/// gateway's (limited to a route's `max_body`).
+pub trait RequestBody:
+    hyper::body::Body<Data = bytes::Bytes, Error: Into<body::BoxError>> + Send + Sync + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = bytes::Bytes, Error: Into<body::BoxError>>
+        + Send
+        + Sync
+        + Unpin
+        + 'static
+{
+}
 
 /// One request from the gateway (`crate::gateway::request`): it goes through the same
 /// decisions as a meshed caller's, as the caller `gateway`.
@@ -245,7 +260,7 @@ impl HttpProxy {
     /// connection of its own: the gateway's connections carry requests for many services.
     pub async fn serve_gateway_request(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
         call: GatewayCall,
         drain: Drain,
     ) -> Response<ProxyBody> {
@@ -260,7 +275,11 @@ impl HttpProxy {
         self.handle(req, Arc::new(conn)).await
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<ProxyBody> {
+    async fn handle<B: RequestBody>(
+        &self,
+        mut req: Request<B>,
+        conn: Arc<Conn>,
+    ) -> Response<ProxyBody> {
         conn.request_started();
         let ds = &conn.ds;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -366,6 +385,7 @@ impl HttpProxy {
             response_bytes: 0,
             retries: exchange.retries,
             upstream: exchange.upstream,
+            external: exchange.external.take(),
             trace_id: trace_id.as_str().into(),
             mesh_error,
             headers,
@@ -388,9 +408,9 @@ impl HttpProxy {
         Response::from_parts(parts, body.boxed())
     }
 
-    async fn decide_and_forward(
+    async fn decide_and_forward<B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         svc: &ServiceInfo,
         snapshot: &Snapshot,
         conn: &Conn,
@@ -437,9 +457,9 @@ impl HttpProxy {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward<B: RequestBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
         route: RouteSettings,
@@ -495,6 +515,7 @@ impl HttpProxy {
             let addr = endpoints.addrs[idx];
             let via = &endpoints.vias[idx];
             exchange.upstream = Some(addr);
+            exchange.external = external_name(via);
             tried.push(idx);
             let in_flight = endpoints.balancer.start(idx, now);
             // Connect before giving the body away: a failed connect sent nothing, so the
@@ -530,7 +551,8 @@ impl HttpProxy {
                             None => return Err(last_error),
                         },
                     };
-                    let upstream_req = upstream_request(&parts, body, addr, version);
+                    let upstream_req =
+                        upstream_request(&parts, body, addr, version, external_rewrite(via));
                     let sent = conn.send(&self.pool, upstream_req);
                     // The attempt ends at the per-try timeout or the route deadline, whichever
                     // comes first. Err(None): it timed out; Err(Some(e)): the exchange broke.
@@ -695,9 +717,9 @@ impl HttpProxy {
 
     /// WebSocket and other `Upgrade` requests: one attempt on a connection of their own,
     /// then the two upgraded streams are spliced.
-    async fn forward_upgrade(
+    async fn forward_upgrade<B: RequestBody>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         svc: &ServiceInfo,
         state: &state::ServiceState,
         conn: &Conn,
@@ -739,6 +761,7 @@ impl HttpProxy {
             incoming.map_err(Into::into).boxed(),
             addr,
             Version::Http1,
+            external_rewrite(&endpoints.vias[idx]),
         );
         let mut resp = conn
             .send(&self.pool, upstream_req)
@@ -819,6 +842,8 @@ pub struct Exchange {
     pub grpc: bool,
     pub retries: u32,
     pub upstream: Option<SocketAddrV4>,
+    /// The outside system of an external service's call.
+    pub external: Option<Arc<str>>,
     replay: Option<body::Replay>,
 }
 
@@ -903,11 +928,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// For an external service's endpoint: the scheme and `Host` the outside system expects.
+fn external_rewrite(via: &upstream::Via) -> Option<(&'static str, String)> {
+    match via {
+        upstream::Via::External(t) => t.rewrite(),
+        _ => None,
+    }
+}
+
+/// For taps: the outside system an external call went to (`https://host:port`).
+fn external_name(via: &upstream::Via) -> Option<Arc<str>> {
+    match via {
+        upstream::Via::External(t) => Some(t.spec.to_string().into()),
+        _ => None,
+    }
+}
+
+/// The request as sent upstream. `rewrite` (external services): the scheme and authority of
+/// the outside system, which replace the `name.svc` the caller used (a server behind TLS
+/// routes by its own name).
 fn upstream_request(
     parts: &hyper::http::request::Parts,
     body: ProxyBody,
     addr: SocketAddrV4,
     version: Version,
+    rewrite: Option<(&'static str, String)>,
 ) -> Request<ProxyBody> {
     let path = parts
         .uri
@@ -927,12 +972,18 @@ fn upstream_request(
         Version::Http1 => path.parse::<Uri>(),
         // HTTP/2 needs scheme and authority pseudo-headers; keep the name the caller used.
         Version::Http2 => {
-            let authority = parts
-                .uri
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| addr.to_string());
-            format!("http://{authority}{path}").parse::<Uri>()
+            let (scheme, authority) = match &rewrite {
+                Some((scheme, authority)) => (*scheme, authority.clone()),
+                None => (
+                    "http",
+                    parts
+                        .uri
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| addr.to_string()),
+                ),
+            };
+            format!("{scheme}://{authority}{path}").parse::<Uri>()
         }
     }
     .unwrap_or_else(|_| Uri::from_static("/"));
@@ -945,7 +996,14 @@ fn upstream_request(
     };
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers, is_upgrade(&parts.headers));
-    if version == Version::Http1
+    if let Some((_, authority)) = &rewrite {
+        headers.remove(header::HOST);
+        if version == Version::Http1
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            headers.insert(header::HOST, v);
+        }
+    } else if version == Version::Http1
         && !headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())

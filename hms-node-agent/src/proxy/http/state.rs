@@ -14,6 +14,7 @@ use hms_ctl::spec::{RateLimit, ServiceSpec};
 
 use super::upstream::Via;
 use crate::cgroup::ServiceCgroups;
+use crate::proxy::external::{EgressResolver, ExternalTarget};
 
 use crate::registry::Snapshot;
 use crate::resilience::balance::Balancer;
@@ -42,14 +43,16 @@ impl Endpoints {
         self.checks[i].passing() && self.breakers[i].is_eligible(now)
     }
 
+    /// Whether endpoint `i` is reached from this host itself: a local instance, or an
+    /// external service's outside system (this host originates the call).
     pub fn is_local(&self, i: usize) -> bool {
-        self.vias[i] == Via::Local
+        matches!(self.vias[i], Via::Local | Via::External(_))
     }
 
-    /// Whether the service has an instance on this host (then this host applies its policy
-    /// and rate limit; otherwise the destination host does).
+    /// Whether the service has an endpoint reached from this host (then this host applies
+    /// its policy and rate limit; otherwise the destination host does).
     pub fn has_local(&self) -> bool {
-        self.vias.contains(&Via::Local)
+        (0..self.vias.len()).any(|i| self.is_local(i))
     }
 
     /// The instances to balance over now: healthy local ones if there are any (a call that
@@ -112,6 +115,8 @@ pub struct ServiceStates {
     callers: Mutex<Option<(Arc<Snapshot>, Arc<CallerIndex>)>>,
     /// The agent's own cgroup directory (no spec may name it or an ancestor).
     agent_cgroup: std::sync::OnceLock<Option<std::path::PathBuf>>,
+    /// Where external services' host names are resolved.
+    egress: Arc<EgressResolver>,
 }
 
 impl ServiceStates {
@@ -122,7 +127,13 @@ impl ServiceStates {
             services: Mutex::new(HashMap::new()),
             callers: Mutex::new(None),
             agent_cgroup: std::sync::OnceLock::new(),
+            egress: Arc::default(),
         }
+    }
+
+    /// The resolver of external services' host names (configured at start).
+    pub fn egress(&self) -> &Arc<EgressResolver> {
+        &self.egress
     }
 
     pub fn cgroups(&self) -> &ServiceCgroups {
@@ -168,6 +179,15 @@ impl ServiceStates {
 
     /// The instances this host can reach, and how.
     fn reachable(&self, svc: &ServiceInfo, snapshot: &Snapshot) -> (Vec<SocketAddrV4>, Vec<Via>) {
+        if let Some(ext) = &svc.spec.external {
+            // Every host calls the outside system itself: one endpoint, whatever the
+            // registry's instance records say.
+            let target = ExternalTarget::new(&svc.spec.name, ext, self.egress.clone());
+            return (
+                vec![target.placeholder_addr()],
+                vec![Via::External(Arc::new(target))],
+            );
+        }
         svc.instances
             .iter()
             .filter_map(|i| {
@@ -189,6 +209,11 @@ impl ServiceStates {
     /// Whether `endpoints` still match what [`Self::reachable`] would build, without
     /// building it.
     fn unchanged(&self, endpoints: &Endpoints, svc: &ServiceInfo, snapshot: &Snapshot) -> bool {
+        match (&svc.spec.external, endpoints.vias.as_slice()) {
+            (Some(want), [Via::External(have)]) => return have.spec == *want,
+            (Some(_), _) | (None, [Via::External(_)]) => return false,
+            (None, _) => {}
+        }
         let mut built = endpoints.addrs.iter().zip(&endpoints.vias);
         for i in &svc.instances {
             let want_via = if i.node == self.local_node {

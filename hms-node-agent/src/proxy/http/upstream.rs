@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use crate::identity::SpiffeId;
+use crate::proxy::external::ExternalTarget;
 use crate::tunnel::{
     LinkFate, PeerPool, StreamProtocol, TunnelError, TunnelLink, TunnelStream, TunnelTarget,
 };
@@ -41,6 +42,8 @@ use crate::tunnel::{
 pub enum UpstreamIo {
     Tcp(TcpStream),
     Tunnel(Box<TunnelStream>),
+    /// TLS the mesh originated to an external service's outside system.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl tokio::io::AsyncRead for UpstreamIo {
@@ -52,6 +55,7 @@ impl tokio::io::AsyncRead for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -65,6 +69,7 @@ impl tokio::io::AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -75,6 +80,7 @@ impl tokio::io::AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -85,6 +91,7 @@ impl tokio::io::AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tunnel(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -108,6 +115,8 @@ pub enum Via {
         node: String,
         inbound: std::net::SocketAddr,
     },
+    /// An external service's outside system (egress), dialled from this host.
+    External(Arc<ExternalTarget>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +129,8 @@ pub enum ConnectError {
     Handshake(SocketAddrV4, hyper::Error),
     #[error("no identity yet to reach host {0} (see `hms-ctl status`)")]
     NoIdentity(String),
+    #[error("reaching external service {service} failed: {error}")]
+    External { service: String, error: String },
     #[error("tunnel to host {node} failed: {error}")]
     Tunnel { node: String, error: String },
     /// The destination host's agent refused (its policy, its rate limit, no instance).
@@ -280,6 +291,20 @@ impl UpstreamPool {
         protocol: StreamProtocol,
     ) -> Result<UpstreamIo, ConnectError> {
         match via {
+            Via::External(target) => {
+                let version = match protocol {
+                    StreamProtocol::Http1 => Some(Version::Http1),
+                    StreamProtocol::Http2 => Some(Version::Http2),
+                    StreamProtocol::Opaque => None,
+                };
+                target
+                    .connect(version)
+                    .await
+                    .map_err(|error| ConnectError::External {
+                        service: target.service.clone(),
+                        error,
+                    })
+            }
             Via::Local => {
                 match tokio::time::timeout(CONNECT_TIMEOUT, crate::own_socket::connect(addr)).await
                 {
@@ -346,7 +371,7 @@ impl UpstreamPool {
     ) -> Result<Checkout, ConnectError> {
         // Pooled connections through a peer carry one caller's identity: key them by it.
         let key: Key = match via {
-            Via::Local => (Via::Local, addr),
+            Via::Local | Via::External(_) => (via.clone(), addr),
             Via::Peer { node, inbound } => (
                 Via::Peer {
                     node: format!("{node}\u{0}{caller}"),
@@ -432,7 +457,7 @@ impl UpstreamPool {
         let fault = Arc::new(ConnFault {
             charged: AtomicBool::new(false),
             link: match &io {
-                UpstreamIo::Tcp(_) => None,
+                UpstreamIo::Tcp(_) | UpstreamIo::Tls(_) => None,
                 UpstreamIo::Tunnel(t) => Some(t.link()),
             },
         });

@@ -1,0 +1,230 @@
+//! The gateway's ACME client (`gateway::acme`) against Debian's `pebble`, a real RFC 8555
+//! server, with validation on (HTTP-01: pebble connects to the hostname's port 5002 and
+//! fetches the key authorization), its default nonce rejections left on, and 30-second
+//! certificates so that a renewal really happens during the test.
+//!
+//! Everything runs in a network namespace of its own: pebble, the test resolver pebble asks
+//! for the hostname (`-dnsserver`, answering 127.0.0.1), the challenge responder on
+//! 127.0.0.1:5002 (a minimal hyper server answering from the client's `Challenges`: the
+//! gateway's plain-HTTP listener is not wired to it yet) and the client itself.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hms_node_agent::gateway::acme::{AcmeClient, AcmeConfig, Challenges};
+use vm_tests::mesh::in_netns;
+use vm_tests::netns::TestNet;
+use vm_tests::resolver::TestResolver;
+use vm_tests::{slack, tools};
+
+const HOST: &str = "gw.acme.test";
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
+/// pebble's `certificateValidityPeriod`, seconds.
+const LIFETIME_S: u64 = 30;
+
+/// A CA for pebble's own HTTPS (the directory), and the config pointing at it.
+fn pebble_files(dir: &std::path::Path) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("pebble.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("pebble.key"), key.serialize_pem()).unwrap();
+    let config = serde_json::json!({
+        "pebble": {
+            "listenAddress": "127.0.0.1:14000",
+            "managementListenAddress": "127.0.0.1:15000",
+            "certificate": dir.join("pebble.pem"),
+            "privateKey": dir.join("pebble.key"),
+            "httpPort": 5002,
+            "tlsPort": 5001,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": LIFETIME_S,
+        }
+    });
+    let path = dir.join("pebble-config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// Serves `challenges` over HTTP/1.1 on `listener` (what the gateway's plain-HTTP listener
+/// is to do): the key authorization for a pending token, 404 for anything else.
+async fn serve_challenges(listener: tokio::net::TcpListener, challenges: Challenges) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let challenges = challenges.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let answer = challenges.answer(req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(match answer {
+                            Some(body) => hyper::Response::builder()
+                                .header("content-type", "application/octet-stream")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                            None => hyper::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        })
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn leaf_serial(key: &rustls::sign::CertifiedKey) -> Vec<u8> {
+    let (_, cert) = x509_parser::parse_x509_certificate(key.cert[0].as_ref()).unwrap();
+    cert.raw_serial().to_vec()
+}
+
+fn leaf_names(key: &rustls::sign::CertifiedKey) -> Vec<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(key.cert[0].as_ref()).unwrap();
+    cert.subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| format!("{n}"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_certificate_is_issued_over_http01_against_pebble_cached_and_renewed_before_expiry() {
+    let net = TestNet::new(1).unwrap();
+    let ns = net.hosts[0].netns.clone();
+    let dir = tempfile::Builder::new()
+        .prefix("hms-acme-")
+        .tempdir()
+        .unwrap();
+    let config = pebble_files(dir.path());
+    let _resolver = TestResolver::start_in_netns(&ns, RESOLVER, Ipv4Addr::LOCALHOST).unwrap();
+    // Validation on; nonce rejections at pebble's default; no sleep before validating.
+    let mut pebble = tools::in_netns(&ns, "pebble")
+        .args(["-config", config.to_str().unwrap()])
+        .args(["-dnsserver", &format!("{RESOLVER}:53")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env_remove("PEBBLE_VA_ALWAYS_VALID")
+        .env_remove("PEBBLE_WFE_NONCEREJECT")
+        .stdout(std::fs::File::create(dir.path().join("pebble.log")).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting pebble (cargo xtask setup installs it)");
+    let cache = dir.path().join("acme-cache");
+    let acme_config = AcmeConfig {
+        directory_url: "https://127.0.0.1:14000/dir".into(),
+        directory_root: Some(dir.path().join("ca.pem")),
+        contact: vec!["mailto:ops@acme.test".into()],
+        cache_dir: cache.clone(),
+    };
+    let delivered: Arc<Mutex<Vec<Arc<rustls::sign::CertifiedKey>>>> = Arc::default();
+    let result = in_netns(&ns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // pebble up (it listens a moment after start).
+            let deadline = Instant::now() + slack(Duration::from_secs(15));
+            while tokio::net::TcpStream::connect("127.0.0.1:14000")
+                .await
+                .is_err()
+            {
+                assert!(Instant::now() < deadline, "pebble did not start listening");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let challenges = Challenges::default();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:5002")
+                .await
+                .unwrap();
+            tokio::spawn(serve_challenges(listener, challenges.clone()));
+            let client = AcmeClient::new(acme_config.clone(), challenges);
+            let sink = delivered.clone();
+            let run = client.run(vec![HOST.to_string()], move |host, key| {
+                assert_eq!(host, HOST);
+                sink.lock().unwrap().push(key);
+            });
+            // The first certificate, then its renewal (a third of 30 s before its end).
+            let two = async {
+                loop {
+                    if delivered.lock().unwrap().len() >= 2 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                _ = run => unreachable!("the client runs until dropped"),
+                r = tokio::time::timeout(slack(Duration::from_secs(90)), two) => r.is_ok(),
+            }
+        })
+    });
+    let _ = pebble.kill();
+    let _ = pebble.wait();
+    let log = std::fs::read_to_string(dir.path().join("pebble.log")).unwrap_or_default();
+    let got = delivered.lock().unwrap().clone();
+    assert!(
+        result,
+        "wanted an issuance and a renewal, got {} certificates; pebble said:\n{log}",
+        got.len()
+    );
+    assert!(
+        leaf_names(&got[0]).iter().any(|n| n.contains(HOST)),
+        "{:?}",
+        leaf_names(&got[0])
+    );
+    assert_ne!(
+        leaf_serial(&got[0]),
+        leaf_serial(&got[1]),
+        "the renewal is a new certificate"
+    );
+    // pebble really validated over HTTP-01, fetching the key authorization from port 5002.
+    assert!(
+        log.contains(
+            "Attempting to validate w/ HTTP: http://gw.acme.test:5002/.well-known/acme-challenge/"
+        ) && log.contains("set VALID by completed challenge"),
+        "{log}"
+    );
+
+    // The cache: account and the latest certificate, readable by the owner only.
+    for f in [
+        "account.json",
+        &format!("certs/{HOST}.pem"),
+        &format!("certs/{HOST}.key"),
+    ] {
+        let mode = std::fs::metadata(cache.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let again = AcmeClient::new(acme_config, Challenges::default());
+    let cached = again
+        .cached(HOST)
+        .expect("a restarted client finds its certificate");
+    assert_eq!(leaf_serial(&cached.key), leaf_serial(got.last().unwrap()));
+    let life = cached.not_after.duration_since(cached.not_before).unwrap();
+    assert!(life <= Duration::from_secs(LIFETIME_S + 1), "{life:?}");
+}
