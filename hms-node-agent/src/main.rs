@@ -69,13 +69,16 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// The settings in force; `systemctl reload` resolves the same arguments again.
+fn remember_and_resolve(args: RunArgs) -> anyhow::Result<AgentConfig> {
+    hms_node_agent::service_manager::remember_args(&args);
+    AgentConfig::resolve(args)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => match {
-            hms_node_agent::service_manager::remember_args(&args);
-            AgentConfig::resolve(*args)
-        } {
+        Command::Run(args) => match remember_and_resolve(*args) {
             Ok(config) => {
                 init_logs(config.log_format);
                 // Read (and unset) systemd's LISTEN_* before any thread exists.
