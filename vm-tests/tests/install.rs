@@ -101,6 +101,13 @@ fn walk(root: &Path) -> Vec<String> {
     out
 }
 
+/// ExecReload runs `/bin/sh -c "kill -HUP $MAINPID"`; verify checks, inside the root, that
+/// /bin/sh is executable.
+fn place_sh(root: &Path) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/sh", root.join("bin/sh")).expect("copying /bin/sh into the root");
+}
+
 #[test]
 fn generated_units_pass_systemd_analyze_verify() {
     if !privileged() {
@@ -141,6 +148,7 @@ fn generated_units_pass_systemd_analyze_verify() {
         let mut args = vec!["install", "--root", s(root.path())];
         args.extend_from_slice(flags);
         agent_ok(&args);
+        place_sh(root.path());
         // verify resolves dependencies (sysinit.target, sockets.target, ...) inside the root:
         // give it this host's unit library.
         let lib = root.path().join("usr/lib/systemd");
@@ -198,6 +206,7 @@ fn package_units_pass_systemd_analyze_verify() {
     }
     let root = scratch_root("package");
     agent_ok(&["package-files", "--out", s(root.path())]);
+    place_sh(root.path());
     let bin = root.path().join("usr/bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy(bins::path("hms-node-agent"), bin.join("hms-node-agent")).unwrap();
