@@ -347,10 +347,30 @@ pub async fn run(
         listeners = origin,
         "agent ready"
     );
+    // Type=notify: units ordered after the agent start now; `systemctl status` shows STATUS=.
+    let service_names = {
+        let store = store.clone();
+        move || {
+            store
+                .snapshot()
+                .services()
+                .map(|s| s.spec.name.clone())
+                .collect::<Vec<String>>()
+        }
+    };
+    crate::service_manager::ready(&config.node_name, &service_names());
+    let pending_restart = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(crate::service_manager::keep_status(
+        config.node_name.clone(),
+        service_names,
+        pending_restart.clone(),
+        drain.clone(),
+    ));
 
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let failed = loop {
         tokio::select! {
             _ = term.recv() => break None,
@@ -362,6 +382,7 @@ pub async fn run(
                 Ok(pid) => tracing::info!(successor = pid, "SIGUSR2: started a successor"),
                 Err(e) => tracing::error!("SIGUSR2: could not start a successor: {e:#}"),
             },
+            _ = hup.recv() => reload(&config, &pending_restart),
             r = tasks.join_next() => break r,
         }
     };
@@ -399,6 +420,33 @@ pub async fn run(
         "agent stopped; redirect programs stay pinned (run `hms-node-agent cleanup` to remove them)"
     );
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`): re-reads the config file; says what needs a restart.
+fn reload(config: &AgentConfig, pending: &std::sync::Mutex<Vec<&'static str>>) {
+    let file = crate::service_manager::config_file()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "no config file (flags only)".into());
+    match crate::service_manager::reload(config) {
+        Ok(changed) => {
+            if changed.is_empty() {
+                tracing::info!(%file, "reload: config re-read, nothing changed");
+            } else {
+                tracing::warn!(
+                    %file,
+                    changed = %changed.join(", "),
+                    "reload: these settings changed and take effect only after `systemctl restart hms-node-agent` (none of them can change live)"
+                );
+            }
+            if let Ok(mut p) = pending.lock() {
+                *p = changed;
+            }
+        }
+        Err(e) => tracing::error!(
+            %file,
+            "reload: the config file is not valid, the agent keeps running with the settings it started with; fix it before the next restart: {e:#}"
+        ),
+    }
 }
 
 /// How often the tunnel pool is checked against the registry's node records.

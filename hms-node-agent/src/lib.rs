@@ -25,7 +25,8 @@
 //! | `own_socket` | the agent's own (marked) connections to instances on this host |
 //! | `agent` | starting and stopping all of the above |
 //! | `probe` | kernel feature checks at start and `hms-node-agent probe` |
-//! | `install` | `install`/`uninstall`: binaries, /etc/hms/agent.yaml, systemd units |
+//! | `install` | `install`/`uninstall`: binaries, /etc/hms/agent.yaml, systemd units; the package's units and conffile |
+//! | `service_manager` | systemd's notify protocol (READY=1, STATUS=) and `systemctl reload` (SIGHUP re-reads the config) |
 
 pub mod admin;
 pub mod agent;
@@ -53,5 +54,6 @@ pub mod proxy;
 pub mod redirect;
 pub mod registry;
 pub mod resilience;
+pub mod service_manager;
 pub mod tap;
 pub mod tunnel;

@@ -47,23 +47,38 @@ enum Command {
     Install(Box<hms_node_agent::install::InstallArgs>),
     /// Stop and remove everything `install` put in place, and run `cleanup`.
     Uninstall(hms_node_agent::install::UninstallArgs),
+    /// The Debian package's units and conffile, written under DIR (`cargo xtask deb`).
+    #[command(hide = true)]
+    PackageFiles {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd stderr is the journal, where escape
+        // codes would show up as `[2m` noise in `journalctl -u hms-node-agent`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
+/// The settings in force; `systemctl reload` resolves the same arguments again.
+fn remember_and_resolve(args: RunArgs) -> anyhow::Result<AgentConfig> {
+    hms_node_agent::service_manager::remember_args(&args);
+    AgentConfig::resolve(args)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => match AgentConfig::resolve(*args) {
+        Command::Run(args) => match remember_and_resolve(*args) {
             Ok(config) => {
                 init_logs(config.log_format);
                 // Read (and unset) systemd's LISTEN_* before any thread exists.
@@ -94,6 +109,13 @@ fn main() -> std::process::ExitCode {
         Command::Install(args) => {
             init_logs(LogFormat::Text);
             hms_node_agent::install::install(&args).map(|report| print!("{report}"))
+        }
+        Command::PackageFiles { out } => {
+            hms_node_agent::install::stage_package(&out).map(|files| {
+                for f in files {
+                    println!("{f}");
+                }
+            })
         }
         Command::Uninstall(args) => {
             init_logs(LogFormat::Text);

@@ -101,6 +101,13 @@ fn walk(root: &Path) -> Vec<String> {
     out
 }
 
+/// ExecReload runs `/bin/sh -c "kill -HUP $MAINPID"`; verify checks, inside the root, that
+/// /bin/sh is executable.
+fn place_sh(root: &Path) {
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/sh", root.join("bin/sh")).expect("copying /bin/sh into the root");
+}
+
 #[test]
 fn generated_units_pass_systemd_analyze_verify() {
     if !privileged() {
@@ -141,6 +148,7 @@ fn generated_units_pass_systemd_analyze_verify() {
         let mut args = vec!["install", "--root", s(root.path())];
         args.extend_from_slice(flags);
         agent_ok(&args);
+        place_sh(root.path());
         // verify resolves dependencies (sysinit.target, sockets.target, ...) inside the root:
         // give it this host's unit library.
         let lib = root.path().join("usr/lib/systemd");
@@ -177,6 +185,99 @@ fn generated_units_pass_systemd_analyze_verify() {
                 .join("\n")
         );
     }
+}
+
+/// The Debian package's units (`hms-node-agent package-files`, what `cargo xtask deb` ships
+/// in /lib/systemd/system) pass `systemd-analyze verify` too, with the binary where their
+/// ExecStart says, and are the notify service the package promises.
+#[test]
+fn package_units_pass_systemd_analyze_verify() {
+    if !privileged() {
+        return;
+    }
+    if which("systemd-analyze").is_none() {
+        if std::env::var_os("HMS_IN_VM").is_some() {
+            eprintln!("SKIPPED: the VM image carries no systemd; verified on the host run");
+            return;
+        }
+        panic!(
+            "`systemd-analyze` is not installed: run `cargo xtask setup` (it installs the Debian package `systemd`)"
+        );
+    }
+    let root = scratch_root("package");
+    agent_ok(&["package-files", "--out", s(root.path())]);
+    place_sh(root.path());
+    let bin = root.path().join("usr/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(bins::path("hms-node-agent"), bin.join("hms-node-agent")).unwrap();
+    let lib = root.path().join("usr/lib/systemd");
+    std::fs::create_dir_all(&lib).unwrap();
+    let cp = vm_tests::tools::command("cp")
+        .args(["-a", "/usr/lib/systemd/system"])
+        .arg(&lib)
+        .output()
+        .expect("cp");
+    assert!(
+        cp.status.success(),
+        "copying the unit library: {}",
+        describe(&cp)
+    );
+    // The package's own directory, where the verify looks for them by name.
+    for u in UNITS {
+        std::fs::copy(
+            root.path().join("lib/systemd/system").join(u),
+            lib.join("system").join(u),
+        )
+        .unwrap();
+    }
+    let out = vm_tests::tools::command("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", s(root.path())))
+        .args(UNITS)
+        .output()
+        .expect("running systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let service = std::fs::read_to_string(
+        root.path()
+            .join("lib/systemd/system/hms-node-agent.service"),
+    )
+    .unwrap();
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify of the package's units complains: {}\n{service}",
+        describe(&out)
+    );
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/bin/hms-node-agent run --config /etc/hms/agent.yaml",
+        "ExecReload=/bin/sh -c \"kill -HUP $MAINPID\"",
+        "LimitNOFILE=524288",
+    ] {
+        assert!(
+            service.lines().any(|l| l == line),
+            "{line} missing:\n{service}"
+        );
+    }
+    let caps: Vec<&str> = service
+        .lines()
+        .filter(|l| {
+            l.starts_with("CapabilityBoundingSet=") || l.starts_with("AmbientCapabilities=")
+        })
+        .collect();
+    assert_eq!(caps.len(), 2, "{service}");
+    for l in caps {
+        assert!(
+            l.contains("CAP_NET_BIND_SERVICE") && !l.contains("CAP_SYS_ADMIN"),
+            "{l}"
+        );
+    }
+    // The conffile is what `run --config` reads: every key commented out, the defaults.
+    let conf = std::fs::read_to_string(root.path().join("etc/hms/agent.yaml")).unwrap();
+    assert!(
+        conf.lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('#')),
+        "{conf}"
+    );
 }
 
 /// `bpftool cgroup show` ids of the programs attached to `cg`.

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-use crate::{proc, setup, vmtest, workspace};
+use crate::{proc, setup, vm_system, vmtest, workspace};
 
 /// Two cores on our machines: two test threads keep the vm-tests (real kernel, real
 /// sockets) from starving each other while still overlapping waits.
@@ -30,7 +30,7 @@ impl Counts {
     }
 }
 
-pub fn run(test_args: &[String], vm: bool) -> anyhow::Result<()> {
+pub fn run(test_args: &[String], vm: bool, system: bool) -> anyhow::Result<()> {
     setup::run()?;
 
     let mut total = Counts::default();
@@ -73,8 +73,29 @@ pub fn run(test_args: &[String], vm: bool) -> anyhow::Result<()> {
             }
             Err(err) => broken_steps.push(format!("vm-test could not run: {err:#}")),
         }
+        // The hms package on a real Debian 12 system (`vm-test --system`), when asked for.
+        if !system {
+            println!(
+                "xtask test: NOT RUN: vm-test --system (the .deb under a real systemd; ~20 min under emulation): `cargo xtask test --system` or `cargo xtask vm-test --system` runs it"
+            );
+        } else {
+            match vm_system::run_counted() {
+                Ok(v) => {
+                    total.passed += v.passed as u64;
+                    total.failed += v.failed.len() as u64;
+                    broken_steps.extend(
+                        v.broken
+                            .into_iter()
+                            .map(|b| format!("vm-test --system: {b}")),
+                    );
+                }
+                Err(err) => broken_steps.push(format!("vm-test --system could not run: {err:#}")),
+            }
+        }
     } else {
-        println!("xtask test: --no-vm: skipping the vm-tests on Debian's 6.1 kernel");
+        println!(
+            "xtask test: --no-vm: skipping the vm-tests on Debian's 6.1 kernel and vm-test --system"
+        );
     }
     finish(total, &broken_steps)
 }

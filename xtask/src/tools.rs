@@ -174,6 +174,11 @@ pub const TOOLS: &[Tool] = &[
     deb("python3-cryptography", PythonModule, "cryptography", "python3-cryptography", "gateway_door: PyJWT's RS256/ES256/EdDSA signing", false),
     deb("python3-ssl", PythonModule, "ssl", "libpython3.11-minimal", "egress: the outside HTTPS system (http.server with ssl, its own CA, TLS 1.2-only too)", false),
     deb("pebble", Program, "/usr/bin/pebble", "pebble", "gateway_acme: a real RFC 8555 server (validation on, nonce rejections on, 30 s certificates)", false),
+    // `cargo xtask deb` and `vm-test --system`: the package, its checks, the real Debian guest.
+    deb("lintian", Program, "/usr/bin/lintian", "lintian", "deb: checks the hms package against Debian policy", false),
+    deb("gzip", Program, "/usr/bin/gzip", "gzip", "deb: the package's changelog.gz", false),
+    deb("debootstrap", Program, "/usr/sbin/debootstrap", "debootstrap", "vm-test --system: the guest's Debian 12 root (cached under target/vm-system)", false),
+    deb("mkfs.ext4", Program, "/usr/sbin/mkfs.ext4", "e2fsprogs", "vm-test --system: the guest's disk image, made from the root directory", false),
 ];
 
 /// The listed entry called `name`.

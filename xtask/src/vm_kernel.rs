@@ -41,6 +41,8 @@ pub struct Kernel {
     pub vmlinuz: PathBuf,
     /// `.ko` files in load order.
     pub modules: Vec<PathBuf>,
+    /// `lib/modules/<release>` of the unpacked package.
+    pub module_dir: PathBuf,
 }
 
 /// Downloads (once) and unpacks the kernel package under `vm_dir`.
@@ -70,6 +72,7 @@ pub fn prepare(vm_dir: &Path) -> anyhow::Result<Kernel> {
         release,
         vmlinuz,
         modules,
+        module_dir,
     })
 }
 
@@ -193,7 +196,7 @@ fn find_vmlinuz(boot: &Path) -> anyhow::Result<(PathBuf, String)> {
 /// The `.ko` paths for `wanted` and their dependencies, dependencies first. Built-in modules
 /// are skipped. The package ships no modules.dep (depmod writes it at install time), so
 /// dependencies come from each module's own `.modinfo` section.
-fn resolve_modules(module_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
+pub fn resolve_modules(module_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
     let builtin = std::fs::read_to_string(module_dir.join("modules.builtin")).unwrap_or_default();
     let builtin: BTreeSet<String> = builtin
         .lines()

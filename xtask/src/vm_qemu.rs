@@ -54,7 +54,21 @@ pub struct Vm<'a> {
     pub timeout: Duration,
     /// Every console line is appended here.
     pub log: &'a Path,
+    /// A raw disk image as virtio-blk (`/dev/vda` in the guest), for a guest whose root
+    /// survives a reboot (`vm-test --system`).
+    pub disk: Option<&'a Path>,
+    /// The kernel command line.
+    pub append: &'a str,
+    /// Let a guest reboot (qemu restarts it with the same kernel, initrd and disk) instead
+    /// of exiting at the first reboot.
+    pub reboot: bool,
+    /// With `reboot`: kill qemu when the firmware starts more boots than this (a guest that
+    /// panics at boot would otherwise reboot until the time limit).
+    pub max_boots: u32,
 }
+
+/// The suite VM's kernel command line.
+pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 pub struct Outcome {
     /// Console lines, without `\r`.
@@ -73,20 +87,20 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     }
     cmd.args(["-m", vm.memory])
         .args(["-smp", &vm.cpus.to_string()])
-        .args([
-            "-nographic",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
+        .args(["-nographic", "-monitor", "none", "-nic", "none"])
+        .args(if vm.reboot { None } else { Some("-no-reboot") })
         .arg("-kernel")
         .arg(vm.kernel)
         .arg("-initrd")
         .arg(vm.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
+        .args(["-append", vm.append]);
+    if let Some(disk) = vm.disk {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=unsafe",
+            disk.display()
+        ));
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Own process group: a Ctrl-C reaches only xtask, which then kills qemu itself.
@@ -116,11 +130,19 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     let deadline = start + vm.timeout;
     let mut lines = Vec::new();
     let mut timed_out = false;
+    let mut boots = 0;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(text) => {
                 let _ = writeln!(log, "{text}");
                 on_line(&text);
+                if text.contains("Booting from ROM") {
+                    boots += 1;
+                    if vm.reboot && boots > vm.max_boots {
+                        let _ = writeln!(log, "xtask: boot {boots} is one too many; stopping qemu");
+                        let _ = child.kill();
+                    }
+                }
                 lines.push(text);
             }
             // Both pipes closed: qemu (and anything holding its pipes) has exited.
@@ -232,6 +254,10 @@ pub fn choose_accel(vm_dir: &Path, kernel: &Path, probe_initrd: &Path) -> anyhow
             cpus: 1,
             timeout: Duration::from_secs(20),
             log: &log,
+            disk: None,
+            append: APPEND,
+            reboot: false,
+            max_boots: 1,
         },
         |_| {},
     );

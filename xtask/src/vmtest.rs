@@ -161,6 +161,10 @@ pub fn run_counted(test_args: &[String]) -> anyhow::Result<VmRun> {
             cpus: VM_CPUS,
             timeout: VM_TIMEOUT,
             log: &log,
+            disk: None,
+            append: crate::vm_qemu::APPEND,
+            reboot: false,
+            max_boots: 1,
         },
         |line| println!("   [vm] {line}"),
     )?;
