@@ -29,7 +29,7 @@ use super::metrics::ListenerLabels;
 use super::routes::RouteTable;
 use super::{GatewayHost, door};
 use crate::drain::Drain;
-use crate::proxy::http::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES};
+use crate::proxy::http::MAX_HEADER_BYTES;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -316,11 +316,7 @@ async fn serve_http<I>(
             }
         }
     } else {
-        hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_HEADER_BYTES)
-            .max_header_size(MAX_HEADER_BYTES)
+        crate::proxy::http::http1_server()
             .serve_connection(io, service)
             .with_upgrades()
             .await

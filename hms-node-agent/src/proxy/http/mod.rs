@@ -81,6 +81,20 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The HTTP/1 server settings of every listener the agent serves HTTP on (the node proxy,
+/// the gateway): a deadline for the request head and a limit on its size.
+pub fn http1_server() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        // max_buf_size alone is no head limit: one read may fill more than it and a head
+        // that parses complete is accepted (a 100 KiB header went through); this checks the
+        // parsed head's length.
+        .max_header_size(MAX_HEADER_BYTES);
+    b
+}
+
 /// What a request body must be for the HTTP path: hyper's own (`Incoming`) or the
 /// gateway's (limited to a route's `max_body`).
 pub trait RequestBody:
@@ -214,14 +228,7 @@ impl HttpProxy {
         let ds = &conn.ds;
         let result = match version {
             Version::Http1 => {
-                hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .max_buf_size(MAX_HEADER_BYTES)
-                    // max_buf_size alone is no head limit: one read may fill more than it
-                    // and a head that parses complete is accepted (a 100 KiB header went
-                    // through); this checks the parsed head's length.
-                    .max_header_size(MAX_HEADER_BYTES)
+                http1_server()
                     .serve_connection(io, service)
                     .with_upgrades()
                     // Not hyper's graceful_shutdown on drain: it closes an idle connection
