@@ -91,8 +91,8 @@ impl ListenerRuntime {
     }
 }
 
-/// The rustls server config of an https listener: TLS 1.3 only (the crate is built without
-/// TLS 1.2), ALPN h2 then http/1.1.
+/// The rustls server config of an https listener: TLS 1.3 only, pinned here (rustls is built
+/// with TLS 1.2 too, for egress to outside systems), ALPN h2 then http/1.1.
 fn tls_config(
     certs: Arc<CertStore>,
     client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
