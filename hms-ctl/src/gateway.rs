@@ -99,6 +99,25 @@ pub struct ListenerSpec {
     /// http: answer every request with a redirect to the first https listener.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub redirect_https: bool,
+    /// https: a certificate for `hostname` from an ACME CA (HTTP-01: the CA fetches its
+    /// challenge from this gateway's http listener on port 80 of the host name, or the
+    /// port the CA validates on), renewed before it expires; `certificates` are optional then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSpec>,
+}
+
+/// Where a listener's ACME certificate comes from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSpec {
+    /// The CA's directory URL, e.g. `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// Contacts for the account, e.g. `mailto:ops@example.com`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contact: Vec<String>,
+    /// A PEM root for the directory's own TLS (a private or test CA); default: the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory_ca: Option<String>,
 }
 
 impl ListenerSpec {
@@ -409,13 +428,40 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
         }
         match l.protocol {
             Protocol::Https => {
-                if l.certificates.is_empty() {
+                if l.certificates.is_empty() && l.acme.is_none() {
                     return Err(err(
                         f("certificates"),
                         line,
-                        "an https listener needs `certificates: [{cert: FILE.pem, key: FILE.key}]`"
+                        "an https listener needs `certificates: [{cert: FILE.pem, key: FILE.key}]` or `acme: {directory: URL}`"
                             .into(),
                     ));
+                }
+                if let Some(a) = &l.acme {
+                    match &l.hostname {
+                        None => {
+                            return Err(err(
+                                f("acme"),
+                                line,
+                                "needs the listener's `hostname`: the name the certificate is for"
+                                    .into(),
+                            ));
+                        }
+                        Some(h) if h.starts_with("*.") => {
+                            return Err(err(
+                                f("hostname"),
+                                line,
+                                "HTTP-01 cannot validate a wildcard name; name one host".into(),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                    if !a.directory.starts_with("https://") {
+                        return Err(err(
+                            f("acme.directory"),
+                            line,
+                            format!("`{}` is not an https URL of an ACME directory", a.directory),
+                        ));
+                    }
                 }
                 if l.redirect_https {
                     return Err(err(
@@ -426,6 +472,13 @@ pub fn parse(yaml: &str, file: &str) -> Result<GatewaySpec, SpecError> {
                 }
             }
             Protocol::Http => {
+                if l.acme.is_some() {
+                    return Err(err(
+                        f("acme"),
+                        line,
+                        "is for https listeners (their certificate); use `protocol: https`".into(),
+                    ));
+                }
                 if !l.certificates.is_empty() {
                     return Err(err(
                         f("certificates"),

@@ -200,6 +200,7 @@ pub async fn run(
         tap.clone(),
         &metrics,
         config.gateway.clone(),
+        config.state_dir.join("acme"),
     ));
     let admin = Arc::new(Admin {
         gateway: gateway.clone(),

@@ -3,10 +3,12 @@
 //! fetches the key authorization), its default nonce rejections left on, and 30-second
 //! certificates so that a renewal really happens during the test.
 //!
-//! Everything runs in a network namespace of its own: pebble, the test resolver pebble asks
-//! for the hostname (`-dnsserver`, answering 127.0.0.1), the challenge responder on
-//! 127.0.0.1:5002 (a minimal hyper server answering from the client's `Challenges`: the
-//! gateway's plain-HTTP listener is not wired to it yet) and the client itself.
+//! Everything runs in a network namespace of its own: pebble and the test resolver pebble asks
+//! for the hostname (`-dnsserver`, answering 127.0.0.1). The first test drives the client
+//! alone, with a minimal responder on 127.0.0.1:5002 answering from its `Challenges`; the
+//! second is the whole path: a gateway spec whose https listener has `acme:`, the agent's
+//! client, its plain-HTTP listener answering pebble's challenge, and the certificate served
+//! to a real TLS client (openssl), then renewed.
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hms_node_agent::gateway::acme::{AcmeClient, AcmeConfig, Challenges};
-use vm_tests::mesh::in_netns;
+use vm_tests::mesh::{Mesh, in_netns};
 use vm_tests::netns::TestNet;
 use vm_tests::resolver::TestResolver;
 use vm_tests::{slack, tools};
@@ -227,4 +229,113 @@ fn a_certificate_is_issued_over_http01_against_pebble_cached_and_renewed_before_
     assert_eq!(leaf_serial(&cached.key), leaf_serial(got.last().unwrap()));
     let life = cached.not_after.duration_since(cached.not_before).unwrap();
     assert!(life <= Duration::from_secs(LIFETIME_S + 1), "{life:?}");
+}
+
+/// The leaf an https listener serves for `HOST`, as `openssl x509 -noout -serial -issuer`
+/// prints it; empty while it serves none.
+fn served_leaf(ns: &str, port: u16) -> String {
+    let hello = tools::in_netns(ns, "openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", HOST])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let mut x509 = tools::command("openssl")
+        .args(["x509", "-noout", "-serial", "-issuer"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let _ = x509.stdin.take().unwrap().write_all(&hello.stdout);
+    let out = x509.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_gateway_listener_with_acme_gets_its_certificate_from_pebble_and_renews_it() {
+    let m = Mesh::with_args(&|i| {
+        if i == 0 {
+            vec!["--gateway".into(), "all".into()]
+        } else {
+            Vec::new()
+        }
+    });
+    let ns = m.net.hosts[0].netns.clone();
+    let dir = tempfile::Builder::new()
+        .prefix("hms-acme-gw-")
+        .tempdir()
+        .unwrap();
+    let config = pebble_files(dir.path());
+    let _resolver = TestResolver::start_in_netns(&ns, RESOLVER, Ipv4Addr::LOCALHOST).unwrap();
+    let mut pebble = tools::in_netns(&ns, "pebble")
+        .args(["-config", config.to_str().unwrap()])
+        .args(["-dnsserver", &format!("{RESOLVER}:53")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env_remove("PEBBLE_VA_ALWAYS_VALID")
+        .env_remove("PEBBLE_WFE_NONCEREJECT")
+        .stdout(std::fs::File::create(dir.path().join("pebble.log")).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting pebble (cargo xtask setup installs it)");
+    // pebble validates HTTP-01 on port 5002 (its `httpPort`): the gateway's http listener.
+    let https_port = vm_tests::ports::free_port();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: acme\nlisteners:\n  - name: plain\n    address: 127.0.0.1\n    port: 5002\n    protocol: http\n  - name: web\n    address: 127.0.0.1\n    port: {https_port}\n    protocol: https\n    hostname: {HOST}\n    acme:\n      directory: https://127.0.0.1:14000/dir\n      contact: [\"mailto:ops@acme.test\"]\n      directory_ca: {}\nroutes:\n  - name: all\n    backends: [{{service: shop-svc}}]\n",
+            dir.path().join("ca.pem").display()
+        ),
+    )
+    .unwrap();
+    let out = m.agents[0].ctl(&["gateway", "apply", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Issued: the listener serves pebble's certificate for HOST.
+    let deadline = Instant::now() + slack(Duration::from_secs(60));
+    let first = loop {
+        let leaf = served_leaf(&ns, https_port);
+        if leaf.contains("Pebble") {
+            break leaf;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ACME certificate served: {leaf:?}\n{}",
+            m.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // Renewed: two thirds into its 30 s, a new serial on the same listener.
+    let deadline = Instant::now() + slack(Duration::from_secs(60));
+    loop {
+        let leaf = served_leaf(&ns, https_port);
+        if leaf.contains("Pebble") && leaf != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the certificate was not renewed: still {first:?}\n{}",
+            m.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = pebble.kill();
+    let _ = pebble.wait();
+    let log = std::fs::read_to_string(dir.path().join("pebble.log")).unwrap_or_default();
+    assert!(
+        log.contains(
+            "Attempting to validate w/ HTTP: http://gw.acme.test:5002/.well-known/acme-challenge/"
+        ) && log.contains("set VALID by completed challenge"),
+        "{log}"
+    );
+    // Deleting the spec stops the client and closes the listeners.
+    let out = m.agents[0].ctl(&["gateway", "delete", "acme"]);
+    assert!(out.status.success());
 }

@@ -129,7 +129,12 @@ pub struct GatewayHost {
     problems: Mutex<HashMap<String, String>>,
     /// ACME's seam: HTTP-01 answers (token -> key authorization) every http listener gives
     /// at `/.well-known/acme-challenge/<token>`, before redirects and routes.
-    pub acme_challenges: Arc<std::sync::RwLock<HashMap<String, String>>>,
+    pub acme_challenges: acme::Challenges,
+    /// Where ACME clients keep their accounts and certificates (one folder per directory).
+    acme_cache: std::path::PathBuf,
+    /// The running ACME clients, by (directory, host name): each renews its certificate
+    /// until its listener leaves the specs.
+    acme_clients: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
     /// ACME's seam: certificates issued at runtime, by host name; every https listener serves
     /// them (also listeners started later).
     issued: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
@@ -142,6 +147,7 @@ impl GatewayHost {
         tap: Arc<TapHub>,
         metrics: &crate::metrics::Metrics,
         serve: Serve,
+        acme_cache: std::path::PathBuf,
     ) -> GatewayHost {
         GatewayHost {
             store,
@@ -156,7 +162,9 @@ impl GatewayHost {
             serve,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
-            acme_challenges: Arc::default(),
+            acme_challenges: acme::Challenges::default(),
+            acme_cache,
+            acme_clients: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
         }
     }
@@ -194,6 +202,14 @@ impl GatewayHost {
             .values()
         {
             rt.stop();
+        }
+        for task in self
+            .acme_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            task.abort();
         }
     }
 
@@ -331,6 +347,61 @@ impl GatewayHost {
         }
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = keep;
         *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+        self.reconcile_acme(specs);
+    }
+
+    /// One ACME client per (directory, host name) an https listener of a served spec asks
+    /// for; clients no spec asks for any more stop.
+    fn reconcile_acme(self: &Arc<Self>, specs: &BTreeMap<String, (GatewaySpec, String)>) {
+        let mut wanted = HashMap::new();
+        for (name, (spec, _)) in specs.iter().filter(|(n, _)| self.serve.serves(n)) {
+            for l in &spec.listeners {
+                if let (Some(a), Some(host)) = (&l.acme, &l.hostname) {
+                    let key = (a.directory.clone(), host.to_ascii_lowercase());
+                    wanted.entry(key).or_insert((name.clone(), a.clone()));
+                }
+            }
+        }
+        let mut clients = self.acme_clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients.retain(|key, task| {
+            let keep = wanted.contains_key(key);
+            if !keep {
+                tracing::info!(directory = %key.0, host = %key.1, "ACME certificate no longer asked for; its client stops");
+                task.abort();
+            }
+            keep
+        });
+        for (key, (gateway, a)) in wanted {
+            if clients.contains_key(&key) {
+                continue;
+            }
+            let (directory, host) = key.clone();
+            // One cache folder per directory: an account belongs to one CA.
+            let folder: String = directory
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let client = acme::AcmeClient::new(
+                acme::AcmeConfig {
+                    directory_url: directory.clone(),
+                    directory_root: a.directory_ca.as_ref().map(Into::into),
+                    contact: a.contact.clone(),
+                    cache_dir: self.acme_cache.join(folder),
+                },
+                self.acme_challenges.clone(),
+            );
+            let host_arc = Arc::clone(self);
+            tracing::info!(%gateway, %directory, %host, "ACME: obtaining a certificate");
+            let task = tokio::spawn(async move {
+                client
+                    .run(vec![host], |name, key| {
+                        tracing::info!(host = %name, "ACME: certificate installed");
+                        host_arc.install_certificate(name, key)
+                    })
+                    .await
+            });
+            clients.insert(key, task.abort_handle());
+        }
     }
 
     /// `describe`/`list`: the spec and, on a host that serves it, its listeners' state.

@@ -110,12 +110,7 @@ impl GatewayHost {
         // before anything else, redirects included.
         if config.spec.protocol == Protocol::Http
             && let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE_PATH)
-            && let Some(answer) = self
-                .acme_challenges
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(token)
-                .cloned()
+            && let Some(answer) = self.acme_challenges.get(token)
         {
             let mut resp = Response::new(full(answer));
             resp.headers_mut().insert(
