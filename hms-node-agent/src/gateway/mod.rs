@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hms_ctl::api::{GatewayInfo, GatewayListenerState};
-use hms_ctl::gateway::{BLOB_PREFIX, GatewaySpec, Protocol};
+use hms_ctl::gateway::{AcmeSpec, BLOB_PREFIX, GatewaySpec, Protocol};
 
 use crate::drain::Drain;
 use crate::proxy::http::HttpProxy;
@@ -134,7 +134,7 @@ pub struct GatewayHost {
     acme_cache: std::path::PathBuf,
     /// The running ACME clients, by (directory, host name): each renews its certificate
     /// until its listener leaves the specs.
-    acme_clients: Mutex<HashMap<(String, String), tokio::task::AbortHandle>>,
+    acme_clients: Mutex<HashMap<(String, String), (tokio::task::AbortHandle, AcmeSpec)>>,
     /// ACME's seam: certificates issued at runtime, by host name; every https listener serves
     /// them (also listeners started later).
     issued: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
@@ -209,7 +209,7 @@ impl GatewayHost {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            task.abort();
+            task.0.abort();
         }
     }
 
@@ -363,10 +363,11 @@ impl GatewayHost {
             }
         }
         let mut clients = self.acme_clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients.retain(|key, task| {
-            let keep = wanted.contains_key(key);
+        // A client whose settings changed (contact, the directory's root) starts again.
+        clients.retain(|key, (task, running)| {
+            let keep = wanted.get(key).is_some_and(|(_, a)| a == running);
             if !keep {
-                tracing::info!(directory = %key.0, host = %key.1, "ACME certificate no longer asked for; its client stops");
+                tracing::info!(directory = %key.0, host = %key.1, "ACME certificate no longer asked for as it was; its client stops");
                 task.abort();
             }
             keep
@@ -400,7 +401,7 @@ impl GatewayHost {
                     })
                     .await
             });
-            clients.insert(key, task.abort_handle());
+            clients.insert(key, (task.abort_handle(), a));
         }
     }
 
