@@ -60,6 +60,25 @@ fn pebble_files(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// pebble in `ns` with its resolver (answering 127.0.0.1 for every name), logging to
+/// `dir/pebble.log`: validation on, nonce rejections at pebble's default, no sleep before
+/// validating.
+fn start_pebble(ns: &str, dir: &std::path::Path) -> (TestResolver, std::process::Child) {
+    let config = pebble_files(dir);
+    let resolver = TestResolver::start_in_netns(ns, RESOLVER, Ipv4Addr::LOCALHOST).unwrap();
+    let pebble = tools::in_netns(ns, "pebble")
+        .args(["-config", config.to_str().unwrap()])
+        .args(["-dnsserver", &format!("{RESOLVER}:53")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env_remove("PEBBLE_VA_ALWAYS_VALID")
+        .env_remove("PEBBLE_WFE_NONCEREJECT")
+        .stdout(std::fs::File::create(dir.join("pebble.log")).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting pebble (cargo xtask setup installs it)");
+    (resolver, pebble)
+}
+
 /// Serves `challenges` over HTTP/1.1 on `listener` (what the gateway's plain-HTTP listener
 /// is to do): the key authorization for a pending token, 404 for anything else.
 async fn serve_challenges(listener: tokio::net::TcpListener, challenges: Challenges) {
@@ -121,19 +140,7 @@ fn a_certificate_is_issued_over_http01_against_pebble_cached_and_renewed_before_
         .prefix("hms-acme-")
         .tempdir()
         .unwrap();
-    let config = pebble_files(dir.path());
-    let _resolver = TestResolver::start_in_netns(&ns, RESOLVER, Ipv4Addr::LOCALHOST).unwrap();
-    // Validation on; nonce rejections at pebble's default; no sleep before validating.
-    let mut pebble = tools::in_netns(&ns, "pebble")
-        .args(["-config", config.to_str().unwrap()])
-        .args(["-dnsserver", &format!("{RESOLVER}:53")])
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env_remove("PEBBLE_VA_ALWAYS_VALID")
-        .env_remove("PEBBLE_WFE_NONCEREJECT")
-        .stdout(std::fs::File::create(dir.path().join("pebble.log")).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting pebble (cargo xtask setup installs it)");
+    let (_resolver, mut pebble) = start_pebble(&ns, dir.path());
     let cache = dir.path().join("acme-cache");
     let acme_config = AcmeConfig {
         directory_url: "https://127.0.0.1:14000/dir".into(),
@@ -267,18 +274,7 @@ fn a_gateway_listener_with_acme_gets_its_certificate_from_pebble_and_renews_it()
         .prefix("hms-acme-gw-")
         .tempdir()
         .unwrap();
-    let config = pebble_files(dir.path());
-    let _resolver = TestResolver::start_in_netns(&ns, RESOLVER, Ipv4Addr::LOCALHOST).unwrap();
-    let mut pebble = tools::in_netns(&ns, "pebble")
-        .args(["-config", config.to_str().unwrap()])
-        .args(["-dnsserver", &format!("{RESOLVER}:53")])
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env_remove("PEBBLE_VA_ALWAYS_VALID")
-        .env_remove("PEBBLE_WFE_NONCEREJECT")
-        .stdout(std::fs::File::create(dir.path().join("pebble.log")).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting pebble (cargo xtask setup installs it)");
+    let (_resolver, mut pebble) = start_pebble(&ns, dir.path());
     // pebble validates HTTP-01 on port 5002 (its `httpPort`): the gateway's http listener.
     let https_port = vm_tests::ports::free_port();
     let file = dir.path().join("gateway.yaml");
