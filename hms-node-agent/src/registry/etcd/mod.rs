@@ -3,12 +3,15 @@
 //! data path wait: readers get the last published [`Snapshot`], also while etcd is down.
 //!
 //! - **Reading**: one list of the prefix, then one watch from the revision after it. Every
-//!   watch response updates the view and publishes a new snapshot. A broken watch is resumed
+//!   watch response updates the view in place (only the entries its events are about) and
+//!   publishes a clone of it that shares everything unchanged (`view.rs`). A broken watch is resumed
 //!   from the last applied revision with backoff (so no change is missed); if that revision
 //!   was compacted meanwhile, the prefix is listed again.
 //! - **Writing**: global records (spec + VIP) are changed in transactions that compare the
 //!   record's revision, retrying on conflict; a new service claims `vips/<ip>` in the same
-//!   transaction (create only if absent), so two hosts can never take one VIP.
+//!   transaction (create only if absent), so two hosts can never take one VIP: its name's
+//!   hash slot first, the next slots when etcd says a slot is taken (`operator.rs`), never a
+//!   read of every claim unless the range is crowded.
 //! - **Liveness**: this host's instances and node record carry its lease (default 10 s,
 //!   renewed every third of it). A dead host stops renewing and etcd deletes its keys. A
 //!   lease that expired while etcd was unreachable is replaced and the keys written again.
@@ -435,7 +438,10 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Exponential backoff: 100 ms doubling up to the configured maximum.
+/// Exponential backoff: 100 ms doubling up to the configured maximum, each wait drawn at
+/// random from its upper half ("equal jitter"): after an etcd outage every host's watch and
+/// lease retry, and hosts whose revision was compacted re-list the whole prefix; without
+/// jitter 500 hosts would do it in the same instant, every round.
 struct Backoff {
     next: Duration,
     max: Duration,
@@ -456,8 +462,15 @@ impl Backoff {
     }
 
     async fn wait(&mut self) {
-        tokio::time::sleep(self.next.min(self.max)).await;
+        tokio::time::sleep(self.jittered()).await;
         self.next = (self.next * 2).min(self.max);
+    }
+
+    /// This round's wait: between half the nominal wait and all of it.
+    fn jittered(&self) -> Duration {
+        let nominal = self.next.min(self.max);
+        let half = nominal / 2;
+        half + half.mul_f64(rand::random::<f64>())
     }
 }
 
@@ -1155,5 +1168,24 @@ fn refresh_node(value: &[u8]) -> Vec<u8> {
             serde_json::to_vec(&n).unwrap_or_else(|_| value.to_vec())
         }
         Err(_) => value.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_waits_are_jittered_within_their_upper_half() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        b.next = Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..64).map(|_| b.jittered()).collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(1))
+        );
+        // 64 draws from a continuous range are not all the same instant.
+        assert!(waits.iter().any(|w| *w != waits[0]));
     }
 }
