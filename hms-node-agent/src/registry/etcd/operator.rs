@@ -163,7 +163,7 @@ impl Shared {
                 vip,
             })?;
             let mut ops = vec![TxnOp::put(pkey.clone(), record, None)];
-            let mut txn = Txn::new();
+            let mut on_refusal = Vec::new();
             if let Some((claim, ours)) = &claim {
                 // Create-only: two hosts can never take one VIP. A claim already in this
                 // name (left by an earlier placement) is taken over as it is.
@@ -174,9 +174,10 @@ impl Shared {
                 });
                 ops.push(TxnOp::put(claim.clone(), service, None));
                 // On failure, say who holds the slot, so the probe moves on without a read.
-                txn = txn.or_else([TxnOp::get(claim.clone(), None)]);
+                on_refusal.push(TxnOp::get(claim.clone(), None));
             }
-            let txn = txn.when(when).and_then(ops);
+            // etcd_client's builder wants when, and_then, or_else in this order.
+            let txn = Txn::new().when(when).and_then(ops).or_else(on_refusal);
             let resp = within_retrying_auth_race(self.timeout(), || {
                 let (mut kv, txn) = (self.client.kv_client(), txn.clone());
                 async move { kv.txn(txn).await }
