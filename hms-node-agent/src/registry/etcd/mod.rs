@@ -50,6 +50,9 @@ use view::{InstanceRecord, ServiceRecord, View};
 const MAX_TXN_ATTEMPTS: usize = 64;
 /// etcd's default limit on operations in one transaction is 128.
 const MAX_TXN_OPS: usize = 100;
+/// Keys per page when listing: a page of records stays far below the gRPC client's 4 MiB
+/// answer limit (a service record is a few hundred bytes of JSON).
+const LIST_PAGE: i64 = 1000;
 
 /// How to reach etcd and how this host appears in it.
 #[derive(Debug, Clone)]
@@ -532,18 +535,54 @@ impl Shared {
         self.applied.send_replace(view.revision);
     }
 
+    /// Every key under `prefix` as of one revision, read a page at a time (a whole
+    /// 10,000-service registry is over the 4 MiB the gRPC client accepts in one answer);
+    /// the keys in order and that revision. A page whose revision was compacted meanwhile
+    /// fails the list (the caller lists again).
+    async fn list(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> anyhow::Result<(Vec<etcd_client::KeyValue>, i64)> {
+        let end = keys::prefix_end(prefix.as_bytes());
+        let mut kv = self.client.kv_client();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
+            let mut resp = within(self.timeout(), kv.get(from.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let more = resp.more();
+            let page = resp.take_kvs();
+            let Some(last) = page.last() else { break };
+            // The next page starts right after this page's last key.
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(page);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, revision))
+    }
+
     /// Replaces the view with a fresh list of the prefix; returns its revision.
     async fn relist(&self) -> anyhow::Result<i64> {
-        let mut kv = self.client.kv_client();
-        let resp = within(
-            self.timeout(),
-            kv.get(self.prefix(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let (kvs, revision) = self.list(self.prefix(), false).await?;
         let mut view = self.lock_view();
         view.clear();
-        for kv in resp.kvs() {
+        for kv in &kvs {
             view.put(kv.key(), kv.value());
         }
         view.revision = revision;
@@ -812,15 +851,9 @@ impl Shared {
     /// still deployed, its node record): they move to the new lease instead of expiring with
     /// the old one.
     async fn adopt_own_keys(&self) -> anyhow::Result<()> {
-        let resp = within(
-            self.timeout(),
-            self.client
-                .kv_client()
-                .get(self.prefix(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let (kvs, _) = self.list(self.prefix(), false).await?;
         let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        for kv in resp.kvs() {
+        for kv in &kvs {
             let mine = match Key::parse(self.prefix(), kv.key()) {
                 Some(Key::Instances { node, .. }) | Some(Key::Node(node)) => node == self.opts.node,
                 _ => false,
@@ -879,16 +912,8 @@ impl Shared {
 
     async fn taken_vips(&self) -> anyhow::Result<HashSet<Ipv4Addr>> {
         let prefix = keys::vips_prefix(self.prefix());
-        let resp = within(
-            self.timeout(),
-            self.client.kv_client().get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await?;
-        Ok(resp
-            .kvs()
+        let (kvs, _) = self.list(&prefix, true).await?;
+        Ok(kvs
             .iter()
             .filter_map(|kv| match Key::parse(self.prefix(), kv.key()) {
                 Some(Key::Vip(ip)) => Some(ip),
