@@ -157,6 +157,9 @@ type Name = Arc<str>;
 pub struct Snapshot {
     services: imbl::OrdMap<Name, Arc<ServiceInfo>>,
     by_vip: imbl::HashMap<Ipv4Addr, Name>,
+    /// The external services (`external:`), so a reader that wants only them (the kernel's
+    /// declared-address set, on every change) does not walk every service.
+    externals: imbl::OrdSet<Name>,
     nodes: imbl::OrdMap<String, NodeInfo>,
     /// Shared between snapshots: a service change does not copy the blobs.
     blobs: Arc<Blobs>,
@@ -218,6 +221,11 @@ impl Snapshot {
     pub(crate) fn set_service(&mut self, info: ServiceInfo) {
         let name = Name::from(info.spec.name.as_str());
         let vip = info.vip;
+        if info.spec.is_external() {
+            self.externals.insert(name.clone());
+        } else {
+            self.externals.remove(&name);
+        }
         if let Some(old) = self.services.insert(name.clone(), Arc::new(info))
             && old.vip != vip
         {
@@ -229,6 +237,7 @@ impl Snapshot {
     /// Removes a service; what it was.
     pub(crate) fn remove_service(&mut self, name: &str) -> Option<Arc<ServiceInfo>> {
         let old = self.services.remove(name)?;
+        self.externals.remove(name);
         self.unindex_vip(old.vip, name);
         Some(old)
     }
@@ -298,6 +307,11 @@ impl Snapshot {
     /// In name order.
     pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
         self.services.values().map(|s| &**s)
+    }
+
+    /// The services with `external:`, in name order.
+    pub fn external_services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.externals.iter().filter_map(|n| self.service(n))
     }
 
     pub fn len(&self) -> usize {
@@ -379,5 +393,38 @@ mod tests {
         for bad in ["", "/ca", "ca/", "ca//x", "../x", "ca/../x", "a b", "ä"] {
             assert!(validate_blob_key(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn external_services_are_indexed_as_they_come_and_go() {
+        let svc = |yaml: &str, vip: [u8; 4]| ServiceInfo {
+            spec: parse_spec(yaml, "t").unwrap(),
+            vip: vip.into(),
+            instances: Vec::new(),
+        };
+        let mut snap = Snapshot::new([
+            svc("name: pay\nport: 7000\n", [127, 77, 0, 1]),
+            svc(
+                "name: bank\nexternal: https://bank.example:443\n",
+                [127, 77, 0, 2],
+            ),
+        ]);
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.external_services().map(|x| x.spec.name.clone()).collect()
+        };
+        assert_eq!(names(&snap), ["bank"]);
+        let before = snap.clone();
+        // Redefined as an ordinary service, then removed: the index follows.
+        snap.set_service(svc("name: bank\nport: 7001\n", [127, 77, 0, 2]));
+        assert!(names(&snap).is_empty());
+        assert_eq!(names(&before), ["bank"]);
+        snap.set_service(svc(
+            "name: bank\nexternal: https://bank.example:443\n",
+            [127, 77, 0, 2],
+        ));
+        snap.remove_service("bank");
+        assert!(names(&snap).is_empty());
+        assert!(snap.by_vip([127, 77, 0, 2].into()).is_none());
+        assert_eq!(snap.by_vip([127, 77, 0, 1].into()).unwrap().spec.name, "pay");
     }
 }
