@@ -425,6 +425,9 @@ mod tests {
         snap.remove_service("bank");
         assert!(names(&snap).is_empty());
         assert!(snap.by_vip([127, 77, 0, 2].into()).is_none());
-        assert_eq!(snap.by_vip([127, 77, 0, 1].into()).unwrap().spec.name, "pay");
+        assert_eq!(
+            snap.by_vip([127, 77, 0, 1].into()).unwrap().spec.name,
+            "pay"
+        );
     }
 }
