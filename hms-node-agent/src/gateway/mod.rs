@@ -143,6 +143,9 @@ pub struct GatewayHost {
     /// The door's counters (refusals, admissions, JWKS loads), shared by every route.
     pub door_metrics: Arc<door::metrics::DoorMetrics>,
     pub serve: Serve,
+    /// Every listener's connections together (`limits`): at the cap the oldest idle one is
+    /// shed, and one client address holds at most half.
+    pub cap: Arc<crate::limits::ConnCap>,
     /// Running listeners by bound address.
     running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
     /// Why a listener is not serving, by `<gateway>/<listener>`.
@@ -172,6 +175,7 @@ impl GatewayHost {
         metrics: &crate::metrics::Metrics,
         serve: Serve,
         acme_cache: std::path::PathBuf,
+        cap: Arc<crate::limits::ConnCap>,
     ) -> GatewayHost {
         GatewayHost {
             store,
@@ -184,6 +188,7 @@ impl GatewayHost {
                 m
             },
             serve,
+            cap,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
             acme_challenges: acme::Challenges::default(),
