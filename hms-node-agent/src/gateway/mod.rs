@@ -165,6 +165,9 @@ pub struct GatewayHost {
     failed: Mutex<(HashSet<SocketAddr>, Instant, Duration)>,
     /// Step 6: sockets the predecessor handed over, by address, until a listener takes one.
     inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// Each served spec's authenticators as last compiled: the next compile starts from
+    /// their per-client rate tables (`door::Authenticators::keep_tables_of`).
+    compiled: Mutex<HashMap<String, Arc<door::Authenticators>>>,
 }
 
 impl GatewayHost {
@@ -197,6 +200,7 @@ impl GatewayHost {
             issued: Mutex::new(HashMap::new()),
             failed: Mutex::new((HashSet::new(), Instant::now(), RETRY_FIRST)),
             inherited: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
         }
     }
 
@@ -337,6 +341,14 @@ impl GatewayHost {
                 &door::DoorOptions::default(),
             )
             .map(Arc::new);
+            if let Ok(a) = &authenticators {
+                let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(previous) = compiled.get(name) {
+                    let limited = spec.routes.iter().filter(|r| r.door.rate_limit.is_some());
+                    a.keep_tables_of(previous, limited.map(|r| r.name.as_str()));
+                }
+                compiled.insert(name.clone(), a.clone());
+            }
             for l in &spec.listeners {
                 let addr = SocketAddr::new(l.bind_ip(), l.port);
                 if wanted.contains_key(&addr) {
@@ -389,6 +401,10 @@ impl GatewayHost {
                 );
             }
         }
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| specs.contains_key(name) && self.serve.serves(name));
         (wanted, problems)
     }
 
