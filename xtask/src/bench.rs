@@ -1309,13 +1309,8 @@ fn sk_msg_comparison(report: &Value) -> Value {
     })
 }
 
-/// The direct baseline's rep-to-rep spread (max - min) of `key` at `rate` in this run: on a
+/// The rep-to-rep spread (max - min) of one number of `scenario`'s runs at `rate`: on a
 /// shared VM it reaches milliseconds at p99, so differences smaller than it are noise.
-fn direct_spread(report: &Value, rate: Option<u32>, key: &str) -> f64 {
-    spread_of(report, "direct", rate, |run| run["load"][key].as_f64())
-}
-
-/// The rep-to-rep spread (max - min) of one number of `scenario`'s runs at `rate`.
 fn spread_of(
     report: &Value,
     scenario: &str,
