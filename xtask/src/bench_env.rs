@@ -296,6 +296,8 @@ pub struct Agent {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub pid: u32,
+    /// Its `/metrics` listener (inside its namespace, if it has one).
+    pub metrics: SocketAddr,
     bins: Bins,
 }
 
@@ -336,6 +338,7 @@ impl Agent {
             netns: spec.netns,
             cgroup: spec.inside_cgroup.then_some(spec.cgroup),
         };
+        let metrics = addr(15090)?;
         let mut cmd = command(&place, &bins.agent)?;
         cmd.arg("run")
             .arg("--cgroup")
@@ -348,7 +351,7 @@ impl Agent {
             .arg(&pin_dir)
             .args(["--outbound", &addr(15001)?])
             .args(["--dns", &addr(15053)?])
-            .args(["--metrics", &addr(15090)?])
+            .args(["--metrics", &metrics])
             .args(&spec.extra)
             .env_remove("RUST_LOG");
         if !spec.extra.iter().any(|a| a == "--inbound") {
@@ -365,6 +368,7 @@ impl Agent {
             proc,
             socket,
             pin_dir,
+            metrics: metrics.parse().context("the agent's metrics address")?,
             bins: bins.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -439,7 +443,13 @@ impl Agent {
 
     /// How many of the last 1000 tap events of the bench service have `path`.
     pub fn tap_count(&self, path: &str) -> anyhow::Result<u64> {
-        let out = self.ctl(&["tap", SERVICE, "--last", "1000", "-o", "json"])?;
+        self.tap_count_of(SERVICE, path)
+    }
+
+    /// How many of the last 1000 tap events of `name` (a service, or the caller `gateway`)
+    /// have `path`.
+    pub fn tap_count_of(&self, name: &str, path: &str) -> anyhow::Result<u64> {
+        let out = self.ctl(&["tap", name, "--last", "1000", "-o", "json"])?;
         Ok(out
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -11,11 +11,20 @@
 //! the next scheduled time with the thread's timer slack set to 1 ns. Maximum throughput is
 //! closed-loop: each connection sends its next request as soon as the last answer is in.
 //! Percentiles are exact (every latency is kept and sorted).
+//!
+//! `https://` URLs (the gateway rows) go the same way over TLS 1.3 (rustls, ALPN
+//! `http/1.1`): each connection's handshake is done, blocking, before the timed part (and on a
+//! reconnect, which is counted), so the rows measure requests on established keep-alive TLS
+//! connections, as the plain rows do on TCP. `--ca` is the PEM the server's certificate must
+//! chain to; `--connect-to` dials that address instead of resolving the URL's host, which
+//! stays the SNI and `Host` (as curl's `--resolve`).
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -33,10 +42,16 @@ pub struct LoadArgs {
     pub rate: Option<u32>,
     pub duration: Duration,
     pub connections: usize,
+    /// For https: the CA certificate (PEM) to trust.
+    pub ca: Option<PathBuf>,
+    /// Dial this address instead of resolving the URL's host.
+    pub connect_to: Option<SocketAddr>,
 }
 
 struct Conn {
     stream: TcpStream,
+    /// The TLS session on `stream` for https URLs.
+    tls: Option<rustls::ClientConnection>,
     busy: bool,
     /// When the request in flight was scheduled (open-loop) or sent (closed-loop).
     since: u64,
@@ -53,25 +68,94 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// An `http://` URL: host, port, path.
 pub fn parse_url(url: &str) -> anyhow::Result<(String, u16, String)> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// URLs"))?;
+    match parse_target(url)? {
+        (false, host, port, path) => Ok((host, port, path)),
+        (true, ..) => bail!("{url}: only http:// URLs here"),
+    }
+}
+
+/// An `http://` or `https://` URL: whether TLS, host, port, path.
+fn parse_target(url: &str) -> anyhow::Result<(bool, String, u16, String)> {
+    let (tls, rest, default_port) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest, 443),
+        None => (
+            false,
+            url.strip_prefix("http://")
+                .with_context(|| format!("{url}: only http:// and https:// URLs"))?,
+            80,
+        ),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) => (h, p.parse().with_context(|| format!("port in {url}"))?),
-        None => (authority, 80),
+        None => (authority, default_port),
     };
-    Ok((host.to_owned(), port, path.to_owned()))
+    Ok((tls, host.to_owned(), port, path.to_owned()))
 }
 
-fn connect(addr: SocketAddr, epoll: i32, index: usize) -> anyhow::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+/// What a connection to the target needs: its address, and for https the client config and
+/// the server name (SNI, certificate check).
+struct Target {
+    addr: SocketAddr,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+}
+
+/// TLS 1.3 only (what the gateway serves), trusting only `ca`, offering HTTP/1.1 by ALPN.
+fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading the CA certificate {}", ca.display()))?
+    {
+        roots
+            .add(cert.with_context(|| format!("a certificate in {}", ca.display()))?)
+            .with_context(|| format!("trusting {}", ca.display()))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .context("TLS 1.3 with the ring provider")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A connected, non-blocking socket registered with `epoll`; for https with its handshake
+/// done (blocking, so it is never part of a measured request).
+fn connect(
+    target: &Target,
+    epoll: i32,
+    index: usize,
+) -> anyhow::Result<(TcpStream, Option<rustls::ClientConnection>)> {
+    let addr = target.addr;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
+    let tls = match &target.tls {
+        Some((config, name)) => {
+            let mut tls = rustls::ClientConnection::new(Arc::clone(config), name.clone())
+                .context("starting a TLS session")?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            while tls.is_handshaking() {
+                tls.complete_io(&mut stream)
+                    .with_context(|| format!("TLS handshake with {addr}"))?;
+            }
+            stream.set_read_timeout(None)?;
+            Some(tls)
+        }
+        None => None,
+    };
     stream.set_nonblocking(true)?;
     let mut ev = libc::epoll_event {
         events: libc::EPOLLIN as u32,
@@ -81,7 +165,75 @@ fn connect(addr: SocketAddr, epoll: i32, index: usize) -> anyhow::Result<TcpStre
     if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), &mut ev) } != 0 {
         bail!("epoll_ctl: {}", std::io::Error::last_os_error());
     }
-    Ok(stream)
+    Ok((stream, tls))
+}
+
+/// Sends `request` on an idle connection; false when the socket is broken (on an idle
+/// socket a request of ~100 bytes, or its one TLS record, always fits the send buffer).
+fn send(c: &mut Conn, request: &[u8]) -> bool {
+    match &mut c.tls {
+        None => matches!(c.stream.write(request), Ok(n) if n == request.len()),
+        Some(tls) => {
+            if tls.writer().write_all(request).is_err() {
+                return false;
+            }
+            flush(tls, &mut c.stream)
+        }
+    }
+}
+
+/// Writes out what the TLS session has queued; false on any error (a broken socket).
+fn flush(tls: &mut rustls::ClientConnection, stream: &mut TcpStream) -> bool {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Reads what arrived (decrypted for https) into `c.buf`; true when the connection broke
+/// or the server closed it.
+fn receive(c: &mut Conn, read_buf: &mut [u8]) -> bool {
+    let Some(tls) = &mut c.tls else {
+        loop {
+            match c.stream.read(read_buf) {
+                Ok(0) => return true,
+                Ok(n) => c.buf.extend_from_slice(&read_buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+    };
+    loop {
+        match tls.read_tls(&mut c.stream) {
+            Ok(0) => return true,
+            Ok(_) => {
+                if tls.process_new_packets().is_err() {
+                    return true;
+                }
+                loop {
+                    match tls.reader().read(read_buf) {
+                        // close_notify: the server ended the session.
+                        Ok(0) => return true,
+                        Ok(n) => c.buf.extend_from_slice(&read_buf[..n]),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(_) => return true,
+                    }
+                }
+                // A key update or alert the session owes the server.
+                if !flush(tls, &mut c.stream) {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Complete response in `buf`? Returns (status, total length).
@@ -114,12 +266,27 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
 fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
     // SAFETY: prctl with an integer argument.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-    let (host, port, path) = parse_url(&args.url)?;
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {host}"))?
-        .find(SocketAddr::is_ipv4)
-        .with_context(|| format!("{host} has no IPv4 address"))?;
+    let (https, host, port, path) = parse_target(&args.url)?;
+    let addr = match args.connect_to {
+        Some(a) => a,
+        None => (host.as_str(), port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {host}"))?
+            .find(SocketAddr::is_ipv4)
+            .with_context(|| format!("{host} has no IPv4 address"))?,
+    };
+    let tls = if https {
+        let ca = args
+            .ca
+            .as_deref()
+            .context("an https URL needs --ca (the PEM its certificate chains to)")?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("`{host}` is not a TLS server name"))?;
+        Some((tls_config(ca)?, name))
+    } else {
+        None
+    };
+    let target = Target { addr, tls };
     let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nuser-agent: hms-bench\r\n\r\n")
         .into_bytes();
 
@@ -159,13 +326,24 @@ fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
 
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
+        let (stream, tls) = connect(&target, epoll, i)?;
         conns.push(Conn {
-            stream: connect(addr, epoll, i)?,
+            stream,
+            tls,
             busy: false,
             since: 0,
             buf: Vec::with_capacity(4096),
         });
     }
+    // What was negotiated, so the TLS rows can show they were measured the same way.
+    let tls_info = conns.first().and_then(|c| c.tls.as_ref()).map(|t| {
+        serde_json::json!({
+            "version": t.protocol_version().map(|v| format!("{v:?}")),
+            "cipher_suite": t.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())),
+            "key_exchange": t.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+            "alpn": t.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+        })
+    });
     let mut idle: VecDeque<usize> = (0..conns.len()).collect();
     let mut pending: VecDeque<u64> = VecDeque::new();
     let mut latencies: Vec<u64> = Vec::with_capacity(1 << 16);
@@ -199,19 +377,15 @@ fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
             };
             idle.pop_front();
             let c = &mut conns[i];
-            match c.stream.write(&request) {
-                Ok(n) if n == request.len() => {
-                    c.busy = true;
-                    c.since = since;
-                }
-                _ => {
-                    // A short write of ~80 bytes on an idle socket means it is broken.
-                    errors += 1;
-                    c.stream = connect(addr, epoll, i)?;
-                    c.buf.clear();
-                    reconnects += 1;
-                    idle.push_back(i);
-                }
+            if send(c, &request) {
+                c.busy = true;
+                c.since = since;
+            } else {
+                errors += 1;
+                (c.stream, c.tls) = connect(&target, epoll, i)?;
+                c.buf.clear();
+                reconnects += 1;
+                idle.push_back(i);
             }
         }
         let busy = conns.iter().filter(|c| c.busy).count();
@@ -250,23 +424,8 @@ fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                 continue;
             }
             let i = key as usize;
-            let mut broken = false;
-            loop {
-                match conns[i].stream.read(&mut read_buf) {
-                    Ok(0) => {
-                        broken = true;
-                        break;
-                    }
-                    Ok(n) => conns[i].buf.extend_from_slice(&read_buf[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                }
-            }
             let c = &mut conns[i];
+            let broken = receive(c, &mut read_buf);
             if c.busy
                 && let Some((status, total)) = complete(&c.buf)?
             {
@@ -288,7 +447,7 @@ fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
                 }
                 c.busy = false;
                 c.buf.clear();
-                c.stream = connect(addr, epoll, i)?;
+                (c.stream, c.tls) = connect(&target, epoll, i)?;
                 reconnects += 1;
                 idle.push_back(i);
             }
@@ -321,6 +480,7 @@ fn generate(args: &LoadArgs) -> anyhow::Result<serde_json::Value> {
         "p99_us": pct(0.99),
         "p999_us": pct(0.999),
         "max_us": pct(1.0),
+        "tls": tls_info,
     }))
 }
 
@@ -339,6 +499,12 @@ mod tests {
             ("127.0.0.1".into(), 7000, "/".into())
         );
         assert!(parse_url("https://x").is_err());
+        assert_eq!(
+            parse_target("https://bench-gw.test:8443/bench/x").unwrap(),
+            (true, "bench-gw.test".into(), 8443, "/bench/x".into())
+        );
+        assert_eq!(parse_target("https://x").unwrap().2, 443);
+        assert!(parse_target("ftp://x").is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_backend;
 mod bench_env;
+mod bench_gateway;
 mod bench_load;
 mod bench_scale;
 mod bench_scale_conns;
@@ -182,6 +183,12 @@ enum Command {
         duration: Duration,
         #[arg(long, default_value_t = bench::CONNECTIONS)]
         connections: usize,
+        /// For https URLs: the CA certificate (PEM) the server's must chain to.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Dial this address instead of resolving the URL's host (SNI and Host stay the URL's).
+        #[arg(long)]
+        connect_to: Option<SocketAddr>,
     },
 }
 
@@ -269,6 +276,8 @@ fn main() -> ExitCode {
             rate,
             duration,
             connections,
+            ca,
+            connect_to,
         } => match rate.as_str() {
             "max" => Ok(None),
             r => r
@@ -282,6 +291,8 @@ fn main() -> ExitCode {
                 rate,
                 duration,
                 connections,
+                ca,
+                connect_to,
             })
         }),
     };
