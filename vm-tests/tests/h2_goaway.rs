@@ -8,6 +8,7 @@
 //! not a race. The client is real h2load inside the agent's cgroup, through the real
 //! kernel redirect and a real agent process.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::process::Stdio;
@@ -43,8 +44,9 @@ struct Counts {
 }
 
 /// An h2c instance. Its first connection waits until `gather` requests have fully arrived,
-/// then sends GOAWAY (NO_ERROR) naming the `keep`-th of them as the last stream, answers
-/// the first `keep`, and closes; every later connection answers each request at once.
+/// then sends GOAWAY (NO_ERROR) naming the `keep`-th stream opened as the last one,
+/// answers the `keep` streams up to it (any still arriving once they have) and closes;
+/// every later connection answers each request at once.
 struct RefusingH2 {
     addr: SocketAddrV4,
     counts: Arc<Counts>,
@@ -120,8 +122,9 @@ fn write_frame(s: &mut TcpStream, kind: u8, flags: u8, id: u32, payload: &[u8]) 
 }
 
 fn answer(s: &mut TcpStream, id: u32, counts: &Counts) {
-    write_frame(s, HEADERS, END_HEADERS | END_STREAM, id, STATUS_200);
+    // Counted first: once the client has every answer, the count is complete.
     counts.answered.fetch_add(1, Ordering::AcqRel);
+    write_frame(s, HEADERS, END_HEADERS | END_STREAM, id, STATUS_200);
 }
 
 /// One connection: the preface, settings, then every request (HEADERS and any DATA up to
@@ -135,13 +138,20 @@ fn serve(mut s: TcpStream, counts: &Counts, refuse: Option<(usize, usize)>) -> s
         "an h2c client"
     );
     write_frame(&mut s, SETTINGS, 0, 0, &[]);
-    let mut arrived: Vec<u32> = Vec::new();
+    // Streams whose HEADERS came, whose request fully arrived, and the GOAWAY's last id.
+    let mut opened: BTreeSet<u32> = BTreeSet::new();
+    let mut arrived: BTreeSet<u32> = BTreeSet::new();
+    let mut last: Option<u32> = None;
+    let mut answered: BTreeSet<u32> = BTreeSet::new();
     loop {
         let (kind, flags, id, payload) = read_frame(&mut s)?;
         match kind {
             SETTINGS if flags & ACK == 0 => write_frame(&mut s, SETTINGS, ACK, 0, &[]),
             PING if flags & ACK == 0 => write_frame(&mut s, PING, ACK, 0, &payload),
             GOAWAY => return Ok(()),
+            HEADERS => {
+                opened.insert(id);
+            }
             DATA if !payload.is_empty() => {
                 // Gives the connection's flow-control window back (streams are small).
                 let n = (payload.len() as u32).to_be_bytes();
@@ -156,21 +166,40 @@ fn serve(mut s: TcpStream, counts: &Counts, refuse: Option<(usize, usize)>) -> s
             answer(&mut s, id, counts);
             continue;
         };
-        arrived.push(id);
-        if arrived.len() < gather {
+        match last {
+            // A request at or below the last stream id that finished arriving after the
+            // GOAWAY: the GOAWAY promised to process it.
+            Some(l) if id <= l => {
+                answer(&mut s, id, counts);
+                answered.insert(id);
+            }
+            // Above it: ignored, as RFC 9113 §6.8 has it (the client knows it is refused).
+            Some(_) => {}
+            None => {
+                arrived.insert(id);
+                if arrived.len() < gather {
+                    continue;
+                }
+                // All of these are in the server's hands; the GOAWAY refuses all streams
+                // above the `keep`-th one opened (requests still arriving below it are
+                // answered when they have).
+                let l = *opened.iter().nth(keep - 1).expect("keep <= gather");
+                let mut goaway = l.to_be_bytes().to_vec();
+                goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                write_frame(&mut s, GOAWAY, 0, 0, &goaway);
+                for &id in arrived.range(..=l) {
+                    answer(&mut s, id, counts);
+                    answered.insert(id);
+                }
+                let refused = arrived.range(l + 1..).count() as u64;
+                counts.refused.fetch_add(refused, Ordering::AcqRel);
+                last = Some(l);
+            }
+        }
+        let Some(l) = last else { continue };
+        if opened.range(..=l).any(|id| !answered.contains(id)) {
             continue;
         }
-        // Every one of these is in the server's hands; the GOAWAY refuses all but `keep`.
-        let last = arrived[keep - 1];
-        let mut goaway = last.to_be_bytes().to_vec();
-        goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
-        write_frame(&mut s, GOAWAY, 0, 0, &goaway);
-        for &id in arrived.iter().filter(|&&id| id <= last) {
-            answer(&mut s, id, counts);
-        }
-        counts
-            .refused
-            .fetch_add((arrived.len() - keep) as u64, Ordering::AcqRel);
         // Closes the way nginx does: our side first, then whatever the client still sends
         // is read until it closes too, so no reset destroys the answers in flight.
         s.shutdown(Shutdown::Write)?;
@@ -210,6 +239,9 @@ fn posts_above_a_goaways_last_stream_id_are_sent_again_on_a_new_connection() {
         .expect("h2load finished");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let log = agent.log();
+    // The log without the lines of requests that went well.
+    let notable: Vec<&str> = log.lines().filter(|l| !l.contains("status=200")).collect();
+    let notable = tail(&notable.join("\n"), 60);
     let status = agent.ctl_json(&["status"]).expect("status");
     let sent_again = status["http"]["unprocessed"].as_u64().unwrap_or(0);
     eprintln!(
@@ -223,13 +255,12 @@ fn posts_above_a_goaways_last_stream_id_are_sent_again_on_a_new_connection() {
     assert_eq!(
         (done, ok),
         (Some(64), Some(64)),
-        "every POST answered 200\n{stdout}\n{}",
-        tail(&log, 40)
+        "every POST answered 200\n{stdout}\n{notable}"
     );
-    assert_eq!(
-        instance.refused(),
-        6,
-        "the GOAWAY refused 6 requests it had"
+    assert!(
+        instance.refused() >= 6,
+        "the GOAWAY refused at least 6 requests it had: {}",
+        instance.refused()
     );
     // The refused ones were processed once, on the new connection; none twice.
     assert_eq!(instance.answered(), 64, "each POST processed exactly once");
