@@ -10,11 +10,21 @@
 //! The routes and certificates a listener uses can change while it runs (`hms-ctl gateway
 //! apply`, a renewed certificate file): new requests see the new routes; open connections
 //! are not dropped.
+//!
+//! An upgrade hands the listening sockets to the successor (`handover`, names from
+//! [`super::HANDOVER_PREFIX`]): both agents accept on them until the old one drains, and
+//! while it drains its HTTP/1.1 responses say `Connection: close` (as the node proxy's do)
+//! and its HTTP/2 connections get GOAWAY, so clients move to the successor without an error.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use anyhow::Context;
+use http_body_util::BodyExt;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +40,7 @@ use super::routes::RouteTable;
 use super::{GatewayHost, door};
 use crate::drain::Drain;
 use crate::proxy::http::MAX_HEADER_BYTES;
+use crate::proxy::http::body::ObservedBody;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +69,9 @@ pub struct ListenerRuntime {
     /// https: rebuilt with the config (the client verifier follows the routes).
     tls: RwLock<Option<TlsAcceptor>>,
     stop: watch::Sender<bool>,
+    /// A duplicate of the listening socket for an upgrade's successor (`handover`); gone
+    /// once the listener stops, so a stopped listener is never handed on.
+    handover: Mutex<Option<OwnedFd>>,
 }
 
 impl ListenerRuntime {
@@ -87,7 +101,17 @@ impl ListenerRuntime {
 
     /// Stops accepting; open connections finish on their own.
     pub fn stop(&self) {
+        self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let _ = self.stop.send(true);
+    }
+
+    /// Another fd of the listening socket, for an upgrade's successor; `None` once stopped.
+    pub fn duplicate(&self) -> Option<OwnedFd> {
+        let fd = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        fd.as_ref().and_then(|f| f.try_clone().ok())
     }
 }
 
@@ -145,15 +169,19 @@ pub async fn start(
         )?))),
         None => None,
     };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    // An upgrade's predecessor handed this address's socket over: accept on it (both
+    // agents do until the old one drains), so no connection is refused in between.
+    let (listener, origin) = match host.take_inherited(addr) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            (TcpListener::from_std(l)?, "hand-over")
+        }
+        None => (bind(addr)?, "bound"),
     };
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot bind gateway listener {addr}: {e}"))?;
-    let listener = socket.listen(1024)?;
+    let handover = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the gateway listener's socket for a later hand-over")?;
     let (stop, stopped) = watch::channel(false);
     let rt = Arc::new(ListenerRuntime {
         addr,
@@ -163,10 +191,23 @@ pub async fn start(
         certs,
         tls: RwLock::new(acceptor),
         stop,
+        handover: Mutex::new(Some(handover)),
     });
-    tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, "gateway listener serving");
+    tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, origin, "gateway listener serving");
     tokio::spawn(accept_loop(host, rt.clone(), listener, stopped, drain));
     Ok(rt)
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind gateway listener {addr}: {e}"))?;
+    Ok(socket.listen(1024)?)
 }
 
 async fn accept_loop(
@@ -191,13 +232,28 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(mut slot) = host.cap.admit() else {
+            // Every connection is busy: this one is closed at once (counted by the cap).
+            tracing::warn!(%peer, addr = %rt.addr, "gateway connection cap ({}) reached with none idle; closing", host.cap.max());
+            continue;
+        };
+        if !slot.claim_client_share(peer.ip()) {
+            tracing::info!(%peer, addr = %rt.addr, "gateway client holds its share ({}) of the connection cap; closing", host.cap.user_share());
+            continue;
+        }
         let host = host.clone();
         let rt = rt.clone();
         let acceptor = rt.acceptor();
         let drain = drain.clone();
         tokio::spawn(async move {
             let _guard = drain.guard();
-            serve_connection(host, rt, stream, peer, acceptor, drain).await;
+            let idle = slot.idle_flag();
+            tokio::select! {
+                _ = serve_connection(host, rt, stream, peer, acceptor, drain, idle) => {}
+                // Shed to admit a newer connection (a handshake not finished, a kept-alive
+                // connection between requests): dropping the work closes this one.
+                _ = slot.shed() => tracing::debug!(%peer, "idle gateway connection shed at the cap"),
+            }
         });
     }
     tracing::info!(addr = %rt.addr, "gateway listener closed");
@@ -210,6 +266,7 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: Option<TlsAcceptor>,
     drain: Drain,
+    idle: crate::limits::IdleFlag,
 ) {
     let _ = stream.set_nodelay(true);
     let labels = |reason: &str| {
@@ -228,7 +285,7 @@ async fn serve_connection(
                 sni: None,
                 client_chain: Vec::new(),
             };
-            serve_http(host, rt, TokioIo::new(stream), info, false, drain).await
+            serve_http(host, rt, TokioIo::new(stream), info, false, drain, idle).await
         }
         Some(acceptor) => {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -262,7 +319,27 @@ async fn serve_connection(
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                     .unwrap_or_default(),
             };
-            serve_http(host, rt, TokioIo::new(tls), info, h2, drain).await
+            serve_http(host, rt, TokioIo::new(tls), info, h2, drain, idle).await
+        }
+    }
+}
+
+/// A connection's requests whose response body has not been sent yet; none: idle.
+struct Busy {
+    in_flight: AtomicUsize,
+    idle: crate::limits::IdleFlag,
+}
+
+impl Busy {
+    fn started(&self) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.idle.set(false);
+        }
+    }
+
+    fn ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.set(true);
         }
     }
 }
@@ -285,11 +362,18 @@ async fn serve_http<I>(
     info: ConnInfo,
     h2: bool,
     drain: Drain,
+    idle: crate::limits::IdleFlag,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
     let peer = info.client;
+    // Idle for the cap while no response body is unsent (between requests, or before the
+    // first); the TLS handshake before this counted as idle too.
+    let busy = Arc::new(Busy {
+        in_flight: AtomicUsize::new(0),
+        idle,
+    });
     let service = {
         let host = host.clone();
         let rt = rt.clone();
@@ -299,7 +383,26 @@ async fn serve_http<I>(
             let rt = rt.clone();
             let info = info.clone();
             let drain = drain.clone();
-            async move { Ok::<_, Infallible>(host.handle(req, &rt, &info, drain).await) }
+            let busy = busy.clone();
+            busy.started();
+            async move {
+                let resp = host.handle(req, &rt, &info, drain.clone()).await;
+                let ended = busy.clone();
+                let mut resp = resp.map(|b| ObservedBody::new(b, move |_| ended.ended()).boxed());
+                if drain.is_signaled()
+                    && !h2
+                    && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    // Draining (stop, upgrade): the connection's last response; the client's
+                    // next request opens a connection to the successor. Never a close under
+                    // a request that may be on its way (hyper's graceful_shutdown would).
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     let result = if h2 {
