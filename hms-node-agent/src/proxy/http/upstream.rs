@@ -857,3 +857,39 @@ impl Drop for PooledBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_its_ended_connection_never_answered_fails_after_the_grace() {
+        let (alive, ended) = tokio::sync::watch::channel(());
+        drop(alive);
+        let started = tokio::time::Instant::now();
+        let got = await_h2(&tracing::Span::none(), std::future::pending::<()>(), ended).await;
+        assert!(got.is_none(), "failed, not left waiting");
+        assert!(started.elapsed() >= H2_ORPHAN_GRACE, "only after the grace");
+    }
+
+    #[tokio::test]
+    async fn an_answer_coming_as_the_connection_ends_is_taken() {
+        let (alive, ended) = tokio::sync::watch::channel(());
+        let mut seen = ended.clone();
+        // Answered only once the connection has ended (as h2 fails its streams then).
+        let sent = async move {
+            let _ = seen.changed().await;
+            "answer"
+        };
+        drop(alive);
+        let got = await_h2(&tracing::Span::none(), sent, ended).await;
+        assert_eq!(got, Some("answer"));
+    }
+
+    #[tokio::test]
+    async fn an_answer_on_an_open_connection_is_taken() {
+        let (_alive, ended) = tokio::sync::watch::channel(());
+        let got = await_h2(&tracing::Span::none(), async { 7 }, ended).await;
+        assert_eq!(got, Some(7));
+    }
+}
