@@ -100,6 +100,24 @@ fn assert_all_ok(load: &Load, requests: u32, agent: &TestAgent) {
         notable(agent)
     );
     assert_eq!(load.status_2xx, n, "{}", load.raw);
+    assert_no_orphans(agent);
+}
+
+/// No request reached the proxy's safety net for requests an ended HTTP/2 connection never
+/// answered (it would have turned a lost request into a 502 instead of a hang): every
+/// request refused by a connection's rotation was answered and sent again.
+fn assert_no_orphans(agent: &TestAgent) {
+    let log = agent.log();
+    let orphans = log
+        .lines()
+        .filter(|l| l.contains("without answering a request"))
+        .count();
+    assert_eq!(
+        orphans,
+        0,
+        "requests lost by a closing connection\n{}",
+        notable(agent)
+    );
 }
 
 /// The agent's log without its per-request debug lines.
@@ -287,6 +305,54 @@ fn a_broken_http2_connection_under_16_streams_counts_once_against_the_instance()
     );
     assert_all_ok(&load, 16, &agent);
     assert_eq!(backend.served(), 16, "every GET retried once and answered");
+}
+
+#[test]
+fn a_post_on_an_http2_connection_that_breaks_under_it_gets_a_prompt_502_not_a_hang() {
+    let cg = TestCgroup::new("rot-post-break").expect("cgroup");
+    let agent = TestAgent::start(cg.path()).expect("agent");
+    // Holds the first request; then the connection under it breaks (no GOAWAY).
+    let backend = GracefulH2Backend::start_holding("post-break-svc", 1).expect("backend");
+    agent.deploy("post-break-svc", backend.addr.port()).unwrap();
+    let curl = cg.command("curl");
+    // curl gives up after 30 s: a hang shows as its timeout (exit 28), not as a 502.
+    let client = std::thread::spawn(move || {
+        vm_tests::client::curl(
+            curl,
+            Duration::from_secs(30),
+            &[
+                "--http2-prior-knowledge",
+                "--data",
+                "order=42",
+                "http://post-break-svc.svc/pay",
+            ],
+        )
+    });
+    let started = Instant::now();
+    while backend.received() < 1 {
+        assert!(
+            started.elapsed() < vm_tests::slack(Duration::from_secs(30)),
+            "the POST never arrived\n{}",
+            notable(&agent)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    backend.break_connections();
+    let reply = client.join().expect("curl thread");
+    eprintln!(
+        "MEASURED: POST on a broken HTTP/2 connection: {} after {:?}",
+        reply.status, reply.elapsed
+    );
+    // It may have been processed: not sent again (not idempotent), answered at once.
+    assert_eq!(reply.exit, Some(0), "{reply}\n{}", notable(&agent));
+    assert_eq!(reply.status, 502, "{reply}\n{}", notable(&agent));
+    assert_eq!(
+        reply.header("x-hms-error"),
+        Some("upstream-failed"),
+        "{reply}"
+    );
+    assert_eq!(backend.served(), 0, "the POST was not sent again");
+    assert_no_orphans(&agent);
 }
 
 #[test]

@@ -14,6 +14,13 @@
 //! - HTTP/1.1: hyper handed the request back unwritten (the pooled connection turned out
 //!   closed before the request reached it), body untouched.
 //!
+//! An HTTP/2 connection leaves the pool as soon as hyper's dispatcher for it stops taking
+//! requests (a GOAWAY arrived, or it broke), and no request holds a handle to it while it
+//! waits: a request that raced the connection's end into hyper's queue is then handed back
+//! unsent ([`SendError::Unprocessed`]) instead of waiting forever. A request that still has
+//! no answer [`H2_ORPHAN_GRACE`] after the connection's byte stream is gone fails
+//! ([`SendError::Orphaned`], a 502 with `x-hms-error`): a safety net that should never fire.
+//!
 //! Every other failure is [`SendError::Broken`], and `charge` says whether it should count
 //! against the instance: one broken connection counts once, however many streams it
 //! carried (the first request to see the break charges it, the others do not). Through a
@@ -22,14 +29,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use super::body::ProxyBody;
 use crate::identity::SpiffeId;
@@ -157,6 +165,10 @@ pub enum SendError {
     /// `charge`: count it against the instance (false when another request on the same
     /// broken connection already did).
     Broken { error: hyper::Error, charge: bool },
+    /// The HTTP/2 connection ended and, [`H2_ORPHAN_GRACE`] later, the request had still
+    /// heard nothing. A safety net: hyper and h2 answer every request of a closed
+    /// connection; this firing means one was lost between them (logged at warn).
+    Orphaned,
 }
 
 impl std::fmt::Display for SendError {
@@ -164,6 +176,10 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Unprocessed { error, .. } => write!(f, "not processed: {error}"),
             SendError::Broken { error, .. } => write!(f, "{error}"),
+            SendError::Orphaned => write!(
+                f,
+                "the HTTP/2 connection ended without answering the request"
+            ),
         }
     }
 }
@@ -197,9 +213,30 @@ impl ConnFault {
     }
 }
 
+/// Numbers upstream HTTP/2 connections for the debug log (which connection a stream
+/// was on, which GOAWAY it saw).
+static NEXT_H2_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Spawns hyper's tasks of one upstream HTTP/2 connection (the connection driver, each
+/// stream's response and body pipe) inside that connection's span, so that h2's own debug
+/// lines (frames sent and received, GOAWAY, resets) name the connection they belong to.
+#[derive(Clone)]
+struct SpannedExecutor(tracing::Span);
+
+impl<F> hyper::rt::Executor<F> for SpannedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.instrument(self.0.clone()));
+    }
+}
+
 enum Sender {
     H1(http1::SendRequest<ProxyBody>),
-    H2(http2::SendRequest<ProxyBody>),
+    /// With what says when the connection has ended.
+    H2(http2::SendRequest<ProxyBody>, ConnEnded),
 }
 
 type Key = (Via, SocketAddrV4);
@@ -211,6 +248,52 @@ type IdleH1 = (http1::SendRequest<ProxyBody>, Arc<ConnFault>);
 struct SharedH2 {
     sender: http2::SendRequest<ProxyBody>,
     fault: Arc<ConnFault>,
+    span: tracing::Span,
+    ended: ConnEnded,
+}
+
+/// Tells whether an HTTP/2 connection's byte stream is gone: h2 owns it until the very
+/// end of the connection (after its last stream), so its drop is the connection's end.
+type ConnEnded = tokio::sync::watch::Receiver<()>;
+
+/// An upstream byte stream that says when it is dropped (see [`ConnEnded`]).
+struct TrackedIo {
+    io: UpstreamIo,
+    _alive: tokio::sync::watch::Sender<()>,
+}
+
+impl tokio::io::AsyncRead for TrackedIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TrackedIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 #[derive(Default)]
@@ -231,6 +314,8 @@ pub struct Checkout {
     addr: SocketAddrV4,
     sender: Sender,
     fault: Arc<ConnFault>,
+    /// The HTTP/2 connection's span (which connection a request went on), or none.
+    span: tracing::Span,
     /// False for connections that must not be reused (upgrades).
     reusable: bool,
 }
@@ -392,6 +477,7 @@ impl UpstreamPool {
                                     addr,
                                     sender: Sender::H1(s),
                                     fault,
+                                    span: tracing::Span::none(),
                                     reusable,
                                 });
                             }
@@ -430,15 +516,16 @@ impl UpstreamPool {
         Some(Checkout {
             key: key.clone(),
             addr,
-            sender: Sender::H2(s.sender.clone()),
+            sender: Sender::H2(s.sender.clone(), s.ended.clone()),
             fault: s.fault.clone(),
+            span: s.span.clone(),
             reusable: true,
         })
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn dial(
-        &self,
+        self: &Arc<Self>,
         key: Key,
         addr: SocketAddrV4,
         via: &Via,
@@ -461,10 +548,9 @@ impl UpstreamPool {
                 UpstreamIo::Tunnel(t) => Some(t.link()),
             },
         });
-        let io = TokioIo::new(io);
-        let sender = match version {
+        let (sender, span) = match version {
             Version::Http1 => {
-                let (s, conn) = http1::handshake(io)
+                let (s, conn) = http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
                 tokio::spawn(async move {
@@ -472,17 +558,40 @@ impl UpstreamPool {
                         tracing::debug!(%addr, "upstream HTTP/1 connection ended: {e}");
                     }
                 });
-                Sender::H1(s)
+                (Sender::H1(s), tracing::Span::none())
             }
             Version::Http2 => {
-                let (s, conn) = http2::handshake(TokioExecutor::new(), io)
+                let id = NEXT_H2_CONN.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::debug_span!("upstream_h2", conn = id, %addr);
+                let (alive, ended) = tokio::sync::watch::channel(());
+                let io = TokioIo::new(TrackedIo { io, _alive: alive });
+                let (s, conn) = http2::handshake(SpannedExecutor(span.clone()), io)
+                    .instrument(span.clone())
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%addr, "upstream HTTP/2 connection ended: {e}");
+                tracing::debug!(parent: &span, "upstream HTTP/2 connection opened");
+                let conn_span = span.clone();
+                let pool = Arc::downgrade(self);
+                let (conn_key, conn_fault) = (key.clone(), fault.clone());
+                tokio::spawn(
+                    async move {
+                        // This future is hyper's request dispatcher; it ends when the
+                        // connection takes no more requests (GOAWAY received, or broken)
+                        // while h2 goes on with the streams it already has.
+                        match conn.await {
+                            Ok(()) => {
+                                tracing::debug!("upstream HTTP/2 connection takes no more requests")
+                            }
+                            Err(e) => tracing::debug!("upstream HTTP/2 connection ended: {e}"),
+                        }
+                        // Out of the pool at once, so that the pool's handle is not the
+                        // last thing keeping hyper's request queue alive (see `send`).
+                        if let Some(pool) = pool.upgrade() {
+                            pool.retire_h2(&conn_key, &conn_fault);
+                        }
                     }
-                });
+                    .instrument(conn_span),
+                );
                 if reusable {
                     self.shared_h2
                         .lock()
@@ -492,10 +601,12 @@ impl UpstreamPool {
                             SharedH2 {
                                 sender: s.clone(),
                                 fault: fault.clone(),
+                                span: span.clone(),
+                                ended: ended.clone(),
                             },
                         );
                 }
-                Sender::H2(s)
+                (Sender::H2(s, ended), span)
             }
         };
         Ok(Checkout {
@@ -503,6 +614,7 @@ impl UpstreamPool {
             addr,
             sender,
             fault,
+            span,
             reusable,
         })
     }
@@ -540,6 +652,7 @@ impl Checkout {
         pool: &Arc<UpstreamPool>,
         req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        let span = self.span;
         match self.sender {
             Sender::H1(mut s) => match s.try_send_request(req).await {
                 Ok(resp) => {
@@ -564,30 +677,83 @@ impl Checkout {
                     },
                 }),
             },
-            Sender::H2(mut s) => match s.try_send_request(req).await {
-                Ok(resp) => Ok(resp.map(|inner| PooledBody {
-                    inner,
-                    checkin: None,
-                })),
-                Err(mut e) => {
-                    let request = e.take_message().map(Box::new);
-                    let error = e.into_error();
-                    let cause = h2_cause(&error);
-                    let stream_only = cause.is_some_and(|c| c.is_reset());
-                    if !stream_only {
-                        // Going away or broken: no new request may pick it.
-                        pool.retire_h2(&self.key, &self.fault);
-                    }
-                    if request.is_some() || cause.is_some_and(h2_unprocessed) {
-                        Err(SendError::Unprocessed { request, error })
-                    } else {
-                        // RST_STREAM on this stream alone is this request's failure; any
-                        // other breaks the connection, which counts once.
-                        let charge = self.fault.charge(!stream_only).await;
-                        Err(SendError::Broken { error, charge })
+            Sender::H2(mut s, ended) => {
+                let sent = s.try_send_request(req);
+                // hyper's request queue to the connection is dropped, with every request
+                // still in it answered "not sent", only when its last handle goes; a
+                // request that raced the connection's end into that queue (tokio's mpsc
+                // can take a message while its receiver is being dropped) is answered
+                // only then. Holding our handle while waiting would wait for ourselves.
+                drop(s);
+                let Some(result) = await_h2(&span, sent, ended).await else {
+                    pool.retire_h2(&self.key, &self.fault);
+                    return Err(SendError::Orphaned);
+                };
+                match result {
+                    Ok(resp) => Ok(resp.map(|inner| PooledBody {
+                        inner,
+                        checkin: None,
+                    })),
+                    Err(mut e) => {
+                        let request = e.take_message().map(Box::new);
+                        let error = e.into_error();
+                        let cause = h2_cause(&error);
+                        let stream_only = cause.is_some_and(|c| c.is_reset());
+                        tracing::debug!(parent: &span, returned = request.is_some(), ?cause, "request on upstream HTTP/2 connection failed: {error}");
+                        if !stream_only {
+                            // Going away or broken: no new request may pick it.
+                            pool.retire_h2(&self.key, &self.fault);
+                        }
+                        if request.is_some() || cause.is_some_and(h2_unprocessed) {
+                            Err(SendError::Unprocessed { request, error })
+                        } else {
+                            // RST_STREAM on this stream alone is this request's failure; any
+                            // other breaks the connection, which counts once.
+                            let charge = self.fault.charge(!stream_only).await;
+                            Err(SendError::Broken { error, charge })
+                        }
                     }
                 }
-            },
+            }
+        }
+    }
+}
+
+/// How often a request still waiting for its response headers says so in the debug log.
+const H2_WAIT_REPORT: Duration = Duration::from_secs(5);
+
+/// How long a request may still wait for its answer once its HTTP/2 connection has ended
+/// (h2 fails every open stream when it drops the connection, hyper every queued request
+/// when its queue goes): a safety net that should never fire.
+pub const H2_ORPHAN_GRACE: Duration = Duration::from_secs(1);
+
+/// Awaits `sent`, the answer to a request on an HTTP/2 connection: `None` when the
+/// connection ended and no answer came within [`H2_ORPHAN_GRACE`]. Says in the debug log
+/// (in the connection's span) every [`H2_WAIT_REPORT`] that it is still waiting.
+async fn await_h2<F: std::future::Future>(
+    span: &tracing::Span,
+    sent: F,
+    mut ended: ConnEnded,
+) -> Option<F::Output> {
+    tokio::pin!(sent);
+    let mut waited = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut sent => return Some(r),
+            // Only ever Err: nothing is sent on it, it closes when the connection ends.
+            _ = ended.changed() => break,
+            _ = tokio::time::sleep(H2_WAIT_REPORT) => {
+                waited += H2_WAIT_REPORT;
+                tracing::debug!(parent: span, ?waited, "request on upstream HTTP/2 connection still waiting for its response");
+            }
+        }
+    }
+    match tokio::time::timeout(H2_ORPHAN_GRACE, sent).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::warn!(parent: span, "upstream HTTP/2 connection ended {H2_ORPHAN_GRACE:?} ago without answering a request; failing it (a request lost between hyper and h2)");
+            None
         }
     }
 }
@@ -689,5 +855,41 @@ impl Drop for PooledBody {
         if let Some(c) = self.checkin.take() {
             c.run();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_its_ended_connection_never_answered_fails_after_the_grace() {
+        let (alive, ended) = tokio::sync::watch::channel(());
+        drop(alive);
+        let started = tokio::time::Instant::now();
+        let got = await_h2(&tracing::Span::none(), std::future::pending::<()>(), ended).await;
+        assert!(got.is_none(), "failed, not left waiting");
+        assert!(started.elapsed() >= H2_ORPHAN_GRACE, "only after the grace");
+    }
+
+    #[tokio::test]
+    async fn an_answer_coming_as_the_connection_ends_is_taken() {
+        let (alive, ended) = tokio::sync::watch::channel(());
+        let mut seen = ended.clone();
+        // Answered only once the connection has ended (as h2 fails its streams then).
+        let sent = async move {
+            let _ = seen.changed().await;
+            "answer"
+        };
+        drop(alive);
+        let got = await_h2(&tracing::Span::none(), sent, ended).await;
+        assert_eq!(got, Some("answer"));
+    }
+
+    #[tokio::test]
+    async fn an_answer_on_an_open_connection_is_taken() {
+        let (_alive, ended) = tokio::sync::watch::channel(());
+        let got = await_h2(&tracing::Span::none(), async { 7 }, ended).await;
+        assert_eq!(got, Some(7));
     }
 }
