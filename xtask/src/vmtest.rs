@@ -47,6 +47,22 @@ const VM_SUITE: &[&str] = &[
     // real_clients stay on the host).
     "dual_stack",
     "safe_host",
+    // The egress refusal in connect4/6 and sendmsg4/6, and TLS origination to outside
+    // systems in network namespaces (python3 with requests, curl, dig, nsenter).
+    "egress",
+];
+
+/// Python packages from Debian's dist-packages the VM's tests import: `requests` and what
+/// it imports (egress.rs calls outside systems with it).
+const PYTHON_PACKAGES: &[&str] = &[
+    "requests",
+    "urllib3",
+    "idna",
+    "charset_normalizer",
+    "chardet",
+    "certifi",
+    // Debian 12's urllib3 1.26 imports six (one file, not a package).
+    "six",
 ];
 
 /// The static busybox from busybox-static: the guest's /init shell and coreutils.
@@ -408,7 +424,29 @@ fn python_stdlib(fs: &mut Rootfs) -> anyhow::Result<()> {
             stdlib.display()
         );
     }
-    fs.host_tree(&stdlib, PYTHON_SKIP)
+    fs.host_tree(&stdlib, PYTHON_SKIP)?;
+    let dist = Path::new("/usr/lib/python3/dist-packages");
+    for package in PYTHON_PACKAGES {
+        let dir = dist.join(package);
+        let module = dist.join(format!("{package}.py"));
+        if module.exists() {
+            fs.host_file(&module.to_string_lossy(), &module)?;
+            continue;
+        }
+        // chardet and charset_normalizer are alternatives; requests needs one of them, and
+        // a urllib3 2.x does not import six.
+        if !dir.exists() && matches!(*package, "chardet" | "charset_normalizer" | "six") {
+            continue;
+        }
+        if !dir.join("__init__.py").exists() {
+            bail!(
+                "{} is missing: the VM's tests need Python's {package} (`cargo xtask setup` installs python3-requests)",
+                dir.display()
+            );
+        }
+        fs.host_tree(&dir, &["__pycache__"])?;
+    }
+    Ok(())
 }
 
 /// Name resolution as on a host whose resolver is on loopback (the agent's port-53 hooks
