@@ -183,11 +183,24 @@ impl Admin {
                 use std::os::fd::AsRawFd;
                 // The fds go in the same message as the answer line (SCM_RIGHTS).
                 let fd = write.as_ref().as_raw_fd();
-                let fds: Vec<(String, std::os::fd::OwnedFd)> = self
+                let mut fds: Vec<(String, std::os::fd::OwnedFd)> = self
                     .handover_fds
                     .iter()
                     .map(|(n, f)| f.try_clone().map(|f| (n.clone(), f)))
                     .collect::<Result<_, _>>()?;
+                // The gateway's listeners too; past the limit the successor binds them
+                // again once this agent has drained (its retry), so those refuse briefly.
+                let mut gateway = self.gateway.handover_fds();
+                let room = crate::handover::MAX_FDS.saturating_sub(fds.len());
+                if gateway.len() > room {
+                    tracing::warn!(
+                        listeners = gateway.len(),
+                        handed_over = room,
+                        "more gateway listeners than a hand-over carries; the rest are bound again by the successor"
+                    );
+                    gateway.truncate(room);
+                }
+                fds.extend(gateway);
                 crate::handover::send_listeners(fd, &fds)?;
                 // The successor's confirmation comes on this connection: never shed it.
                 handing_over = true;

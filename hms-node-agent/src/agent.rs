@@ -90,6 +90,11 @@ pub async fn run(
     } else {
         (None, HashMap::new(), "bound")
     };
+    // The gateway's listeners from a predecessor are the gateway's (made below).
+    let mut given = given;
+    let mut gateway_given: HashMap<String, std::os::fd::OwnedFd> = given
+        .extract_if(|name, _| name.starts_with(crate::gateway::HANDOVER_PREFIX))
+        .collect();
     let listeners = DataListeners::acquire(&config, given, origin, multi_host)?;
     let handover_fds = listeners.duplicates()?;
     let listeners = listeners.into_tokio()?;
@@ -202,6 +207,7 @@ pub async fn run(
         config.gateway.clone(),
         config.state_dir.join("acme"),
     ));
+    gateway.adopt_handed_over(&mut gateway_given)?;
     let admin = Arc::new(Admin {
         gateway: gateway.clone(),
         store: store.clone(),

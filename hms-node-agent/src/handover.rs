@@ -19,8 +19,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
-/// The most fds a hand-over carries.
-const MAX_FDS: usize = 8;
+/// The most fds a hand-over carries: the node proxy's (at most 8) and the gateway's
+/// listeners. Far below the kernel's SCM_MAX_FD (253).
+pub const MAX_FDS: usize = 64;
 
 /// The successor's side: holds the connection to the old agent until [`Successor::confirm`].
 pub struct Successor {
@@ -104,6 +105,12 @@ impl Successor {
 
 /// Step 2 on the running agent: send `fds` with their names as one message.
 pub fn send_listeners(stream: RawFd, fds: &[(String, OwnedFd)]) -> anyhow::Result<()> {
+    if fds.len() > MAX_FDS {
+        bail!(
+            "{} listeners to hand over; a hand-over carries at most {MAX_FDS}",
+            fds.len()
+        );
+    }
     let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
     let mut line = serde_json::to_vec(&hms_ctl::api::Response::Ok {
         data: serde_json::json!(names),

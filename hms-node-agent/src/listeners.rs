@@ -252,7 +252,7 @@ pub struct TokioV6Listeners {
     pub dns_tcp: TcpListener,
 }
 
-fn tcp_from(fd: OwnedFd, name: &str) -> anyhow::Result<std::net::TcpListener> {
+pub(crate) fn tcp_from(fd: OwnedFd, name: &str) -> anyhow::Result<std::net::TcpListener> {
     let sock = socket2::Socket::from(fd);
     if sock.r#type()? != socket2::Type::STREAM {
         bail!("the socket passed as `{name}` is not a TCP listener");

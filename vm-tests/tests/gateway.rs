@@ -582,7 +582,7 @@ const LOAD_CLIENT: &str = r#"
 import ssl, socket, time, sys
 ctx = ssl.create_default_context(cafile='CAFILE')
 ok = fail = 0
-end = time.time() + 6
+end = time.time() + SECONDS
 while time.time() < end:
     try:
         s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', PORT), timeout=5), server_hostname='shop.test')
@@ -605,6 +605,150 @@ while time.time() < end:
 print(ok, fail)
 "#;
 
+/// Python's http.client on one kept-alive HTTPS connection, reconnecting only when a
+/// response says `Connection: close` (as http.client does): prints ok, failed, and how many
+/// responses told it to reconnect.
+const KEEPALIVE_CLIENT: &str = r#"
+import ssl, socket, http.client, time, sys
+ctx = ssl.create_default_context(cafile='CAFILE')
+class Conn(http.client.HTTPSConnection):
+    def connect(self):
+        raw = socket.create_connection(('127.0.0.1', PORT), timeout=5)
+        self.sock = ctx.wrap_socket(raw, server_hostname='shop.test')
+c = Conn('shop.test', PORT, context=ctx, timeout=5)
+ok = fail = closes = 0
+end = time.time() + SECONDS
+while time.time() < end:
+    try:
+        c.request('GET', '/health')
+        r = c.getresponse()
+        r.read()
+        if r.status == 200:
+            ok += 1
+        else:
+            fail += 1
+            print(r.status, file=sys.stderr)
+        if r.will_close:
+            closes += 1
+    except Exception as e:
+        fail += 1
+        print(repr(e), file=sys.stderr)
+        c.close()
+    time.sleep(0.005)
+print(ok, fail, closes)
+"#;
+
+/// The numbers a load client printed last, and its stderr for the failure message.
+fn load_counts(child: std::process::Child, within: Duration) -> (Vec<u64>, String) {
+    let o = wait_output(child, within).unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let counts = out
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (
+        counts,
+        format!("{out} {}", String::from_utf8_lossy(&o.stderr)),
+    )
+}
+
+/// Running it like production: `hms-ctl agent upgrade` on a gateway host under steady HTTPS
+/// load, twice. The successor accepts on the gateway sockets the old agent handed over (no
+/// connection refused while both run), and the old agent's kept-alive connections end with
+/// `Connection: close` on a response, so clients move over without an error.
+#[test]
+fn upgrades_of_a_gateway_host_under_steady_https_load_fail_no_request() {
+    let s = setup("gw-upgrade");
+    let secs = if vm_tests::in_vm() { 14 } else { 10 };
+    let fill = |script: &str| {
+        script
+            .replace("CAFILE", &s.shop_ca.display().to_string())
+            .replace("PORT", &s.https.to_string())
+            .replace("SECONDS", &secs.to_string())
+    };
+    let spawn = |script: String| {
+        tools::command("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // New connections (a TLS handshake each) and one kept-alive connection, at once.
+    let fresh = spawn(fill(LOAD_CLIENT));
+    let kept = spawn(fill(KEEPALIVE_CLIENT));
+    let mut pids = vec![s.agent.pid().unwrap()];
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(secs / 4));
+        let out = s.agent.ctl(&["agent", "upgrade"]);
+        assert!(
+            out.status.success(),
+            "upgrade failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&s.agent.log(), 30)
+        );
+        pids.push(s.agent.pid().unwrap());
+    }
+    let within = Duration::from_secs(secs + 30);
+    let (fresh_counts, fresh_out) = load_counts(fresh, within);
+    let (kept_counts, kept_out) = load_counts(kept, within);
+    eprintln!(
+        "MEASURED: through 2 upgrades: new connections {fresh_counts:?} (ok, failed), kept-alive {kept_counts:?} (ok, failed, told to reconnect); pids {pids:?}"
+    );
+    assert_eq!(fresh_counts.len(), 2, "{fresh_out}");
+    assert_eq!(kept_counts.len(), 3, "{kept_out}");
+    assert_eq!(
+        fresh_counts[1],
+        0,
+        "requests on new connections failed: {fresh_out}\n{}",
+        tail(&s.agent.log(), 40)
+    );
+    assert_eq!(
+        kept_counts[1],
+        0,
+        "kept-alive requests failed: {kept_out}\n{}",
+        tail(&s.agent.log(), 40)
+    );
+    assert!(
+        fresh_counts[0] > secs * 5,
+        "the load on new connections really ran: {fresh_out}"
+    );
+    assert!(
+        kept_counts[0] > secs * 20,
+        "the kept-alive load really ran: {kept_out}"
+    );
+    // Each old agent ended its kept-alive connection with `Connection: close`, not a cut.
+    assert!(
+        kept_counts[2] >= 2,
+        "the old agents told the kept-alive client to reconnect: {kept_out}"
+    );
+    let mut distinct = pids.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "each upgrade replaced the process: {pids:?}"
+    );
+    // The successors served the sockets they were handed, not new ones bound after a gap.
+    let log = s.agent.log();
+    assert!(
+        log.matches("gateway listeners handed over by the previous agent")
+            .count()
+            >= 2,
+        "{}",
+        tail(&log, 40)
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("gateway listener serving") && l.contains("hand-over")),
+        "{}",
+        tail(&log, 40)
+    );
+    // And the gateway still serves after the last upgrade.
+    let r = https(s.https, "shop.test", &s.shop_ca, "/health", &[]);
+    assert_eq!(r.status, 200, "{r}");
+}
+
 #[test]
 fn a_replaced_certificate_is_served_without_failing_requests_and_garbage_keeps_the_last_good_one() {
     let s = setup("gw-reload");
@@ -614,7 +758,8 @@ fn a_replaced_certificate_is_served_without_failing_requests_and_garbage_keeps_t
     let ca_both = s.dir.path().join("both.pem");
     let load = LOAD_CLIENT
         .replace("CAFILE", &ca_both.display().to_string())
-        .replace("PORT", &s.https.to_string());
+        .replace("PORT", &s.https.to_string())
+        .replace("SECONDS", "6");
     // The new certificate comes from another CA; the client trusts both.
     let ca2 = TestCa::new(s.dir.path(), "ca2");
     let (new_pem, new_key) = ca2.issue(s.dir.path(), "shop-new", &["shop.test"]);

@@ -10,11 +10,19 @@
 //! The routes and certificates a listener uses can change while it runs (`hms-ctl gateway
 //! apply`, a renewed certificate file): new requests see the new routes; open connections
 //! are not dropped.
+//!
+//! An upgrade hands the listening sockets to the successor (`handover`, names from
+//! [`super::HANDOVER_PREFIX`]): both agents accept on them until the old one drains, and
+//! while it drains its HTTP/1.1 responses say `Connection: close` (as the node proxy's do)
+//! and its HTTP/2 connections get GOAWAY, so clients move to the successor without an error.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use anyhow::Context;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +66,9 @@ pub struct ListenerRuntime {
     /// https: rebuilt with the config (the client verifier follows the routes).
     tls: RwLock<Option<TlsAcceptor>>,
     stop: watch::Sender<bool>,
+    /// A duplicate of the listening socket for an upgrade's successor (`handover`); gone
+    /// once the listener stops, so a stopped listener is never handed on.
+    handover: Mutex<Option<OwnedFd>>,
 }
 
 impl ListenerRuntime {
@@ -87,7 +98,17 @@ impl ListenerRuntime {
 
     /// Stops accepting; open connections finish on their own.
     pub fn stop(&self) {
+        self.handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let _ = self.stop.send(true);
+    }
+
+    /// Another fd of the listening socket, for an upgrade's successor; `None` once stopped.
+    pub fn duplicate(&self) -> Option<OwnedFd> {
+        let fd = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+        fd.as_ref().and_then(|f| f.try_clone().ok())
     }
 }
 
@@ -145,15 +166,19 @@ pub async fn start(
         )?))),
         None => None,
     };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    // An upgrade's predecessor handed this address's socket over: accept on it (both
+    // agents do until the old one drains), so no connection is refused in between.
+    let (listener, origin) = match host.take_inherited(addr) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            (TcpListener::from_std(l)?, "hand-over")
+        }
+        None => (bind(addr)?, "bound"),
     };
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot bind gateway listener {addr}: {e}"))?;
-    let listener = socket.listen(1024)?;
+    let handover = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the gateway listener's socket for a later hand-over")?;
     let (stop, stopped) = watch::channel(false);
     let rt = Arc::new(ListenerRuntime {
         addr,
@@ -163,10 +188,23 @@ pub async fn start(
         certs,
         tls: RwLock::new(acceptor),
         stop,
+        handover: Mutex::new(Some(handover)),
     });
-    tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, "gateway listener serving");
+    tracing::info!(%addr, protocol = ?spec.protocol, listener = %spec.name, origin, "gateway listener serving");
     tokio::spawn(accept_loop(host, rt.clone(), listener, stopped, drain));
     Ok(rt)
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot bind gateway listener {addr}: {e}"))?;
+    Ok(socket.listen(1024)?)
 }
 
 async fn accept_loop(
@@ -299,7 +337,22 @@ async fn serve_http<I>(
             let rt = rt.clone();
             let info = info.clone();
             let drain = drain.clone();
-            async move { Ok::<_, Infallible>(host.handle(req, &rt, &info, drain).await) }
+            async move {
+                let mut resp = host.handle(req, &rt, &info, drain.clone()).await;
+                if drain.is_signaled()
+                    && !h2
+                    && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    // Draining (stop, upgrade): the connection's last response; the client's
+                    // next request opens a connection to the successor. Never a close under
+                    // a request that may be on its way (hyper's graceful_shutdown would).
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     let result = if h2 {

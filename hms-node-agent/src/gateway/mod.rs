@@ -19,6 +19,14 @@
 //!    new one binds. Listeners no served spec names stop accepting.
 //! 4. Every second the https listeners' certificate files are checked for changes
 //!    (`certs`).
+//! 5. A listener that did not start (its port still held, a certificate that does not load
+//!    yet) is tried again with backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`]) without
+//!    touching the listeners that serve, so a port freed later is served without a new
+//!    apply.
+//! 6. An upgrade hands the running listeners to the successor with the node proxy's
+//!    (names `gateway <addr>`); the successor's listeners accept on those sockets instead of
+//!    binding new ones. Sockets no spec of the successor names are closed after
+//!    [`INHERITED_KEEP`].
 
 pub mod acme;
 pub mod certs;
@@ -29,10 +37,11 @@ pub mod metrics;
 pub mod request;
 pub mod routes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hms_ctl::api::{GatewayInfo, GatewayListenerState};
 use hms_ctl::gateway::{AcmeSpec, BLOB_PREFIX, GatewaySpec, Protocol};
@@ -50,6 +59,17 @@ pub const CALLER: &str = "gateway";
 
 /// How often certificate files are checked for changes.
 const CERT_CHECK: Duration = Duration::from_secs(1);
+
+/// Step 5: the first retry of a listener that did not start, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Step 6: the name prefix of gateway listeners in an upgrade's hand-over.
+pub const HANDOVER_PREFIX: &str = "gateway ";
+
+/// Step 6: how long handed-over sockets wait for a spec to name them (the registry may
+/// still be loading when the successor starts).
+const INHERITED_KEEP: Duration = Duration::from_secs(30);
 
 /// Step 2: which gateways this host serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -138,6 +158,10 @@ pub struct GatewayHost {
     /// ACME's seam: certificates issued at runtime, by host name; every https listener serves
     /// them (also listeners started later).
     issued: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    /// Step 5: listeners wanted but not serving, and when to try them again.
+    failed: Mutex<(HashSet<SocketAddr>, Instant, Duration)>,
+    /// Step 6: sockets the predecessor handed over, by address, until a listener takes one.
+    inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
 }
 
 impl GatewayHost {
@@ -166,7 +190,56 @@ impl GatewayHost {
             acme_cache,
             acme_clients: Mutex::new(HashMap::new()),
             issued: Mutex::new(HashMap::new()),
+            failed: Mutex::new((HashSet::new(), Instant::now(), RETRY_FIRST)),
+            inherited: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Step 6 on the successor: the gateway sockets among those a predecessor handed over
+    /// (names [`HANDOVER_PREFIX`]`<addr>`); the others are left in `given`.
+    pub fn adopt_handed_over(&self, given: &mut HashMap<String, OwnedFd>) -> anyhow::Result<()> {
+        let names: Vec<String> = given
+            .keys()
+            .filter(|n| n.starts_with(HANDOVER_PREFIX))
+            .cloned()
+            .collect();
+        let mut inherited = self.inherited.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            let fd = given.remove(&name).expect("listed above");
+            let listener = crate::listeners::tcp_from(fd, &name)?;
+            let addr = listener.local_addr()?;
+            if name[HANDOVER_PREFIX.len()..].parse::<SocketAddr>().ok() != Some(addr) {
+                anyhow::bail!("the hand-over's `{name}` socket listens on {addr}");
+            }
+            inherited.insert(addr, listener);
+        }
+        if !inherited.is_empty() {
+            tracing::info!(
+                listeners = inherited.len(),
+                "gateway listeners handed over by the previous agent"
+            );
+        }
+        Ok(())
+    }
+
+    /// Step 6 on the running agent: a duplicate of every serving listener's socket.
+    pub fn handover_fds(&self) -> Vec<(String, OwnedFd)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .filter_map(|(addr, rt)| {
+                rt.duplicate()
+                    .map(|fd| (format!("{HANDOVER_PREFIX}{addr}"), fd))
+            })
+            .collect()
+    }
+
+    /// The handed-over socket of `addr`, if the predecessor served it.
+    pub(crate) fn take_inherited(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        self.inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr)
     }
 
     /// Steps 3 and 4, until the agent drains.
@@ -178,6 +251,7 @@ impl GatewayHost {
         let mut tick = tokio::time::interval(CERT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_revision = None;
+        let started = Instant::now();
         loop {
             let snapshot = updates.borrow_and_update().clone();
             let specs = specs_in(&snapshot);
@@ -189,9 +263,18 @@ impl GatewayHost {
                 self.reconcile(&specs, &drain).await;
                 last_revision = Some(fingerprint);
             }
+            let retry_in = self.retry_in();
             tokio::select! {
                 changed = updates.changed() => if changed.is_err() { return },
-                _ = tick.tick() => self.reload_certificates(),
+                _ = tick.tick() => {
+                    self.reload_certificates();
+                    if started.elapsed() >= INHERITED_KEEP {
+                        self.inherited.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    }
+                }
+                _ = tokio::time::sleep(retry_in.unwrap_or(RETRY_MAX)), if retry_in.is_some() => {
+                    self.start_failed(&specs, &drain).await;
+                }
                 _ = drain.signaled() => break,
             }
         }
@@ -228,11 +311,12 @@ impl GatewayHost {
         }
     }
 
-    async fn reconcile(
-        self: &Arc<Self>,
+    /// Every listener the served specs ask for, built (routes, doors, TLS settings), and
+    /// why a listener or route is not, by `<gateway>/<name>`.
+    fn wanted_listeners(
+        &self,
         specs: &BTreeMap<String, (GatewaySpec, String)>,
-        drain: &Drain,
-    ) {
+    ) -> (HashMap<SocketAddr, ListenerConfig>, HashMap<String, String>) {
         let mut wanted: HashMap<SocketAddr, ListenerConfig> = HashMap::new();
         let mut problems = HashMap::new();
         for (name, (spec, _)) in specs.iter().filter(|(n, _)| self.serve.serves(n)) {
@@ -300,6 +384,16 @@ impl GatewayHost {
                 );
             }
         }
+        (wanted, problems)
+    }
+
+    async fn reconcile(
+        self: &Arc<Self>,
+        specs: &BTreeMap<String, (GatewaySpec, String)>,
+        drain: &Drain,
+    ) {
+        let (wanted, mut problems) = self.wanted_listeners(specs);
+        let mut failed = HashSet::new();
         // Stop what is no longer wanted, or wanted differently.
         let mut keep = HashMap::new();
         {
@@ -330,24 +424,88 @@ impl GatewayHost {
             }
             match listener::start(self.clone(), config, drain.clone()).await {
                 Ok(rt) => {
-                    if let Some(c) = &rt.certs {
-                        for (name, key) in
-                            self.issued.lock().unwrap_or_else(|p| p.into_inner()).iter()
-                        {
-                            c.insert(name, key.clone());
-                        }
-                    }
+                    self.serve_issued(&rt);
                     keep.insert(addr, rt);
                 }
                 Err(e) => {
-                    tracing::warn!(%addr, listener = %key, "gateway listener not serving: {e:#}");
+                    tracing::warn!(%addr, listener = %key, "gateway listener not serving (tried again with backoff): {e:#}");
                     problems.insert(key, format!("{e:#}"));
+                    failed.insert(addr);
                 }
             }
         }
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = keep;
         *self.problems.lock().unwrap_or_else(|p| p.into_inner()) = problems;
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+            (failed, Instant::now() + RETRY_FIRST, RETRY_FIRST);
         self.reconcile_acme(specs);
+    }
+
+    /// Certificates ACME issued so far, on a listener that just started.
+    fn serve_issued(&self, rt: &ListenerRuntime) {
+        if let Some(c) = &rt.certs {
+            for (name, key) in self.issued.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                c.insert(name, key.clone());
+            }
+        }
+    }
+
+    /// Step 5: how long until the next try of the listeners that did not start, if any.
+    fn retry_in(&self) -> Option<Duration> {
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        (!failed.0.is_empty()).then(|| failed.1.saturating_duration_since(Instant::now()))
+    }
+
+    /// Step 5: tries the listeners that did not start again; the serving ones (their
+    /// connections, their doors' rate tables) are not touched.
+    async fn start_failed(
+        self: &Arc<Self>,
+        specs: &BTreeMap<String, (GatewaySpec, String)>,
+        drain: &Drain,
+    ) {
+        let retry: HashSet<SocketAddr> = {
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.0.clone()
+        };
+        let (mut wanted, _) = self.wanted_listeners(specs);
+        wanted.retain(|addr, _| retry.contains(addr));
+        let mut still = HashSet::new();
+        for (addr, config) in wanted {
+            let key = format!("{}/{}", config.gateway, config.spec.name);
+            if self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&addr)
+            {
+                continue;
+            }
+            match listener::start(self.clone(), config, drain.clone()).await {
+                Ok(rt) => {
+                    self.serve_issued(&rt);
+                    tracing::info!(%addr, listener = %key, "gateway listener serving after a retry");
+                    self.running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(addr, rt);
+                    self.problems
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, listener = %key, "gateway listener still not serving: {e:#}");
+                    self.problems
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, format!("{e:#}"));
+                    still.insert(addr);
+                }
+            }
+        }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let backoff = (failed.2 * 2).min(RETRY_MAX);
+        *failed = (still, Instant::now() + backoff, backoff);
     }
 
     /// One ACME client per (directory, host name) an https listener of a served spec asks
