@@ -213,6 +213,7 @@ fn main() -> ExitCode {
             bin_dir,
             pre_notify: false,
             out_dir: None,
+            compress: true,
             lintian: !no_lintian,
         })
         .map(|_| ()),
