@@ -337,7 +337,9 @@ mod programs {
         let (to, port) = dest(ctx, family);
         let protocol = protocol(ctx);
         let Some(target) = rule::decide(cfg, cfg6, to, port, protocol, udp_only) else {
-            if !udp_only && refuses_egress(cfg, cfg6, to) {
+            // A datagram sent with an address (sendmsg4/6) is refused like a connect: DNS
+            // to any resolver was redirected just above, everything else is egress.
+            if refuses_egress(cfg, cfg6, to) {
                 report_refused_egress(to, port, protocol);
                 return SOCK_ADDR_REFUSE;
             }
@@ -372,7 +374,8 @@ mod programs {
         SOCK_ADDR_ALLOW
     }
 
-    /// Whether a connect to `to` (not redirected) is undeclared egress the agent refuses.
+    /// Whether a connect or unconnected datagram to `to` (not redirected) is undeclared
+    /// egress the agent refuses.
     #[inline(always)]
     fn refuses_egress(cfg: &RedirectConfig, cfg6: Option<&RedirectConfig6>, to: Addr) -> bool {
         let Some(egress) = HMS_EGRESS.get(0) else {

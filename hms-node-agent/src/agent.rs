@@ -206,6 +206,7 @@ pub async fn run(
         &metrics,
         config.gateway.clone(),
         config.state_dir.join("acme"),
+        caps.gateway.clone(),
     ));
     gateway.adopt_handed_over(&mut gateway_given)?;
     let admin = Arc::new(Admin {

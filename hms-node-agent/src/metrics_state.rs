@@ -172,7 +172,7 @@ pub fn collector(
         ),
         (
             "listener_connections_refused_user_share",
-            "New connections closed because their user (uid) already held half the listener's cap",
+            "New connections closed because their user (uid), or at the gateway their client address, already held half the listener's cap",
             true,
             |c| c.refused_user_share.load(Ordering::Relaxed),
         ),

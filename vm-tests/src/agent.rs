@@ -95,6 +95,15 @@ impl TestAgent {
         Self::configure(cgroup, None, Vec::new(), false, Some(limit))
     }
 
+    /// Like [`TestAgent::start_with_fd_limit`], with more flags.
+    pub fn start_with_fd_limit_and(
+        cgroup: &Path,
+        limit: u64,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<TestAgent> {
+        Self::configure(cgroup, None, extra_args, false, Some(limit))
+    }
+
     /// Like [`TestAgent::start`], inside network namespace `netns` and with more flags.
     pub fn start_with(
         cgroup: &Path,

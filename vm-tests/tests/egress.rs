@@ -284,6 +284,23 @@ impl World {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// An unconnected UDP datagram (`sendto` with the address) to `addr` from the cgroup:
+    /// `ok` or the errno's name.
+    fn direct_sendto(&self, addr: SocketAddrV4) -> String {
+        let script = "import socket, sys, errno\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
+        let out = self
+            .client("python3")
+            .args([
+                "-c",
+                script,
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// Waits (bounded) until a direct connect to `addr` from the cgroup gives `want`: the
     /// agent writes the declared set into the kernel a moment after a deploy.
     fn wait_direct(&self, addr: SocketAddrV4, want: &str) {
@@ -467,6 +484,7 @@ fn undeclared_outside_connections_work_by_default() {
     w.deploy_treasury("", "");
     assert_eq!(w.direct_connect(undeclared.addr), "ok");
     assert_eq!(w.direct_connect(declared.addr), "ok");
+    assert_eq!(w.direct_sendto(undeclared.addr), "ok");
     let status = w.agent.ctl_json(&["status"]).unwrap();
     assert_eq!(status["egress"]["refuse_undeclared"], false);
 }
@@ -483,6 +501,29 @@ fn with_refusal_on_undeclared_outside_connections_are_refused_and_the_declared_n
     // The declared system's address becomes reachable directly, the other stays refused.
     w.wait_direct(declared.addr, "ok");
     assert_eq!(w.direct_connect(undeclared.addr), "EPERM");
+    // Unconnected UDP too: a datagram to the undeclared address is refused at sendto(), one
+    // to the declared address leaves; a DNS query to any resolver is still answered (the
+    // hook sends port 53 to the agent's responder before the refusal is asked).
+    assert_eq!(w.direct_sendto(undeclared.addr), "EPERM");
+    assert_eq!(w.direct_sendto(declared.addr), "ok");
+    let dig = w
+        .client("dig")
+        .args([
+            &format!("@{}", undeclared.addr.ip()),
+            "treasury-api.svc",
+            "A",
+            "+short",
+            "+time=2",
+            "+tries=2",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&dig.stdout);
+    assert!(
+        answer.trim().parse::<std::net::Ipv4Addr>().is_ok(),
+        "a lookup through an outside resolver address is answered by the agent: {answer} {}",
+        String::from_utf8_lossy(&dig.stderr)
+    );
     // curl directly to the undeclared system: refused by the kernel at connect().
     let out = w.curl(&["-k", &format!("https://{}/", undeclared.addr)]);
     assert!(!out.status.success());

@@ -670,7 +670,7 @@ routes:
         jwks = f.path("jwks.json").display(),
     );
     let file = f.path("gateway.yaml");
-    std::fs::write(&file, spec).unwrap();
+    std::fs::write(&file, &spec).unwrap();
     let o = agent.ctl(&["gateway", "apply", file.to_str().unwrap()]);
     assert!(
         o.status.success(),
@@ -740,6 +740,46 @@ routes:
     );
     let retry: u64 = a.header("retry-after").parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
+
+    // Re-applying the spec to change something else keeps every client's bucket (no fresh
+    // burst for whoever was limited); changing the route's limit starts a new table.
+    let reapply = |spec: String, new_route: &str| {
+        let extra = format!(
+            "  - name: {new_route}\n    matches: [{{path: {{prefix: /{new_route}}}}}]\n    backends: [{{service: orders-svc}}]\n"
+        );
+        std::fs::write(&file, format!("{spec}{extra}")).unwrap();
+        let o = agent.ctl(&["gateway", "apply", file.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // Applied once the new route answers.
+        let deadline = std::time::Instant::now() + vm_tests::slack(Duration::from_secs(10));
+        while gw_curl(&[], &format!("{base}/{new_route}/x")).status != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{new_route} never served"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    reapply(spec.clone(), "extra");
+    let a = gw_curl(
+        &["-H", &format!("x-api-key: {key}")],
+        &format!("{base}/keys/5"),
+    );
+    assert_eq!(
+        a.status, 429,
+        "the bucket survived the re-apply: {}",
+        a.body
+    );
+    reapply(spec.replace("burst: 3", "burst: 4"), "extra2");
+    let a = gw_curl(
+        &["-H", &format!("x-api-key: {key}")],
+        &format!("{base}/keys/6"),
+    );
+    assert_eq!(
+        a.status, 200,
+        "a changed limit starts a new table: {}",
+        a.body
+    );
 
     // JWT: a good token passes with its claim forwarded and the caller's forged copy gone.
     let a = gw_curl(
@@ -849,7 +889,7 @@ routes:
     let metrics = run(c);
     assert!(
         metrics
-            .contains("hms_gateway_door_refused_total{route=\"keys\",reason=\"rate-limited\"} 1"),
+            .contains("hms_gateway_door_refused_total{route=\"keys\",reason=\"rate-limited\"} 2"),
         "{metrics}"
     );
 }

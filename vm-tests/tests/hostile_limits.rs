@@ -276,3 +276,171 @@ fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_mo
     let _ = hog.kill();
     let _ = hog.wait();
 }
+
+/// Opens connections to the gateway's plain-HTTP listener from one source address: `busy`
+/// of them send a request to a slow backend (in flight for the whole test), then `idle`
+/// more send nothing. Prints, as JSON, how many of each the gateway closed at once, then
+/// holds everything until stdin closes.
+const GATEWAY_HOG: &str = r#"
+import json, socket, sys, time
+src, port, busy, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def opened(send):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect(('127.0.0.1', port))
+    if send:
+        s.sendall(b'GET /slow HTTP/1.1\r\nHost: shop.test\r\n\r\n')
+    return s
+def closed(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_PEEK) == b''
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+held_busy = [opened(True) for _ in range(busy)]
+time.sleep(1)
+held_idle = [opened(False) for _ in range(idle)]
+time.sleep(1)
+print(json.dumps({
+    'busy_closed': sum(closed(s) for s in held_busy),
+    'idle_closed': sum(closed(s) for s in held_idle),
+}), flush=True)
+sys.stdin.read()
+"#;
+
+/// An outside client at the gateway's door, the agent held to 1024 fds (gateway cap 16):
+/// one address keeps at most half the places busy and gets nothing more; another client's
+/// idle connections are shed for a newcomer; and through it all other clients get answers
+/// at the gateway and meshed callers at their `.svc` names.
+#[test]
+fn an_outside_client_holding_gateway_connections_gets_half_and_others_still_get_in() {
+    let cg = TestCgroup::new("hostile-gw").unwrap();
+    let agent =
+        TestAgent::start_with_fd_limit_and(cg.path(), 1024, vec!["--gateway".into(), "all".into()])
+            .unwrap();
+    let slow = Backend::start_with(
+        "slow-svc",
+        0,
+        vm_tests::backend::Behavior::delay(Duration::from_secs(60)),
+    )
+    .unwrap();
+    let fast = Backend::start("fast-svc", 0).unwrap();
+    agent.deploy("slow-svc", slow.addr.port()).unwrap();
+    agent.deploy("fast-svc", fast.addr.port()).unwrap();
+    let port = vm_tests::ports::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: door\nlisteners:\n  - name: web\n    port: {port}\n    protocol: http\nroutes:\n  - name: slow\n    hostnames: [shop.test]\n    matches: [{{path: {{prefix: /slow}}}}]\n    timeout: 90s\n    backends: [{{service: slow-svc}}]\n  - name: fast\n    hostnames: [shop.test]\n    backends: [{{service: fast-svc}}]\n"
+        ),
+    )
+    .unwrap();
+    let out = agent.ctl(&["gateway", "apply", spec.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from = |src: &str| {
+        curl(
+            vm_tests::tools::command("curl"),
+            Duration::from_secs(10),
+            &[
+                "--interface",
+                src,
+                "-H",
+                "Host: shop.test",
+                &format!("http://127.0.0.1:{port}/fast"),
+            ],
+        )
+    };
+    let deadline = Instant::now() + vm_tests::slack(Duration::from_secs(10));
+    while from("127.0.0.9").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "gateway never served\n{}",
+            tail(&agent.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let scrape = || {
+        let m = vm_tests::tools::command("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(format!("http://{}/metrics", agent.metrics))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&m.stdout).to_string()
+    };
+    assert_eq!(
+        metric(
+            &scrape(),
+            "hms_listener_connection_cap{listener=\"gateway\"}"
+        ),
+        16,
+        "1024 fds give the gateway 16 connections"
+    );
+    let hog = |src: &str, busy: u32, idle: u32| {
+        let mut c = vm_tests::tools::command("python3");
+        c.args(["-c", GATEWAY_HOG, src, &port.to_string()])
+            .args([busy.to_string(), idle.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = c.spawn().expect("python3");
+        let mut out = child.stdout.take().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") && out.read(&mut byte).unwrap_or(0) == 1 {
+            line.push(byte[0]);
+        }
+        let summary: serde_json::Value =
+            serde_json::from_slice(&line).unwrap_or_else(|e| panic!("hog summary {e}: {line:?}"));
+        (child, summary)
+    };
+
+    // The attacker (127.0.0.2): 12 requests in flight, then 20 idle connections. It keeps 8
+    // (half the cap) busy; everything else it opens is closed at once.
+    let (attacker, got) = hog("127.0.0.2", 12, 20);
+    eprintln!("MEASURED: the attacker's connections closed at once: {got}");
+    assert_eq!(got["busy_closed"], 4, "{got}\n{}", tail(&agent.log(), 20));
+    assert_eq!(got["idle_closed"], 20, "{got}");
+    // Another client still gets answers, one request after another.
+    for _ in 0..5 {
+        let r = from("127.0.0.3");
+        assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 20));
+    }
+    // A third client fills the rest with idle connections (8: its share, the cap is full)...
+    let (idler, got) = hog("127.0.0.4", 0, 8);
+    assert_eq!(got["idle_closed"], 0, "{got}");
+    // ...and a newcomer is let in by shedding the oldest idle one, not refused.
+    let r = from("127.0.0.5");
+    assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 20));
+    // Meshed callers are untouched.
+    let r = curl(
+        cg.command("curl"),
+        Duration::from_secs(10),
+        &["http://fast-svc.svc/mesh"],
+    );
+    assert_eq!(r.status, 200, "{r}");
+
+    let text = scrape();
+    let shed = metric(
+        &text,
+        "hms_listener_connections_shed_total{listener=\"gateway\"}",
+    );
+    let by_share = metric(
+        &text,
+        "hms_listener_connections_refused_user_share_total{listener=\"gateway\"}",
+    );
+    eprintln!("MEASURED: gateway cap 16: {by_share} refused by the client share, {shed} idle shed");
+    assert_eq!(by_share, 24, "4 busy + 20 idle of the attacker");
+    assert!(shed >= 1, "the newcomer shed an idle connection: {shed}");
+    for mut child in [attacker, idler] {
+        drop(child.stdin.take());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -506,3 +506,46 @@ async fn a_restarted_agent_keeps_its_instances() {
     assert_eq!(nodes_of(&b.snapshot(), "steady-svc"), ["host-a"]);
     drop(a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_larger_than_one_grpc_answer_is_listed_in_pages() {
+    let etcd = Etcd::start().unwrap();
+    let a = host(&etcd, "host-a", |_| {}).await;
+    // 2,400 blobs of 2 KiB: ~5 MiB under the prefix, over the 4 MiB the gRPC client takes in
+    // one answer (a 10,000-service registry is about that size).
+    let value = Arc::new(vec![b'x'; 2048]);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (a, value) = (a.clone(), value.clone());
+            tokio::task::spawn_blocking(move || {
+                for i in (0..2400).filter(|i| i % 4 == w) {
+                    a.put_blob(&format!("big/{i:04}"), &value).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    for (name, port) in [("paged-svc", 7500), ("other-svc", 7501)] {
+        blocking(&a, move |s| s.deploy(spec(name, port), "host-a"))
+            .await
+            .unwrap();
+    }
+    // A host joining now lists all of it (its first list, then the same list as a re-list).
+    let b = host(&etcd, "host-b", |_| {}).await;
+    let snap = b.snapshot();
+    assert_eq!(snap.blobs_under("big/").count(), 2400);
+    assert!(
+        snap.blobs_under("big/")
+            .all(|(_, v)| v.len() == 2048 && v.iter().all(|b| *b == b'x'))
+    );
+    let mine = a.snapshot();
+    for name in ["paged-svc", "other-svc"] {
+        assert_eq!(
+            snap.service(name).map(|s| (s.vip, s.instances.len())),
+            mine.service(name).map(|s| (s.vip, 1)),
+            "{name} on the joining host"
+        );
+    }
+}

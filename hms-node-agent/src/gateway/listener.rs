@@ -19,10 +19,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use http_body_util::BodyExt;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +40,7 @@ use super::routes::RouteTable;
 use super::{GatewayHost, door};
 use crate::drain::Drain;
 use crate::proxy::http::MAX_HEADER_BYTES;
+use crate::proxy::http::body::ObservedBody;
 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,13 +232,28 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(mut slot) = host.cap.admit() else {
+            // Every connection is busy: this one is closed at once (counted by the cap).
+            tracing::warn!(%peer, addr = %rt.addr, "gateway connection cap ({}) reached with none idle; closing", host.cap.max());
+            continue;
+        };
+        if !slot.claim_client_share(peer.ip()) {
+            tracing::info!(%peer, addr = %rt.addr, "gateway client holds its share ({}) of the connection cap; closing", host.cap.user_share());
+            continue;
+        }
         let host = host.clone();
         let rt = rt.clone();
         let acceptor = rt.acceptor();
         let drain = drain.clone();
         tokio::spawn(async move {
             let _guard = drain.guard();
-            serve_connection(host, rt, stream, peer, acceptor, drain).await;
+            let idle = slot.idle_flag();
+            tokio::select! {
+                _ = serve_connection(host, rt, stream, peer, acceptor, drain, idle) => {}
+                // Shed to admit a newer connection (a handshake not finished, a kept-alive
+                // connection between requests): dropping the work closes this one.
+                _ = slot.shed() => tracing::debug!(%peer, "idle gateway connection shed at the cap"),
+            }
         });
     }
     tracing::info!(addr = %rt.addr, "gateway listener closed");
@@ -248,6 +266,7 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: Option<TlsAcceptor>,
     drain: Drain,
+    idle: crate::limits::IdleFlag,
 ) {
     let _ = stream.set_nodelay(true);
     let labels = |reason: &str| {
@@ -266,7 +285,7 @@ async fn serve_connection(
                 sni: None,
                 client_chain: Vec::new(),
             };
-            serve_http(host, rt, TokioIo::new(stream), info, false, drain).await
+            serve_http(host, rt, TokioIo::new(stream), info, false, drain, idle).await
         }
         Some(acceptor) => {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -300,7 +319,27 @@ async fn serve_connection(
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                     .unwrap_or_default(),
             };
-            serve_http(host, rt, TokioIo::new(tls), info, h2, drain).await
+            serve_http(host, rt, TokioIo::new(tls), info, h2, drain, idle).await
+        }
+    }
+}
+
+/// A connection's requests whose response body has not been sent yet; none: idle.
+struct Busy {
+    in_flight: AtomicUsize,
+    idle: crate::limits::IdleFlag,
+}
+
+impl Busy {
+    fn started(&self) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.idle.set(false);
+        }
+    }
+
+    fn ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.set(true);
         }
     }
 }
@@ -323,11 +362,18 @@ async fn serve_http<I>(
     info: ConnInfo,
     h2: bool,
     drain: Drain,
+    idle: crate::limits::IdleFlag,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
     let peer = info.client;
+    // Idle for the cap while no response body is unsent (between requests, or before the
+    // first); the TLS handshake before this counted as idle too.
+    let busy = Arc::new(Busy {
+        in_flight: AtomicUsize::new(0),
+        idle,
+    });
     let service = {
         let host = host.clone();
         let rt = rt.clone();
@@ -337,8 +383,12 @@ async fn serve_http<I>(
             let rt = rt.clone();
             let info = info.clone();
             let drain = drain.clone();
+            let busy = busy.clone();
+            busy.started();
             async move {
-                let mut resp = host.handle(req, &rt, &info, drain.clone()).await;
+                let resp = host.handle(req, &rt, &info, drain.clone()).await;
+                let ended = busy.clone();
+                let mut resp = resp.map(|b| ObservedBody::new(b, move |_| ended.ended()).boxed());
                 if drain.is_signaled()
                     && !h2
                     && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS

@@ -143,6 +143,9 @@ pub struct GatewayHost {
     /// The door's counters (refusals, admissions, JWKS loads), shared by every route.
     pub door_metrics: Arc<door::metrics::DoorMetrics>,
     pub serve: Serve,
+    /// Every listener's connections together (`limits`): at the cap the oldest idle one is
+    /// shed, and one client address holds at most half.
+    pub cap: Arc<crate::limits::ConnCap>,
     /// Running listeners by bound address.
     running: Mutex<HashMap<SocketAddr, Arc<ListenerRuntime>>>,
     /// Why a listener is not serving, by `<gateway>/<listener>`.
@@ -162,6 +165,9 @@ pub struct GatewayHost {
     failed: Mutex<(HashSet<SocketAddr>, Instant, Duration)>,
     /// Step 6: sockets the predecessor handed over, by address, until a listener takes one.
     inherited: Mutex<HashMap<SocketAddr, std::net::TcpListener>>,
+    /// Each served spec's authenticators as last compiled: the next compile starts from
+    /// their per-client rate tables (`door::Authenticators::keep_tables_of`).
+    compiled: Mutex<HashMap<String, Arc<door::Authenticators>>>,
 }
 
 impl GatewayHost {
@@ -172,6 +178,7 @@ impl GatewayHost {
         metrics: &crate::metrics::Metrics,
         serve: Serve,
         acme_cache: std::path::PathBuf,
+        cap: Arc<crate::limits::ConnCap>,
     ) -> GatewayHost {
         GatewayHost {
             store,
@@ -184,6 +191,7 @@ impl GatewayHost {
                 m
             },
             serve,
+            cap,
             running: Mutex::new(HashMap::new()),
             problems: Mutex::new(HashMap::new()),
             acme_challenges: acme::Challenges::default(),
@@ -192,6 +200,7 @@ impl GatewayHost {
             issued: Mutex::new(HashMap::new()),
             failed: Mutex::new((HashSet::new(), Instant::now(), RETRY_FIRST)),
             inherited: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
         }
     }
 
@@ -332,6 +341,14 @@ impl GatewayHost {
                 &door::DoorOptions::default(),
             )
             .map(Arc::new);
+            if let Ok(a) = &authenticators {
+                let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(previous) = compiled.get(name) {
+                    let limited = spec.routes.iter().filter(|r| r.door.rate_limit.is_some());
+                    a.keep_tables_of(previous, limited.map(|r| r.name.as_str()));
+                }
+                compiled.insert(name.clone(), a.clone());
+            }
             for l in &spec.listeners {
                 let addr = SocketAddr::new(l.bind_ip(), l.port);
                 if wanted.contains_key(&addr) {
@@ -384,6 +401,10 @@ impl GatewayHost {
                 );
             }
         }
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| specs.contains_key(name) && self.serve.serves(name));
         (wanted, problems)
     }
 

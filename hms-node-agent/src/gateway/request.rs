@@ -303,8 +303,15 @@ impl GatewayHost {
             retries: spec.retries,
         };
         // The client's ALPN says nothing about what the backend speaks: backends get
-        // HTTP/1.1 (the mesh's HTTP path then sends origin-form with `Host`).
-        parts.version = hyper::Version::HTTP_11;
+        // HTTP/1.1 (the mesh's HTTP path then sends origin-form with `Host`), except gRPC,
+        // which exists only over HTTP/2 (its trailers carry the status): a gRPC call that
+        // came over HTTP/2 goes on as HTTP/2 (h2c to the instance, inside the mTLS tunnel
+        // to another host), as a meshed gRPC caller's would.
+        let grpc_over_h2 = parts.version == hyper::Version::HTTP_2
+            && crate::resilience::retry::is_grpc(&parts.headers);
+        if !grpc_over_h2 {
+            parts.version = hyper::Version::HTTP_11;
+        }
         // A body without Content-Length (or longer than it said) stops at the route's
         // max_body; the answer is then 413, whatever the backend made of the cut body.
         let too_large = Arc::new(AtomicBool::new(false));

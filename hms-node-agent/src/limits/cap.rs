@@ -35,8 +35,9 @@ struct Inner {
     next_id: u64,
     /// By admission order: the first idle entry is the oldest idle connection.
     open: BTreeMap<u64, Entry>,
-    /// Open connections per caller uid, for listeners that know their callers' users.
-    by_user: std::collections::HashMap<u32, usize>,
+    /// Open connections per caller (a local user, or an outside client's address), for
+    /// listeners that know who their callers are.
+    by_user: std::collections::HashMap<ShareKey, usize>,
 }
 
 pub struct ConnCap {
@@ -58,7 +59,16 @@ pub struct ConnSlot {
     id: u64,
     idle: IdleFlag,
     shed: Arc<Notify>,
-    user: Option<u32>,
+    user: Option<ShareKey>,
+}
+
+/// Whose share a connection counts against: a local user (the outbound proxy) or an
+/// outside client's address (the gateway; IPv6 by its /64, which one client usually holds
+/// whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ShareKey {
+    User(u32),
+    Client(std::net::IpAddr),
 }
 
 impl ConnCap {
@@ -149,18 +159,34 @@ impl ConnSlot {
     /// already holds [`ConnCap::user_share`] connections: close it. For listeners that learn
     /// the caller's uid after accepting (the outbound proxy, from the kernel's record).
     pub fn claim_user_share(&mut self, uid: u32) -> bool {
+        self.claim_share(ShareKey::User(uid))
+    }
+
+    /// The same share for a listener facing outside clients (the gateway): counted against
+    /// the client's address, so one client cannot hold every place busy.
+    pub fn claim_client_share(&mut self, client: std::net::IpAddr) -> bool {
+        let key = match client.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+            }
+            v4 => v4,
+        };
+        self.claim_share(ShareKey::Client(key))
+    }
+
+    fn claim_share(&mut self, key: ShareKey) -> bool {
         if self.user.is_some() {
             return true;
         }
         let share = self.cap.user_share();
         let mut inner = self.cap.lock();
-        let held = inner.by_user.entry(uid).or_insert(0);
+        let held = inner.by_user.entry(key).or_insert(0);
         if *held >= share {
             self.cap.refused_user_share.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         *held += 1;
-        self.user = Some(uid);
+        self.user = Some(key);
         true
     }
 
@@ -212,6 +238,29 @@ mod tests {
             again.claim_user_share(65534),
             "a freed place is the user's again"
         );
+    }
+
+    #[test]
+    fn an_outside_client_holds_at_most_half_and_its_ipv6_64_counts_as_one() {
+        let cap = ConnCap::new("t", 4);
+        let a: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        let mut s1 = cap.admit().unwrap();
+        let mut s2 = cap.admit().unwrap();
+        assert!(s1.claim_client_share(a));
+        assert!(s2.claim_client_share(b));
+        let mut s3 = cap.admit().unwrap();
+        assert!(!s3.claim_client_share(a), "the same /64 is one client");
+        assert!(s3.claim_client_share("192.0.2.1".parse().unwrap()));
+        let mut s4 = cap.admit().unwrap();
+        assert!(s4.claim_client_share("::ffff:192.0.2.1".parse().unwrap()));
+        drop(s1);
+        let mut s5 = cap.admit().unwrap();
+        assert!(
+            !s5.claim_client_share("192.0.2.1".parse().unwrap()),
+            "the IPv4-mapped address counted as the IPv4 client: its share is taken"
+        );
+        drop((s2, s3, s4));
     }
 
     #[tokio::test]

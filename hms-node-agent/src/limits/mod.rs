@@ -9,8 +9,9 @@
 //! 2. Every listener gets a cap, a share of that limit kept well below it: the outbound
 //!    proxy a fifth (each connection may hold an upstream socket too), `:15008` a tenth
 //!    plus a sixty-fourth for TLS handshakes still pending, DNS-over-TCP and forwarded DNS
-//!    queries a thirty-second each, metrics and admin a sixty-fourth each. What is left
-//!    (about a third) is for upstream connections, the registry, eBPF maps and logs.
+//!    queries a thirty-second each, metrics, admin and the gateway's listeners (together;
+//!    each may hold an upstream socket too) a sixty-fourth each. What is left (about a
+//!    quarter) is for upstream connections, the registry, eBPF maps and logs.
 //! 3. A listener at its cap sheds its oldest idle connection (an HTTP/1.1 keep-alive
 //!    between requests, an HTTP/2 connection without streams, a DNS connection between
 //!    queries, a metrics or admin connection waiting for a request) to admit the new one;
@@ -85,6 +86,8 @@ pub struct Caps {
     pub dns_tcp: Arc<ConnCap>,
     pub metrics: Arc<ConnCap>,
     pub admin: Arc<ConnCap>,
+    /// Every gateway listener of this host together (outside clients, each held to half).
+    pub gateway: Arc<ConnCap>,
     pub dns_forwards: Arc<tokio::sync::Semaphore>,
     pub dns_forward_capacity: usize,
     pub dns_forwards_dropped: AtomicU64,
@@ -106,19 +109,21 @@ impl Caps {
             dns_tcp: ConnCap::new("dns_tcp", share(n, 32, 4, 4096)),
             metrics: ConnCap::new("metrics", share(n, 64, 4, 64)),
             admin: ConnCap::new("admin", share(n, 64, 4, 64)),
+            gateway: ConnCap::new("gateway", share(n, 64, 8, 32768)),
             dns_forwards: Arc::new(tokio::sync::Semaphore::new(forwards)),
             dns_forward_capacity: forwards,
             dns_forwards_dropped: AtomicU64::new(0),
         }
     }
 
-    pub fn listeners(&self) -> [&Arc<ConnCap>; 5] {
+    pub fn listeners(&self) -> [&Arc<ConnCap>; 6] {
         [
             &self.outbound,
             &self.inbound,
             &self.dns_tcp,
             &self.metrics,
             &self.admin,
+            &self.gateway,
         ]
     }
 
@@ -158,6 +163,7 @@ mod tests {
             + c.dns_tcp.max()
             + c.metrics.max()
             + c.admin.max()
+            + 2 * c.gateway.max()
             + c.dns_forward_capacity;
         assert!(worst < 1024 * 3 / 4, "{worst} of 1024");
         assert_eq!(c.outbound.max(), 204);

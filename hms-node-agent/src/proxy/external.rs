@@ -332,7 +332,8 @@ pub async fn declared_addresses(
     last_errors: &mut HashMap<String, String>,
 ) -> std::collections::BTreeSet<IpAddr> {
     let mut out = std::collections::BTreeSet::new();
-    for svc in snapshot.services() {
+    // Only the external ones: this runs on every registry change.
+    for svc in snapshot.external_services() {
         let Some(ext) = &svc.spec.external else {
             continue;
         };

@@ -3,13 +3,14 @@
 //! embedded one (single host, one JSON file) and etcd (many hosts share one registry).
 //! Readers (DNS, proxy) only ever see an immutable [`Snapshot`], taken with an `Arc` clone, so
 //! nothing on the data path knows which backend is in use or ever waits for a write or for
-//! etcd.
+//! etcd. Snapshots are built from persistent maps, so a new one shares every unchanged
+//! service with the last (see [`Snapshot`]).
 
 pub mod embedded;
 pub mod etcd;
 pub mod vip;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -139,17 +140,31 @@ pub fn validate_blob_key(key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Service names as keys of the persistent maps: `Arc<str>`, so copying a map node on a
+/// change clones pointers, not strings.
+type Name = Arc<str>;
+
 /// An immutable view of every service, host and blob, indexed the ways the data path looks
 /// them up.
-#[derive(Debug, Default)]
+///
+/// The maps that grow with the mesh are persistent (`imbl`, the maintained fork of `im`): a
+/// clone shares every node with the original and a change copies only the path to the entry
+/// it touches. The etcd backend keeps one working `Snapshot`, applies each watch event to it
+/// in place and publishes a clone, so a change costs every host O(log services), and the
+/// published snapshots share all unchanged services with each other (one copy, not one per
+/// snapshot). Service values are `Arc`s, so a copied map node clones pointers only.
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    services: BTreeMap<String, ServiceInfo>,
-    by_vip: HashMap<Ipv4Addr, String>,
-    nodes: BTreeMap<String, NodeInfo>,
+    services: imbl::OrdMap<Name, Arc<ServiceInfo>>,
+    by_vip: imbl::HashMap<Ipv4Addr, Name>,
+    /// The external services (`external:`), so a reader that wants only them (the kernel's
+    /// declared-address set, on every change) does not walk every service.
+    externals: imbl::OrdSet<Name>,
+    nodes: imbl::OrdMap<String, NodeInfo>,
     /// Shared between snapshots: a service change does not copy the blobs.
     blobs: Arc<Blobs>,
     /// Which hosts the operator lets run each service (etcd only; see [`Snapshot::placed_on`]).
-    placement: Arc<Placement>,
+    placement: imbl::OrdMap<Name, Arc<BTreeSet<String>>>,
     /// Hosts the CA admitted (etcd only); a removed host leaves this set.
     members: Arc<BTreeSet<String>>,
     /// Whether the registry itself enforces who writes what (etcd with TLS client
@@ -164,19 +179,11 @@ pub type Placement = BTreeMap<String, BTreeSet<String>>;
 
 impl Snapshot {
     pub fn new(services: impl IntoIterator<Item = ServiceInfo>) -> Snapshot {
-        let services: BTreeMap<String, ServiceInfo> = services
-            .into_iter()
-            .map(|s| (s.spec.name.clone(), s))
-            .collect();
-        let by_vip = services
-            .values()
-            .map(|s| (s.vip, s.spec.name.clone()))
-            .collect();
-        Snapshot {
-            services,
-            by_vip,
-            ..Snapshot::default()
+        let mut snap = Snapshot::default();
+        for s in services {
+            snap.set_service(s);
         }
+        snap
     }
 
     pub fn with_nodes(mut self, nodes: impl IntoIterator<Item = NodeInfo>) -> Snapshot {
@@ -190,7 +197,10 @@ impl Snapshot {
     }
 
     pub fn with_placement(mut self, placement: Arc<Placement>) -> Snapshot {
-        self.placement = placement;
+        self.placement = placement
+            .iter()
+            .map(|(s, hosts)| (Name::from(s.as_str()), Arc::new(hosts.clone())))
+            .collect();
         self
     }
 
@@ -205,16 +215,103 @@ impl Snapshot {
         self
     }
 
+    // ---- changes in place, for a backend's working copy (never on a published one) ----
+
+    /// Adds or replaces the service of `info`'s name (and its VIP index entry).
+    pub(crate) fn set_service(&mut self, info: ServiceInfo) {
+        let name = Name::from(info.spec.name.as_str());
+        let vip = info.vip;
+        if info.spec.is_external() {
+            self.externals.insert(name.clone());
+        } else {
+            self.externals.remove(&name);
+        }
+        if let Some(old) = self.services.insert(name.clone(), Arc::new(info))
+            && old.vip != vip
+        {
+            self.unindex_vip(old.vip, &name);
+        }
+        self.by_vip.insert(vip, name);
+    }
+
+    /// Removes a service; what it was.
+    pub(crate) fn remove_service(&mut self, name: &str) -> Option<Arc<ServiceInfo>> {
+        let old = self.services.remove(name)?;
+        self.externals.remove(name);
+        self.unindex_vip(old.vip, name);
+        Some(old)
+    }
+
+    fn unindex_vip(&mut self, vip: Ipv4Addr, name: &str) {
+        if self.by_vip.get(&vip).is_some_and(|n| &**n == name) {
+            self.by_vip.remove(&vip);
+        }
+    }
+
+    /// The service's instances, to change in place (copying only this service if a published
+    /// snapshot shares it).
+    pub(crate) fn instances_mut(&mut self, name: &str) -> Option<&mut Vec<Instance>> {
+        self.services
+            .get_mut(name)
+            .map(|s| &mut Arc::make_mut(s).instances)
+    }
+
+    pub(crate) fn set_node(&mut self, info: NodeInfo) {
+        self.nodes.insert(info.name.clone(), info);
+    }
+
+    pub(crate) fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// The blobs, to change (copied once if a published snapshot shares them; they are few).
+    pub(crate) fn blobs_mut(&mut self) -> &mut Blobs {
+        Arc::make_mut(&mut self.blobs)
+    }
+
+    pub(crate) fn set_placement(&mut self, service: &str, hosts: BTreeSet<String>) {
+        self.placement.insert(Name::from(service), Arc::new(hosts));
+    }
+
+    pub(crate) fn remove_placement(&mut self, service: &str) {
+        self.placement.remove(service);
+    }
+
+    /// Every placed service and its hosts, in name order.
+    pub(crate) fn placements(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
+        self.placement.iter().map(|(s, h)| (&**s, &**h))
+    }
+
+    /// The members, to change (copied once if shared; one entry per host).
+    pub(crate) fn members_mut(&mut self) -> &mut BTreeSet<String> {
+        Arc::make_mut(&mut self.members)
+    }
+
+    /// Whether `node` has a member record (whether or not membership is enforced).
+    pub(crate) fn is_member_recorded(&self, node: &str) -> bool {
+        self.members.contains(node)
+    }
+
+    pub(crate) fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
+    }
+
     pub fn service(&self, name: &str) -> Option<&ServiceInfo> {
-        self.services.get(name)
+        self.services.get(name).map(|s| &**s)
     }
 
     pub fn by_vip(&self, vip: Ipv4Addr) -> Option<&ServiceInfo> {
-        self.by_vip.get(&vip).and_then(|n| self.services.get(n))
+        self.by_vip.get(&vip).and_then(|n| self.service(n))
     }
 
+    /// In name order.
     pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
-        self.services.values()
+        self.services.values().map(|s| &**s)
+    }
+
+    /// The services with `external:`, in name order.
+    pub fn external_services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.externals.iter().filter_map(|n| self.service(n))
     }
 
     pub fn len(&self) -> usize {
@@ -250,7 +347,7 @@ impl Snapshot {
 
     /// The hosts the operator placed `service` on; None when it was never placed.
     pub fn placement(&self, service: &str) -> Option<&BTreeSet<String>> {
-        self.placement.get(service)
+        self.placement.get(service).map(|h| &**h)
     }
 
     /// Whether the operator let host `node` run `service`: the only hosts that may speak for
@@ -296,5 +393,41 @@ mod tests {
         for bad in ["", "/ca", "ca/", "ca//x", "../x", "ca/../x", "a b", "ä"] {
             assert!(validate_blob_key(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn external_services_are_indexed_as_they_come_and_go() {
+        let svc = |yaml: &str, vip: [u8; 4]| ServiceInfo {
+            spec: parse_spec(yaml, "t").unwrap(),
+            vip: vip.into(),
+            instances: Vec::new(),
+        };
+        let mut snap = Snapshot::new([
+            svc("name: pay\nport: 7000\n", [127, 77, 0, 1]),
+            svc(
+                "name: bank\nexternal: https://bank.example:443\n",
+                [127, 77, 0, 2],
+            ),
+        ]);
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.external_services().map(|x| x.spec.name.clone()).collect()
+        };
+        assert_eq!(names(&snap), ["bank"]);
+        let before = snap.clone();
+        // Redefined as an ordinary service, then removed: the index follows.
+        snap.set_service(svc("name: bank\nport: 7001\n", [127, 77, 0, 2]));
+        assert!(names(&snap).is_empty());
+        assert_eq!(names(&before), ["bank"]);
+        snap.set_service(svc(
+            "name: bank\nexternal: https://bank.example:443\n",
+            [127, 77, 0, 2],
+        ));
+        snap.remove_service("bank");
+        assert!(names(&snap).is_empty());
+        assert!(snap.by_vip([127, 77, 0, 2].into()).is_none());
+        assert_eq!(
+            snap.by_vip([127, 77, 0, 1].into()).unwrap().spec.name,
+            "pay"
+        );
     }
 }

@@ -35,6 +35,9 @@ pub struct ClientLimits {
     /// Time for an empty bucket to fill again.
     refill: Duration,
     table: Mutex<HashMap<String, Entry>>,
+    /// What it was made from: a re-applied spec keeps the table (and every client's bucket)
+    /// of a route whose limit did not change.
+    made_from: (ClientRateLimit, bool),
 }
 
 impl ClientLimits {
@@ -48,7 +51,13 @@ impl ClientLimits {
             max_clients: spec.max_clients_or_default() as usize,
             refill: Duration::from_secs_f64(f64::from(burst) / rate_per_sec),
             table: Mutex::new(HashMap::new()),
+            made_from: (spec.clone(), authenticated),
         }
+    }
+
+    /// Whether `spec` (on a route with or without authentication) makes this same table.
+    pub fn same_settings(&self, spec: &ClientRateLimit, authenticated: bool) -> bool {
+        self.made_from.0 == *spec && self.made_from.1 == authenticated
     }
 
     /// The name a client's bucket goes by: its IPv4 address, or its IPv6 /64.

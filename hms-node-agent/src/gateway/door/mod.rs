@@ -121,6 +121,24 @@ pub struct Authenticators {
 }
 
 impl Authenticators {
+    /// A re-applied spec: its routes start from `previous`'s client tables, so re-applying
+    /// (to change anything else) does not hand every client a fresh burst. A route whose
+    /// limit changed gets a new table when its door is compiled.
+    pub fn keep_tables_of<'a>(
+        &self,
+        previous: &Authenticators,
+        limited_routes: impl IntoIterator<Item = &'a str>,
+    ) {
+        let old = previous.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let mut new = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        for route in limited_routes {
+            if let Some(table) = old.get(route) {
+                new.entry(route.to_string())
+                    .or_insert_with(|| table.clone());
+            }
+        }
+    }
+
     pub fn compile(
         specs: &BTreeMap<String, AuthenticatorSpec>,
         metrics: Arc<DoorMetrics>,
@@ -310,9 +328,17 @@ impl RouteDoor {
                 .limits
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            let authenticated = auth.is_some();
+            // Kept from the previous apply (see `keep_tables_of`) only if unchanged.
+            if shared
+                .get(route)
+                .is_some_and(|t| !t.same_settings(l, authenticated))
+            {
+                shared.remove(route);
+            }
             shared
                 .entry(route.to_string())
-                .or_insert_with(|| Arc::new(ClientLimits::new(l, auth.is_some())))
+                .or_insert_with(|| Arc::new(ClientLimits::new(l, authenticated)))
                 .clone()
         });
         if let Some(l) = &limits {

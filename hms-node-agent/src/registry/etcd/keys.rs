@@ -96,6 +96,19 @@ pub fn vips_prefix(prefix: &str) -> String {
     format!("{prefix}{VIPS}")
 }
 
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the key space.
+    vec![0]
+}
+
 /// The prefix of every node's instances of `service`.
 pub fn instances_of(prefix: &str, service: &str) -> String {
     format!("{prefix}{INSTANCES}{service}/")
@@ -204,5 +217,12 @@ mod tests {
         for bad in ["", "a/b", "a b", &"x".repeat(254), "root", "hms-join-a"] {
             assert!(validate_node_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_prefix_ends_where_its_keys_do() {
+        assert_eq!(prefix_end(b"/hms/v1/"), b"/hms/v10");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
     }
 }

@@ -3,12 +3,15 @@
 //! data path wait: readers get the last published [`Snapshot`], also while etcd is down.
 //!
 //! - **Reading**: one list of the prefix, then one watch from the revision after it. Every
-//!   watch response updates the view and publishes a new snapshot. A broken watch is resumed
+//!   watch response updates the view in place (only the entries its events are about) and
+//!   publishes a clone of it that shares everything unchanged (`view.rs`). A broken watch is resumed
 //!   from the last applied revision with backoff (so no change is missed); if that revision
 //!   was compacted meanwhile, the prefix is listed again.
 //! - **Writing**: global records (spec + VIP) are changed in transactions that compare the
 //!   record's revision, retrying on conflict; a new service claims `vips/<ip>` in the same
-//!   transaction (create only if absent), so two hosts can never take one VIP.
+//!   transaction (create only if absent), so two hosts can never take one VIP: its name's
+//!   hash slot first, the next slots when etcd says a slot is taken (`operator.rs`), never a
+//!   read of every claim unless the range is crowded.
 //! - **Liveness**: this host's instances and node record carry its lease (default 10 s,
 //!   renewed every third of it). A dead host stops renewing and etcd deletes its keys. A
 //!   lease that expired while etcd was unreachable is replaced and the keys written again.
@@ -47,6 +50,9 @@ use view::{InstanceRecord, ServiceRecord, View};
 const MAX_TXN_ATTEMPTS: usize = 64;
 /// etcd's default limit on operations in one transaction is 128.
 const MAX_TXN_OPS: usize = 100;
+/// Keys per page when listing: a page of records stays far below the gRPC client's 4 MiB
+/// answer limit (a service record is a few hundred bytes of JSON).
+const LIST_PAGE: i64 = 1000;
 
 /// How to reach etcd and how this host appears in it.
 #[derive(Debug, Clone)]
@@ -435,7 +441,10 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Exponential backoff: 100 ms doubling up to the configured maximum.
+/// Exponential backoff: 100 ms doubling up to the configured maximum, each wait drawn at
+/// random from its upper half ("equal jitter"): after an etcd outage every host's watch and
+/// lease retry, and hosts whose revision was compacted re-list the whole prefix; without
+/// jitter 500 hosts would do it in the same instant, every round.
 struct Backoff {
     next: Duration,
     max: Duration,
@@ -456,8 +465,15 @@ impl Backoff {
     }
 
     async fn wait(&mut self) {
-        tokio::time::sleep(self.next.min(self.max)).await;
+        tokio::time::sleep(self.jittered()).await;
         self.next = (self.next * 2).min(self.max);
+    }
+
+    /// This round's wait: between half the nominal wait and all of it.
+    fn jittered(&self) -> Duration {
+        let nominal = self.next.min(self.max);
+        let half = nominal / 2;
+        half + half.mul_f64(rand::random::<f64>())
     }
 }
 
@@ -519,18 +535,54 @@ impl Shared {
         self.applied.send_replace(view.revision);
     }
 
+    /// Every key under `prefix` as of one revision, read a page at a time (a whole
+    /// 10,000-service registry is over the 4 MiB the gRPC client accepts in one answer);
+    /// the keys in order and that revision. A page whose revision was compacted meanwhile
+    /// fails the list (the caller lists again).
+    async fn list(
+        &self,
+        prefix: &str,
+        keys_only: bool,
+    ) -> anyhow::Result<(Vec<etcd_client::KeyValue>, i64)> {
+        let end = keys::prefix_end(prefix.as_bytes());
+        let mut kv = self.client.kv_client();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
+            let mut resp = within(self.timeout(), kv.get(from.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let more = resp.more();
+            let page = resp.take_kvs();
+            let Some(last) = page.last() else { break };
+            // The next page starts right after this page's last key.
+            from = last.key().to_vec();
+            from.push(0);
+            out.extend(page);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, revision))
+    }
+
     /// Replaces the view with a fresh list of the prefix; returns its revision.
     async fn relist(&self) -> anyhow::Result<i64> {
-        let mut kv = self.client.kv_client();
-        let resp = within(
-            self.timeout(),
-            kv.get(self.prefix(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let (kvs, revision) = self.list(self.prefix(), false).await?;
         let mut view = self.lock_view();
         view.clear();
-        for kv in resp.kvs() {
+        for kv in &kvs {
             view.put(kv.key(), kv.value());
         }
         view.revision = revision;
@@ -799,15 +851,9 @@ impl Shared {
     /// still deployed, its node record): they move to the new lease instead of expiring with
     /// the old one.
     async fn adopt_own_keys(&self) -> anyhow::Result<()> {
-        let resp = within(
-            self.timeout(),
-            self.client
-                .kv_client()
-                .get(self.prefix(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let (kvs, _) = self.list(self.prefix(), false).await?;
         let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        for kv in resp.kvs() {
+        for kv in &kvs {
             let mine = match Key::parse(self.prefix(), kv.key()) {
                 Some(Key::Instances { node, .. }) | Some(Key::Node(node)) => node == self.opts.node,
                 _ => false,
@@ -866,16 +912,8 @@ impl Shared {
 
     async fn taken_vips(&self) -> anyhow::Result<HashSet<Ipv4Addr>> {
         let prefix = keys::vips_prefix(self.prefix());
-        let resp = within(
-            self.timeout(),
-            self.client.kv_client().get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            ),
-        )
-        .await?;
-        Ok(resp
-            .kvs()
+        let (kvs, _) = self.list(&prefix, true).await?;
+        Ok(kvs
             .iter()
             .filter_map(|kv| match Key::parse(self.prefix(), kv.key()) {
                 Some(Key::Vip(ip)) => Some(ip),
@@ -1155,5 +1193,24 @@ fn refresh_node(value: &[u8]) -> Vec<u8> {
             serde_json::to_vec(&n).unwrap_or_else(|_| value.to_vec())
         }
         Err(_) => value.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_waits_are_jittered_within_their_upper_half() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        b.next = Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..64).map(|_| b.jittered()).collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w >= Duration::from_millis(500) && *w <= Duration::from_secs(1))
+        );
+        // 64 draws from a continuous range are not all the same instant.
+        assert!(waits.iter().any(|w| *w != waits[0]));
     }
 }

@@ -4,16 +4,85 @@
 //! enforces what the records say. Without TLS (development) any host may, as nothing could
 //! stop it anyway.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::net::Ipv4Addr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::keys::{self, Key};
 use super::view::{MemberRecord, PlacementRecord};
 use super::{MAX_TXN_ATTEMPTS, Shared, access, within, within_retrying_auth_race};
+use crate::config::Ipv4Cidr;
 use crate::registry::vip;
+
+/// How many hash slots a new service's VIP tries one by one before the range counts as
+/// crowded and every claim is read once (`taken_vips`) to pick a free one directly. At the
+/// default /16 with 10,000 services a slot is taken with p = 0.15, so 16 misses in a row
+/// (p = 1e-13) means the range is nearly full, not bad luck.
+const MAX_VIP_PROBES: usize = 16;
+
+/// A new service's VIP search: its name's hash slot first (so a name gets the VIP it always
+/// got, `vip.rs`), then the next slots, learning which are taken from the refused
+/// create-only transactions instead of reading every `vips/` key.
+#[derive(Default)]
+struct VipProbe {
+    /// Slots another name holds.
+    taken: HashSet<Ipv4Addr>,
+    /// A slot whose claim is already in this service's name.
+    ours: Option<Ipv4Addr>,
+    listed: bool,
+}
+
+impl VipProbe {
+    fn crowded(&self) -> bool {
+        !self.listed && self.ours.is_none() && self.taken.len() >= MAX_VIP_PROBES
+    }
+
+    fn list_all(&mut self, taken: HashSet<Ipv4Addr>) {
+        self.taken.extend(taken);
+        self.listed = true;
+    }
+
+    /// The slot to try, and whether its claim is already this service's.
+    fn next(&self, range: Ipv4Cidr, service: &str) -> Option<(Ipv4Addr, bool)> {
+        if let Some(ip) = self.ours {
+            return Some((ip, true));
+        }
+        vip::allocate(range, service, &self.taken).map(|ip| (ip, false))
+    }
+
+    /// The transaction for `vip` failed; `holder` is who holds its claim (None: nobody, so
+    /// the placement compare failed instead and the same slot is tried again).
+    fn refused(&mut self, vip: Ipv4Addr, holder: Option<&str>, service: &str) {
+        match holder {
+            Some(h) if h == service => self.ours = Some(vip),
+            Some(_) => {
+                if self.ours == Some(vip) {
+                    self.ours = None;
+                }
+                self.taken.insert(vip);
+            }
+            None => {
+                if self.ours == Some(vip) {
+                    self.ours = None;
+                }
+            }
+        }
+    }
+}
+
+/// The holder named by the `or_else` read of a refused claim transaction.
+fn claim_holder(resp: &etcd_client::TxnResponse) -> Option<String> {
+    resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        _ => None,
+    })
+}
 
 /// What `hms-ctl node remove` took away.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -65,6 +134,8 @@ impl Shared {
             keys::validate_node_name(h)?;
         }
         let pkey = self.key(Key::Placement(service.to_string()));
+        let range = self.opts.vip_range;
+        let mut probe = VipProbe::default();
         for _ in 0..MAX_TXN_ATTEMPTS {
             let old = self.get_placement(service).await?;
             let (vip, claim) = match &old {
@@ -73,12 +144,13 @@ impl Shared {
                     // A service deployed before placement existed keeps its VIP.
                     Some((rec, _)) => (rec.vip, None),
                     None => {
-                        let taken = self.taken_vips().await?;
-                        let range = self.opts.vip_range;
-                        let vip = vip::allocate(range, service, &taken).with_context(|| {
+                        if probe.crowded() {
+                            probe.list_all(self.taken_vips().await?);
+                        }
+                        let (vip, ours) = probe.next(range, service).with_context(|| {
                             format!("no free VIP left in {range}; undeploy something or widen --vip-cidr")
                         })?;
-                        (vip, Some(self.key(Key::Vip(vip))))
+                        (vip, Some((self.key(Key::Vip(vip)), ours)))
                     }
                 },
             };
@@ -91,17 +163,30 @@ impl Shared {
                 vip,
             })?;
             let mut ops = vec![TxnOp::put(pkey.clone(), record, None)];
-            if let Some(claim) = &claim {
-                when.push(Compare::create_revision(claim.clone(), CompareOp::Equal, 0));
+            let mut on_refusal = Vec::new();
+            if let Some((claim, ours)) = &claim {
+                // Create-only: two hosts can never take one VIP. A claim already in this
+                // name (left by an earlier placement) is taken over as it is.
+                when.push(if *ours {
+                    Compare::value(claim.clone(), CompareOp::Equal, service)
+                } else {
+                    Compare::version(claim.clone(), CompareOp::Equal, 0)
+                });
                 ops.push(TxnOp::put(claim.clone(), service, None));
+                // On failure, say who holds the slot, so the probe moves on without a read.
+                on_refusal.push(TxnOp::get(claim.clone(), None));
             }
-            let txn = Txn::new().when(when).and_then(ops);
+            // etcd_client's builder wants when, and_then, or_else in this order.
+            let txn = Txn::new().when(when).and_then(ops).or_else(on_refusal);
             let resp = within_retrying_auth_race(self.timeout(), || {
                 let (mut kv, txn) = (self.client.kv_client(), txn.clone());
                 async move { kv.txn(txn).await }
             })
             .await?;
             if !resp.succeeded() {
+                if claim.is_some() {
+                    probe.refused(vip, claim_holder(&resp).as_deref(), service);
+                }
                 continue;
             }
             if self.secured() {
@@ -303,5 +388,46 @@ impl Shared {
             self.place(service, hosts.clone()).await?;
         }
         Ok(unplaced.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_starts_at_the_names_slot_and_learns_from_refusals() {
+        let range: Ipv4Cidr = "127.77.0.0/16".parse().unwrap();
+        let mut probe = VipProbe::default();
+        let (first, ours) = probe.next(range, "pay").unwrap();
+        assert!(!ours);
+        // The slot every earlier version gave this name.
+        assert_eq!(first, vip::allocate(range, "pay", &HashSet::new()).unwrap());
+        // Nobody holds it (the placement compare failed): the same slot again.
+        probe.refused(first, None, "pay");
+        assert_eq!(probe.next(range, "pay").unwrap(), (first, false));
+        // Another name holds it: the next slot.
+        probe.refused(first, Some("other"), "pay");
+        let (second, _) = probe.next(range, "pay").unwrap();
+        assert_ne!(second, first);
+        // A claim already in this name is taken over.
+        probe.refused(second, Some("pay"), "pay");
+        assert_eq!(probe.next(range, "pay").unwrap(), (second, true));
+        assert!(!probe.crowded());
+    }
+
+    #[test]
+    fn a_crowded_range_is_listed_once_and_a_full_one_refused() {
+        let range: Ipv4Cidr = "127.77.0.0/24".parse().unwrap();
+        let mut probe = VipProbe::default();
+        for _ in 0..MAX_VIP_PROBES {
+            let (ip, _) = probe.next(range, "pay").unwrap();
+            probe.refused(ip, Some("other"), "pay");
+        }
+        assert!(probe.crowded());
+        let all: HashSet<Ipv4Addr> = (1..255).map(|i| Ipv4Addr::new(127, 77, 0, i)).collect();
+        probe.list_all(all);
+        assert!(!probe.crowded());
+        assert_eq!(probe.next(range, "pay"), None);
     }
 }

@@ -1,6 +1,9 @@
 //! This host's copy of everything under the prefix, kept current by the watch, and the merge
 //! that turns it into a [`Snapshot`]: a service is its global record plus every node's
-//! instances of it; instances whose service record is gone are left out. Values that do not
+//! instances of it; instances whose service record is gone are left out. Each event changes
+//! only the entries its key is about, in a persistent working [`Snapshot`] that publishing
+//! clones in O(1): a change costs O(log services) on every host, never a rebuild, and the
+//! served specs live only there (no second copy here). Values that do not
 //! decode are logged and treated as absent (another agent's bug must not stop this one).
 //!
 //! Values are checked, not believed: an instance outside loopback is dropped (the inbound
@@ -18,7 +21,7 @@ use hms_ctl::spec::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
 use super::keys::Key;
-use crate::registry::{Blobs, Placement, Snapshot};
+use crate::registry::Snapshot;
 
 /// The value of `services/<name>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -50,18 +53,18 @@ pub struct MemberRecord {
 #[derive(Debug, Default)]
 pub struct View {
     prefix: String,
-    /// Whether etcd enforces access (see [`Snapshot::secured`]).
-    secured: bool,
-    services: BTreeMap<String, ServiceRecord>,
+    /// What the data path reads, changed in place by each event (persistent maps: a published
+    /// clone keeps what it had, and shares everything this change did not touch). The one
+    /// copy of every served service's spec.
+    snap: Snapshot,
+    /// Service records that are not served (their VIP is not claimed in their name, or not
+    /// the placement's): kept so they are served once it is.
+    held: BTreeMap<String, ServiceRecord>,
     /// `vips/<ip>` -> the name holding it.
     vip_claims: BTreeMap<Ipv4Addr, String>,
-    placement: Arc<Placement>,
     placement_vips: BTreeMap<String, Ipv4Addr>,
-    members: Arc<BTreeSet<String>>,
-    /// service -> node -> addresses.
+    /// service -> node -> addresses (also of services without a record yet).
     instances: BTreeMap<String, BTreeMap<String, Vec<SocketAddrV4>>>,
-    nodes: BTreeMap<String, NodeInfo>,
-    blobs: Arc<Blobs>,
     /// The etcd revision everything here reflects.
     pub revision: i64,
 }
@@ -70,96 +73,108 @@ impl View {
     pub fn new(prefix: &str, secured: bool) -> View {
         View {
             prefix: prefix.to_string(),
-            secured,
+            snap: Snapshot::default().with_members(Arc::default(), secured),
             ..View::default()
         }
     }
 
     /// Forgets everything (before a full re-list).
     pub fn clear(&mut self) {
-        *self = View::new(&self.prefix, self.secured);
+        *self = View::new(&self.prefix, self.snap.secured());
     }
 
     /// Every service with a record (whether or not its VIP checks out).
     pub fn service_names(&self) -> Vec<String> {
-        self.services.keys().cloned().collect()
+        let mut names: Vec<String> = self
+            .snap
+            .services()
+            .map(|s| s.spec.name.clone())
+            .chain(self.held.keys().cloned())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Every service with a placement record.
     pub fn placed_services(&self) -> Vec<String> {
-        self.placement.keys().cloned().collect()
+        self.snap.placements().map(|(s, _)| s.to_string()).collect()
     }
 
     /// The services placed on `node`.
     pub fn services_placed_on(&self, node: &str) -> Vec<String> {
-        self.placement
-            .iter()
+        self.snap
+            .placements()
             .filter(|(_, hosts)| hosts.contains(node))
-            .map(|(s, _)| s.clone())
+            .map(|(s, _)| s.to_string())
             .collect()
     }
 
-    /// Applies a put; the key it changed, if it is one this version knows.
+    /// Applies a put; the key it changed, if it is one this version knows. Touches only what
+    /// the key is about: O(log services).
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Option<Key> {
         let k = Key::parse(&self.prefix, key)?;
         match &k {
-            Key::Service(name) => match decode::<ServiceRecord>(&k, value) {
-                Some(rec) if rec.spec.name == *name => {
-                    self.services.insert(name.clone(), rec);
-                }
-                Some(_) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(key), "registry record names another service; ignored");
-                    self.services.remove(name);
-                }
-                None => {
-                    self.services.remove(name);
-                }
-            },
-            Key::Instances { service, node } => match decode::<InstanceRecord>(&k, value) {
-                Some(rec) => {
-                    let (local, foreign): (Vec<_>, Vec<_>) =
-                        rec.addrs.into_iter().partition(|a| a.ip().is_loopback());
-                    if !foreign.is_empty() {
-                        tracing::warn!(%service, %node, ?foreign, "registry instance record names addresses outside loopback; ignored (instances listen on the host's loopback)");
+            Key::Service(name) => {
+                self.take_record(name);
+                match decode::<ServiceRecord>(&k, value) {
+                    Some(rec) if rec.spec.name == *name => self.place_record(name, rec),
+                    Some(_) => {
+                        tracing::warn!(key = %String::from_utf8_lossy(key), "registry record names another service; ignored");
                     }
-                    if local.is_empty() {
-                        self.remove_instances(service, node);
-                    } else {
-                        self.instances
-                            .entry(service.clone())
-                            .or_default()
-                            .insert(node.clone(), local);
-                    }
+                    None => {}
                 }
-                None => self.remove_instances(service, node),
-            },
+            }
+            Key::Instances { service, node } => {
+                match decode::<InstanceRecord>(&k, value) {
+                    Some(rec) => {
+                        let (local, foreign): (Vec<_>, Vec<_>) =
+                            rec.addrs.into_iter().partition(|a| a.ip().is_loopback());
+                        if !foreign.is_empty() {
+                            tracing::warn!(%service, %node, ?foreign, "registry instance record names addresses outside loopback; ignored (instances listen on the host's loopback)");
+                        }
+                        if local.is_empty() {
+                            self.remove_instances(service, node);
+                        } else {
+                            self.instances
+                                .entry(service.clone())
+                                .or_default()
+                                .insert(node.clone(), local);
+                        }
+                    }
+                    None => self.remove_instances(service, node),
+                }
+                self.refresh_instances(service);
+            }
             Key::Node(name) => match decode::<NodeInfo>(&k, value) {
-                Some(info) if info.name == *name => {
-                    self.nodes.insert(name.clone(), info);
-                }
-                _ => {
-                    self.nodes.remove(name);
-                }
+                Some(info) if info.name == *name => self.snap.set_node(info),
+                _ => self.snap.remove_node(name),
             },
             Key::Blob(blob) => {
-                Arc::make_mut(&mut self.blobs).insert(blob.clone(), Arc::from(value));
+                self.snap.blobs_mut().insert(blob.clone(), Arc::from(value));
             }
             Key::Vip(ip) => {
                 let holder = String::from_utf8_lossy(value).into_owned();
-                self.vip_claims.insert(*ip, holder);
-            }
-            Key::Placement(service) => match decode::<PlacementRecord>(&k, value) {
-                Some(rec) => {
-                    Arc::make_mut(&mut self.placement).insert(service.clone(), rec.hosts);
-                    self.placement_vips.insert(service.clone(), rec.vip);
+                let before = self.vip_claims.insert(*ip, holder.clone());
+                self.refresh(&holder);
+                if let Some(before) = before.filter(|b| *b != holder) {
+                    self.refresh(&before);
                 }
-                None => self.remove_placement(service),
-            },
+            }
+            Key::Placement(service) => {
+                match decode::<PlacementRecord>(&k, value) {
+                    Some(rec) => {
+                        self.snap.set_placement(service, rec.hosts);
+                        self.placement_vips.insert(service.clone(), rec.vip);
+                    }
+                    None => self.remove_placement(service),
+                }
+                self.refresh(service);
+            }
             Key::Member(node) => {
                 if decode::<MemberRecord>(&k, value).is_some() {
-                    Arc::make_mut(&mut self.members).insert(node.clone());
-                } else if self.members.contains(node) {
-                    Arc::make_mut(&mut self.members).remove(node);
+                    self.snap.members_mut().insert(node.clone());
+                } else if self.snap.is_member_recorded(node) {
+                    self.snap.members_mut().remove(node);
                 }
             }
         }
@@ -167,9 +182,7 @@ impl View {
     }
 
     fn remove_placement(&mut self, service: &str) {
-        if self.placement.contains_key(service) {
-            Arc::make_mut(&mut self.placement).remove(service);
-        }
+        self.snap.remove_placement(service);
         self.placement_vips.remove(service);
     }
 
@@ -178,24 +191,30 @@ impl View {
         let k = Key::parse(&self.prefix, key)?;
         match &k {
             Key::Service(name) => {
-                self.services.remove(name);
+                self.take_record(name);
             }
-            Key::Instances { service, node } => self.remove_instances(service, node),
-            Key::Node(name) => {
-                self.nodes.remove(name);
+            Key::Instances { service, node } => {
+                self.remove_instances(service, node);
+                self.refresh_instances(service);
             }
+            Key::Node(name) => self.snap.remove_node(name),
             Key::Blob(blob) => {
-                if self.blobs.contains_key(blob) {
-                    Arc::make_mut(&mut self.blobs).remove(blob);
+                if self.snap.blob(blob).is_some() {
+                    self.snap.blobs_mut().remove(blob);
                 }
             }
             Key::Vip(ip) => {
-                self.vip_claims.remove(ip);
+                if let Some(holder) = self.vip_claims.remove(ip) {
+                    self.refresh(&holder);
+                }
             }
-            Key::Placement(service) => self.remove_placement(service),
+            Key::Placement(service) => {
+                self.remove_placement(service);
+                self.refresh(service);
+            }
             Key::Member(node) => {
-                if self.members.contains(node) {
-                    Arc::make_mut(&mut self.members).remove(node);
+                if self.snap.is_member_recorded(node) {
+                    self.snap.members_mut().remove(node);
                 }
             }
         }
@@ -211,34 +230,68 @@ impl View {
         }
     }
 
-    /// Merges records and instances into what the data path reads.
-    pub fn snapshot(&self) -> Snapshot {
-        let services = self
-            .services
-            .iter()
-            .filter(|(name, rec)| self.vip_is_its_own(name, rec.vip))
-            .map(|(name, rec)| ServiceInfo {
-                spec: rec.spec.clone(),
+    /// Every node's instances of `service`, merged (node order, then each node's order).
+    fn merged_instances(&self, service: &str) -> Vec<Instance> {
+        self.instances
+            .get(service)
+            .into_iter()
+            .flat_map(|by_node| by_node.iter())
+            .flat_map(|(node, addrs)| {
+                addrs.iter().map(move |addr| Instance {
+                    node: node.clone(),
+                    addr: *addr,
+                })
+            })
+            .collect()
+    }
+
+    /// A served service's instances changed: replace them in its entry.
+    fn refresh_instances(&mut self, service: &str) {
+        let merged = self.merged_instances(service);
+        if let Some(instances) = self.snap.instances_mut(service) {
+            *instances = merged;
+        }
+    }
+
+    /// Takes `name`'s record out (served or held); the record it was.
+    fn take_record(&mut self, name: &str) -> Option<ServiceRecord> {
+        if let Some(rec) = self.held.remove(name) {
+            return Some(rec);
+        }
+        let info = self.snap.remove_service(name)?;
+        let info = Arc::try_unwrap(info).unwrap_or_else(|shared| (*shared).clone());
+        Some(ServiceRecord {
+            spec: info.spec,
+            vip: info.vip,
+        })
+    }
+
+    /// Serves `rec` if its VIP checks out, else holds it.
+    fn place_record(&mut self, name: &str, rec: ServiceRecord) {
+        if self.vip_is_its_own(name, rec.vip) {
+            let instances = self.merged_instances(name);
+            self.snap.set_service(ServiceInfo {
+                spec: rec.spec,
                 vip: rec.vip,
-                instances: self
-                    .instances
-                    .get(name)
-                    .into_iter()
-                    .flat_map(|by_node| by_node.iter())
-                    .flat_map(|(node, addrs)| {
-                        addrs.iter().map(move |addr| Instance {
-                            node: node.clone(),
-                            addr: *addr,
-                        })
-                    })
-                    .collect(),
+                instances,
             });
-        Snapshot::new(services)
-            .with_nodes(self.nodes.values().cloned())
-            .with_blobs(self.blobs.clone())
-            .with_placement(self.placement.clone())
-            .with_members(self.members.clone(), self.secured)
-            .at_revision(u64::try_from(self.revision).unwrap_or(0))
+        } else {
+            self.held.insert(name.to_string(), rec);
+        }
+    }
+
+    /// A claim or placement of `name` changed: judge its record again.
+    fn refresh(&mut self, name: &str) {
+        if let Some(rec) = self.take_record(name) {
+            self.place_record(name, rec);
+        }
+    }
+
+    /// What the data path reads now: a clone of the working copy, O(1) (shares everything).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snap = self.snap.clone();
+        snap.set_revision(u64::try_from(self.revision).unwrap_or(0));
+        snap
     }
 }
 
@@ -453,5 +506,84 @@ mod tests {
             &serde_json::to_vec(&moved).unwrap(),
         );
         assert!(v.snapshot().service("pay").is_none());
+    }
+
+    #[test]
+    fn a_change_copies_only_the_service_it_is_about() {
+        let mut v = View::new(P, false);
+        let names: Vec<String> = (0..300).map(|i| format!("svc-{i}")).collect();
+        for (i, n) in names.iter().enumerate() {
+            let i = u16::try_from(i).unwrap();
+            put_service(
+                &mut v,
+                n,
+                7000 + i,
+                [127, 77, 1 + (i / 200) as u8, (i % 200) as u8 + 1],
+            );
+        }
+        let before = v.snapshot();
+        put_instances(&mut v, "svc-7", "host-b", &[7007]);
+        let after = v.snapshot();
+        for n in &names {
+            let shared = Arc::ptr_eq(
+                before.services.get(n.as_str()).unwrap(),
+                after.services.get(n.as_str()).unwrap(),
+            );
+            assert_eq!(shared, n != "svc-7", "{n}");
+        }
+        // The earlier snapshot still shows what it showed.
+        assert!(before.service("svc-7").unwrap().instances.is_empty());
+        assert_eq!(after.service("svc-7").unwrap().instances.len(), 1);
+        assert_eq!(after.len(), 300);
+        assert_eq!(
+            after.by_vip([127, 77, 1, 8].into()).unwrap().spec.name,
+            "svc-7"
+        );
+    }
+
+    #[test]
+    fn a_claim_that_moves_moves_the_service() {
+        let mut v = View::new(P, false);
+        let vip: Ipv4Addr = [127, 77, 0, 5].into();
+        // Record first, claim later (the order a re-list delivers them in).
+        let rec = |name: &str| ServiceRecord {
+            spec: spec(name, 7000),
+            vip,
+        };
+        for name in ["a", "b"] {
+            v.put(
+                Key::Service(name.into()).encode(P).as_bytes(),
+                &serde_json::to_vec(&rec(name)).unwrap(),
+            );
+        }
+        assert!(v.snapshot().is_empty());
+        let claim = Key::Vip(vip).encode(P);
+        v.put(claim.as_bytes(), b"a");
+        let snap = v.snapshot();
+        assert_eq!(snap.by_vip(vip).unwrap().spec.name, "a");
+        assert!(snap.service("b").is_none());
+        v.put(claim.as_bytes(), b"b");
+        let snap = v.snapshot();
+        assert_eq!(snap.by_vip(vip).unwrap().spec.name, "b");
+        assert!(snap.service("a").is_none());
+        assert_eq!(v.service_names(), ["a", "b"]);
+        v.delete(claim.as_bytes());
+        let snap = v.snapshot();
+        assert!(snap.is_empty());
+        assert!(snap.by_vip(vip).is_none());
+        // A record changing its VIP leaves the old index entry.
+        v.put(claim.as_bytes(), b"a");
+        let moved = ServiceRecord {
+            vip: [127, 77, 0, 6].into(),
+            ..rec("a")
+        };
+        v.put(Key::Vip(moved.vip).encode(P).as_bytes(), b"a");
+        v.put(
+            Key::Service("a".into()).encode(P).as_bytes(),
+            &serde_json::to_vec(&moved).unwrap(),
+        );
+        let snap = v.snapshot();
+        assert!(snap.by_vip(vip).is_none());
+        assert_eq!(snap.by_vip(moved.vip).unwrap().spec.name, "a");
     }
 }
