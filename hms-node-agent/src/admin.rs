@@ -153,6 +153,12 @@ impl Admin {
         stream: UnixStream,
         slot: &crate::limits::ConnSlot,
     ) -> anyhow::Result<()> {
+        // A hand-over's successor connects itself: its pid is the new main process's.
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut raw = Vec::new();
@@ -218,6 +224,14 @@ impl Admin {
                 }
             } else {
                 match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::HandoverDone) if handing_over => {
+                        match self.handover_done(peer_pid) {
+                            Ok(data) => Response::Ok { data },
+                            Err(e) => Response::Error {
+                                message: format!("{e:#}"),
+                            },
+                        }
+                    }
                     Ok(req) => self.handle(req).await,
                     Err(e) => Response::Error {
                         message: format!(
@@ -233,6 +247,23 @@ impl Admin {
                 return Ok(());
             }
         }
+    }
+
+    /// The successor serves: under systemd it becomes the unit's main process (named by
+    /// this one, the main process until now), then this agent drains and exits.
+    fn handover_done(&self, successor: Option<u32>) -> anyhow::Result<serde_json::Value> {
+        tracing::info!(
+            successor,
+            "successor confirmed the hand-over: draining and exiting"
+        );
+        let main_pid_sent = crate::service_manager::hand_main_pid_to(successor);
+        self.socket_handed_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handed_over.notify_one();
+        ok(&serde_json::json!({
+            "draining": true,
+            "main_pid_sent": main_pid_sent,
+        }))
     }
 
     /// Validates and stores a gateway spec; an invalid one changes nothing.
@@ -297,13 +328,7 @@ impl Admin {
             Request::Handover => Err(anyhow::anyhow!(
                 "a hand-over is answered with fds; send it first on its own connection"
             )),
-            Request::HandoverDone => {
-                tracing::info!("successor confirmed the hand-over: draining and exiting");
-                self.socket_handed_over
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                self.handed_over.notify_one();
-                ok(&serde_json::json!({ "draining": true }))
-            }
+            Request::HandoverDone => self.handover_done(None),
             Request::CaInit { trust_domain } => {
                 match crate::identity::validate_trust_domain(&trust_domain) {
                     Err(e) => Err(anyhow::anyhow!("{e}")),

@@ -256,10 +256,10 @@ pub async fn run(
     let took_over = successor.is_some();
     if let Some(successor) = successor {
         // We serve on the shared listeners now; let the old agent drain and go.
-        tokio::task::spawn_blocking(move || successor.confirm()).await??;
+        let announced = tokio::task::spawn_blocking(move || successor.confirm()).await??;
         tracing::info!("took over from the previous agent");
         // Under systemd the service's main process is now this one.
-        crate::handover::notify_systemd(&format!("MAINPID={}\nREADY=1", std::process::id()));
+        crate::service_manager::took_over(announced);
         // The ring buffer has one consumer: give the old agent a moment to stop reading.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

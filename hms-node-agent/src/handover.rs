@@ -83,8 +83,10 @@ pub fn request_listeners(
 }
 
 impl Successor {
-    /// Step 3: tell the old agent to stop accepting and drain; returns once it agreed.
-    pub fn confirm(mut self) -> anyhow::Result<()> {
+    /// Step 3: tell the old agent to stop accepting and drain; returns once it agreed, and
+    /// whether it told systemd that this process is the unit's main process now (an older
+    /// agent does not say, and did not).
+    pub fn confirm(mut self) -> anyhow::Result<bool> {
         self.stream
             .get_mut()
             .write_all(b"{\"op\":\"handover_done\"}\n")?;
@@ -93,7 +95,9 @@ impl Successor {
             .read_line(&mut line)
             .context("waiting for the old agent to start draining")?;
         match serde_json::from_str::<hms_ctl::api::Response>(line.trim()) {
-            Ok(hms_ctl::api::Response::Ok { .. }) => Ok(()),
+            Ok(hms_ctl::api::Response::Ok { data }) => {
+                Ok(data["main_pid_sent"].as_bool().unwrap_or(false))
+            }
             _ => bail!("the old agent did not confirm the hand-over: {line}"),
         }
     }
@@ -152,36 +156,17 @@ impl Relaunch {
         Ok(Relaunch { program, args })
     }
 
-    /// Starts the successor; it outlives this process.
+    /// Starts the successor; it outlives this process. Under systemd the process started
+    /// here forks and exits at once (`service_manager::leave_predecessor_tree`); it is
+    /// reaped here, and the successor's own pid is the hand-over connection's peer.
     pub fn spawn(&self) -> anyhow::Result<u32> {
-        let child = std::process::Command::new(&self.program)
+        let mut child = std::process::Command::new(&self.program)
             .args(&self.args)
             .stdin(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("starting the successor {}", self.program.display()))?;
-        Ok(child.id())
-    }
-}
-
-/// Sends `state` to systemd's notification socket when the agent runs under systemd
-/// (`NOTIFY_SOCKET`; the unit has `NotifyAccess=all`), so a successor becomes the service's
-/// main process instead of being killed when its predecessor exits. Hand-rolled: the
-/// protocol is one datagram, not worth a dependency.
-pub fn notify_systemd(state: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(abstract_name) => std::os::unix::net::SocketAddr::from_abstract_name(abstract_name),
-        None => std::os::unix::net::SocketAddr::from_pathname(&path),
-    };
-    let sent = addr.and_then(|addr| {
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        sock.send_to_addr(state.as_bytes(), &addr)
-    });
-    if let Err(e) = sent {
-        tracing::warn!("telling systemd `{state}` failed: {e}");
+        let pid = child.id();
+        std::thread::spawn(move || child.wait());
+        Ok(pid)
     }
 }

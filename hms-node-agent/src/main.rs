@@ -81,14 +81,22 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => match remember_and_resolve(*args) {
             Ok(config) => {
                 init_logs(config.log_format);
-                // Read (and unset) systemd's LISTEN_* before any thread exists.
-                hms_node_agent::listeners::from_systemd().and_then(|passed| {
-                    tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(anyhow::Error::from)
-                        .and_then(|rt| rt.block_on(hms_node_agent::agent::run(config, passed)))
-                })
+                // An upgrade's successor leaves its predecessor's process tree (a fork), and
+                // reads (and unsets) systemd's LISTEN_*, before any thread exists.
+                let detached = if config.takeover {
+                    hms_node_agent::service_manager::leave_predecessor_tree()
+                } else {
+                    Ok(())
+                };
+                detached
+                    .and_then(|()| hms_node_agent::listeners::from_systemd())
+                    .and_then(|passed| {
+                        tokio::runtime::Builder::new_multi_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(anyhow::Error::from)
+                            .and_then(|rt| rt.block_on(hms_node_agent::agent::run(config, passed)))
+                    })
             }
             Err(e) => Err(e),
         },

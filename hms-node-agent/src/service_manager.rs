@@ -9,6 +9,18 @@
 //! file (a broken file is reported before the next restart trips over it) and names what a
 //! restart would change; it never applies a setting and never stops the agent. Without
 //! `NOTIFY_SOCKET` (not under systemd) every call here does nothing.
+//!
+//! An upgrade's hand-over changes the unit's main process; systemd must supervise the
+//! successor as it did the first agent (wait for it at a stop, so `systemctl stop` is a
+//! SIGTERM and a drain). Two things make that so:
+//! - the successor leaves its predecessor's process tree first ([`leave_predecessor_tree`]),
+//!   so it is PID 1's child: a main process that is not systemd's child is "alien"
+//!   ("Supervising process N which is not our child"), and systemd 252 neither waits for
+//!   an alien main process at a stop nor spares it the SIGKILL that follows the SIGTERM;
+//! - the predecessor, the unit's main process, names the successor (`MAINPID=`) once it
+//!   serves ([`hand_main_pid_to`]). A predecessor that does not (releases before this one)
+//!   leaves it to the successor ([`took_over`]), which is why the unit keeps
+//!   `NotifyAccess=all`.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -30,6 +42,70 @@ fn notify(states: &[NotifyState<'_>]) {
     // `false`: keep NOTIFY_SOCKET for an upgrade's successor, which reports MAINPID= itself.
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!("telling systemd {states:?} failed: {e}");
+    }
+}
+
+/// An upgrade's successor (`run --takeover`) under systemd: fork, and let the first process
+/// exit at once; the second, orphaned, is re-parented to PID 1 (systemd) and goes on as the
+/// agent. Returns once that happened. Without `NOTIFY_SOCKET` (not under systemd: a test
+/// harness, a shell) the successor stays its predecessor's child, as it was started.
+///
+/// Must run before any thread exists: only the forking thread goes on in the child.
+pub fn leave_predecessor_tree() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use nix::unistd::{ForkResult, fork, getpid, getppid};
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return Ok(());
+    }
+    let first = getpid();
+    // SAFETY: main calls this before the runtime or any other thread exists, so the child
+    // is a complete copy of a single-threaded process.
+    match unsafe { fork() }.context("forking to leave the predecessor's process tree")? {
+        // Nothing of the first process's state needs unwinding: it has done nothing yet.
+        // SAFETY: _exit ends this process at once; nothing runs after it.
+        ForkResult::Parent { .. } => unsafe { libc::_exit(0) },
+        ForkResult::Child => {
+            // The parent's exit re-parents us; systemd checks our parent when it is told
+            // our pid, so make sure that happened (it is a matter of microseconds).
+            for _ in 0..1000 {
+                if getppid() != first {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            anyhow::bail!(
+                "the successor's first process (pid {first}) did not exit; systemd would not supervise this one as its child"
+            )
+        }
+    }
+}
+
+/// The predecessor's side of a hand-over under systemd: the unit's main process names its
+/// successor (`successor`: the pid the hand-over connection came from) as the new main
+/// process, before it drains. Returns whether it told systemd.
+pub fn hand_main_pid_to(successor: Option<u32>) -> bool {
+    let Some(pid) = successor else {
+        return false;
+    };
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return false;
+    }
+    notify(&[NotifyState::MainPid(pid)]);
+    tracing::info!(
+        successor = pid,
+        "told systemd the successor is the main process now"
+    );
+    true
+}
+
+/// The successor's side, once its predecessor agreed to drain: `READY=1` (it serves), and
+/// `MAINPID=` itself when the predecessor did not name it (`announced`: a release before
+/// [`hand_main_pid_to`]; the unit's `NotifyAccess=all` accepts it from this process).
+pub fn took_over(announced: bool) {
+    if announced {
+        notify(&[NotifyState::Ready]);
+    } else {
+        notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
     }
 }
 

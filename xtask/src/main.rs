@@ -62,8 +62,8 @@ enum Command {
         #[arg(long)]
         no_vm: bool,
         /// Also run `vm-test --system` (the .deb on a real Debian 12 system under systemd).
-        /// Off by default: under software emulation it takes about 20 minutes, which would
-        /// take the suite past its 30-minute budget.
+        /// Off by default: under software emulation it adds about 12 minutes from scratch
+        /// (debootstrap, packages, the VM's 8), which takes the suite past its 30 minutes.
         #[arg(long)]
         system: bool,
         /// Passed to the test binaries, e.g. a name filter: `cargo xtask test -- dns`.
@@ -220,6 +220,7 @@ fn main() -> ExitCode {
             bin_dir,
             pre_notify: false,
             out_dir: None,
+            compress: true,
             lintian: !no_lintian,
         })
         .map(|_| ()),

@@ -76,7 +76,7 @@ pub fn run(test_args: &[String], vm: bool, system: bool) -> anyhow::Result<()> {
         // The hms package on a real Debian 12 system (`vm-test --system`), when asked for.
         if !system {
             println!(
-                "xtask test: NOT RUN: vm-test --system (the .deb under a real systemd; ~20 min under emulation): `cargo xtask test --system` or `cargo xtask vm-test --system` runs it"
+                "xtask test: NOT RUN: vm-test --system (the .deb under a real systemd; ~12 min under emulation from scratch, past the suite's budget): `cargo xtask test --system` or `cargo xtask vm-test --system` runs it"
             );
         } else {
             match vm_system::run_counted() {

@@ -134,7 +134,9 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(text) => {
-                let _ = writeln!(log, "{text}");
+                // Seconds since qemu started on each logged line: where a boot spends its
+                // time shows in the log, with `quiet` too.
+                let _ = writeln!(log, "[{:8.1}] {text}", start.elapsed().as_secs_f64());
                 on_line(&text);
                 if text.contains("Booting from ROM") {
                     boots += 1;

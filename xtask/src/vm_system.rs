@@ -57,10 +57,17 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
     wanted.extend_from_slice(vm_kernel::MODULES);
     let modules = vm_kernel::resolve_modules(&kernel.module_dir, &wanted)?;
 
+    let t = Instant::now();
     proc::run(workspace::cargo().args(["build", "--bins"])).context("building the workspace")?;
+    phase("cargo build --bins", t);
     let debs = packages(&target, &dir)?;
     let base = debootstrap(&dir)?;
+    let t = Instant::now();
     let root = guest_root(&dir, &base, &debs, &target)?;
+    phase(
+        "guest root assembled (copy of the base, packages, units)",
+        t,
+    );
     let disk = dir.join("disk.img");
     let _ = std::fs::remove_file(&disk);
     let t = Instant::now();
@@ -72,13 +79,12 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
             .arg("3G"),
     )
     .context("making the guest's disk image")?;
-    println!(
-        "vm-test --system: disk image made in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    phase("disk image (mkfs.ext4 -d)", t);
     std::fs::remove_dir_all(&root)?;
+    let t = Instant::now();
     let initrd = dir.join("initramfs.cpio");
     initramfs(&modules, &initrd)?;
+    phase("initramfs", t);
 
     let probe = vm_dir.join("probe.cpio");
     let accel = if probe.exists() {
@@ -145,6 +151,14 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
     Ok(verdict)
 }
 
+/// One line of the run's time table.
+fn phase(what: &str, since: Instant) {
+    println!(
+        "MEASURED: system VM: {what}: {:.1} s",
+        since.elapsed().as_secs_f64()
+    );
+}
+
 /// What the console said.
 #[derive(Debug, Default, PartialEq)]
 pub struct Verdict {
@@ -187,6 +201,7 @@ fn packages(target: &Path, dir: &Path) -> anyhow::Result<Vec<(&'static str, Path
     let version = deb::workspace_version(&workspace::root())?;
     // The workspace build `run` made (`cargo build --bins`).
     let bins = target.join("debug");
+    let t = Instant::now();
     let current = deb::build(&deb::Options {
         release: false,
         version: Some(version.clone()),
@@ -194,7 +209,10 @@ fn packages(target: &Path, dir: &Path) -> anyhow::Result<Vec<(&'static str, Path
         pre_notify: false,
         out_dir: Some(out.clone()),
         lintian: true,
+        compress: false,
     })?;
+    phase("package hms_current.deb with lintian", t);
+    let t = Instant::now();
     let next = deb::build(&deb::Options {
         release: false,
         version: Some(format!("{version}+next1")),
@@ -202,8 +220,16 @@ fn packages(target: &Path, dir: &Path) -> anyhow::Result<Vec<(&'static str, Path
         pre_notify: false,
         out_dir: Some(out.clone()),
         lintian: false,
+        compress: false,
     })?;
+    phase("package hms_next.deb", t);
+    let t = Instant::now();
     let old_bins = old_release(target)?;
+    phase(
+        "the older release's build (cargo, cached in target/old-release)",
+        t,
+    );
+    let t = Instant::now();
     let old = deb::build(&deb::Options {
         release: false,
         version: Some(format!("{version}~old{}", &OLD_RELEASE[..7])),
@@ -211,7 +237,9 @@ fn packages(target: &Path, dir: &Path) -> anyhow::Result<Vec<(&'static str, Path
         pre_notify: true,
         out_dir: Some(out),
         lintian: false,
+        compress: false,
     })?;
+    phase("package hms_old.deb", t);
     Ok(vec![
         ("hms_current.deb", current),
         ("hms_next.deb", next),
@@ -431,6 +459,22 @@ fn guest_root(
         "/dev/vda / ext4 rw,errors=remount-ro 0 1\n",
         0o644,
     )?;
+    // No package lists: the guest has no network, and apt would parse debootstrap's copy
+    // of the archive's index (tens of MB, slow under emulation) at every install. apt then
+    // resolves a local .deb's dependencies from what is installed (dpkg's status).
+    for dir in ["var/lib/apt/lists", "var/cache/apt"] {
+        let d = root.join(dir);
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+        }
+    }
+    // A persistent journal: the driver reads how the reboot stopped the agent from the
+    // boot before (journald keeps it on disk when this directory exists).
+    std::fs::create_dir_all(root.join("var/log/journal"))?;
     put("/etc/hostname", "hms-vm\n", 0o644)?;
     put(
         "/etc/hosts",

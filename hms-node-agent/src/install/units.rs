@@ -216,8 +216,9 @@ pub fn render_service(s: &UnitSettings, origin: &UnitOrigin) -> String {
          ExecReload=/bin/sh -c \"kill -HUP $MAINPID\"\n\
          # The listeners come from the socket units (LISTEN_FDS / LISTEN_FDNAMES).\n\
          Sockets={sockets}\n\
-         # Hand-over (upgrade without closing a listener) starts a successor in this cgroup;\n\
-         # it becomes the main process by sending MAINPID= to $NOTIFY_SOCKET.\n\
+         # Hand-over (upgrade without closing a listener) starts a successor in this cgroup,\n\
+         # re-parented to PID 1; the main process names it the new one (MAINPID=). all, not\n\
+         # main: the successor of an agent older than that names itself.\n\
          NotifyAccess=all\n\
          Restart=always\n\
          RestartSec=1\n\
