@@ -187,6 +187,15 @@ impl TestAgent {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// How many requests the proxy's safety net failed because an ended HTTP/2 upstream
+    /// connection never answered them (its warning in the log); 0 unless one was lost so.
+    pub fn orphaned_requests(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("without answering a request"))
+            .count()
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = File::options()
             .create(true)

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod attacker;
 pub mod backend;
+pub mod bench_leftovers;
 pub mod bins;
 pub mod cgroup;
 pub mod client;

@@ -34,21 +34,29 @@ fn runs(report: &serde_json::Value, scenario: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn bench_scenarios_go_through_the_paths_they_claim() {
+/// `xtask bench --quick` of `scenarios` (1 s, one repetition, this build's binaries), as JSON.
+fn quick_bench(scenarios: &[&str]) -> serde_json::Value {
     let xtask = bins::path("xtask");
     let bin_dir = xtask.parent().unwrap().to_path_buf();
-    let out = vm_tests::tools::workspace_binary(&xtask)
-        .args(["bench", "--quick", "--scenario", "hms-one-host"])
-        .args(["--scenario", "hms-one-host-sk-msg"])
+    let mut cmd = vm_tests::tools::workspace_binary(&xtask);
+    cmd.args(["bench", "--quick"]);
+    for s in scenarios {
+        cmd.args(["--scenario", s]);
+    }
+    let out = cmd
         .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
         .arg(&bin_dir)
         .output()
         .expect("running xtask bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "xtask bench failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"))
+}
+
+#[test]
+fn bench_scenarios_go_through_the_paths_they_claim() {
+    let report = quick_bench(&["hms-one-host", "hms-one-host-sk-msg"]);
 
     let plain = runs(&report, "hms-one-host");
     let bypass = runs(&report, "hms-one-host-sk-msg");
@@ -103,22 +111,7 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
         );
         assert_eq!(r["path_ok"], true, "{r}");
     }
-    let pid = report["pid"].as_u64().unwrap();
-    let root = hms_node_agent::cgroup::v2_root().unwrap();
-    let prefix = format!("hms-bench-{pid}-");
-    for dir in [root, "/sys/fs/bpf".into()] {
-        let left: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        assert!(
-            left.is_empty(),
-            "the bench left {left:?} in {}",
-            dir.display()
-        );
-    }
+    vm_tests::bench_leftovers::assert_none_left(report["pid"].as_u64().unwrap());
 }
 
 /// Both two-host scenarios: `hms-two-hosts` keeps every leg on TCP (its agents run outside
@@ -129,19 +122,7 @@ fn bench_scenarios_go_through_the_paths_they_claim() {
 /// cgroups and pin dirs are gone afterwards.
 #[test]
 fn two_host_scenarios_bypass_only_the_local_legs_of_the_default_placement() {
-    let xtask = bins::path("xtask");
-    let bin_dir = xtask.parent().unwrap().to_path_buf();
-    let out = vm_tests::tools::workspace_binary(&xtask)
-        .args(["bench", "--quick", "--scenario", "hms-two-hosts"])
-        .args(["--scenario", "hms-two-hosts-sk-msg"])
-        .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
-        .arg(&bin_dir)
-        .output()
-        .expect("running xtask bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "xtask bench failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
+    let report = quick_bench(&["hms-two-hosts", "hms-two-hosts-sk-msg"]);
 
     let plain = runs(&report, "hms-two-hosts");
     let default = runs(&report, "hms-two-hosts-sk-msg");
@@ -176,26 +157,7 @@ fn two_host_scenarios_bypass_only_the_local_legs_of_the_default_placement() {
         // Both agents' CPU was measured.
         assert!(r["proxy_cpu_s"].as_f64().is_some(), "{r}");
     }
-    let pid = report["pid"].as_u64().unwrap();
-    let root = hms_node_agent::cgroup::v2_root().unwrap();
-    for (dir, prefix) in [
-        (root, format!("hms-bench-{pid}-")),
-        ("/sys/fs/bpf".into(), format!("hms-bench-{pid}-")),
-        ("/run/netns".into(), format!("hmsb{pid}")),
-    ] {
-        let left: Vec<String> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        assert!(
-            left.is_empty(),
-            "the bench left {left:?} in {}",
-            dir.display()
-        );
-    }
+    vm_tests::bench_leftovers::assert_none_left(report["pid"].as_u64().unwrap());
 }
 
 /// The gateway rows: `gateway-https` (TLS 1.3 to the agent's gateway listener, a route, the
@@ -206,19 +168,7 @@ fn two_host_scenarios_bypass_only_the_local_legs_of_the_default_placement() {
 /// requests arrive through the mesh and HAProxy's through HAProxy, and that nothing is left.
 #[test]
 fn gateway_and_haproxy_https_rows_go_through_their_tls_servers() {
-    let xtask = bins::path("xtask");
-    let bin_dir = xtask.parent().unwrap().to_path_buf();
-    let out = vm_tests::tools::workspace_binary(&xtask)
-        .args(["bench", "--quick", "--scenario", "gateway-https"])
-        .args(["--scenario", "haproxy-https"])
-        .args(["--duration", "1s", "--reps", "1", "-o", "json", "--bin-dir"])
-        .arg(&bin_dir)
-        .output()
-        .expect("running xtask bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "xtask bench failed:\n{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bench -o json is not JSON ({e}):\n{stderr}"));
+    let report = quick_bench(&["gateway-https", "haproxy-https"]);
 
     let gateway = runs(&report, "gateway-https");
     let haproxy = runs(&report, "haproxy-https");
@@ -283,20 +233,5 @@ fn gateway_and_haproxy_https_rows_go_through_their_tls_servers() {
         "{g}"
     );
 
-    let pid = report["pid"].as_u64().unwrap();
-    let root = hms_node_agent::cgroup::v2_root().unwrap();
-    let prefix = format!("hms-bench-{pid}-");
-    for dir in [root, "/sys/fs/bpf".into()] {
-        let left: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        assert!(
-            left.is_empty(),
-            "the bench left {left:?} in {}",
-            dir.display()
-        );
-    }
+    vm_tests::bench_leftovers::assert_none_left(report["pid"].as_u64().unwrap());
 }

@@ -120,32 +120,8 @@ fn every_point_of_every_scale_curve_really_ran() {
         assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{p}");
     }
 
-    let root = hms_node_agent::cgroup::v2_root().unwrap();
     for pid in [&report["pid"], &report["rate_bench"]["pid"]] {
         let pid = u(pid);
-        let prefix = format!("hms-bench-{pid}-");
-        for dir in [root.clone(), "/sys/fs/bpf".into()] {
-            let left: Vec<String> = std::fs::read_dir(&dir)
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect();
-            assert!(
-                left.is_empty(),
-                "the bench left {left:?} in {}",
-                dir.display()
-            );
-        }
-        let ns_prefix = format!("hmsb{pid}-");
-        let left: Vec<String> = std::fs::read_dir("/run/netns")
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&ns_prefix))
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert!(left.is_empty(), "the bench left namespaces {left:?}");
+        vm_tests::bench_leftovers::assert_none_left(pid);
     }
 }

@@ -107,13 +107,8 @@ fn assert_all_ok(load: &Load, requests: u32, agent: &TestAgent) {
 /// answered (it would have turned a lost request into a 502 instead of a hang): every
 /// request refused by a connection's rotation was answered and sent again.
 fn assert_no_orphans(agent: &TestAgent) {
-    let log = agent.log();
-    let orphans = log
-        .lines()
-        .filter(|l| l.contains("without answering a request"))
-        .count();
     assert_eq!(
-        orphans,
+        agent.orphaned_requests(),
         0,
         "requests lost by a closing connection\n{}",
         notable(agent)

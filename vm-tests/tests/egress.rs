@@ -267,32 +267,32 @@ impl World {
         (status, error, body.to_string())
     }
 
-    /// A direct TCP connect from the meshed cgroup to `addr` (Python's socket module): "ok",
-    /// or the errno name it failed with.
+    /// A plain TCP connect to `addr` from the cgroup, not through the mesh: `ok` or the
+    /// errno's name.
     fn direct_connect(&self, addr: SocketAddrV4) -> String {
-        let script = "import socket, sys, errno\ns = socket.socket()\ns.settimeout(5)\ntry:\n    s.connect((sys.argv[1], int(sys.argv[2])))\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
-        let out = self
-            .client("python3")
-            .args([
-                "-c",
-                script,
-                &addr.ip().to_string(),
-                &addr.port().to_string(),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        self.direct(addr, "s = socket.socket()\ns.settimeout(5)\ns.connect(to)")
     }
 
     /// An unconnected UDP datagram (`sendto` with the address) to `addr` from the cgroup:
     /// `ok` or the errno's name.
     fn direct_sendto(&self, addr: SocketAddrV4) -> String {
-        let script = "import socket, sys, errno\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n";
+        self.direct(
+            addr,
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', to)",
+        )
+    }
+
+    /// Runs `send` (Python, with `to` the address) in the cgroup: `ok` or the errno's name.
+    fn direct(&self, addr: SocketAddrV4, send: &str) -> String {
+        let body: String = send.lines().map(|l| format!("    {l}\n")).collect();
+        let script = format!(
+            "import socket, sys, errno\nto = (sys.argv[1], int(sys.argv[2]))\ntry:\n{body}    print('ok')\nexcept OSError as e:\n    print(errno.errorcode.get(e.errno, str(e)))\n"
+        );
         let out = self
             .client("python3")
             .args([
                 "-c",
-                script,
+                &script,
                 &addr.ip().to_string(),
                 &addr.port().to_string(),
             ])

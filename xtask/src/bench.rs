@@ -1221,6 +1221,27 @@ fn at<'a>(report: &'a Value, scenario: &str, rate: Option<u32>) -> Option<&'a Va
         .find(|r| r["rate"] == json!(rate))
 }
 
+/// One rate's comparison of run `a` against run `b`: latency differences (µs), throughput
+/// and CPU-per-request ratios.
+fn comparison_row(rate: Option<u32>, a: &Value, b: &Value) -> Value {
+    let diff = |k: &str| match (a[k].as_f64(), b[k].as_f64()) {
+        (Some(a), Some(b)) => json!(a - b),
+        _ => Value::Null,
+    };
+    let ratio = |k: &str| match (a[k].as_f64(), b[k].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => Value::Null,
+    };
+    json!({
+        "rate": rate,
+        "p50_us_delta": diff("p50_us"),
+        "p90_us_delta": diff("p90_us"),
+        "p99_us_delta": diff("p99_us"),
+        "rps_ratio": ratio("rps"),
+        "cpu_per_1000_ratio": ratio("proxy_cpu_s_per_1000_req"),
+    })
+}
+
 /// The bypass against the same path without it, per rate, and what this run says about it
 /// (criteria in the returned `criteria`).
 fn sk_msg_comparison(report: &Value) -> Value {
@@ -1234,26 +1255,7 @@ fn sk_msg_comparison(report: &Value) -> Value {
         ) else {
             continue;
         };
-        let diff = |k: &str| -> Value {
-            match (sk[k].as_f64(), plain[k].as_f64()) {
-                (Some(a), Some(b)) => json!(a - b),
-                _ => Value::Null,
-            }
-        };
-        let ratio = |k: &str| -> Value {
-            match (sk[k].as_f64(), plain[k].as_f64()) {
-                (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-                _ => Value::Null,
-            }
-        };
-        rows.push(json!({
-            "rate": rate,
-            "p50_us_delta": diff("p50_us"),
-            "p90_us_delta": diff("p90_us"),
-            "p99_us_delta": diff("p99_us"),
-            "rps_ratio": ratio("rps"),
-            "cpu_per_1000_ratio": ratio("proxy_cpu_s_per_1000_req"),
-        }));
+        rows.push(comparison_row(rate, sk, plain));
     }
     let row = |rate: Option<u32>| rows.iter().find(|r| r["rate"] == json!(rate));
     // Noise is measured, not assumed: a difference is only real when it is larger than both
@@ -1344,24 +1346,10 @@ fn gateway_comparison(report: &Value) -> Value {
         ) else {
             continue;
         };
-        let diff = |k: &str| match (gw[k].as_f64(), hap[k].as_f64()) {
-            (Some(a), Some(b)) => json!(a - b),
-            _ => Value::Null,
-        };
-        let ratio = |k: &str| match (gw[k].as_f64(), hap[k].as_f64()) {
-            (Some(a), Some(b)) if b > 0.0 => json!(a / b),
-            _ => Value::Null,
-        };
-        rows.push(json!({
-            "rate": rate,
-            "p50_us_delta": diff("p50_us"),
-            "p90_us_delta": diff("p90_us"),
-            "p99_us_delta": diff("p99_us"),
-            "rps_ratio": ratio("rps"),
-            "cpu_per_1000_ratio": ratio("proxy_cpu_s_per_1000_req"),
-            "gateway_cpu_s_per_1000_req": gw["proxy_cpu_s_per_1000_req"],
-            "haproxy_cpu_s_per_1000_req": hap["proxy_cpu_s_per_1000_req"],
-        }));
+        let mut row = comparison_row(rate, gw, hap);
+        row["gateway_cpu_s_per_1000_req"] = gw["proxy_cpu_s_per_1000_req"].clone();
+        row["haproxy_cpu_s_per_1000_req"] = hap["proxy_cpu_s_per_1000_req"].clone();
+        rows.push(row);
     }
     let row = |rate: Option<u32>| rows.iter().find(|r| r["rate"] == json!(rate));
     // Noise: the largest rep-to-rep spread of the direct baseline and of the two rows
@@ -1591,6 +1579,22 @@ fn fmt(v: &Value, digits: usize) -> String {
     }
 }
 
+/// One comparison row of the markdown: added latency, throughput and CPU ratios against
+/// `against`, at the row's rate.
+fn against_line(row: &serde_json::Value, against: &str) -> String {
+    format!(
+        "- at {}: p50 {} µs, p90 {} µs, p99 {} µs against {against}; throughput x{}; CPU per request x{}",
+        row["rate"]
+            .as_u64()
+            .map_or("max".to_owned(), |x| format!("{x} rps")),
+        fmt(&row["p50_us_delta"], 0),
+        fmt(&row["p90_us_delta"], 0),
+        fmt(&row["p99_us_delta"], 0),
+        fmt(&row["rps_ratio"], 2),
+        fmt(&row["cpu_per_1000_ratio"], 2),
+    )
+}
+
 /// The report as markdown: machine, the table, the targets.
 pub fn markdown(r: &Value) -> String {
     let m = &r["machine"];
@@ -1680,17 +1684,7 @@ pub fn markdown(r: &Value) -> String {
         b["verdict"].as_str().unwrap_or("")
     ));
     for row in b["against_hms_one_host"].as_array().into_iter().flatten() {
-        s.push_str(&format!(
-            "- at {}: p50 {} µs, p90 {} µs, p99 {} µs against hms-one-host; throughput x{}; CPU per request x{}\n",
-            row["rate"]
-                .as_u64()
-                .map_or("max".to_owned(), |x| format!("{x} rps")),
-            fmt(&row["p50_us_delta"], 0),
-            fmt(&row["p90_us_delta"], 0),
-            fmt(&row["p99_us_delta"], 0),
-            fmt(&row["rps_ratio"], 2),
-            fmt(&row["cpu_per_1000_ratio"], 2),
-        ));
+        s.push_str(&format!("{}\n", against_line(row, "hms-one-host")));
     }
     let g = &r["gateway_vs_haproxy"];
     if g["against_haproxy_https"]
@@ -1706,15 +1700,8 @@ Gateway (gateway-https) against HAProxy terminating TLS (haproxy-https), {}: {}.
         ));
         for row in g["against_haproxy_https"].as_array().into_iter().flatten() {
             s.push_str(&format!(
-                "- at {}: p50 {} µs, p90 {} µs, p99 {} µs against haproxy-https; throughput x{}; CPU per request x{} ({} vs {} CPU-s per 1000 req)\n",
-                row["rate"]
-                    .as_u64()
-                    .map_or("max".to_owned(), |x| format!("{x} rps")),
-                fmt(&row["p50_us_delta"], 0),
-                fmt(&row["p90_us_delta"], 0),
-                fmt(&row["p99_us_delta"], 0),
-                fmt(&row["rps_ratio"], 2),
-                fmt(&row["cpu_per_1000_ratio"], 2),
+                "{} ({} vs {} CPU-s per 1000 req)\n",
+                against_line(row, "haproxy-https"),
                 fmt(&row["gateway_cpu_s_per_1000_req"], 3),
                 fmt(&row["haproxy_cpu_s_per_1000_req"], 3),
             ));

@@ -19,7 +19,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -324,26 +323,6 @@ async fn serve_connection(
     }
 }
 
-/// A connection's requests whose response body has not been sent yet; none: idle.
-struct Busy {
-    in_flight: AtomicUsize,
-    idle: crate::limits::IdleFlag,
-}
-
-impl Busy {
-    fn started(&self) {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.idle.set(false);
-        }
-    }
-
-    fn ended(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle.set(true);
-        }
-    }
-}
-
 fn handshake_reason(e: &std::io::Error) -> &'static str {
     let text = e.to_string();
     if text.contains("no server certificate chain resolved") {
@@ -370,10 +349,7 @@ async fn serve_http<I>(
     let peer = info.client;
     // Idle for the cap while no response body is unsent (between requests, or before the
     // first); the TLS handshake before this counted as idle too.
-    let busy = Arc::new(Busy {
-        in_flight: AtomicUsize::new(0),
-        idle,
-    });
+    let busy = Arc::new(crate::limits::InFlight::new(idle));
     let service = {
         let host = host.clone();
         let rt = rt.clone();

@@ -4,7 +4,7 @@
 //! its [`ConnSlot`]) and drops its connection.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -28,6 +28,34 @@ impl IdleFlag {
 struct Entry {
     idle: IdleFlag,
     shed: Arc<Notify>,
+}
+
+/// A connection's requests whose response has not ended yet; with none the connection is
+/// idle for its cap (may be shed). Shared by the HTTP listeners (node proxy, gateway).
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: IdleFlag,
+}
+
+impl InFlight {
+    pub fn new(idle: IdleFlag) -> InFlight {
+        InFlight {
+            count: AtomicUsize::new(0),
+            idle,
+        }
+    }
+
+    pub fn started(&self) {
+        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.idle.set(false);
+        }
+    }
+
+    pub fn ended(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.set(true);
+        }
+    }
 }
 
 #[derive(Default)]

@@ -802,8 +802,7 @@ struct Conn {
     ds: Downstream,
     drain: Drain,
     /// Requests whose response body has not ended; none means idle for the cap.
-    in_flight: std::sync::atomic::AtomicUsize,
-    idle: crate::limits::IdleFlag,
+    in_flight: crate::limits::InFlight,
     caller: Arc<str>,
     caller_process: Arc<str>,
     callee: Arc<str>,
@@ -814,23 +813,18 @@ struct Conn {
 
 impl Conn {
     fn request_started(&self) {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.idle.set(false);
-        }
+        self.in_flight.started();
     }
 
     fn request_ended(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle.set(true);
-        }
+        self.in_flight.ended();
     }
 
     fn new(ds: Downstream, drain: Drain, idle: crate::limits::IdleFlag) -> Conn {
         let caller = ds.caller.to_string();
         Conn {
             drain,
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            idle,
+            in_flight: crate::limits::InFlight::new(idle),
             series: EdgeSeries::new(&caller, &ds.service),
             caller: caller.into(),
             caller_process: ds.caller_process.as_str().into(),
