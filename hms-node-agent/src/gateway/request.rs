@@ -117,9 +117,7 @@ impl GatewayHost {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            let (mut parts, _) = Request::new(()).into_parts();
-            parts.uri = req.uri().clone();
-            parts.method = req.method().clone();
+            let parts = head_of(req.method().clone(), req.uri().clone());
             return self.local_answer(
                 resp,
                 &config.gateway,
@@ -139,9 +137,7 @@ impl GatewayHost {
         if config.spec.redirect_https
             && let Some(port) = config.https_port
         {
-            let (mut parts, _) = Request::new(()).into_parts();
-            parts.uri = req.uri().clone();
-            parts.method = req.method().clone();
+            let parts = head_of(req.method().clone(), req.uri().clone());
             let spec = hms_ctl::gateway::RedirectSpec {
                 scheme: Some("https".into()),
                 port: Some(port),
@@ -337,9 +333,8 @@ impl GatewayHost {
             && too_large.load(Ordering::Relaxed)
         {
             let resp = door::Rejection::TooLarge { limit }.response();
-            let (mut p, _) = Request::new(()).into_parts();
-            (p.method, p.uri) = asked;
-            return answer_local(resp, &p, Some("body-too-large"));
+            let (method, uri) = asked;
+            return answer_local(resp, &head_of(method, uri), Some("body-too-large"));
         }
 
         // Step 7.
@@ -429,4 +424,13 @@ impl GatewayHost {
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, body.boxed())
     }
+}
+
+/// A request head with only `method` and `uri`, for answers the gateway makes itself once
+/// the request was taken apart (or is still being read).
+fn head_of(method: hyper::Method, uri: hyper::Uri) -> hyper::http::request::Parts {
+    let (mut parts, _) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts
 }
