@@ -67,7 +67,7 @@ enum Command {
         #[arg(long)]
         no_vm: bool,
         /// Skip only `vm-test --system` (the .deb on a real Debian 12 system under systemd,
-        /// run after the kernel VM; about 9 minutes under emulation).
+        /// run after the kernel VM; about 7 minutes under emulation).
         #[arg(long)]
         no_system: bool,
         /// Passed to the test binaries, e.g. a name filter: `cargo xtask test -- dns`.

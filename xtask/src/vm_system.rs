@@ -7,6 +7,9 @@
 //! exercises, reboots and purges the packages and reports `HMS-SYS-*` lines on the serial
 //! console, which this module reads, prints and judges.
 //!
+//! `cargo xtask test` starts the debootstrap early on a thread (`Base::start`) and runs the
+//! rest after the kernel VM; qemu is stopped at the driver's `HMS-SYS-DONE`.
+//!
 //! Owns the guest's root, disk and initramfs and the verdict. Never touches this host's
 //! systemd, packages or kernel objects: everything happens in the guest.
 
