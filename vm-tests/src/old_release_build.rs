@@ -59,6 +59,17 @@ pub fn build(repo: &Path, target: &Path, commit: &str) -> anyhow::Result<PathBuf
     for bin in BINARIES {
         cargo.args(["--bin", bin]);
     }
+    // What cargo set for the process calling this (xtask, or a test binary of vm-tests)
+    // is not inherited: ring's build script declares `rerun-if-env-changed` on
+    // CARGO_MANIFEST_DIR, so a build started from xtask (`.../xtask`) and one from
+    // upgrade_layout.rs (`.../vm-tests`) would each find the other's stale and rebuild ring
+    // and everything above it (64 s here) instead of reusing it.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if is_crate_env(&name) {
+            cargo.env_remove(name.as_ref());
+        }
+    }
     let started = std::time::Instant::now();
     let out = cargo
         .current_dir(&src)
@@ -87,4 +98,22 @@ pub fn build(repo: &Path, target: &Path, commit: &str) -> anyhow::Result<PathBuf
         }
     }
     Ok(bins)
+}
+
+/// The variables cargo sets for a crate's own build or run (`cargo run`, `cargo test`), as
+/// opposed to the user's settings (CARGO_HOME, CARGO_NET_*, ...).
+fn is_crate_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
