@@ -21,7 +21,7 @@ use hms_ctl::spec::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
 use super::keys::Key;
-use crate::registry::Snapshot;
+use crate::registry::{Name, PlacedHosts, Snapshot};
 
 /// The value of `services/<name>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,8 +63,13 @@ pub struct View {
     /// `vips/<ip>` -> the name holding it.
     vip_claims: BTreeMap<Ipv4Addr, String>,
     placement_vips: BTreeMap<String, Ipv4Addr>,
-    /// service -> node -> addresses (also of services without a record yet).
-    instances: BTreeMap<String, BTreeMap<String, Vec<SocketAddrV4>>>,
+    /// service -> (node, addresses), sorted by node (also of services without a record yet).
+    /// A vector, not a map per service: a service runs on a few hosts, and a B-tree's first
+    /// node (room for 11) cost ~550 bytes per service.
+    instances: BTreeMap<String, Vec<(Name, Vec<SocketAddrV4>)>>,
+    /// Every host name seen in an instance or placement key, once: each service's entries
+    /// share it instead of holding their own copy. Grows with hosts ever seen, not services.
+    host_names: BTreeSet<Name>,
     /// The etcd revision everything here reflects.
     pub revision: i64,
 }
@@ -104,7 +109,7 @@ impl View {
     pub fn services_placed_on(&self, node: &str) -> Vec<String> {
         self.snap
             .placements()
-            .filter(|(_, hosts)| hosts.contains(node))
+            .filter(|(_, hosts)| hosts.iter().any(|h| &**h == node))
             .map(|(s, _)| s.to_string())
             .collect()
     }
@@ -135,10 +140,12 @@ impl View {
                         if local.is_empty() {
                             self.remove_instances(service, node);
                         } else {
-                            self.instances
-                                .entry(service.clone())
-                                .or_default()
-                                .insert(node.clone(), local);
+                            let node = self.host_name(node);
+                            let by_node = self.instances.entry(service.clone()).or_default();
+                            match by_node.binary_search_by(|(n, _)| n.cmp(&node)) {
+                                Ok(i) => by_node[i].1 = local,
+                                Err(i) => by_node.insert(i, (node, local)),
+                            }
                         }
                     }
                     None => self.remove_instances(service, node),
@@ -163,7 +170,10 @@ impl View {
             Key::Placement(service) => {
                 match decode::<PlacementRecord>(&k, value) {
                     Some(rec) => {
-                        self.snap.set_placement(service, rec.hosts);
+                        // A BTreeSet iterates sorted and without repeats, as PlacedHosts wants.
+                        let hosts: PlacedHosts =
+                            rec.hosts.iter().map(|h| self.host_name(h)).collect();
+                        self.snap.set_placement(service, hosts);
                         self.placement_vips.insert(service.clone(), rec.vip);
                     }
                     None => self.remove_placement(service),
@@ -221,9 +231,19 @@ impl View {
         Some(k)
     }
 
+    /// `node` as every entry shares it (see `host_names`).
+    fn host_name(&mut self, node: &str) -> Name {
+        if let Some(n) = self.host_names.get(node) {
+            return n.clone();
+        }
+        let n = Name::from(node);
+        self.host_names.insert(n.clone());
+        n
+    }
+
     fn remove_instances(&mut self, service: &str, node: &str) {
         if let Some(by_node) = self.instances.get_mut(service) {
-            by_node.remove(node);
+            by_node.retain(|(n, _)| &**n != node);
             if by_node.is_empty() {
                 self.instances.remove(service);
             }
@@ -238,7 +258,7 @@ impl View {
             .flat_map(|by_node| by_node.iter())
             .flat_map(|(node, addrs)| {
                 addrs.iter().map(move |addr| Instance {
-                    node: node.clone(),
+                    node: node.to_string(),
                     addr: *addr,
                 })
             })
