@@ -405,6 +405,45 @@ mod tests {
     }
 
     #[test]
+    fn a_nodes_record_replaces_its_instances_and_host_names_are_stored_once() {
+        let mut v = View::new(P, false);
+        for name in ["pay", "bill"] {
+            put_service(
+                &mut v,
+                name,
+                7000,
+                [127, 77, 0, if name == "pay" { 5 } else { 6 }],
+            );
+            put_instances(&mut v, name, "host-a", &[7000]);
+            let placed = PlacementRecord {
+                hosts: ["host-a".to_string(), "host-b".to_string()].into(),
+                vip: [127, 77, 0, if name == "pay" { 5 } else { 6 }].into(),
+            };
+            v.put(
+                Key::Placement(name.into()).encode(P).as_bytes(),
+                &serde_json::to_vec(&placed).unwrap(),
+            );
+        }
+        // A second record of the same node replaces its addresses, it does not add a node.
+        put_instances(&mut v, "pay", "host-a", &[7001, 7002]);
+        let snap = v.snapshot();
+        let ports: Vec<u16> = snap
+            .service("pay")
+            .unwrap()
+            .instances
+            .iter()
+            .map(|i| i.addr.port())
+            .collect();
+        assert_eq!(ports, [7001, 7002]);
+        assert!(snap.placed_on("pay", "host-b") && !snap.placed_on("pay", "host-c"));
+        // Both services' instance and placement entries share one copy of each host name.
+        let a = &v.instances["pay"][0].0;
+        assert!(Arc::ptr_eq(a, &v.instances["bill"][0].0));
+        assert!(Arc::ptr_eq(a, &snap.placement("bill").unwrap()[0]));
+        assert_eq!(v.services_placed_on("host-b"), ["bill", "pay"]);
+    }
+
+    #[test]
     fn instances_without_a_service_record_are_not_served() {
         let mut v = View::new(P, false);
         put_instances(&mut v, "ghost", "host-a", &[1]);
