@@ -368,13 +368,13 @@ impl<P: InboundPolicy> InboundServer<P> {
             Err(refusal) => {
                 tracing::debug!(caller = %request.caller, target = %request.target, peer = %peer_node, "inbound: refused: {refusal}");
                 let message = format!("hms: {} refused: {}", request.target, refusal.reason);
-                return refused(&self, refusal, message);
+                return refused(self, refusal, message);
             }
         };
         if !instance.ip().is_loopback() {
             tracing::error!(target = %request.target, %instance, "inbound: the policy chose a non-loopback instance; refusing to relay");
             let message = format!("hms: {} has no local instance address", request.target);
-            return refused(&self, Refusal::CONNECT_FAILED, message);
+            return refused(self, Refusal::CONNECT_FAILED, message);
         }
         let upstream =
             match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, crate::own_socket::connect(instance))
@@ -383,14 +383,14 @@ impl<P: InboundPolicy> InboundServer<P> {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let message = format!("hms: connecting to {} failed: {e}", request.target);
-                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                    return refused(self, Refusal::CONNECT_FAILED, message);
                 }
                 Err(_) => {
                     let message = format!(
                         "hms: {} did not accept within {LOCAL_CONNECT_TIMEOUT:?}",
                         request.target
                     );
-                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                    return refused(self, Refusal::CONNECT_FAILED, message);
                 }
             };
         let _ = upstream.set_nodelay(true);
