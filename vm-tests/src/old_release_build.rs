@@ -102,7 +102,7 @@ pub fn build(repo: &Path, target: &Path, commit: &str) -> anyhow::Result<PathBuf
 
 /// The variables cargo sets for a crate's own build or run (`cargo run`, `cargo test`), as
 /// opposed to the user's settings (CARGO_HOME, CARGO_NET_*, ...).
-fn is_crate_env(name: &str) -> bool {
+pub fn is_crate_env(name: &str) -> bool {
     name.starts_with("CARGO_PKG_")
         || name.starts_with("CARGO_BIN_EXE_")
         || matches!(

@@ -32,5 +32,14 @@ pub fn target_dir() -> PathBuf {
 pub fn cargo() -> Command {
     let mut cmd = crate::tools::command("cargo");
     cmd.current_dir(root());
+    // Not what cargo set for running xtask itself: ring's build script reruns when
+    // CARGO_MANIFEST_DIR changes, so a build started from here (`.../xtask`) and one from
+    // a shell (unset) would each rebuild ring and everything above it.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if crate::old_release_build::is_crate_env(&name) {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     cmd
 }
