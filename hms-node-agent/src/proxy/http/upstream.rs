@@ -136,6 +136,12 @@ pub enum ConnectError {
     Io(SocketAddrV4, std::io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(SocketAddrV4, hyper::Error),
+    /// The connection ended (or stayed silent for [`CONNECT_TIMEOUT`]) before the instance
+    /// sent its HTTP/2 preface: nothing was sent on it.
+    #[error(
+        "{0} accepted the connection but {1} before its HTTP/2 preface (is it stopping, or not an HTTP/2 server?)"
+    )]
+    NoPreface(SocketAddrV4, &'static str),
     #[error("no identity yet to reach host {0} (see `hms-ctl status`)")]
     NoIdentity(String),
     #[error("reaching external service {service} failed: {error}")]
@@ -263,6 +269,8 @@ type ConnEnded = tokio::sync::watch::Receiver<()>;
 struct TrackedIo {
     io: ReadsPastReset<UpstreamIo>,
     _alive: tokio::sync::watch::Sender<()>,
+    /// Told when the first bytes from the instance (its SETTINGS) have been read.
+    heard: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl tokio::io::AsyncRead for TrackedIo {
@@ -271,7 +279,15 @@ impl tokio::io::AsyncRead for TrackedIo {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(heard) = this.heard.take()
+        {
+            let _ = heard.send(());
+        }
+        polled
     }
 }
 
@@ -567,9 +583,11 @@ impl UpstreamPool {
                 let id = NEXT_H2_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::debug_span!("upstream_h2", conn = id, %addr);
                 let (alive, ended) = tokio::sync::watch::channel(());
+                let (heard, preface) = tokio::sync::oneshot::channel();
                 let io = TokioIo::new(TrackedIo {
                     io: ReadsPastReset::new(io),
                     _alive: alive,
+                    heard: Some(heard),
                 });
                 let (s, conn) = http2::handshake(SpannedExecutor(span.clone()), io)
                     .instrument(span.clone())
@@ -598,6 +616,20 @@ impl UpstreamPool {
                     }
                     .instrument(conn_span),
                 );
+                // No request goes on the connection before the instance has spoken (its
+                // SETTINGS, the first frame an HTTP/2 server sends): a connection the
+                // kernel completed in the backlog of a listener that is closing (a
+                // graceful shutdown stops accepting) is reset without a word, and the
+                // requests already on it could not be told from processed ones. Ended
+                // before that, nothing was sent: a connect failure, safe to retry.
+                match tokio::time::timeout(CONNECT_TIMEOUT, preface).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        tracing::debug!(parent: &span, "upstream HTTP/2 connection ended before the instance's preface");
+                        return Err(ConnectError::NoPreface(addr, "closed"));
+                    }
+                    Err(_) => return Err(ConnectError::NoPreface(addr, "timed out")),
+                }
                 if reusable {
                     self.shared_h2
                         .lock()
