@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod netns;
 pub mod nginx;
 pub mod old_release;
+pub mod old_release_build;
 pub mod peer_probe;
 pub mod ports;
 pub mod resolver;

@@ -1,19 +1,20 @@
-//! An older release's agent, built from this repository's history, for the upgrade tests:
-//! the sources of a commit are checked out (through a private index, so the repository's
-//! HEAD, index and worktrees are left alone) into `target/old-release/<commit>/src` and built
-//! there with a target dir of their own, kept between runs (a rebuild is then incremental).
+//! An older release's agent, built from this repository's history, for the upgrade tests
+//! (checked out and built by `old_release_build`, into `target/old-release/<commit>/`, kept
+//! between runs), and installing a binary the way a package manager replaces it.
 //!
-//! Owns that directory. Never touches the workspace's own `target/<profile>` binaries.
+//! Owns the per-process memo of what was built. Never touches the workspace's own
+//! `target/<profile>` binaries.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 /// One build at a time in this process (the tests of a file share the binary).
 static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
 
-/// The `hms-node-agent` binary of `commit`, built on first use.
+/// The `hms-node-agent` binary of `commit`, built on first use (with the release's hms-ctl:
+/// `old_release_build` builds both in one go for this test and the system VM alike).
 pub fn agent(commit: &str) -> anyhow::Result<PathBuf> {
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, path)) = built.iter().find(|(c, _)| c == commit) {
@@ -23,51 +24,8 @@ pub fn agent(commit: &str) -> anyhow::Result<PathBuf> {
         .parent()
         .context("vm-tests lives in the workspace")?
         .to_path_buf();
-    let target = target_dir()?;
-    let dir = target.join("old-release").join(commit);
-    let src = dir.join("src");
-    let stamp = dir.join("checked-out");
-    if !stamp.exists() {
-        let _ = std::fs::remove_dir_all(&src);
-        std::fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
-        let out = crate::tools::command("git")
-            .arg("-C")
-            .arg(&repo)
-            .arg("--work-tree")
-            .arg(&src)
-            .args(["checkout", commit, "--", "."])
-            .env("GIT_INDEX_FILE", dir.join("index"))
-            .output()
-            .context("running git")?;
-        if !out.status.success() {
-            bail!(
-                "checking out {commit} (needs the repository's history: a full clone): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::fs::write(&stamp, commit)?;
-    }
-    let started = std::time::Instant::now();
-    let out = crate::tools::command("cargo")
-        .args(["build", "-p", "hms-node-agent", "--bin", "hms-node-agent"])
-        .current_dir(&src)
-        .env("CARGO_TARGET_DIR", dir.join("target"))
-        .output()
-        .context("running cargo")?;
-    if !out.status.success() {
-        bail!(
-            "building the agent of {commit}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    eprintln!(
-        "MEASURED: building the agent of {commit} took {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let binary = dir.join("target/debug/hms-node-agent");
-    if !binary.exists() {
-        bail!("cargo built {commit} but {} is missing", binary.display());
-    }
+    let bins = crate::old_release_build::build(&repo, &target_dir()?, commit)?;
+    let binary = bins.join("hms-node-agent");
     built.push((commit.to_string(), binary.clone()));
     Ok(binary)
 }

@@ -237,12 +237,7 @@ fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_mo
         );
         assert_eq!(r.status, 200, "{r}\n{}", tail(&agent.log(), 30));
     }
-    let status = agent.ctl_json(&["status"]).unwrap();
-    let outbound = status["limits"]["listeners"]
-        .as_array()
-        .and_then(|l| l.iter().find(|c| c["listener"] == "outbound"))
-        .cloned()
-        .unwrap_or_default();
+    let outbound = outbound_limits(&agent);
     eprintln!("MEASURED: the attacker held {summary}; outbound limits {outbound}");
     let cap = outbound["cap"].as_u64().unwrap();
     let held = summary["held"].as_u64().unwrap();
@@ -272,6 +267,137 @@ fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_mo
         ) > 0,
         "{text}"
     );
+    drop(hog.stdin.take());
+    let _ = hog.kill();
+    let _ = hog.wait();
+}
+
+/// The outbound listener's line of `hms-ctl status`'s limits (cap, open, shed, refused...).
+fn outbound_limits(agent: &TestAgent) -> serde_json::Value {
+    let status = agent.ctl_json(&["status"]).unwrap();
+    status["limits"]["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["listener"] == "outbound"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Opens `n` HTTP/1.1 keep-alive connections (Python's http.client, one GET each), prints
+/// how many answered, waits for a line on stdin, then sends a second GET on each same
+/// connection and prints how many still answered there (a connection the agent closed in
+/// between fails: http.client does not reconnect an open connection by itself).
+const KEEPALIVE_HOLDER: &str = r#"
+import http.client, json, sys
+host, n = sys.argv[1], int(sys.argv[2])
+conns = []
+for i in range(n):
+    c = http.client.HTTPConnection(host, 80, timeout=10)
+    c.request('GET', '/first/%d' % i)
+    r = c.getresponse()
+    r.read()
+    if r.status == 200:
+        conns.append(c)
+print(json.dumps({'opened': len(conns)}), flush=True)
+sys.stdin.readline()
+kept = 0
+for i, c in enumerate(conns):
+    try:
+        c.request('GET', '/second/%d' % i)
+        r = c.getresponse()
+        r.read()
+        kept += r.status == 200
+    except (OSError, http.client.HTTPException):
+        pass
+print(json.dumps({'kept': kept}), flush=True)
+"#;
+
+/// The cap is full: another user's kept-alive connections (idle between requests) fill the
+/// half the attacker may not take, the attacker holds its half busy and keeps opening more.
+/// Each of those is refused as over its share, and none may cost anybody an idle connection
+/// (before, each was admitted at the full cap by shedding the oldest idle connection, then
+/// refused: an unprivileged user could close everyone's kept-alive connections in a loop).
+#[test]
+fn a_local_user_over_its_share_at_a_full_cap_closes_nobody_elses_kept_alive_connections() {
+    let cg = TestCgroup::new("shareshed").unwrap();
+    let agent = TestAgent::start_with_fd_limit(cg.path(), 1024).unwrap();
+    let backend = Backend::start("steady-svc", 0).unwrap();
+    agent.deploy("steady-svc", backend.addr.port()).unwrap();
+    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hold_port = hold.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for c in hold.incoming().flatten() {
+            kept.push(c);
+        }
+    });
+    let vip = agent.deploy("hold-svc", hold_port).unwrap();
+    let cap = outbound_limits(&agent)["cap"].as_u64().unwrap();
+    let share = cap / 2;
+
+    // Root's service: kept-alive connections, idle once answered.
+    let mut holder = cg.command("python3");
+    holder
+        .args(["-c", KEEPALIVE_HOLDER, "steady-svc.svc"])
+        .arg((cap - share).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut holder = holder.spawn().expect("python3");
+    let mut holder_out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut holder_out, &mut line).unwrap();
+    let opened: serde_json::Value = serde_json::from_str(&line).expect("holder's first line");
+    assert_eq!(
+        opened["opened"].as_u64(),
+        Some(cap - share),
+        "{opened}\n{}",
+        tail(&agent.log(), 30)
+    );
+
+    // The attacker (nobody): its half, then a hundred more tries at the full cap.
+    let mut hog = cg.command("setpriv");
+    hog.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(vm_tests::tools::path_of("python3"))
+        .args(["-c", STREAM_HOG, &vip.to_string()])
+        .arg((share + 100).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut hog = hog.spawn().expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&line).expect("hog summary");
+    let limits = outbound_limits(&agent);
+    eprintln!("MEASURED: the attacker held {summary}; outbound limits {limits}");
+    assert_eq!(
+        summary["held"].as_u64(),
+        Some(share),
+        "the attacker holds its share: {summary} {limits}"
+    );
+    assert!(
+        limits["refused_user_share"].as_u64().unwrap_or(0) >= 100,
+        "the tries past its share were refused as such: {limits}"
+    );
+    assert_eq!(
+        limits["shed"].as_u64(),
+        Some(0),
+        "no idle connection was shed for a connection then refused: {limits}"
+    );
+
+    // Every kept-alive connection of root's still answers, on the same connection.
+    std::io::Write::write_all(holder.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut holder_out, &mut line).unwrap();
+    let kept: serde_json::Value = serde_json::from_str(&line).expect("holder's second line");
+    assert_eq!(
+        kept["kept"].as_u64(),
+        Some(cap - share),
+        "{kept}\n{}",
+        tail(&agent.log(), 30)
+    );
+    let _ = holder.wait();
     drop(hog.stdin.take());
     let _ = hog.kill();
     let _ = hog.wait();

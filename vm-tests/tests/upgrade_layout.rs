@@ -24,7 +24,7 @@ use vm_tests::load::{finish_load, start_load};
 use vm_tests::old_release;
 
 /// The release before the `OrigDst.uid` layout change (and before versioned pin sets).
-const OLD_RELEASE: &str = "79719c2da50d4ebde004a5f9b39f2a54033d8325";
+const OLD_RELEASE: &str = vm_tests::old_release_build::COMMIT;
 
 /// The cgroup hooks one generation attaches (sk_msg sits on its sockhash, not the cgroup).
 const HOOKS_PER_SET: usize = 10;

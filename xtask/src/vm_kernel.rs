@@ -45,8 +45,13 @@ pub struct Kernel {
     pub module_dir: PathBuf,
 }
 
+/// One download and unpacking at a time: `cargo xtask test` prepares the kernel for both
+/// VMs from two threads.
+static PREPARING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Downloads (once) and unpacks the kernel package under `vm_dir`.
 pub fn prepare(vm_dir: &Path) -> anyhow::Result<Kernel> {
+    let _one = PREPARING.lock().unwrap_or_else(|p| p.into_inner());
     let debs = vm_dir.join("debs");
     std::fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     let deb = deb(&debs)?;

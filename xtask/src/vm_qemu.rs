@@ -65,6 +65,10 @@ pub struct Vm<'a> {
     /// With `reboot`: kill qemu when the firmware starts more boots than this (a guest that
     /// panics at boot would otherwise reboot until the time limit).
     pub max_boots: u32,
+    /// A console line that says the guest has nothing more to report: qemu is stopped right
+    /// there instead of waiting for the guest's own shutdown (under emulation a systemd
+    /// guest takes many seconds to power off, and nothing is checked after the line).
+    pub finished_at: Option<&'a str>,
 }
 
 /// The suite VM's kernel command line.
@@ -130,6 +134,7 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
     let deadline = start + vm.timeout;
     let mut lines = Vec::new();
     let mut timed_out = false;
+    let mut finished = false;
     let mut boots = 0;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -144,6 +149,11 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
                         let _ = writeln!(log, "xtask: boot {boots} is one too many; stopping qemu");
                         let _ = child.kill();
                     }
+                }
+                if vm.finished_at.is_some_and(|m| text.contains(m)) && !finished {
+                    finished = true;
+                    let _ = writeln!(log, "xtask: the guest said it is done; stopping qemu");
+                    let _ = child.kill();
                 }
                 lines.push(text);
             }
@@ -168,7 +178,7 @@ pub fn run(vm: &Vm<'_>, mut on_line: impl FnMut(&str)) -> anyhow::Result<Outcome
         lines.push(text);
     }
     interrupt::check()?;
-    if !timed_out && !status.success() {
+    if !timed_out && !finished && !status.success() {
         let tail: Vec<&str> = lines
             .iter()
             .rev()
@@ -260,6 +270,7 @@ pub fn choose_accel(vm_dir: &Path, kernel: &Path, probe_initrd: &Path) -> anyhow
             append: APPEND,
             reboot: false,
             max_boots: 1,
+            finished_at: None,
         },
         |_| {},
     );

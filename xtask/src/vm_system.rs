@@ -7,6 +7,9 @@
 //! exercises, reboots and purges the packages and reports `HMS-SYS-*` lines on the serial
 //! console, which this module reads, prints and judges.
 //!
+//! `cargo xtask test` starts the debootstrap early on a thread (`Base::start`) and runs the
+//! rest after the kernel VM; qemu is stopped at the driver's `HMS-SYS-DONE`.
+//!
 //! Owns the guest's root, disk and initramfs and the verdict. Never touches this host's
 //! systemd, packages or kernel objects: everything happens in the guest.
 
@@ -17,11 +20,11 @@ use anyhow::{Context, bail};
 
 use crate::vm_qemu::{self, Vm};
 use crate::vm_rootfs::Rootfs;
-use crate::{deb, proc, tools, vm_kernel, workspace};
+use crate::{deb, old_release_build, proc, tools, vm_kernel, workspace};
 
 /// The release before the pin-layout change and before Type=notify (what
 /// vm-tests/tests/upgrade_layout.rs upgrades from too).
-const OLD_RELEASE: &str = "79719c2da50d4ebde004a5f9b39f2a54033d8325";
+const OLD_RELEASE: &str = old_release_build::COMMIT;
 /// What debootstrap adds to the minimal base: systemd as init, udev for the disk, kmod,
 /// the clients and tools the driver uses (curl, bpftool, ip), a resolver (dnsmasq).
 const INCLUDE: &str = "systemd,systemd-sysv,udev,kmod,curl,dnsmasq-base,iproute2,bpftool";
@@ -35,15 +38,62 @@ const DRIVER: &str = include_str!("../deb/system-test/hms-vm-driver");
 
 /// `cargo xtask vm-test --system`: fails unless every check passed.
 pub fn run() -> anyhow::Result<()> {
-    let v = run_counted()?;
+    let v = run_counted(Base::Foreground)?;
     if !v.broken.is_empty() {
         bail!("{}", v.broken.join("; "));
     }
     Ok(())
 }
 
+/// The guest's Debian root (debootstrap, cached): made when the run needs it, or started
+/// early on a thread of its own (`cargo xtask test` starts it right after setup, so that its
+/// minutes of downloads and unpacking overlap the host's build and tests).
+pub enum Base {
+    Foreground,
+    Background {
+        thread: std::thread::JoinHandle<anyhow::Result<PathBuf>>,
+        log: PathBuf,
+    },
+}
+
+impl Base {
+    /// Starts the debootstrap (when the cache is not there) on a thread; its output goes to
+    /// `target/vm-system/debootstrap.log`, not among the tests' lines.
+    pub fn start() -> Base {
+        let dir = workspace::target_dir().join("vm-system");
+        let log = dir.join("debootstrap.log");
+        let thread = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                std::fs::create_dir_all(&dir)?;
+                debootstrap(&dir, Some(&log))
+            })
+        };
+        println!(
+            "xtask test: the system VM's Debian root is being made in the background (log: {})",
+            log.display()
+        );
+        Base::Background { thread, log }
+    }
+
+    fn get(self, dir: &Path) -> anyhow::Result<PathBuf> {
+        match self {
+            Base::Foreground => debootstrap(dir, None),
+            Base::Background { thread, log } => {
+                let t = Instant::now();
+                let base = thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the debootstrap thread panicked"))?
+                    .with_context(|| format!("the guest's Debian root (log: {})", log.display()))?;
+                phase("waiting for the background debootstrap", t);
+                Ok(base)
+            }
+        }
+    }
+}
+
 /// Runs the system VM; the verdict's `broken` says why a run that did not pass failed.
-pub fn run_counted() -> anyhow::Result<Verdict> {
+pub fn run_counted(base: Base) -> anyhow::Result<Verdict> {
     let started = Instant::now();
     let qemu = vm_qemu::check_installed()?;
     println!("vm-test --system: qemu is {}", qemu.display());
@@ -61,7 +111,7 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
     proc::run(workspace::cargo().args(["build", "--bins"])).context("building the workspace")?;
     phase("cargo build --bins", t);
     let debs = packages(&target, &dir)?;
-    let base = debootstrap(&dir)?;
+    let base = base.get(&dir)?;
     let t = Instant::now();
     let root = guest_root(&dir, &base, &debs, &target)?;
     phase(
@@ -112,10 +162,12 @@ pub fn run_counted() -> anyhow::Result<Verdict> {
             reboot: true,
             // The first boot and the driver's reboot.
             max_boots: 2,
+            // The driver's last line; its poweroff is not waited for.
+            finished_at: Some("HMS-SYS-DONE"),
         },
         |line| {
             if line.contains("HMS-SYS-") {
-                println!("   [vm] {line}");
+                println!("   [system vm] {line}");
             }
         },
     )?;
@@ -248,39 +300,10 @@ fn packages(target: &Path, dir: &Path) -> anyhow::Result<Vec<(&'static str, Path
 }
 
 /// The older release's agent and hms-ctl, built from this repository's history into
-/// `target/old-release/<commit>/` (shared with vm-tests' old_release, which checks it out the
-/// same way).
+/// `target/old-release/<commit>/` by the same cargo command as vm-tests' old_release (in
+/// `cargo xtask test` the host's upgrade_layout.rs has built it by now).
 fn old_release(target: &Path) -> anyhow::Result<PathBuf> {
-    let dir = target.join("old-release").join(OLD_RELEASE);
-    let src = dir.join("src");
-    let stamp = dir.join("checked-out");
-    if !stamp.exists() {
-        let _ = std::fs::remove_dir_all(&src);
-        std::fs::create_dir_all(&src)?;
-        proc::run(
-            tools::command("git")
-                .arg("-C")
-                .arg(workspace::root())
-                .arg("--work-tree")
-                .arg(&src)
-                .args(["checkout", OLD_RELEASE, "--", "."])
-                .env("GIT_INDEX_FILE", dir.join("index")),
-        )
-        .context("checking out the older release (needs the repository's history)")?;
-        std::fs::write(&stamp, OLD_RELEASE)?;
-    }
-    // One package per build, as vm-tests' old_release builds the agent: built together they
-    // would unify features differently and rebuild both each time.
-    for package in ["hms-node-agent", "hms-ctl"] {
-        proc::run(
-            tools::command("cargo")
-                .args(["build", "-p", package, "--bin", package])
-                .current_dir(&src)
-                .env("CARGO_TARGET_DIR", dir.join("target")),
-        )
-        .with_context(|| format!("building the older release's {package}"))?;
-    }
-    Ok(dir.join("target/debug"))
+    old_release_build::build(&workspace::root(), target, OLD_RELEASE)
 }
 
 /// The Debian mirror this host's apt uses (as ../shared/tools/fresh-debian-check finds it).
@@ -310,8 +333,9 @@ fn mirror() -> anyhow::Result<String> {
     bail!("no Debian mirror in /etc/apt/sources.list{{,.d}}; debootstrap needs one")
 }
 
-/// The debootstrap root, made once (the stamp names what it was made with).
-fn debootstrap(dir: &Path) -> anyhow::Result<PathBuf> {
+/// The debootstrap root, made once (the stamp names what it was made with); with `log`,
+/// debootstrap's output goes there instead of to the terminal.
+fn debootstrap(dir: &Path, log: Option<&Path>) -> anyhow::Result<PathBuf> {
     let base = dir.join("base");
     let stamp = base.join(".hms-debootstrap-complete");
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == INCLUDE) {
@@ -321,23 +345,49 @@ fn debootstrap(dir: &Path) -> anyhow::Result<PathBuf> {
     let tmp = dir.join("base.tmp");
     for d in [&base, &tmp] {
         if d.exists() {
+            // An interrupted debootstrap can leave its /proc, /sys (or a bind of /dev)
+            // mounted inside: removing the tree through them would reach this host's.
+            let mounted = mounts_under(d);
+            if !mounted.is_empty() {
+                bail!(
+                    "{} still has mounts inside ({}), left by an interrupted debootstrap: unmount them (`umount -R PATH`) and run again",
+                    d.display(),
+                    mounted.join(", ")
+                );
+            }
             std::fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
         }
     }
     let mirror = mirror()?;
     let t = Instant::now();
     println!("vm-test --system: debootstrap bookworm from {mirror} (once; cached)");
-    proc::run(
-        tools::command("debootstrap")
-            .args([
-                "--variant=minbase",
-                &format!("--include={INCLUDE}"),
-                "bookworm",
-            ])
-            .arg(&tmp)
-            .arg(&mirror),
-    )
-    .context("debootstrap of the guest's root")?;
+    let mut cmd = tools::command("debootstrap");
+    cmd.args([
+        "--variant=minbase",
+        &format!("--include={INCLUDE}"),
+        "bookworm",
+    ])
+    .arg(&tmp)
+    .arg(&mirror);
+    if let Some(log) = log {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+    }
+    // Ends with xtask (a failed build returns before the system VM is reached): SIGTERM, on
+    // which debootstrap unmounts what it mounted in the root. The signal follows the thread
+    // that started it, which waits for it to the end.
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    proc::run(&mut cmd).context("debootstrap of the guest's root")?;
     std::fs::write(tmp.join(".hms-debootstrap-complete"), INCLUDE)?;
     std::fs::rename(&tmp, &base)?;
     println!(
@@ -345,6 +395,19 @@ fn debootstrap(dir: &Path) -> anyhow::Result<PathBuf> {
         t.elapsed().as_secs_f64()
     );
     Ok(base)
+}
+
+/// Mount points at or below `dir` (from /proc/self/mountinfo).
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(&dir))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The guest's root for this run: the cached base plus the packages, the demo services,

@@ -181,6 +181,7 @@ pub fn run_counted(test_args: &[String]) -> anyhow::Result<VmRun> {
             append: crate::vm_qemu::APPEND,
             reboot: false,
             max_boots: 1,
+            finished_at: None,
         },
         |line| println!("   [vm] {line}"),
     )?;
@@ -286,7 +287,11 @@ fn probe_initramfs(path: &Path) -> anyhow::Result<()> {
     fs.symlink("/usr/sbin/poweroff", "/usr/bin/busybox");
     fs.symlink("/usr/bin/echo", "/usr/bin/busybox");
     fs.data("/init", vm_init::PROBE_SCRIPT, 0o755);
-    fs.write_cpio(path)?;
+    // Renamed into place: the system VM, running beside this one in `cargo xtask test`,
+    // boots the probe too when it finds it.
+    let tmp = path.with_extension("cpio.tmp");
+    fs.write_cpio(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
     Ok(())
 }
 

@@ -38,6 +38,7 @@ use super::metrics::ListenerLabels;
 use super::routes::RouteTable;
 use super::{GatewayHost, door};
 use crate::drain::Drain;
+use crate::limits::Refused;
 use crate::proxy::http::MAX_HEADER_BYTES;
 use crate::proxy::http::body::ObservedBody;
 
@@ -231,15 +232,18 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(mut slot) = host.cap.admit() else {
+        let slot = match host.cap.admit_client(peer.ip()) {
+            Ok(slot) => slot,
             // Every connection is busy: this one is closed at once (counted by the cap).
-            tracing::warn!(%peer, addr = %rt.addr, "gateway connection cap ({}) reached with none idle; closing", host.cap.max());
-            continue;
+            Err(Refused::Busy) => {
+                tracing::warn!(%peer, addr = %rt.addr, "gateway connection cap ({}) reached with none idle; closing", host.cap.max());
+                continue;
+            }
+            Err(Refused::Share) => {
+                tracing::info!(%peer, addr = %rt.addr, "gateway client holds its share ({}) of the connection cap; closing", host.cap.user_share());
+                continue;
+            }
         };
-        if !slot.claim_client_share(peer.ip()) {
-            tracing::info!(%peer, addr = %rt.addr, "gateway client holds its share ({}) of the connection cap; closing", host.cap.user_share());
-            continue;
-        }
         let host = host.clone();
         let rt = rt.clone();
         let acceptor = rt.acceptor();

@@ -77,7 +77,7 @@ pub struct ConnCap {
     /// New connections closed at once because every open one was busy.
     pub refused: AtomicU64,
     /// New connections closed because their user already held its share (see
-    /// [`ConnSlot::claim_user_share`]).
+    /// [`ConnCap::admit_user`]).
     pub refused_user_share: AtomicU64,
 }
 
@@ -132,11 +132,46 @@ impl ConnCap {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot for a connection just accepted (it starts idle: nothing asked yet). At the
-    /// cap the oldest idle connection is told to go; with none idle, `None`: close the new
-    /// one.
+    /// A slot for a connection just accepted whose caller is not known (it starts idle:
+    /// nothing asked yet). At the cap the oldest idle connection is told to go; with none
+    /// idle, `None`: close the new one.
     pub fn admit(self: &Arc<Self>) -> Option<ConnSlot> {
+        self.admit_as(None).ok()
+    }
+
+    /// [`admit`](Self::admit) for a connection of a known local user (the outbound proxy
+    /// reads it from the kernel's record of the connection), counted against that user's
+    /// [`user_share`](Self::user_share).
+    pub fn admit_user(self: &Arc<Self>, uid: u32) -> Result<ConnSlot, Refused> {
+        self.admit_as(Some(ShareKey::User(uid)))
+    }
+
+    /// The same for a listener facing outside clients (the gateway): counted against the
+    /// client's address, an IPv6 client by its /64 (which one client usually holds whole),
+    /// so one client cannot hold every place busy.
+    pub fn admit_client(self: &Arc<Self>, client: std::net::IpAddr) -> Result<ConnSlot, Refused> {
+        let key = match client.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+            }
+            v4 => v4,
+        };
+        self.admit_as(Some(ShareKey::Client(key)))
+    }
+
+    fn admit_as(self: &Arc<Self>, key: Option<ShareKey>) -> Result<ConnSlot, Refused> {
         let mut inner = self.lock();
+        // The share before the cap: a caller over its share is refused without costing
+        // anyone an idle connection. (Checked after shedding, a user at its share opening
+        // connections in a loop at a full cap had every one of them shed somebody's idle
+        // keep-alive connection before being refused itself: its own held connections
+        // first, then other users'.)
+        if let Some(key) = key
+            && inner.by_user.get(&key).copied().unwrap_or(0) >= self.user_share()
+        {
+            self.refused_user_share.fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::Share);
+        }
         if inner.open.len() >= self.max {
             let oldest_idle = inner
                 .open
@@ -145,7 +180,7 @@ impl ConnCap {
                 .map(|(id, _)| *id);
             let Some(id) = oldest_idle else {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return Err(Refused::Busy);
             };
             if let Some(victim) = inner.open.remove(&id) {
                 // Stored if its task is not waiting yet: it sees it at its next look.
@@ -164,14 +199,26 @@ impl ConnCap {
                 shed: shed.clone(),
             },
         );
-        Some(ConnSlot {
+        if let Some(key) = key {
+            *inner.by_user.entry(key).or_insert(0) += 1;
+        }
+        Ok(ConnSlot {
             cap: self.clone(),
             id,
             idle,
             shed,
-            user: None,
+            user: key,
         })
     }
+}
+
+/// Why a new connection was not admitted (each is counted by the cap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// At the cap with every open connection busy.
+    Busy,
+    /// Its caller already holds [`ConnCap::user_share`] connections.
+    Share,
 }
 
 impl ConnSlot {
@@ -181,41 +228,6 @@ impl ConnSlot {
 
     pub fn set_idle(&self, idle: bool) {
         self.idle.set(idle);
-    }
-
-    /// Counts this connection against its caller's user; false (and counted) when that user
-    /// already holds [`ConnCap::user_share`] connections: close it. For listeners that learn
-    /// the caller's uid after accepting (the outbound proxy, from the kernel's record).
-    pub fn claim_user_share(&mut self, uid: u32) -> bool {
-        self.claim_share(ShareKey::User(uid))
-    }
-
-    /// The same share for a listener facing outside clients (the gateway): counted against
-    /// the client's address, so one client cannot hold every place busy.
-    pub fn claim_client_share(&mut self, client: std::net::IpAddr) -> bool {
-        let key = match client.to_canonical() {
-            std::net::IpAddr::V6(v6) => {
-                std::net::IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
-            }
-            v4 => v4,
-        };
-        self.claim_share(ShareKey::Client(key))
-    }
-
-    fn claim_share(&mut self, key: ShareKey) -> bool {
-        if self.user.is_some() {
-            return true;
-        }
-        let share = self.cap.user_share();
-        let mut inner = self.cap.lock();
-        let held = inner.by_user.entry(key).or_insert(0);
-        if *held >= share {
-            self.cap.refused_user_share.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        *held += 1;
-        self.user = Some(key);
-        true
     }
 
     /// Resolves when the cap shed this connection: drop it.
@@ -249,23 +261,51 @@ mod tests {
         let cap = ConnCap::new("t", 4);
         let mut held = Vec::new();
         for _ in 0..2 {
-            let mut s = cap.admit().unwrap();
-            assert!(s.claim_user_share(65534));
+            let s = cap.admit_user(65534).unwrap();
             s.set_idle(false);
             held.push(s);
         }
-        let mut third = cap.admit().unwrap();
-        assert!(!third.claim_user_share(65534), "over its share");
-        drop(third);
-        assert_eq!(cap.refused_user_share.load(Ordering::Relaxed), 1);
-        let mut other = cap.admit().unwrap();
-        assert!(other.claim_user_share(0), "another user still gets in");
-        drop(held.pop());
-        let mut again = cap.admit().unwrap();
-        assert!(
-            again.claim_user_share(65534),
-            "a freed place is the user's again"
+        assert_eq!(
+            cap.admit_user(65534).err(),
+            Some(Refused::Share),
+            "over its share"
         );
+        assert_eq!(cap.refused_user_share.load(Ordering::Relaxed), 1);
+        let _other = cap.admit_user(0).expect("another user still gets in");
+        drop(held.pop());
+        let _again = cap
+            .admit_user(65534)
+            .expect("a freed place is the user's again");
+    }
+
+    #[tokio::test]
+    async fn a_user_over_its_share_at_a_full_cap_sheds_nobody() {
+        let cap = ConnCap::new("t", 4);
+        // The cap is full: user 1000 at its share, user 0 with two idle keep-alives.
+        let mine: Vec<_> = (0..2).map(|_| cap.admit_user(1000).unwrap()).collect();
+        let theirs: Vec<_> = (0..2).map(|_| cap.admit_user(0).unwrap()).collect();
+        for _ in 0..10 {
+            assert_eq!(cap.admit_user(1000).err(), Some(Refused::Share));
+        }
+        assert_eq!(
+            cap.shed.load(Ordering::Relaxed),
+            0,
+            "no idle connection was shed"
+        );
+        for slot in mine.iter().chain(&theirs) {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), slot.shed())
+                    .await
+                    .is_err(),
+                "nobody was told to go"
+            );
+        }
+        // A caller within its share still sheds the oldest idle one.
+        let _third = cap.admit_user(7).expect("admitted by shedding");
+        assert_eq!(cap.shed.load(Ordering::Relaxed), 1);
+        tokio::time::timeout(Duration::from_secs(1), mine[0].shed())
+            .await
+            .expect("the oldest idle connection was told to go");
     }
 
     #[test]
@@ -273,19 +313,21 @@ mod tests {
         let cap = ConnCap::new("t", 4);
         let a: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let b: std::net::IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
-        let mut s1 = cap.admit().unwrap();
-        let mut s2 = cap.admit().unwrap();
-        assert!(s1.claim_client_share(a));
-        assert!(s2.claim_client_share(b));
-        let mut s3 = cap.admit().unwrap();
-        assert!(!s3.claim_client_share(a), "the same /64 is one client");
-        assert!(s3.claim_client_share("192.0.2.1".parse().unwrap()));
-        let mut s4 = cap.admit().unwrap();
-        assert!(s4.claim_client_share("::ffff:192.0.2.1".parse().unwrap()));
+        let s1 = cap.admit_client(a).unwrap();
+        let s2 = cap.admit_client(b).unwrap();
+        assert_eq!(
+            cap.admit_client(a).err(),
+            Some(Refused::Share),
+            "the same /64 is one client"
+        );
+        let s3 = cap.admit_client("192.0.2.1".parse().unwrap()).unwrap();
+        let s4 = cap
+            .admit_client("::ffff:192.0.2.1".parse().unwrap())
+            .unwrap();
         drop(s1);
-        let mut s5 = cap.admit().unwrap();
-        assert!(
-            !s5.claim_client_share("192.0.2.1".parse().unwrap()),
+        assert_eq!(
+            cap.admit_client("192.0.2.1".parse().unwrap()).err(),
+            Some(Refused::Share),
             "the IPv4-mapped address counted as the IPv4 client: its share is taken"
         );
         drop((s2, s3, s4));

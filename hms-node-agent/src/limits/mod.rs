@@ -24,7 +24,7 @@ pub mod cap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use cap::{ConnCap, ConnSlot, IdleFlag, InFlight};
+pub use cap::{ConnCap, ConnSlot, IdleFlag, InFlight, Refused};
 
 /// The fd limit before and after [`raise_nofile`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,15 +17,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-
 use crate::metrics::ReasonLabels;
 use crate::registry::Store;
 use crate::resilience::policy::{self, Caller};
 use crate::resilience::rate_limit::Decision;
 use crate::tunnel::{
-    HOST_CALLER, InboundFlow, InboundPolicy, InboundRequest, Refusal, StreamProtocol,
+    H2Stream, HOST_CALLER, InboundFlow, InboundPolicy, InboundRequest, Refusal, StreamProtocol,
 };
 
 use super::http::HttpProxy;
@@ -115,7 +112,7 @@ impl InboundPolicy for MeshInbound {
     async fn relay_http(
         &self,
         request: &InboundRequest,
-        downstream: TokioIo<Upgraded>,
+        downstream: H2Stream,
         upstream: tokio::net::TcpStream,
     ) -> (u64, u64, Option<String>) {
         super::inbound_http::relay(

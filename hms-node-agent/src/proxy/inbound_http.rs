@@ -24,7 +24,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper::server::conn::{http1 as server1, http2 as server2};
-use hyper::upgrade::Upgraded;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,7 +36,7 @@ use crate::metrics::DestinationLabels;
 use crate::registry::Store;
 use crate::resilience::rate_limit::Decision;
 use crate::resilience::retry;
-use crate::tunnel::{InboundRequest, LOCAL_CONNECT_TIMEOUT, StreamProtocol};
+use crate::tunnel::{H2Stream, InboundRequest, LOCAL_CONNECT_TIMEOUT, StreamProtocol};
 
 /// Serves `downstream` (the tunnel stream) as HTTP of `request.protocol`, relaying admitted
 /// requests over `upstream` (and, when the instance closes that connection, over a new
@@ -47,7 +46,7 @@ pub async fn relay(
     http: Arc<HttpProxy>,
     store: Arc<dyn Store>,
     request: &InboundRequest,
-    downstream: TokioIo<Upgraded>,
+    downstream: H2Stream,
     upstream: TcpStream,
 ) -> (u64, u64, Option<String>) {
     let service: Arc<str> = request.target.service.as_str().into();
@@ -203,7 +202,7 @@ impl Instance {
 async fn serve_h1(
     gate: Arc<Gate>,
     instance: Arc<Instance>,
-    downstream: TokioIo<Upgraded>,
+    downstream: H2Stream,
 ) -> Option<String> {
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let gate = gate.clone();
@@ -250,7 +249,7 @@ async fn serve_h1(
         .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_header_size(MAX_HEADER_BYTES)
-        .serve_connection(downstream.into_inner(), svc)
+        .serve_connection(TokioIo::new(downstream), svc)
         .with_upgrades()
         .await
         .err()
@@ -260,7 +259,7 @@ async fn serve_h1(
 async fn serve_h2(
     gate: Arc<Gate>,
     instance: Arc<Instance>,
-    downstream: TokioIo<Upgraded>,
+    downstream: H2Stream,
 ) -> Option<String> {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let gate = gate.clone();
@@ -277,7 +276,7 @@ async fn serve_h2(
     });
     server2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .serve_connection(downstream.into_inner(), svc)
+        .serve_connection(TokioIo::new(downstream), svc)
         .await
         .err()
         .map(|e| format!("HTTP/2 on the tunnel stream: {e}"))
@@ -371,6 +370,25 @@ impl AsyncWrite for Counted {
             self.counts.sent.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
+    }
+
+    // hyper asks `is_write_vectored` to choose between queueing a request's head and body
+    // as separate buffers (one `writev`) and flattening them into one copy first: without
+    // these two, every relayed request was copied once more before its `sendto`.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counts.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -19,7 +19,8 @@ use super::http::{Downstream, HttpProxy};
 use super::splice::splice;
 use crate::cgroup::ServiceCgroups;
 use crate::drain::Drain;
-use crate::original_dst::{self, OriginalDestinations};
+use crate::limits::Refused;
+use crate::original_dst::{self, Original, OriginalDestinations};
 use crate::registry::Store;
 use crate::resilience::policy::{self, Caller};
 
@@ -103,8 +104,6 @@ struct Placement {
     service: ServiceInfo,
     caller: Caller,
     process: String,
-    /// The caller's uid (initial user namespace), for its share of the cap.
-    uid: u32,
 }
 
 impl Outbound {
@@ -148,28 +147,43 @@ impl Outbound {
                 _ = drain.signaled() => return Ok(()),
             };
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = self.cap.admit() else {
-                // Every connection is busy: this one is closed at once (counted by the cap).
-                tracing::warn!(%peer, "outbound connection cap ({}) reached with none idle; closing", self.cap.max());
-                continue;
+            // Who is calling first (the kernel's record of the connection), so a user over
+            // its share is refused before the cap sheds anyone's idle connection.
+            let found = match self.origin(&stream, peer) {
+                Ok(found) => found,
+                Err(refusal) => {
+                    self.refuse(stream, peer, refusal);
+                    continue;
+                }
+            };
+            let uid = found.orig.uid;
+            let slot = match self.cap.admit_user(uid) {
+                Ok(slot) => slot,
+                Err(Refused::Busy) => {
+                    // Every connection is busy: this one is closed at once (counted by the cap).
+                    tracing::warn!(%peer, "outbound connection cap ({}) reached with none idle; closing", self.cap.max());
+                    continue;
+                }
+                Err(Refused::Share) => {
+                    let refusal = Refusal::UserShare {
+                        uid,
+                        share: self.cap.user_share(),
+                    };
+                    self.refuse(stream, peer, refusal);
+                    continue;
+                }
             };
             let this = self.clone();
             let guard = drain.guard();
             let drain = drain.clone();
             tokio::spawn(async move {
                 let _guard = guard;
-                let mut slot = slot;
-                let placement = match this.place(&stream, peer) {
+                // The service and the caller's identity: off the accept loop (the caller
+                // index may be rebuilt, a process's cgroup read from /proc).
+                let placement = match this.place(found) {
                     Ok(p) => p,
                     Err(refusal) => return this.refuse(stream, peer, refusal),
                 };
-                if !slot.claim_user_share(placement.uid) {
-                    let refusal = Refusal::UserShare {
-                        uid: placement.uid,
-                        share: this.cap.user_share(),
-                    };
-                    return this.refuse(stream, peer, refusal);
-                }
                 this.stats.active.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
                     _ = this.handle(stream, peer, placement, drain, slot.idle_flag()) => {}
@@ -262,14 +276,20 @@ impl Outbound {
         }
     }
 
-    /// Both listeners land here: IPv4 (and IPv4-mapped) callers on the IPv4 one, IPv6 callers
-    /// on `[::1]`. An IPv6 VIP carries its service's IPv4 VIP in its low 32 bits, so from here
-    /// on both families are the same caller to the same service.
-    fn place(&self, client: &TcpStream, peer: SocketAddr) -> Result<Placement, Refusal> {
+    /// The kernel's record of an accepted, redirected connection (its caller's uid, cgroup,
+    /// pid and the VIP it asked for); taking it consumes it.
+    fn origin(&self, client: &TcpStream, peer: SocketAddr) -> Result<Original, Refusal> {
         let Ok(local) = client.local_addr() else {
             return Err(Refusal::NoRecord);
         };
-        let found = self.origins.tcp(peer, local).ok_or(Refusal::NoRecord)?;
+        self.origins.tcp(peer, local).ok_or(Refusal::NoRecord)
+    }
+
+    /// The service a redirected connection asked for and who is calling it. Both listeners
+    /// land here: IPv4 (and IPv4-mapped) callers on the IPv4 one, IPv6 callers on `[::1]`.
+    /// An IPv6 VIP carries its service's IPv4 VIP in its low 32 bits, so from here on both
+    /// families are the same caller to the same service.
+    fn place(&self, found: Original) -> Result<Placement, Refusal> {
         let orig = found.orig;
         let wanted = found.vip();
         let snapshot = self.store.snapshot();
@@ -287,7 +307,6 @@ impl Outbound {
             caller: self.caller_of(orig.cgroup_id, orig.pid, &snapshot),
             process: format!("{}[{}]", original_dst::comm(&orig), orig.pid),
             service: service.clone(),
-            uid: orig.uid,
         })
     }
 

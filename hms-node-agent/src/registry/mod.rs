@@ -140,9 +140,16 @@ pub fn validate_blob_key(key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Service names as keys of the persistent maps: `Arc<str>`, so copying a map node on a
-/// change clones pointers, not strings.
-type Name = Arc<str>;
+/// Service and host names as keys and values of the persistent maps: `Arc<str>`, so copying
+/// a map node on a change clones pointers, not strings, and one name is stored once however
+/// many entries hold it (a service's name keys its service and its placement; a host's name is
+/// shared by every service placed on it).
+pub(crate) type Name = Arc<str>;
+
+/// The hosts the operator placed a service on, sorted and without repeats. A boxed slice, not
+/// a `BTreeSet<String>`: a B-tree's first node has room for 11 entries (~280 bytes) where a
+/// placement holds one or two hosts, and the names are shared (see [`Name`]).
+pub(crate) type PlacedHosts = Arc<[Name]>;
 
 /// An immutable view of every service, host and blob, indexed the ways the data path looks
 /// them up.
@@ -156,7 +163,9 @@ type Name = Arc<str>;
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     services: imbl::OrdMap<Name, Arc<ServiceInfo>>,
-    by_vip: imbl::HashMap<Ipv4Addr, Name>,
+    /// An ordered map, not `imbl::HashMap`: a lookup is a few comparisons of a `u32` either
+    /// way, and the hash trie's nodes cost ~115 bytes per entry against the B-tree's ~40.
+    by_vip: imbl::OrdMap<Ipv4Addr, Name>,
     /// The external services (`external:`), so a reader that wants only them (the kernel's
     /// declared-address set, on every change) does not walk every service.
     externals: imbl::OrdSet<Name>,
@@ -164,7 +173,7 @@ pub struct Snapshot {
     /// Shared between snapshots: a service change does not copy the blobs.
     blobs: Arc<Blobs>,
     /// Which hosts the operator lets run each service (etcd only; see [`Snapshot::placed_on`]).
-    placement: imbl::OrdMap<Name, Arc<BTreeSet<String>>>,
+    placement: imbl::OrdMap<Name, PlacedHosts>,
     /// Hosts the CA admitted (etcd only); a removed host leaves this set.
     members: Arc<BTreeSet<String>>,
     /// Whether the registry itself enforces who writes what (etcd with TLS client
@@ -199,7 +208,10 @@ impl Snapshot {
     pub fn with_placement(mut self, placement: Arc<Placement>) -> Snapshot {
         self.placement = placement
             .iter()
-            .map(|(s, hosts)| (Name::from(s.as_str()), Arc::new(hosts.clone())))
+            .map(|(s, hosts)| {
+                let hosts: PlacedHosts = hosts.iter().map(|h| Name::from(h.as_str())).collect();
+                (Name::from(s.as_str()), hosts)
+            })
             .collect();
         self
     }
@@ -219,7 +231,7 @@ impl Snapshot {
 
     /// Adds or replaces the service of `info`'s name (and its VIP index entry).
     pub(crate) fn set_service(&mut self, info: ServiceInfo) {
-        let name = Name::from(info.spec.name.as_str());
+        let name = self.name_of(&info.spec.name);
         let vip = info.vip;
         if info.spec.is_external() {
             self.externals.insert(name.clone());
@@ -269,16 +281,29 @@ impl Snapshot {
         Arc::make_mut(&mut self.blobs)
     }
 
-    pub(crate) fn set_placement(&mut self, service: &str, hosts: BTreeSet<String>) {
-        self.placement.insert(Name::from(service), Arc::new(hosts));
+    /// `hosts` sorted, without repeats (as a `BTreeSet` iterates).
+    pub(crate) fn set_placement(&mut self, service: &str, hosts: PlacedHosts) {
+        debug_assert!(hosts.windows(2).all(|w| w[0] < w[1]), "hosts not sorted");
+        let name = self.name_of(service);
+        self.placement.insert(name, hosts);
+    }
+
+    /// The name as the maps already hold it (one allocation per name, shared by the service
+    /// and its placement), or a new one.
+    fn name_of(&self, name: &str) -> Name {
+        let held = match self.services.get_key_value(name) {
+            Some((k, _)) => Some(k),
+            None => self.placement.get_key_value(name).map(|(k, _)| k),
+        };
+        held.cloned().unwrap_or_else(|| Name::from(name))
     }
 
     pub(crate) fn remove_placement(&mut self, service: &str) {
         self.placement.remove(service);
     }
 
-    /// Every placed service and its hosts, in name order.
-    pub(crate) fn placements(&self) -> impl Iterator<Item = (&str, &BTreeSet<String>)> {
+    /// Every placed service and its hosts (sorted), in name order.
+    pub(crate) fn placements(&self) -> impl Iterator<Item = (&str, &[Name])> {
         self.placement.iter().map(|(s, h)| (&**s, &**h))
     }
 
@@ -345,8 +370,8 @@ impl Snapshot {
             .take_while(move |(k, _)| k.starts_with(prefix))
     }
 
-    /// The hosts the operator placed `service` on; None when it was never placed.
-    pub fn placement(&self, service: &str) -> Option<&BTreeSet<String>> {
+    /// The hosts the operator placed `service` on (sorted); None when it was never placed.
+    pub fn placement(&self, service: &str) -> Option<&[Name]> {
         self.placement.get(service).map(|h| &**h)
     }
 
@@ -355,7 +380,7 @@ impl Snapshot {
     pub fn placed_on(&self, service: &str, node: &str) -> bool {
         self.placement
             .get(service)
-            .is_some_and(|hosts| hosts.contains(node))
+            .is_some_and(|hosts| hosts.binary_search_by(|h| (**h).cmp(node)).is_ok())
     }
 
     /// Whether host `node` may hold a tunnel to this one. With a secured registry only the

@@ -17,30 +17,27 @@
 //! their end) and returns once every connection has closed. Dropping the `serve` future
 //! closes every connection at once.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::stream::H2Stream;
 use super::{
     CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, FlowOutcome, HANDSHAKE_TIMEOUT, InboundFlow,
-    InboundPolicy, InboundRequest, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, LOCAL_CONNECT_TIMEOUT,
-    MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION, PROTOCOL_HEADER, Refusal,
-    STREAM_WINDOW, StreamProtocol, TunnelTarget, retry_after_secs, validate_caller,
+    InboundPolicy, InboundRequest, LOCAL_CONNECT_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE,
+    MAX_STREAMS_PER_CONNECTION, PROTOCOL_HEADER, Refusal, STREAM_WINDOW, StreamProtocol,
+    TunnelTarget, keepalive, retry_after_secs, validate_caller,
 };
 use crate::drain::Drain;
 use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
@@ -50,6 +47,9 @@ use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Streams a peer may reset before we answer (h2's rapid-reset protection).
 const MAX_PENDING_RESETS: usize = 64;
+/// Data h2 buffers per stream before a write waits for the peer's window (hyper's server
+/// default).
+const MAX_SEND_BUFFER: usize = 400 * 1024;
 
 /// Counters since start, for metrics and `hms-ctl status`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -250,39 +250,63 @@ impl<P: InboundPolicy> InboundServer<P> {
             }
         };
 
-        let peer = Arc::new((peer_node, from));
-        let this = self.clone();
-        let service = service_fn(move |req| {
-            let this = this.clone();
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(this.handle(req, &peer.0, peer.1).await) }
-        });
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
+        // h2 directly (not hyper's server): a stream's bytes are an `H2Stream`, so hyper's
+        // request/upgrade layer only added a copy, a channel and a task per write. Settings
+        // as hyper's server used them, with our limits.
+        let handshake = h2::server::Builder::new()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-            .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-        let conn = builder.serve_connection(TokioIo::new(tls), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(tls);
+        let mut conn = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(%from, peer = %peer_node, "inbound: HTTP/2 handshake failed: {e}");
+                return;
             }
-            peer = revoked => {
-                tracing::warn!(%from, %peer, "inbound: closing the connection of a host that is no longer a member");
+            Err(_) => {
+                tracing::debug!(%from, peer = %peer_node, "inbound: no HTTP/2 preface in time");
                 return;
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(%from, "inbound: connection ended: {e}");
+        let pings = keepalive(conn.ping_pong());
+        tokio::pin!(pings, revoked);
+        let peer = Arc::new((peer_node, from));
+        let mut draining = false;
+        // Accepting also drives the connection: it runs until every stream has ended after
+        // a GOAWAY (ours on drain, or the peer's), or the connection fails.
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        let this = self.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move { this.handle(req, respond, &peer.0, peer.1).await });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(%from, "inbound: connection ended: {e}");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = drain.signaled(), if !draining => {
+                    // GOAWAY: no new streams; the ones in flight run to their end.
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+                why = &mut pings => {
+                    tracing::debug!(%from, "inbound: connection ended: {why}");
+                    break;
+                }
+                peer = &mut revoked => {
+                    tracing::warn!(%from, %peer, "inbound: closing the connection of a host that is no longer a member");
+                    break;
+                }
+            }
         }
     }
 
@@ -293,24 +317,41 @@ impl<P: InboundPolicy> InboundServer<P> {
         tracing::warn!(%from, "inbound: closing connection: {why}");
     }
 
-    /// One stream: check, authorize, dial, answer, and splice in the background.
+    /// One stream, in its own task: check, authorize, dial, answer, and splice.
     async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
         peer_node: &SpiffeId,
         peer_addr: SocketAddr,
-    ) -> Response<Full<Bytes>> {
+    ) {
+        if let Err(answer) = self
+            .accept_stream(req, &mut respond, peer_node, peer_addr)
+            .await
+        {
+            self.send_refusal(respond, answer);
+        }
+    }
+
+    /// Answers `200` and relays the stream until it ends, or returns the refusal to send.
+    async fn accept_stream(
+        self: &Arc<Self>,
+        req: Request<RecvStream>,
+        respond: &mut SendResponse<Bytes>,
+        peer_node: &SpiffeId,
+        peer_addr: SocketAddr,
+    ) -> Result<(), (Refusal, String)> {
         if req.method() != Method::CONNECT {
-            return self.refusal(
+            return Err((
                 Refusal::METHOD_NOT_ALLOWED,
-                "hms: the mesh port only accepts CONNECT",
-            );
+                "hms: the mesh port only accepts CONNECT".to_owned(),
+            ));
         }
         let request = match parse_request(&req, peer_node, peer_addr) {
             Ok(r) => r,
             Err(why) => {
                 tracing::warn!(%peer_addr, peer = %peer_node, "inbound: bad CONNECT: {why}");
-                return self.refusal(Refusal::BAD_REQUEST, &format!("hms: {why}"));
+                return Err((Refusal::BAD_REQUEST, format!("hms: {why}")));
             }
         };
         let started = Instant::now();
@@ -320,20 +361,20 @@ impl<P: InboundPolicy> InboundServer<P> {
                 outcome: FlowOutcome::Refused(refusal),
                 duration: started.elapsed(),
             });
-            this.refusal(refusal, &message)
+            Err((refusal, message))
         };
         let instance = match self.policy.authorize(&request).await {
             Ok(addr) => addr,
             Err(refusal) => {
                 tracing::debug!(caller = %request.caller, target = %request.target, peer = %peer_node, "inbound: refused: {refusal}");
                 let message = format!("hms: {} refused: {}", request.target, refusal.reason);
-                return refused(&self, refusal, message);
+                return refused(self, refusal, message);
             }
         };
         if !instance.ip().is_loopback() {
             tracing::error!(target = %request.target, %instance, "inbound: the policy chose a non-loopback instance; refusing to relay");
             let message = format!("hms: {} has no local instance address", request.target);
-            return refused(&self, Refusal::CONNECT_FAILED, message);
+            return refused(self, Refusal::CONNECT_FAILED, message);
         }
         let upstream =
             match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, crate::own_socket::connect(instance))
@@ -342,59 +383,60 @@ impl<P: InboundPolicy> InboundServer<P> {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let message = format!("hms: connecting to {} failed: {e}", request.target);
-                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                    return refused(self, Refusal::CONNECT_FAILED, message);
                 }
                 Err(_) => {
                     let message = format!(
                         "hms: {} did not accept within {LOCAL_CONNECT_TIMEOUT:?}",
                         request.target
                     );
-                    return refused(&self, Refusal::CONNECT_FAILED, message);
+                    return refused(self, Refusal::CONNECT_FAILED, message);
                 }
             };
         let _ = upstream.set_nodelay(true);
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                // The peer reset the stream while we dialled: nothing to relay.
+                tracing::debug!(peer = %request.peer_node, target = %request.target, "inbound: stream gone before the answer: {e}");
+                return Ok(());
+            }
+        };
         self.stats.streams_spliced.fetch_add(1, Ordering::Relaxed);
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let _open = Gauge::up(&this.stats.streams_open);
-            let (to_instance, from_instance, error) = match on_upgrade.await {
-                Ok(upgraded) if request.protocol != StreamProtocol::Opaque => {
-                    this.policy
-                        .relay_http(&request, TokioIo::new(upgraded), upstream)
-                        .await
-                }
-                Ok(upgraded) => {
-                    let (sent, received, error) =
-                        splice_opaque(TokioIo::new(upgraded), upstream).await;
-                    if let Some(e) = &error
-                        && e.kind() == std::io::ErrorKind::InvalidData
-                    {
-                        tracing::warn!(peer = %request.peer_node, caller = %request.caller, target = %request.target, "inbound: cut a stream declared opaque: {e}");
-                    }
-                    (sent, received, error.map(|e| e.to_string()))
-                }
-                Err(e) => (0, 0, Some(format!("stream upgrade failed: {e}"))),
-            };
-            this.policy.on_flow(&InboundFlow {
-                request,
-                outcome: FlowOutcome::Spliced {
-                    instance,
-                    to_instance,
-                    from_instance,
-                    error,
-                },
-                duration: started.elapsed(),
-            });
+        let _open = Gauge::up(&self.stats.streams_open);
+        let downstream = H2Stream::new(send, req.into_body());
+        let (to_instance, from_instance, error) = if request.protocol != StreamProtocol::Opaque {
+            self.policy.relay_http(&request, downstream, upstream).await
+        } else {
+            let (sent, received, error) = splice_opaque(downstream, upstream).await;
+            if let Some(e) = &error
+                && e.kind() == std::io::ErrorKind::InvalidData
+            {
+                tracing::warn!(peer = %request.peer_node, caller = %request.caller, target = %request.target, "inbound: cut a stream declared opaque: {e}");
+            }
+            (sent, received, error.map(|e| e.to_string()))
+        };
+        self.policy.on_flow(&InboundFlow {
+            request,
+            outcome: FlowOutcome::Spliced {
+                instance,
+                to_instance,
+                from_instance,
+                error,
+            },
+            duration: started.elapsed(),
         });
-        Response::new(Full::new(Bytes::new()))
+        Ok(())
     }
 
-    fn refusal(&self, refusal: Refusal, message: &str) -> Response<Full<Bytes>> {
+    /// Answers a refusal: status, `x-hms-error` (+ `retry-after`) and a one-line message.
+    fn send_refusal(
+        &self,
+        mut respond: SendResponse<Bytes>,
+        (refusal, message): (Refusal, String),
+    ) {
         self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
-        let mut body = message.to_owned();
-        body.push('\n');
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        let mut resp = Response::new(());
         *resp.status_mut() =
             StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         resp.headers_mut()
@@ -403,12 +445,17 @@ impl<P: InboundPolicy> InboundServer<P> {
             resp.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
         }
-        resp
+        let mut body = message;
+        body.push('\n');
+        // The peer may have reset the stream meanwhile; then nobody reads the answer.
+        if let Ok(mut send) = respond.send_response(resp, false) {
+            let _ = send.send_data(Bytes::from(body), true);
+        }
     }
 }
 
 fn parse_request(
-    req: &Request<Incoming>,
+    req: &Request<RecvStream>,
     peer_node: &SpiffeId,
     peer_addr: SocketAddr,
 ) -> Result<InboundRequest, String> {

@@ -13,6 +13,7 @@
 //! | `mod.rs` | the wire contract: [`TunnelTarget`], headers, [`Refusal`], [`InboundPolicy`] |
 //! | `inbound.rs` | [`InboundServer`]: TLS accept, peer check, CONNECT handling, splice |
 //! | `outbound.rs` | [`PeerPool`], [`TunnelStream`], [`TunnelError`], [`PeerInfo`] |
+//! | `stream.rs` | [`H2Stream`]: one CONNECT stream's bytes over h2's send/receive halves |
 //!
 //! ## Wire contract
 //!
@@ -56,6 +57,7 @@
 
 mod inbound;
 mod outbound;
+mod stream;
 
 #[cfg(test)]
 mod tests;
@@ -67,6 +69,7 @@ use std::time::Duration;
 
 pub use inbound::{InboundCounters, InboundServer};
 pub use outbound::{LinkFate, PeerInfo, PeerPool, TunnelError, TunnelLink, TunnelStream};
+pub use stream::H2Stream;
 
 use crate::identity::SpiffeId;
 
@@ -317,7 +320,7 @@ pub trait InboundPolicy: Send + Sync + 'static {
     fn relay_http(
         &self,
         _request: &InboundRequest,
-        downstream: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+        downstream: H2Stream,
         upstream: tokio::net::TcpStream,
     ) -> impl Future<Output = (u64, u64, Option<String>)> + Send {
         async move {
@@ -345,4 +348,26 @@ pub const MEMBERSHIP_CHECK: Duration = Duration::from_millis(500);
 fn retry_after_secs(after: Duration) -> u64 {
     let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
     secs.max(1)
+}
+
+/// Pings the peer every [`KEEPALIVE_INTERVAL`] on one connection (both sides do, idle or
+/// not, as hyper's keep-alive did) and returns why the connection must close once a pong
+/// does not come within [`KEEPALIVE_TIMEOUT`]. Pending forever otherwise: a ping that fails
+/// because the connection is ending leaves the connection's own end to say why.
+async fn keepalive(ping_pong: Option<h2::PingPong>) -> String {
+    let Some(mut pings) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => {
+                return format!(
+                    "the peer did not answer a keep-alive ping within {KEEPALIVE_TIMEOUT:?}"
+                );
+            }
+        }
+    }
 }

@@ -32,22 +32,19 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2;
 use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::upgrade::Upgraded;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::stream::H2Stream;
 use super::{
-    CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION,
-    PROTOCOL_HEADER, STREAM_WINDOW, StreamProtocol, TunnelTarget, validate_caller,
+    CALLER_HEADER, CONNECTION_WINDOW, ERROR_HEADER, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE, MAX_STREAMS_PER_CONNECTION, PROTOCOL_HEADER, STREAM_WINDOW,
+    StreamProtocol, TunnelTarget, keepalive, validate_caller,
 };
 use crate::identity::{IdentityError, SpiffeId, TlsIdentity, verify_established};
 
@@ -58,6 +55,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The peer's `x-hms-error` is logged and passed on; this bounds what we keep of it.
 const MAX_REASON_LEN: usize = 64;
+/// Streams we may open before the peer's SETTINGS say how many it takes (hyper's default).
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+/// Data h2 buffers per stream before a write waits for the peer's window (hyper's client
+/// default).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Why a tunnel stream could not be opened. Every variant means no payload byte was sent,
 /// so the request may be retried (on this or another instance) without harm.
@@ -83,10 +85,7 @@ pub enum TunnelError {
     },
     /// The connection or stream failed before the peer answered.
     #[error("tunnel to peer agent {peer} failed: {source}")]
-    Stream {
-        peer: SocketAddr,
-        source: hyper::Error,
-    },
+    Stream { peer: SocketAddr, source: h2::Error },
     /// The peer answered the CONNECT with a refusal (`x-hms-error` in `reason`; empty if
     /// the peer gave none).
     #[error("peer agent {peer} refused the stream: {status} {reason}")]
@@ -178,7 +177,7 @@ impl TunnelLink {
 
 /// One HTTP/2 connection to a peer.
 struct Connection {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
     link: Arc<TunnelLink>,
     /// Streams open or being opened (slots are reserved before sending).
     active: AtomicUsize,
@@ -192,7 +191,8 @@ struct Connection {
 
 impl Connection {
     fn usable(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.sender.is_closed()
+        // The connection task sets `closed` when h2's connection ends.
+        !self.closed.load(Ordering::Acquire)
     }
 
     fn touch(&self) {
@@ -302,18 +302,18 @@ impl Peer {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| not_after(leaf));
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(STREAM_WINDOW)
+            // h2 directly (not hyper's client): our streams are byte streams (`H2Stream`),
+            // so hyper's request/upgrade layer only added a copy and a task per write.
+            // Settings as hyper's client used them, with our windows and frame size.
+            let (sender, conn) = h2::client::Builder::new()
+                .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+                .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_frame_size(MAX_FRAME_SIZE)
                 .max_header_list_size(MAX_HEADER_LIST_SIZE)
-                .keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true);
-            let (sender, conn) = builder
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+                .max_send_buffer_size(MAX_SEND_BUFFER)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|e| TunnelError::Handshake {
                     peer,
@@ -339,18 +339,27 @@ impl Peer {
         let watched = connection.clone();
         let node = self.key.node.clone();
         tokio::spawn(async move {
-            tokio::pin!(conn);
+            let mut conn = conn;
+            // Pings every KEEPALIVE_INTERVAL, idle or not, detect a silent peer.
+            let pings = keepalive(conn.ping_pong());
+            tokio::pin!(pings);
             loop {
                 tokio::select! {
-                    r = conn.as_mut() => {
+                    biased;
+                    r = &mut conn => {
                         match r {
-                            // hyper ends a connection Ok after the peer's GOAWAY (NO_ERROR).
+                            // h2 ends a connection Ok after the peer's GOAWAY (NO_ERROR).
                             Ok(()) => watched.link.end(LinkFate::Drained),
                             Err(e) => {
                                 tracing::debug!(%peer, %node, "tunnel connection ended: {e}");
                                 watched.link.end(LinkFate::Broken);
                             }
                         }
+                        break;
+                    }
+                    why = &mut pings => {
+                        tracing::debug!(%peer, %node, "tunnel connection ended: {why}");
+                        watched.link.end(LinkFate::Broken);
                         break;
                     }
                     _ = tokio::time::sleep(IDLE_TIMEOUT / 4) => {
@@ -380,7 +389,7 @@ impl Peer {
         target: &TunnelTarget,
         caller: &str,
         protocol: StreamProtocol,
-    ) -> Result<Upgraded, TunnelError> {
+    ) -> Result<H2Stream, TunnelError> {
         let peer = self.key.addr;
         let mut request = Request::builder()
             .method(Method::CONNECT)
@@ -390,20 +399,23 @@ impl Peer {
             request = request.header(PROTOCOL_HEADER, p);
         }
         let request = request
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|e| TunnelError::InvalidRequest(e.to_string()))?;
-        let mut sender = slot.conn.sender.clone();
+        let sender = slot.conn.sender.clone();
         let exchange = async {
-            sender
+            let mut sender = sender
                 .ready()
                 .await
                 .map_err(|source| TunnelError::Stream { peer, source })?;
-            sender
-                .send_request(request)
+            let (response, send) = sender
+                .send_request(request, false)
+                .map_err(|source| TunnelError::Stream { peer, source })?;
+            let response = response
                 .await
-                .map_err(|source| TunnelError::Stream { peer, source })
+                .map_err(|source| TunnelError::Stream { peer, source })?;
+            Ok::<_, TunnelError>((response, send))
         };
-        let response = match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
+        let (response, send) = match tokio::time::timeout(RESPONSE_TIMEOUT, exchange).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(TunnelError::Timeout {
@@ -436,9 +448,7 @@ impl Peer {
                 retry_after,
             });
         }
-        hyper::upgrade::on(response)
-            .await
-            .map_err(|source| TunnelError::Stream { peer, source })
+        Ok(H2Stream::new(send, response.into_body()))
     }
 }
 
@@ -533,9 +543,9 @@ impl PeerPool {
         loop {
             let slot = p.checkout().await?;
             match p.open_on(&slot, target, caller, protocol).await {
-                Ok(upgraded) => {
+                Ok(io) => {
                     return Ok(TunnelStream {
-                        io: TokioIo::new(upgraded),
+                        io,
                         peer: p.key.addr,
                         _slot: slot,
                     });
@@ -616,7 +626,7 @@ impl PeerPool {
 /// `shutdown()` half-closes (the instance reads EOF; its reply still flows). Dropping it
 /// closes both directions.
 pub struct TunnelStream {
-    io: TokioIo<Upgraded>,
+    io: H2Stream,
     peer: SocketAddr,
     _slot: Slot,
 }

@@ -210,7 +210,7 @@ impl ServiceStates {
     /// building it.
     fn unchanged(&self, endpoints: &Endpoints, svc: &ServiceInfo, snapshot: &Snapshot) -> bool {
         match (&svc.spec.external, endpoints.vias.as_slice()) {
-            (Some(want), [Via::External(have)]) => return have.spec == *want,
+            (Some(want), [Via::External(have)]) => return have.spec == **want,
             (Some(_), _) | (None, [Via::External(_)]) => return false,
             (None, _) => {}
         }

@@ -21,7 +21,7 @@ use hms_ctl::spec::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
 use super::keys::Key;
-use crate::registry::Snapshot;
+use crate::registry::{Name, PlacedHosts, Snapshot};
 
 /// The value of `services/<name>`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,8 +63,13 @@ pub struct View {
     /// `vips/<ip>` -> the name holding it.
     vip_claims: BTreeMap<Ipv4Addr, String>,
     placement_vips: BTreeMap<String, Ipv4Addr>,
-    /// service -> node -> addresses (also of services without a record yet).
-    instances: BTreeMap<String, BTreeMap<String, Vec<SocketAddrV4>>>,
+    /// service -> (node, addresses), sorted by node (also of services without a record yet).
+    /// A vector, not a map per service: a service runs on a few hosts, and a B-tree's first
+    /// node (room for 11) cost ~550 bytes per service.
+    instances: BTreeMap<String, Vec<(Name, Vec<SocketAddrV4>)>>,
+    /// Every host name seen in an instance or placement key, once: each service's entries
+    /// share it instead of holding their own copy. Grows with hosts ever seen, not services.
+    host_names: BTreeSet<Name>,
     /// The etcd revision everything here reflects.
     pub revision: i64,
 }
@@ -104,7 +109,7 @@ impl View {
     pub fn services_placed_on(&self, node: &str) -> Vec<String> {
         self.snap
             .placements()
-            .filter(|(_, hosts)| hosts.contains(node))
+            .filter(|(_, hosts)| hosts.iter().any(|h| &**h == node))
             .map(|(s, _)| s.to_string())
             .collect()
     }
@@ -135,10 +140,17 @@ impl View {
                         if local.is_empty() {
                             self.remove_instances(service, node);
                         } else {
-                            self.instances
-                                .entry(service.clone())
-                                .or_default()
-                                .insert(node.clone(), local);
+                            let node = self.host_name(node);
+                            let by_node = self.instances.entry(service.clone()).or_default();
+                            match by_node.binary_search_by(|(n, _)| n.cmp(&node)) {
+                                Ok(i) => by_node[i].1 = local,
+                                Err(i) => {
+                                    // Room for exactly one more: a push into an empty vector
+                                    // reserves four (160 bytes where most services need 40).
+                                    by_node.reserve_exact(1);
+                                    by_node.insert(i, (node, local));
+                                }
+                            }
                         }
                     }
                     None => self.remove_instances(service, node),
@@ -163,7 +175,10 @@ impl View {
             Key::Placement(service) => {
                 match decode::<PlacementRecord>(&k, value) {
                     Some(rec) => {
-                        self.snap.set_placement(service, rec.hosts);
+                        // A BTreeSet iterates sorted and without repeats, as PlacedHosts wants.
+                        let hosts: PlacedHosts =
+                            rec.hosts.iter().map(|h| self.host_name(h)).collect();
+                        self.snap.set_placement(service, hosts);
                         self.placement_vips.insert(service.clone(), rec.vip);
                     }
                     None => self.remove_placement(service),
@@ -221,9 +236,19 @@ impl View {
         Some(k)
     }
 
+    /// `node` as every entry shares it (see `host_names`).
+    fn host_name(&mut self, node: &str) -> Name {
+        if let Some(n) = self.host_names.get(node) {
+            return n.clone();
+        }
+        let n = Name::from(node);
+        self.host_names.insert(n.clone());
+        n
+    }
+
     fn remove_instances(&mut self, service: &str, node: &str) {
         if let Some(by_node) = self.instances.get_mut(service) {
-            by_node.remove(node);
+            by_node.retain(|(n, _)| &**n != node);
             if by_node.is_empty() {
                 self.instances.remove(service);
             }
@@ -232,17 +257,19 @@ impl View {
 
     /// Every node's instances of `service`, merged (node order, then each node's order).
     fn merged_instances(&self, service: &str) -> Vec<Instance> {
-        self.instances
-            .get(service)
-            .into_iter()
-            .flat_map(|by_node| by_node.iter())
-            .flat_map(|(node, addrs)| {
-                addrs.iter().map(move |addr| Instance {
-                    node: node.clone(),
-                    addr: *addr,
-                })
-            })
-            .collect()
+        let Some(by_node) = self.instances.get(service) else {
+            return Vec::new();
+        };
+        // Sized up front: collecting a flattened iterator reserves four at first, three
+        // wasted 32-byte slots for a service on one host, kept in every served snapshot.
+        let mut merged = Vec::with_capacity(by_node.iter().map(|(_, a)| a.len()).sum());
+        for (node, addrs) in by_node {
+            merged.extend(addrs.iter().map(|addr| Instance {
+                node: node.to_string(),
+                addr: *addr,
+            }));
+        }
+        merged
     }
 
     /// A served service's instances changed: replace them in its entry.
@@ -375,6 +402,45 @@ mod tests {
                 ("host-b".to_string(), 7000)
             ]
         );
+    }
+
+    #[test]
+    fn a_nodes_record_replaces_its_instances_and_host_names_are_stored_once() {
+        let mut v = View::new(P, false);
+        for name in ["pay", "bill"] {
+            put_service(
+                &mut v,
+                name,
+                7000,
+                [127, 77, 0, if name == "pay" { 5 } else { 6 }],
+            );
+            put_instances(&mut v, name, "host-a", &[7000]);
+            let placed = PlacementRecord {
+                hosts: ["host-a".to_string(), "host-b".to_string()].into(),
+                vip: [127, 77, 0, if name == "pay" { 5 } else { 6 }].into(),
+            };
+            v.put(
+                Key::Placement(name.into()).encode(P).as_bytes(),
+                &serde_json::to_vec(&placed).unwrap(),
+            );
+        }
+        // A second record of the same node replaces its addresses, it does not add a node.
+        put_instances(&mut v, "pay", "host-a", &[7001, 7002]);
+        let snap = v.snapshot();
+        let ports: Vec<u16> = snap
+            .service("pay")
+            .unwrap()
+            .instances
+            .iter()
+            .map(|i| i.addr.port())
+            .collect();
+        assert_eq!(ports, [7001, 7002]);
+        assert!(snap.placed_on("pay", "host-b") && !snap.placed_on("pay", "host-c"));
+        // Both services' instance and placement entries share one copy of each host name.
+        let a = &v.instances["pay"][0].0;
+        assert!(Arc::ptr_eq(a, &v.instances["bill"][0].0));
+        assert!(Arc::ptr_eq(a, &snap.placement("bill").unwrap()[0]));
+        assert_eq!(v.services_placed_on("host-b"), ["bill", "pay"]);
     }
 
     #[test]
