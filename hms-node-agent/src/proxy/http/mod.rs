@@ -28,7 +28,6 @@
 pub mod body;
 pub mod errors;
 pub mod health;
-mod reads_past_reset;
 pub mod state;
 pub mod upstream;
 
@@ -517,13 +516,7 @@ impl HttpProxy {
                 return Err(MeshError::CircuitOpen);
             };
             let Some(permit) = endpoints.breakers[idx].try_acquire(now) else {
-                // Another request took the single probe of this instance just now, or its
-                // circuit opened since the pick (a concurrent failure): another instance
-                // if one is left untried.
-                if any_untried {
-                    tried.push(idx);
-                    continue;
-                }
+                // Another request took the single probe of this instance just now.
                 return Err(MeshError::CircuitOpen);
             };
             let addr = endpoints.addrs[idx];
