@@ -28,6 +28,7 @@
 pub mod body;
 pub mod errors;
 pub mod health;
+mod reads_past_reset;
 pub mod state;
 pub mod upstream;
 

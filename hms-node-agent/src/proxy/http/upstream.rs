@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::body::ProxyBody;
+use super::reads_past_reset::ReadsPastReset;
 use crate::identity::SpiffeId;
 use crate::proxy::external::ExternalTarget;
 use crate::tunnel::{
@@ -256,9 +257,11 @@ struct SharedH2 {
 /// end of the connection (after its last stream), so its drop is the connection's end.
 type ConnEnded = tokio::sync::watch::Receiver<()>;
 
-/// An upstream byte stream that says when it is dropped (see [`ConnEnded`]).
+/// An upstream HTTP/2 byte stream that says when it is dropped (see [`ConnEnded`]) and
+/// lets h2 read the instance's last frames (its final GOAWAY) even when a write finds the
+/// connection reset first (see [`ReadsPastReset`]).
 struct TrackedIo {
-    io: UpstreamIo,
+    io: ReadsPastReset<UpstreamIo>,
     _alive: tokio::sync::watch::Sender<()>,
 }
 
@@ -564,7 +567,10 @@ impl UpstreamPool {
                 let id = NEXT_H2_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::debug_span!("upstream_h2", conn = id, %addr);
                 let (alive, ended) = tokio::sync::watch::channel(());
-                let io = TokioIo::new(TrackedIo { io, _alive: alive });
+                let io = TokioIo::new(TrackedIo {
+                    io: ReadsPastReset::new(io),
+                    _alive: alive,
+                });
                 let (s, conn) = http2::handshake(SpannedExecutor(span.clone()), io)
                     .instrument(span.clone())
                     .await
@@ -884,6 +890,146 @@ mod tests {
         drop(alive);
         let got = await_h2(&tracing::Span::none(), sent, ended).await;
         assert_eq!(got, Some("answer"));
+    }
+
+    /// Holds the futures hyper spawns for a connection until `release`, so that a test can
+    /// decide when h2's connection task first runs.
+    #[derive(Clone, Default)]
+    struct HeldExecutor(
+        Arc<Mutex<Option<Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>>>,
+    );
+
+    impl HeldExecutor {
+        fn new() -> Self {
+            HeldExecutor(Arc::new(Mutex::new(Some(Vec::new()))))
+        }
+
+        fn release(&self) {
+            for fut in self.0.lock().unwrap().take().unwrap_or_default() {
+                tokio::spawn(fut);
+            }
+        }
+    }
+
+    impl<F> hyper::rt::Executor<F> for HeldExecutor
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        fn execute(&self, fut: F) {
+            let fut = Box::pin(async move {
+                fut.await;
+            });
+            match self.0.lock().unwrap().as_mut() {
+                Some(held) => held.push(fut),
+                None => drop(tokio::spawn(fut)),
+            }
+        }
+    }
+
+    /// linux/tcp_states.h (libc has no constant for it).
+    const TCP_CLOSE: u8 = 7;
+
+    /// The kernel's TCP state of `fd` (`TCP_CLOSE` once a reset has arrived).
+    fn tcp_state(fd: std::os::fd::RawFd) -> u8 {
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a tcp_info of `len` bytes, as TCP_INFO writes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_state
+    }
+
+    /// What a hyper server does at the end of its graceful shutdown, byte for byte on a real
+    /// loopback socket: its final GOAWAY refuses every stream (last stream id 0), then it
+    /// closes with our frames unread, so its kernel resets the connection. All of it arrives
+    /// while the runtime is busy (its reactor has not seen the data yet), and then h2's
+    /// connection task runs with frames to write: its read finds nothing ready, its flush
+    /// fails on the reset. The stream the GOAWAY refused must still be reported as refused
+    /// (not processed), not as a broken connection (which could have processed it).
+    #[test]
+    fn a_goaway_followed_by_a_reset_still_refuses_its_streams() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+
+        // The reactor looks for I/O events only when no task is ready (never "every 61
+        // ticks"), so that what the test holds back stays unseen until the tasks wait.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .event_interval(u32::MAX)
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (closed, closed_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            go_rx.recv().unwrap();
+            // The client's preface is in (and stays unread: the close resets).
+            s.peek(&mut [0u8; 1]).unwrap();
+            let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            s.write_all(&[&settings[..], &goaway[..]].concat()).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            drop(s);
+            closed.send(()).unwrap();
+        });
+
+        let err = runtime.block_on(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let fd = tcp.as_raw_fd();
+            let exec = HeldExecutor::new();
+            let io = TokioIo::new(ReadsPastReset::new(tcp));
+            let (mut sender, conn) =
+                http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(exec.clone(), io)
+                    .await
+                    .unwrap();
+            let sent = sender.send_request(
+                Request::post("http://instance/pay")
+                    .body(Default::default())
+                    .unwrap(),
+            );
+            // hyper's dispatcher hands the request to h2 (a stream with frames to write).
+            let mut conn = Box::pin(conn);
+            std::future::poll_fn(|cx| {
+                let _ = conn.as_mut().poll(cx);
+                std::task::Poll::Ready(())
+            })
+            .await;
+            // Blocking the runtime's thread (no await) until the reset is in: its reactor
+            // does not see the GOAWAY arrive.
+            go.send(()).unwrap();
+            closed_rx.recv().unwrap();
+            let started = std::time::Instant::now();
+            while tcp_state(fd) != TCP_CLOSE {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no reset arrived"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            tokio::spawn(conn);
+            exec.release();
+            tokio::time::timeout(Duration::from_secs(10), sent)
+                .await
+                .expect("answered")
+                .expect_err("refused")
+        });
+        let cause = h2_cause(&err);
+        assert!(
+            cause.is_some_and(h2_unprocessed),
+            "refused by the GOAWAY, not broken: {err:?}"
+        );
+        server.join().unwrap();
     }
 
     #[tokio::test]
