@@ -1,7 +1,10 @@
 //! A real hyper HTTP/2 (h2c) backend that can shut down gracefully, the way a hyper or tonic
 //! service does on SIGTERM: stop accepting, send GOAWAY on every connection (hyper's
 //! `graceful_shutdown`: a GOAWAY with the maximum stream id, a PING, then a GOAWAY with the
-//! last stream it will serve), finish the streams it took and close. It runs on a runtime of
+//! last stream it will serve), finish the streams it took and close. Like every hyper server
+//! it closes at once, without reading what the client sent after that GOAWAY (frames of the
+//! streams it refused): its kernel then resets the connection, which the client must cope
+//! with (nginx and Go linger instead; hyper, tonic and axum do not). It runs on a runtime of
 //! its own in its own thread, apart from the code under test (the agent is another process).
 //!
 //! [`GracefulH2Backend::start_holding`] makes one that holds its first requests unanswered
