@@ -892,12 +892,12 @@ mod tests {
         assert_eq!(got, Some("answer"));
     }
 
+    type HeldFutures = Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>;
+
     /// Holds the futures hyper spawns for a connection until `release`, so that a test can
     /// decide when h2's connection task first runs.
     #[derive(Clone, Default)]
-    struct HeldExecutor(
-        Arc<Mutex<Option<Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>>>>,
-    );
+    struct HeldExecutor(Arc<Mutex<Option<HeldFutures>>>);
 
     impl HeldExecutor {
         fn new() -> Self {
