@@ -195,13 +195,14 @@ print(json.dumps({"tried": n, "held": alive}), flush=True)
 sys.stdin.read()
 "#;
 
-#[test]
-fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_more() {
-    let cg = TestCgroup::new("streamhog").unwrap();
+/// An agent held to 1024 fds with two services: `steady-svc` (an HTTP backend) and
+/// `hold-svc` (a plain TCP service that accepts and holds: what the attacker streams to);
+/// returns `hold-svc`'s VIP.
+fn steady_and_hold_services(name: &str) -> (TestCgroup, TestAgent, Backend, std::net::Ipv4Addr) {
+    let cg = TestCgroup::new(name).unwrap();
     let agent = TestAgent::start_with_fd_limit(cg.path(), 1024).unwrap();
     let backend = Backend::start("steady-svc", 0).unwrap();
     agent.deploy("steady-svc", backend.addr.port()).unwrap();
-    // A plain TCP service that accepts and holds: what the attacker streams to.
     let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hold_port = hold.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -211,13 +212,22 @@ fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_mo
         }
     });
     let vip = agent.deploy("hold-svc", hold_port).unwrap();
+    (cg, agent, backend, vip)
+}
 
-    // The attacker runs as nobody inside the meshed cgroup, like any local user's program.
-    // (setpriv drops to nobody after the child has joined the cgroup, which needs root.)
+/// The attacker: nobody inside the meshed cgroup, like any local user's program (setpriv
+/// drops to nobody after the child has joined the cgroup, which needs root), trying `n`
+/// byte streams to `vip`. Returns it (holding them until its stdin closes) and its summary.
+fn stream_hog(
+    cg: &TestCgroup,
+    vip: std::net::Ipv4Addr,
+    n: u64,
+) -> (std::process::Child, serde_json::Value) {
     let mut hog = cg.command("setpriv");
     hog.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(vm_tests::tools::path_of("python3"))
-        .args(["-c", STREAM_HOG, &vip.to_string(), "400"])
+        .args(["-c", STREAM_HOG, &vip.to_string()])
+        .arg(n.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut hog = hog.spawn().expect("python3");
@@ -227,7 +237,14 @@ fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_mo
         &mut line,
     )
     .unwrap();
-    let summary: serde_json::Value = serde_json::from_str(&line).expect("hog summary");
+    let summary = serde_json::from_str(&line).expect("hog summary");
+    (hog, summary)
+}
+
+#[test]
+fn a_local_user_holding_byte_streams_through_a_vip_gets_half_the_proxy_and_no_more() {
+    let (cg, agent, _backend, vip) = steady_and_hold_services("streamhog");
+    let (mut hog, summary) = stream_hog(&cg, vip, 400);
     // Every other user still gets through: root's calls succeed while the streams are held.
     for i in 0..5 {
         let r = curl(
@@ -318,19 +335,7 @@ print(json.dumps({'kept': kept}), flush=True)
 /// refused: an unprivileged user could close everyone's kept-alive connections in a loop).
 #[test]
 fn a_local_user_over_its_share_at_a_full_cap_closes_nobody_elses_kept_alive_connections() {
-    let cg = TestCgroup::new("shareshed").unwrap();
-    let agent = TestAgent::start_with_fd_limit(cg.path(), 1024).unwrap();
-    let backend = Backend::start("steady-svc", 0).unwrap();
-    agent.deploy("steady-svc", backend.addr.port()).unwrap();
-    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hold_port = hold.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        for c in hold.incoming().flatten() {
-            kept.push(c);
-        }
-    });
-    let vip = agent.deploy("hold-svc", hold_port).unwrap();
+    let (cg, agent, _backend, vip) = steady_and_hold_services("shareshed");
     let cap = outbound_limits(&agent)["cap"].as_u64().unwrap();
     let share = cap / 2;
 
@@ -354,21 +359,7 @@ fn a_local_user_over_its_share_at_a_full_cap_closes_nobody_elses_kept_alive_conn
     );
 
     // The attacker (nobody): its half, then a hundred more tries at the full cap.
-    let mut hog = cg.command("setpriv");
-    hog.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(vm_tests::tools::path_of("python3"))
-        .args(["-c", STREAM_HOG, &vip.to_string()])
-        .arg((share + 100).to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut hog = hog.spawn().expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let summary: serde_json::Value = serde_json::from_str(&line).expect("hog summary");
+    let (mut hog, summary) = stream_hog(&cg, vip, share + 100);
     let limits = outbound_limits(&agent);
     eprintln!("MEASURED: the attacker held {summary}; outbound limits {limits}");
     assert_eq!(
